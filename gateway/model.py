@@ -1,0 +1,123 @@
+"""Validated configuration values.
+
+Everything here is frozen and built once, at start-up, by :mod:`gateway.config`.
+The rest of the gateway never sees raw YAML.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen_host: str
+    listen_port: int
+    public_url: str  # no trailing slash, e.g. "https://bank.example.com"
+    internal_prefix: str = "/_gateway"  # starts with "/", no trailing slash
+    metrics_listen: tuple[str, int] | None = None
+    shutdown_timeout_s: float = 30.0
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    workers: int = 1
+    upstream_connect_timeout_s: float = 5.0
+    upstream_timeout_s: float = 60.0
+    access_log: bool = True
+    log_level: str = "info"  # debug | info | warning | error
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    url: str  # scheme://host[:port][/base], no trailing slash
+
+
+@dataclass(frozen=True, slots=True)
+class OidcConfig:
+    issuer: str
+    client_id: str
+    client_secret: str
+    scopes: tuple[str, ...] = ("openid", "profile", "email")
+    client_auth: str = "client_secret_basic"  # or "client_secret_post"
+    essential_acr: bool = False
+    clock_skew_s: int = 60
+    algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "ES384", "RS384", "RS512", "EdDSA")
+    http_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    secrets: tuple[bytes, ...]  # first one writes, all read (rotation)
+    store: str = "cookie"  # cookie | memory | redis
+    redis_url: str | None = None
+    cookie_secure: bool = True
+    cookie_name: str = "stepup_session"
+    idle_timeout_s: int = 30 * 60
+    lifetime_s: int = 12 * 60 * 60
+    transaction_ttl_s: int = 10 * 60
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    name: str
+    rank: int  # 0 = weakest
+    acr: tuple[str, ...] = ()
+    amr_any: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AssuranceConfig:
+    levels: tuple[Level, ...]  # weakest first
+
+    def level(self, name: str) -> Level | None:
+        for level in self.levels:
+            if level.name == name:
+                return level
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    path: str  # glob
+    methods: frozenset[str] | None = None  # None = any
+    host: str | None = None  # canonical (lower case, no trailing dot, no default port)
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """What a rule needs. ``level is None`` means no sign-in is needed."""
+
+    level: str | None
+    max_age_s: int | None = None
+    once: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    index: int  # position in the rules list; first match wins
+    match: Match
+    require: Requirement
+    upstream: str
+    allow_method_override: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AssertionConfig:
+    key_file: str | None = None
+    ttl_s: int = 60
+    header_prefix: str = "X-Auth-"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    upstreams: dict[str, UpstreamConfig]
+    oidc: OidcConfig
+    session: SessionConfig
+    assurance: AssuranceConfig
+    rules: tuple[Rule, ...]
+    assertion: AssertionConfig = field(default_factory=AssertionConfig)
+    source: str = "<memory>"

@@ -1,0 +1,274 @@
+"""Which rule a request falls under: path globs compiled once, matched through an index.
+
+Globs
+    A glob is an absolute path pattern, matched segment by segment against the
+    path produced by :func:`gateway.paths.normalize_path`:
+
+    * ``*`` matches any characters except ``/`` (zero or more), whether it is a
+      whole segment (``/users/*/profile``) or part of one (``/files/*.pdf``);
+    * ``**`` as a whole segment matches any number of segments, including
+      none: ``/api/**`` matches ``/api``, ``/api/`` and ``/api/x/y``;
+    * everything else is literal and compared as written. Its spelling is
+      canonicalised like a request path (``%7e`` -> ``~``, ``é`` -> ``%C3%A9``)
+      so that a pattern and a request that mean the same path compare equal.
+
+    Matching never backtracks exponentially: segment lists and the pieces
+    around an in-segment ``*`` are matched greedily with a single restart
+    point, so the cost is at most (segments x pattern segments).
+
+The prefix index
+    Most rules start with literal segments (``/api/transfers/**``). The rule
+    set stores every rule in a trie keyed by those leading literal segments;
+    a rule whose first segment already holds a wildcard sits at the root. To
+    match a path, :meth:`RuleSet.match` walks the trie along the path's
+    segments, collecting the rules stored on each node it visits. Only those
+    candidates can match: any other rule has a leading literal segment that
+    differs from the path's. The candidates are tested in rule order (lowest
+    :attr:`gateway.model.Rule.index` first), so the answer is exactly that of
+    a linear first-match scan, at a cost that grows with the path's depth and
+    the number of candidates instead of with the number of rules.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from gateway import errors, model
+from gateway.paths import STANDARD_METHODS, normalize_path
+
+
+class _AnySegments:
+    """Token for a whole-segment ``**``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "**"
+
+
+ANY_SEGMENTS = _AnySegments()
+
+# A compiled segment: a literal string, the pieces around in-segment "*"
+# (at least two, "*" alone is ("", "")), or ANY_SEGMENTS.
+Token = str | tuple[str, ...] | _AnySegments
+
+
+@dataclass(frozen=True, slots=True)
+class Glob:
+    """A compiled path glob. Build with :func:`compile_glob`."""
+
+    pattern: str  # as written
+    canonical: str  # the pattern with its literal text normalised like a path
+    tokens: tuple[Token, ...]
+    literal_prefix: tuple[str, ...]  # the leading literal segments, keys of the index
+
+    def matches(self, path: str) -> bool:
+        """True if the (normalised) ``path`` matches this glob."""
+        if not path.startswith("/"):
+            return False
+        return _match_segments(self.tokens, path[1:].split("/"))
+
+
+def compile_glob(pattern: str) -> Glob:
+    """Compile ``pattern``; ``ValueError`` with an operator-facing message if invalid."""
+    if not pattern.startswith("/"):
+        raise ValueError(f"path pattern {pattern!r} must start with '/'")
+    raw_segments = pattern[1:].split("/")
+    for position, segment in enumerate(raw_segments):
+        if "**" in segment and segment != "**":
+            raise ValueError(
+                f"path pattern {pattern!r}: '**' must be a whole path segment "
+                f"(as in /api/**); use '*' inside a segment"
+            )
+        if segment == "" and position != len(raw_segments) - 1:
+            raise ValueError(
+                f"path pattern {pattern!r} contains an empty segment ('//'), "
+                "which no normalised request path has"
+            )
+        if segment in (".", ".."):
+            raise ValueError(
+                f"path pattern {pattern!r} contains a '.' or '..' segment, "
+                "which no normalised request path has"
+            )
+    try:
+        # Structure was checked above, so this only changes the spelling of
+        # literal text ('*' is a sub-delimiter and passes through unchanged).
+        canonical = normalize_path(pattern)
+    except errors.BadRequest as exc:
+        raise ValueError(
+            f"path pattern {pattern!r} can never match a request: {exc.message}"
+        ) from exc
+    tokens = tuple(_compile_segment(segment) for segment in canonical[1:].split("/"))
+    prefix: list[str] = []
+    for token in tokens:
+        if not isinstance(token, str):
+            break
+        prefix.append(token)
+    return Glob(pattern=pattern, canonical=canonical, tokens=tokens, literal_prefix=tuple(prefix))
+
+
+def _compile_segment(segment: str) -> Token:
+    if segment == "**":
+        return ANY_SEGMENTS
+    if "*" in segment:
+        return tuple(segment.split("*"))
+    return segment
+
+
+def _segment_matches(token: str | tuple[str, ...], segment: str) -> bool:
+    if isinstance(token, str):
+        return token == segment
+    head, *middle, tail = token
+    if len(segment) < len(head) + len(tail):
+        return False
+    if not (segment.startswith(head) and segment.endswith(tail)):
+        return False
+    # Leftmost placement of each middle piece is always safe: the '*' after it
+    # can absorb whatever a later placement would have skipped.
+    position, end = len(head), len(segment) - len(tail)
+    for piece in middle:
+        found = segment.find(piece, position, end)
+        if found < 0:
+            return False
+        position = found + len(piece)
+    return True
+
+
+def _match_segments(tokens: Sequence[Token], segments: Sequence[str]) -> bool:
+    """Glob matching over segments with one restart point per '**' (no exponential blow-up)."""
+    token_count, segment_count = len(tokens), len(segments)
+    t = s = 0
+    restart_token = -1  # index of the last '**' seen
+    restart_segment = 0  # first segment that '**' has not absorbed yet
+    while s < segment_count:
+        token = tokens[t] if t < token_count else None
+        if isinstance(token, _AnySegments):
+            restart_token, restart_segment = t, s
+            t += 1
+        elif token is not None and _segment_matches(token, segments[s]):
+            t += 1
+            s += 1
+        elif restart_token >= 0:
+            restart_segment += 1
+            t, s = restart_token + 1, restart_segment
+        else:
+            return False
+    while t < token_count and isinstance(tokens[t], _AnySegments):
+        t += 1
+    return t == token_count
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledRule:
+    rank: int  # position in first-match order
+    rule: model.Rule
+    glob: Glob
+    host: str | None
+    methods: frozenset[str] | None  # with HEAD added where GET is named
+
+
+@dataclass(slots=True)
+class _Node:
+    children: dict[str, _Node] = field(default_factory=dict)
+    rules: list[_CompiledRule] = field(default_factory=list)  # ascending rank
+
+
+def _rank(compiled: _CompiledRule) -> int:
+    return compiled.rank
+
+
+class RuleSet:
+    """The configured rules, compiled once and indexed by literal path prefix."""
+
+    def __init__(self, rules: Sequence[model.Rule]) -> None:
+        ordered = sorted(enumerate(rules), key=lambda item: (item[1].index, item[0]))
+        self._root = _Node()
+        self._rules = tuple(rule for _, rule in ordered)
+        for rank, rule in enumerate(self._rules):
+            methods = rule.match.methods
+            if methods is not None and "GET" in methods:
+                # A GET rule covers HEAD (RFC 9110 9.3.2: HEAD is GET without content).
+                methods = methods | {"HEAD"}
+            host = rule.match.host.lower() if rule.match.host is not None else None
+            try:
+                glob = compile_glob(rule.match.path)
+            except ValueError as exc:
+                raise ValueError(f"rule {rule.name!r}: {exc}") from exc
+            compiled = _CompiledRule(rank, rule, glob, host, methods)
+            node = self._root
+            for segment in compiled.glob.literal_prefix:
+                node = node.children.setdefault(segment, _Node())
+            node.rules.append(compiled)
+        self._named_methods = frozenset(
+            method for rule in self._rules for method in (rule.match.methods or ())
+        )
+
+    @property
+    def rules(self) -> tuple[model.Rule, ...]:
+        """The rules in first-match order."""
+        return self._rules
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+    def method_known(self, method: str) -> bool:
+        """True for a standard method in upper case, or a method some rule names exactly."""
+        return method in STANDARD_METHODS or method in self._named_methods
+
+    def require_known_method(self, method: str) -> None:
+        """Raise :class:`gateway.errors.MethodNotAllowed` unless :meth:`method_known`."""
+        if not self.method_known(method):
+            raise errors.MethodNotAllowed(
+                "This request method is not allowed.", reason="unknown_method"
+            )
+
+    def match(self, method: str, host: str | None, path: str) -> model.Rule | None:
+        """The first rule (lowest index) that matches, or ``None`` (the caller answers 403).
+
+        ``path`` must come from :func:`gateway.paths.normalize_path` and ``host``
+        from :func:`gateway.paths.canonical_host`; a rule with a host never
+        matches a request without one. Check :meth:`method_known` first: a rule
+        without methods matches any method.
+        """
+        if not path.startswith("/"):
+            return None
+        segments = path[1:].split("/")
+        request_host = host.lower() if host is not None else None
+        for candidate in self._candidates(segments):
+            if candidate.methods is not None and method not in candidate.methods:
+                continue
+            if candidate.host is not None and candidate.host != request_host:
+                continue
+            if _match_segments(candidate.glob.tokens, segments):
+                return candidate.rule
+        return None
+
+    def candidates(self, path: str) -> tuple[model.Rule, ...]:
+        """The rules the index leaves to test for ``path``, in first-match order.
+
+        For ``explain`` output and for checking that the index narrows the search.
+        """
+        if not path.startswith("/"):
+            return ()
+        return tuple(compiled.rule for compiled in self._candidates(path[1:].split("/")))
+
+    def _candidates(self, segments: Sequence[str]) -> Iterable[_CompiledRule]:
+        node = self._root
+        found: list[list[_CompiledRule]] = [node.rules] if node.rules else []
+        for segment in segments:
+            child = node.children.get(segment)
+            if child is None:
+                break
+            node = child
+            if node.rules:
+                found.append(node.rules)
+        if not found:
+            return ()
+        if len(found) == 1:
+            return found[0]
+        return heapq.merge(*found, key=_rank)
+
+    def __iter__(self) -> Iterator[model.Rule]:
+        return iter(self._rules)
