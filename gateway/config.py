@@ -1,0 +1,1221 @@
+"""YAML configuration -> environment interpolation -> validated :class:`gateway.model.Config`.
+
+The YAML is *composed* into nodes rather than loaded into Python objects, so every
+value still knows the line it came from and every problem can point at it. The
+whole file is validated in one pass and every problem is reported at once, as an
+:class:`gateway.errors.ConfigError`; an operator never sees a traceback.
+
+Unknown keys are errors, not warnings: a misspelt ``max_age`` or ``methods`` that
+were silently ignored would weaken the policy without anyone noticing.
+
+Apart from reading the config file (and the secret files it names) nothing here
+does I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import SplitResult, urlsplit
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.resolver import Resolver
+
+from gateway import model
+from gateway.errors import ConfigError, ConfigProblem
+from gateway.paths import canonical_rule_host
+from gateway.rules import compile_glob
+
+T = TypeVar("T")
+
+# --- Defaults, and why -------------------------------------------------------------
+# (tests/test_config.py checks that these agree with the defaults in gateway/model.py)
+
+# Under a leading underscore so it is unlikely to collide with an application's paths.
+DEFAULT_INTERNAL_PREFIX = "/_gateway"
+# Kubernetes' default terminationGracePeriodSeconds is 30 s; draining must finish first.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+# Trust no proxy: X-Forwarded-For from an untrusted peer is whatever the client wrote.
+DEFAULT_TRUSTED_PROXIES: tuple[model.IPNetwork, ...] = ()
+# One event loop per process; scale out with replicas, or raise this on big hosts.
+DEFAULT_WORKERS = 1
+# A healthy upstream on the same network accepts a connection in milliseconds.
+DEFAULT_UPSTREAM_CONNECT_TIMEOUT_S = 5.0
+# nginx's proxy_read_timeout default is 60 s; apps behind proxies are tuned for it.
+DEFAULT_UPSTREAM_TIMEOUT_S = 60.0
+DEFAULT_ACCESS_LOG = True
+DEFAULT_LOG_LEVEL = "info"
+# OIDC Core 5.4: profile and email fill X-Auth-Email and the name shown on pages.
+DEFAULT_SCOPES = ("openid", "profile", "email")
+# OIDC Core 9 / RFC 7591 2: client_secret_basic is the default token_endpoint_auth_method.
+DEFAULT_CLIENT_AUTH = "client_secret_basic"
+# OIDC Core 5.5.1.1: an essential acr makes some providers fail the login outright instead
+# of doing their best; the gateway checks the acr it gets back either way.
+DEFAULT_ESSENTIAL_ACR = False
+# OIDC Core 3.1.3.7 asks for "a small leeway" on iat/exp for clock skew.
+DEFAULT_CLOCK_SKEW_S = 60
+# RFC 7518 3.1 asymmetric algorithms (RS256 is mandatory, OIDC Core 15.1). Never "none",
+# never HS*: an HMAC id token is keyed with the client secret, which the gateway shares.
+DEFAULT_ALGORITHMS = ("RS256", "PS256", "ES256", "ES384", "RS384", "RS512", "EdDSA")
+# Discovery, JWKS and token requests; a provider slower than this is effectively down.
+DEFAULT_HTTP_TIMEOUT_S = 10.0
+# Stateless: the session lives in the sealed cookie, no extra service to run.
+DEFAULT_STORE = "cookie"
+# Cookies without Secure leak over plain http; turn off only for local plain-http use.
+DEFAULT_COOKIE_SECURE = True
+# "__Host-" is prepended when cookie_secure (RFC 6265bis 4.1.3.2).
+DEFAULT_COOKIE_NAME = "stepup_session"
+# NIST SP 800-63B 4.2.3 (AAL2): re-authenticate after 30 minutes of inactivity ...
+DEFAULT_IDLE_TIMEOUT_S = 30 * 60
+# ... and at least once every 12 hours.
+DEFAULT_LIFETIME_S = 12 * 60 * 60
+# Time to finish a sign-in at the provider before its state cookie expires.
+DEFAULT_TRANSACTION_TTL_S = 10 * 60
+# Contract: X-Auth-Assertion expires within 60 s.
+DEFAULT_ASSERTION_TTL_S = 60
+DEFAULT_HEADER_PREFIX = "X-Auth-"
+
+# --- Limits --------------------------------------------------------------------------
+
+MIN_SECRET_BYTES = 32  # AES-256 / HKDF input: 256 bits
+# A skew larger than this would keep accepting expired id tokens for too long.
+MAX_CLOCK_SKEW_S = 5 * 60
+MAX_ASSERTION_TTL_S = 60  # contract
+MAX_PORT = 65535
+
+STORES = ("cookie", "memory", "redis")
+CLIENT_AUTH_METHODS = ("client_secret_basic", "client_secret_post")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# RFC 7518 3.1 and RFC 8037 3.1 signature algorithms an id token may use.
+KNOWN_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+
+# Features the config format already names but this version does not implement.
+# They are refused (by `check` and by `run`), never silently ignored.
+ONCE_NOT_SUPPORTED = "require.once is not supported yet"
+
+# Names of levels, rules and upstreams end up in headers, query strings and JWT claims.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_NAME_HINT = "letters, digits, '.', '_' and '-', starting with a letter or digit"
+# RFC 7230 3.2.6 token: methods and cookie names.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_SECONDS = re.compile(r"[0-9]+")
+_DURATION = re.compile(r"(?:[0-9]+[smhd])+")
+_DURATION_PART = re.compile(r"([0-9]+)([smhd])")
+_UNIT_S = {"s": 1, "m": 60, "h": 60 * 60, "d": 24 * 60 * 60}
+_INTERPOLATION = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
+_VARIABLE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+_INTERNAL_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)+")
+
+_TAG = "tag:yaml.org,2002:"
+_STR, _NULL, _BOOL, _INT, _FLOAT = (_TAG + t for t in ("str", "null", "bool", "int", "float"))
+
+
+def load_config(path: str, environ: Mapping[str, str] | None = None) -> model.Config:
+    """Read and validate the config file at ``path``; raise ConfigError listing every problem.
+
+    Relative ``secret_file``-style paths are resolved against the file's directory.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError([ConfigProblem("(file)", "file not found", path)]) from None
+    except UnicodeDecodeError as exc:
+        message = f"not UTF-8 text (byte {exc.start})"
+        raise ConfigError([ConfigProblem("(file)", message, path)]) from None
+    except OSError as exc:
+        message = f"cannot read: {exc.strerror or exc}"
+        raise ConfigError([ConfigProblem("(file)", message, path)]) from None
+    return load_config_text(text, path, environ, base_dir=os.path.dirname(path) or ".")
+
+
+def load_config_text(
+    text: str,
+    source: str,
+    environ: Mapping[str, str] | None = None,
+    base_dir: str = ".",
+) -> model.Config:
+    """Validate config ``text``; ``source`` names it in messages. Raises ConfigError."""
+    validator = _Validator(source, os.environ if environ is None else environ, base_dir)
+    root = validator.compose(text)
+    config = None if root is None else validator.config(root)
+    problems = sorted(validator.problems, key=lambda p: p.line or 0)
+    if problems or config is None:
+        raise ConfigError(problems or [ConfigProblem("(top level)", "invalid", source)])
+    return config
+
+
+def parse_duration_s(text: str) -> int | None:
+    """``"90s"``, ``"5m"``, ``"12h"``, ``"1d"``, ``"1h30m"`` or ``"300"`` -> seconds; else None."""
+    if _SECONDS.fullmatch(text):  # not str.isdigit(): that also takes "٣" and "²"
+        return int(text)
+    if not _DURATION.fullmatch(text):
+        return None
+    return sum(int(n) * _UNIT_S[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+def _suggest(word: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (known: {', '.join(known)})" if known else ""
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761 6.3
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Invalid(Exception):
+    """A problem has been recorded; the caller falls back to a placeholder."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Scalar:
+    value: object  # None | bool | int | float | str, after interpolation
+    text: str  # the scalar's text after interpolation
+
+
+@dataclass(slots=True)
+class _Map:
+    node: Node
+    path: str
+    entries: dict[str, tuple[Node, Node]]  # key -> (key node, value node)
+
+    def child(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str) -> Node | None:
+        entry = self.entries.get(key)
+        return None if entry is None else entry[1]
+
+
+class _Validator:
+    def __init__(self, source: str, environ: Mapping[str, str], base_dir: str) -> None:
+        self.source = source
+        self.environ = environ
+        self.base_dir = Path(base_dir)
+        self.problems: list[ConfigProblem] = []
+        # PyYAML is untyped; this is the implicit-tag resolver SafeLoader uses.
+        self._resolve: Callable[[type[Node], str, tuple[bool, bool]], str] = Resolver().resolve
+        self._constructor = SafeConstructor()
+
+    # --- recording ------------------------------------------------------------------
+
+    def note(self, path: str, message: str, node: Node | None) -> None:
+        line = node.start_mark.line + 1 if node is not None else None
+        self.problems.append(ConfigProblem(path, message, self.source, line))
+
+    def fail(self, path: str, message: str, node: Node | None) -> _Invalid:
+        self.note(path, message, node)
+        return _Invalid()
+
+    # --- YAML -----------------------------------------------------------------------
+
+    def compose(self, text: str) -> Node | None:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 if mark is not None else None
+            detail = exc.problem or exc.context or "syntax error"
+            self.problems.append(
+                ConfigProblem("yaml", f"invalid YAML: {detail}", self.source, line)
+            )
+            return None
+        except yaml.reader.ReaderError as exc:
+            line = text.count("\n", 0, exc.position) + 1
+            message = f"invalid YAML: character {exc.character!r} is not allowed"
+            self.problems.append(ConfigProblem("yaml", message, self.source, line))
+            return None
+        except (yaml.YAMLError, RecursionError) as exc:
+            message = f"invalid YAML: {type(exc).__name__}"
+            if isinstance(exc, RecursionError):
+                message = "invalid YAML: nested too deeply"
+            self.problems.append(ConfigProblem("yaml", message, self.source, None))
+            return None
+        if root is None:
+            self.problems.append(ConfigProblem("(top level)", "the file is empty", self.source, 1))
+        return root
+
+    def interpolate(self, text: str, path: str, node: Node) -> str:
+        """Replace ``${NAME}`` and ``${NAME:-default}``; ``$${`` is a literal ``${``.
+
+        As in a POSIX shell and docker compose, ``:-`` also applies when NAME is set
+        but empty. Values are never echoed in messages; they may be secrets.
+        """
+        if "$" not in text:
+            return text
+        missing: list[str] = []
+
+        def replace(match: re.Match[str]) -> str:
+            if match.group(0) == "$${":
+                return "${"
+            body = match.group(1)
+            variable = _VARIABLE.fullmatch(body) if body is not None else None
+            if variable is None:  # not quoted: the value may be a secret
+                raise self.fail(
+                    path,
+                    "malformed ${...}: write ${NAME} or ${NAME:-default} (or $${ for a literal ${)",
+                    node,
+                )
+            name, default = variable.group(1), variable.group(2)
+            value = self.environ.get(name)
+            if default is not None and not value:
+                return default
+            if value is None:
+                missing.append(name)
+                return ""
+            return value
+
+        result = _INTERPOLATION.sub(replace, text)
+        if missing:
+            names = ", ".join(missing)
+            noun = "variable" if len(missing) == 1 else "variables"
+            raise self.fail(path, f"environment {noun} {names} not set (and no default)", node)
+        return result
+
+    def scalar(self, node: Node, path: str, what: str) -> _Scalar:
+        if isinstance(node, MappingNode):
+            raise self.fail(path, f"expected {what}, got a mapping", node)
+        if isinstance(node, SequenceNode):
+            raise self.fail(path, f"expected {what}, got a list", node)
+        if not isinstance(node, ScalarNode):
+            raise self.fail(path, f"expected {what}", node)
+        text = self.interpolate(node.value, path, node)
+        tag = node.tag
+        if text != node.value and node.style is None:
+            # An unquoted ${PORT} becomes whatever its value reads as (8080, true, ...).
+            tag = self._resolve(ScalarNode, text, (True, False))
+        if tag == _NULL:
+            raise self.fail(
+                path, f"expected {what}, got no value (remove the key for its default)", node
+            )
+        value: object = text
+        if tag in (_BOOL, _INT, _FLOAT):
+            try:
+                value = self._constructor.construct_object(ScalarNode(tag, text))
+            except (ValueError, yaml.YAMLError):
+                raise self.fail(
+                    path, f"expected {what}, got an invalid {tag[len(_TAG) :]}", node
+                ) from None
+        elif not tag.startswith(_TAG):
+            raise self.fail(path, f"unsupported YAML tag {tag!r}", node)
+        return _Scalar(value, text)
+
+    def mapping(self, node: Node, path: str, keys: Sequence[str] | None) -> _Map:
+        """A mapping with string keys; ``keys`` None means any key (e.g. upstream names)."""
+        what = f"a mapping with keys {', '.join(keys)}" if keys else "a mapping"
+        if not isinstance(node, MappingNode):
+            kind = "a list" if isinstance(node, SequenceNode) else "a single value"
+            if isinstance(node, ScalarNode) and node.tag == _NULL:
+                kind = "no value"
+            raise self.fail(path or "(top level)", f"expected {what}, got {kind}", node)
+        entries: dict[str, tuple[Node, Node]] = {}
+        explicit = [(k, v) for k, v in node.value if k.tag != _TAG + "merge"]
+        for key_node, value_node in explicit:
+            if not isinstance(key_node, ScalarNode):
+                self.note(path or "(top level)", "keys must be plain strings", key_node)
+                continue
+            key = key_node.value
+            child = f"{path}.{key}" if path else key
+            if key in entries:
+                first_line = entries[key][0].start_mark.line + 1
+                self.note(child, f"duplicate key (first given on line {first_line})", key_node)
+                continue
+            if keys is not None and key not in keys:
+                self.note(child, f"unknown key {key!r}" + _suggest(key, keys), key_node)
+                continue
+            entries[key] = (key_node, value_node)
+        if len(explicit) != len(node.value):
+            self._merge(node, path, keys, entries)
+        return _Map(node, path, entries)
+
+    def _merge(
+        self,
+        node: MappingNode,
+        path: str,
+        keys: Sequence[str] | None,
+        entries: dict[str, tuple[Node, Node]],
+    ) -> None:
+        """YAML ``<<: *defaults`` merge keys; explicit keys win over merged ones."""
+        flat = MappingNode(node.tag, list(node.value), node.start_mark, node.end_mark)
+        try:
+            self._constructor.flatten_mapping(flat)
+        except (yaml.YAMLError, RecursionError):
+            self.note(path or "(top level)", "invalid merge key '<<'", node)
+            return
+        for key_node, value_node in flat.value:
+            if not isinstance(key_node, ScalarNode) or key_node.value in entries:
+                continue
+            key = key_node.value
+            if keys is not None and key not in keys:
+                child = f"{path}.{key}" if path else key
+                self.note(child, f"unknown key {key!r}" + _suggest(key, keys), key_node)
+                continue
+            entries[key] = (key_node, value_node)
+
+    # --- typed readers: return the value or raise _Invalid after noting a problem ------
+
+    def text(self, node: Node, path: str) -> str:
+        text = self.scalar(node, path, "a string").text
+        if not text.strip():
+            raise self.fail(path, "must not be empty", node)
+        return text
+
+    def boolean(self, node: Node, path: str) -> bool:
+        value = self.scalar(node, path, "true or false").value
+        if not isinstance(value, bool):
+            raise self.fail(path, "expected true or false", node)
+        return value
+
+    def integer(self, node: Node, path: str) -> int:
+        value = self.scalar(node, path, "an integer").value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(path, "expected an integer", node)
+        return value
+
+    def choice(self, node: Node, path: str, known: Sequence[str]) -> str:
+        text = self.scalar(node, path, "one of " + ", ".join(known)).text
+        if text not in known:
+            raise self.fail(path, f"unknown value {text!r}" + _suggest(text, known), node)
+        return text
+
+    def duration_s(self, node: Node, path: str) -> int:
+        scalar = self.scalar(node, path, "a duration")
+        value = scalar.value
+        seconds = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            seconds = value
+        elif isinstance(value, str):
+            seconds = parse_duration_s(value.strip())
+        if seconds is None or seconds < 0:
+            raise self.fail(
+                path,
+                f"invalid duration {scalar.text!r}: use whole seconds (300) or a number "
+                "with a unit s, m, h or d (90s, 5m, 12h, 1d)",
+                node,
+            )
+        return seconds
+
+    def positive_duration_s(self, node: Node, path: str) -> int:
+        seconds = self.duration_s(node, path)
+        if seconds == 0:
+            raise self.fail(path, "must be longer than 0 seconds", node)
+        return seconds
+
+    def timeout_s(self, node: Node, path: str) -> float:
+        """A positive duration that may be fractional (``2.5``) when written as a number."""
+        value = self.scalar(node, path, "a duration").value
+        if isinstance(value, float):
+            if not value > 0 or value == float("inf"):
+                raise self.fail(path, "must be a positive number of seconds", node)
+            return value
+        return float(self.positive_duration_s(node, path))
+
+    def items(self, node: Node, path: str, *, allow_empty: bool = False) -> list[tuple[str, Node]]:
+        if not isinstance(node, SequenceNode):
+            if isinstance(node, ScalarNode) and node.tag == _NULL:
+                raise self.fail(path, "expected a list, got no value", node)
+            hint = f" (write [{node.value}])" if isinstance(node, ScalarNode) else ""
+            raise self.fail(path, f"expected a list{hint}", node)
+        if not node.value and not allow_empty:
+            raise self.fail(path, "must not be an empty list", node)
+        return [(f"{path}[{i}]", item) for i, item in enumerate(node.value)]
+
+    def texts(self, node: Node, path: str, *, allow_empty: bool = False) -> tuple[str, ...]:
+        result: list[str] = []
+        for item_path, item in self.items(node, path, allow_empty=allow_empty):
+            with contextlib.suppress(_Invalid):
+                result.append(self.text(item, item_path))
+        return tuple(result)
+
+    def http_url(self, node: Node, path: str, *, what: str = "URL") -> tuple[str, SplitResult]:
+        text = self.text(node, path).strip()
+        try:
+            parts = urlsplit(text)
+            port = parts.port
+        except ValueError:
+            raise self.fail(path, f"invalid {what} {text!r}", node) from None
+        del port
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise self.fail(path, f"{what} must start with http:// or https:// and a host", node)
+        try:
+            canonical_rule_host(parts.netloc.rpartition("@")[2])
+        except ValueError as exc:
+            raise self.fail(path, f"invalid host in {what}: {exc}", node) from None
+        if parts.username is not None or parts.password is not None:
+            raise self.fail(path, f"{what} must not contain a user name or password", node)
+        if "?" in text or "#" in text:
+            raise self.fail(path, f"{what} must not have a query or fragment", node)
+        return text, parts
+
+    def host_port(self, node: Node, path: str) -> tuple[str, int]:
+        text = self.text(node, path).strip()
+        example = "expected host:port, e.g. 127.0.0.1:8080 or [::1]:8080"
+        bracketed = re.fullmatch(r"\[([^\]]*)\]:([0-9]+)", text)
+        if bracketed:
+            host, port_text = bracketed.group(1), bracketed.group(2)
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise self.fail(path, f"invalid IPv6 address in {text!r}", node) from None
+        else:
+            host, sep, port_text = text.rpartition(":")
+            if not sep or not host or not _SECONDS.fullmatch(port_text):
+                raise self.fail(path, f"{example} (got {text!r})", node)
+            if ":" in host:
+                raise self.fail(
+                    path, f"put an IPv6 address in brackets: [{host}]:{port_text}", node
+                )
+            if not _HOSTNAME.fullmatch(host):
+                raise self.fail(path, f"invalid host {host!r}", node)
+        port = int(port_text)
+        # Port 0 lets the OS pick a free port (tests, the demo).
+        if port > MAX_PORT:
+            raise self.fail(path, f"port {port} is out of range (0-{MAX_PORT})", node)
+        return host, port
+
+    def name(self, node: Node, path: str) -> str:
+        text = self.text(node, path)
+        if not _NAME.fullmatch(text):
+            raise self.fail(path, f"invalid name {text!r}: use {_NAME_HINT}", node)
+        return text
+
+    def file_text(self, node: Node, path: str) -> str:
+        """Read a file named in the config, relative to the config file's directory."""
+        file_path = self.resolve_path(self.text(node, path))
+        try:
+            return Path(file_path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(path, f"cannot read {file_path}: not UTF-8 text", node) from None
+        except OSError as exc:
+            raise self.fail(path, f"cannot read {file_path}: {exc.strerror or exc}", node) from None
+
+    def resolve_path(self, text: str) -> str:
+        path = Path(text).expanduser()
+        return str(path if path.is_absolute() else self.base_dir / path)
+
+    # --- field helpers ----------------------------------------------------------------
+
+    def required(self, m: _Map, key: str, read: Callable[[Node, str], T], fallback: T) -> T:
+        node = m.get(key)
+        if node is None:
+            self.note(m.child(key), "required key is missing", m.node)
+            return fallback
+        try:
+            return read(node, m.child(key))
+        except _Invalid:
+            return fallback
+
+    def optional(self, m: _Map, key: str, read: Callable[[Node, str], T], default: T) -> T:
+        node = m.get(key)
+        if node is None:
+            return default
+        try:
+            return read(node, m.child(key))
+        except _Invalid:
+            return default
+
+    def section(self, m: _Map, key: str, read: Callable[[Node, str], T]) -> T | None:
+        node = m.get(key)
+        if node is None:
+            self.note(key, "required section is missing", m.node)
+            return None
+        try:
+            return read(node, key)
+        except _Invalid:
+            return None
+
+    # --- sections ---------------------------------------------------------------------
+
+    def config(self, root: Node) -> model.Config | None:
+        try:
+            top = self.mapping(
+                root,
+                "",
+                ("server", "upstreams", "oidc", "session", "assurance", "rules", "assertion"),
+            )
+        except _Invalid:
+            return None
+        server = self.section(top, "server", self.server)
+        upstreams = self.section(top, "upstreams", self.upstreams)
+        oidc = self.section(top, "oidc", self.oidc)
+        session = self.section(top, "session", self.session)
+        assurance = self.section(top, "assurance", self.assurance)
+        rules = self.section(
+            top, "rules", lambda node, path: self.rules(node, path, assurance, upstreams)
+        )
+        assertion = model.AssertionConfig(
+            ttl_s=DEFAULT_ASSERTION_TTL_S, header_prefix=DEFAULT_HEADER_PREFIX
+        )
+        if top.get("assertion") is not None:
+            assertion = self.section(top, "assertion", self.assertion) or assertion
+        if server is not None and session is not None:
+            self.check_cookie_secure(server, session, top)
+        if (
+            server is None
+            or upstreams is None
+            or oidc is None
+            or session is None
+            or assurance is None
+            or rules is None
+        ):
+            return None
+        return model.Config(
+            server=server,
+            upstreams=upstreams,
+            oidc=oidc,
+            session=session,
+            assurance=assurance,
+            rules=rules,
+            assertion=assertion,
+            source=self.source,
+        )
+
+    def server(self, node: Node, path: str) -> model.ServerConfig:
+        m = self.mapping(
+            node,
+            path,
+            (
+                "listen",
+                "public_url",
+                "internal_prefix",
+                "metrics_listen",
+                "shutdown_timeout",
+                "trusted_proxies",
+                "workers",
+                "upstream_connect_timeout",
+                "upstream_timeout",
+                "access_log",
+                "log_level",
+            ),
+        )
+        listen_host, listen_port = self.required(m, "listen", self.host_port, ("", 0))
+        metrics_listen = self.optional(m, "metrics_listen", self.host_port, None)
+        return model.ServerConfig(
+            listen_host=listen_host,
+            listen_port=listen_port,
+            public_url=self.required(m, "public_url", self.public_url, ""),
+            internal_prefix=self.optional(
+                m, "internal_prefix", self.internal_prefix, DEFAULT_INTERNAL_PREFIX
+            ),
+            metrics_listen=metrics_listen,
+            shutdown_timeout_s=self.optional(
+                m, "shutdown_timeout", self.timeout_s, DEFAULT_SHUTDOWN_TIMEOUT_S
+            ),
+            trusted_proxies=self.optional(
+                m, "trusted_proxies", self.networks, DEFAULT_TRUSTED_PROXIES
+            ),
+            workers=self.optional(m, "workers", self.workers, DEFAULT_WORKERS),
+            upstream_connect_timeout_s=self.optional(
+                m, "upstream_connect_timeout", self.timeout_s, DEFAULT_UPSTREAM_CONNECT_TIMEOUT_S
+            ),
+            upstream_timeout_s=self.optional(
+                m, "upstream_timeout", self.timeout_s, DEFAULT_UPSTREAM_TIMEOUT_S
+            ),
+            access_log=self.optional(m, "access_log", self.boolean, DEFAULT_ACCESS_LOG),
+            log_level=self.optional(
+                m, "log_level", lambda n, p: self.choice(n, p, LOG_LEVELS), DEFAULT_LOG_LEVEL
+            ),
+        )
+
+    def public_url(self, node: Node, path: str) -> str:
+        text, parts = self.http_url(node, path, what="public_url")
+        if parts.path not in ("", "/"):
+            raise self.fail(
+                path,
+                f"public_url must not have a path ({parts.path!r}): the gateway serves "
+                "the whole origin",
+                node,
+            )
+        # Kept as written otherwise: the redirect_uri built from it must match, byte for
+        # byte, the one registered at the provider.
+        return text.rstrip("/")
+
+    def internal_prefix(self, node: Node, path: str) -> str:
+        text = self.text(node, path)
+        prefix = text.rstrip("/") if text != "/" else text
+        if not prefix.startswith("/"):
+            raise self.fail(path, f"must start with '/' (got {text!r})", node)
+        if prefix == "/":
+            raise self.fail(
+                path, "must not be '/': the gateway's endpoints would hide the app", node
+            )
+        segments = prefix.split("/")[1:]
+        if not _INTERNAL_PREFIX.fullmatch(prefix) or {".", ".."} & set(segments):
+            raise self.fail(
+                path,
+                f"invalid prefix {text!r}: use path segments of letters, digits, '-', '.', "
+                "'_', '~' (e.g. /_gateway)",
+                node,
+            )
+        return prefix
+
+    def networks(self, node: Node, path: str) -> tuple[model.IPNetwork, ...]:
+        # An empty list is explicit and means the same as the default: trust no proxy.
+        result: list[model.IPNetwork] = []
+        for item_path, item in self.items(node, path, allow_empty=True):
+            try:
+                text = self.text(item, item_path).strip()
+            except _Invalid:
+                continue
+            try:
+                result.append(ipaddress.ip_network(text, strict=True))
+            except ValueError:
+                try:
+                    loose = ipaddress.ip_network(text, strict=False)
+                except ValueError:
+                    self.note(
+                        item_path, f"not an IP network (CIDR like 10.0.0.0/8): {text!r}", item
+                    )
+                else:
+                    self.note(item_path, f"{text!r} has host bits set; did you mean {loose}?", item)
+        return tuple(result)
+
+    def workers(self, node: Node, path: str) -> int:
+        workers = self.integer(node, path)
+        if workers < 1:
+            raise self.fail(path, "must be at least 1", node)
+        return workers
+
+    def upstreams(self, node: Node, path: str) -> dict[str, model.UpstreamConfig]:
+        m = self.mapping(node, path, None)
+        if not m.entries:
+            raise self.fail(path, "at least one upstream is needed (name: URL)", node)
+        before = len(self.problems)
+        result: dict[str, model.UpstreamConfig] = {}
+        for name, (key_node, value_node) in m.entries.items():
+            child = m.child(name)
+            if not _NAME.fullmatch(name):
+                self.note(child, f"invalid upstream name {name!r}: use {_NAME_HINT}", key_node)
+                continue
+            try:
+                text, _parts = self.http_url(value_node, child, what="upstream URL")
+            except _Invalid:
+                continue
+            result[name] = model.UpstreamConfig(name=name, url=text.rstrip("/"))
+        if len(self.problems) > before:
+            raise _Invalid  # rules are then not checked against a partial list of upstreams
+        return result
+
+    def oidc(self, node: Node, path: str) -> model.OidcConfig:
+        m = self.mapping(
+            node,
+            path,
+            (
+                "issuer",
+                "client_id",
+                "client_secret",
+                "client_secret_file",
+                "scopes",
+                "client_auth",
+                "essential_acr",
+                "clock_skew",
+                "algorithms",
+                "http_timeout",
+            ),
+        )
+        return model.OidcConfig(
+            issuer=self.required(m, "issuer", self.issuer, ""),
+            client_id=self.required(m, "client_id", self.text, ""),
+            client_secret=self.client_secret(m),
+            scopes=self.optional(m, "scopes", self.scopes, DEFAULT_SCOPES),
+            client_auth=self.optional(
+                m,
+                "client_auth",
+                lambda n, p: self.choice(n, p, CLIENT_AUTH_METHODS),
+                DEFAULT_CLIENT_AUTH,
+            ),
+            essential_acr=self.optional(m, "essential_acr", self.boolean, DEFAULT_ESSENTIAL_ACR),
+            clock_skew_s=self.optional(m, "clock_skew", self.clock_skew, DEFAULT_CLOCK_SKEW_S),
+            algorithms=self.optional(m, "algorithms", self.algorithms, DEFAULT_ALGORITHMS),
+            http_timeout_s=self.optional(m, "http_timeout", self.timeout_s, DEFAULT_HTTP_TIMEOUT_S),
+        )
+
+    def issuer(self, node: Node, path: str) -> str:
+        # Kept verbatim, trailing slash included: OIDC Core 3.1.3.7 compares the id
+        # token's iss with it exactly, and some providers (Auth0) end theirs with "/".
+        text, _parts = self.http_url(node, path, what="issuer")
+        return text
+
+    def client_secret(self, m: _Map) -> str:
+        # Secrets are never quoted in messages.
+        inline, from_file = m.get("client_secret"), m.get("client_secret_file")
+        if inline is not None and from_file is not None:
+            self.note(
+                m.child("client_secret_file"),
+                "give client_secret or client_secret_file, not both",
+                from_file,
+            )
+            return ""
+        if from_file is not None:
+            try:
+                secret = self.file_text(from_file, m.child("client_secret_file")).strip()
+            except _Invalid:
+                return ""
+            if not secret:
+                self.note(m.child("client_secret_file"), "the file is empty", from_file)
+            return secret
+        if inline is None:
+            self.note(
+                m.child("client_secret"), "required key is missing (or client_secret_file)", m.node
+            )
+            return ""
+        return self.optional(m, "client_secret", self.text, "")
+
+    def scopes(self, node: Node, path: str) -> tuple[str, ...]:
+        scopes = self.texts(node, path)
+        for scope in scopes:
+            if not _TOKEN.fullmatch(scope):
+                self.note(path, f"invalid scope {scope!r}: one scope per list item", node)
+        if scopes and "openid" not in scopes:
+            raise self.fail(path, "must include 'openid' (OIDC Core 3.1.2.1)", node)
+        return tuple(dict.fromkeys(scopes))
+
+    def clock_skew(self, node: Node, path: str) -> int:
+        seconds = self.duration_s(node, path)
+        if seconds > MAX_CLOCK_SKEW_S:
+            raise self.fail(
+                path,
+                f"{seconds}s is too long: expired id tokens would stay valid that much longer "
+                f"(at most {MAX_CLOCK_SKEW_S}s)",
+                node,
+            )
+        return seconds
+
+    def algorithms(self, node: Node, path: str) -> tuple[str, ...]:
+        result: list[str] = []
+        for item_path, item in self.items(node, path):
+            try:
+                alg = self.text(item, item_path)
+            except _Invalid:
+                continue
+            if alg.lower() == "none":
+                self.note(item_path, "'none' would accept unsigned id tokens", item)
+            elif alg.upper().startswith("HS"):
+                self.note(
+                    item_path,
+                    f"{alg!r} is refused: HMAC id tokens are keyed with the client secret, "
+                    "which the gateway shares",
+                    item,
+                )
+            elif alg not in KNOWN_ALGORITHMS:
+                self.note(
+                    item_path, f"unknown algorithm {alg!r}" + _suggest(alg, KNOWN_ALGORITHMS), item
+                )
+            else:
+                result.append(alg)
+        return tuple(dict.fromkeys(result))
+
+    def session(self, node: Node, path: str) -> model.SessionConfig:
+        m = self.mapping(
+            node,
+            path,
+            (
+                "secret",
+                "secret_file",
+                "store",
+                "redis_url",
+                "cookie_secure",
+                "cookie_name",
+                "idle_timeout",
+                "lifetime",
+                "transaction_ttl",
+            ),
+        )
+        store = self.optional(m, "store", lambda n, p: self.choice(n, p, STORES), DEFAULT_STORE)
+        redis_url = self.optional(m, "redis_url", self.redis_url, None)
+        if store == "redis" and redis_url is None and m.get("redis_url") is None:
+            self.note(m.child("redis_url"), "required with store: redis", m.get("store"))
+        return model.SessionConfig(
+            secrets=self.session_secrets(m),
+            store=store,
+            redis_url=redis_url,
+            cookie_secure=self.optional(m, "cookie_secure", self.boolean, DEFAULT_COOKIE_SECURE),
+            cookie_name=self.optional(m, "cookie_name", self.cookie_name, DEFAULT_COOKIE_NAME),
+            idle_timeout_s=self.optional(
+                m, "idle_timeout", self.positive_duration_s, DEFAULT_IDLE_TIMEOUT_S
+            ),
+            lifetime_s=self.optional(m, "lifetime", self.positive_duration_s, DEFAULT_LIFETIME_S),
+            transaction_ttl_s=self.optional(
+                m, "transaction_ttl", self.positive_duration_s, DEFAULT_TRANSACTION_TTL_S
+            ),
+        )
+
+    def session_secrets(self, m: _Map) -> tuple[bytes, ...]:
+        """``secret: S``, ``secret: [NEW, OLD]`` or ``secret_file: PATH`` (one per line).
+
+        The first secret seals new cookies; all of them open old ones (rotation).
+        """
+        inline, from_file = m.get("secret"), m.get("secret_file")
+        if inline is not None and from_file is not None:
+            self.note(m.child("secret_file"), "give secret or secret_file, not both", from_file)
+            return ()
+        if from_file is not None:
+            path = m.child("secret_file")
+            try:
+                lines = self.file_text(from_file, path).splitlines()
+            except _Invalid:
+                return ()
+            secrets = [line.strip() for line in lines if line.strip()]
+            if not secrets:
+                self.note(path, "the file holds no secret", from_file)
+            for i, secret in enumerate(secrets):
+                self.check_secret(secret, path, from_file, f"line {i + 1} of the file")
+            return tuple(s.encode() for s in secrets)
+        if inline is None:
+            self.note(m.child("secret"), "required key is missing (or secret_file)", m.node)
+            return ()
+        path = m.child("secret")
+        entries: list[tuple[str, Node]]
+        if isinstance(inline, SequenceNode):
+            try:
+                entries = self.items(inline, path)
+            except _Invalid:
+                return ()
+        else:
+            entries = [(path, inline)]
+        result: list[bytes] = []
+        for item_path, item in entries:
+            try:
+                secret = self.scalar(item, item_path, "a string").text
+            except _Invalid:
+                continue
+            self.check_secret(secret, item_path, item, "the secret")
+            result.append(secret.encode())
+        return tuple(result)
+
+    def check_secret(self, secret: str, path: str, node: Node, what: str) -> None:
+        size = len(secret.encode())
+        if size < MIN_SECRET_BYTES:
+            self.note(
+                path,
+                f"{what} is {size} bytes; at least {MIN_SECRET_BYTES} are needed "
+                "(e.g. the output of: openssl rand -base64 32)",
+                node,
+            )
+
+    def redis_url(self, node: Node, path: str) -> str:
+        text = self.text(node, path).strip()  # may hold a password: never quoted
+        if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
+            raise self.fail(path, "must start with redis://, rediss:// or unix://", node)
+        return text
+
+    def cookie_name(self, node: Node, path: str) -> str:
+        text = self.text(node, path)
+        if not _TOKEN.fullmatch(text):
+            raise self.fail(path, f"invalid cookie name {text!r} (RFC 6265 token)", node)
+        if text.lower().startswith(("__host-", "__secure-")):
+            raise self.fail(path, "leave out the __Host- prefix: the gateway adds it", node)
+        return text
+
+    def check_cookie_secure(
+        self, server: model.ServerConfig, session: model.SessionConfig, top: _Map
+    ) -> None:
+        """Secure cookies with a plain-http public_url: nobody could ever sign in.
+
+        Loopback is the exception: browsers treat http://localhost and 127.0.0.0/8 as
+        potentially trustworthy origins (W3C Secure Contexts 3.2) and do send Secure
+        cookies there, which is what local plain-http use looks like.
+        """
+        parts = urlsplit(server.public_url)
+        if not session.cookie_secure or parts.scheme.lower() != "http":
+            return
+        if _is_loopback(parts.hostname or ""):
+            return
+        node: Node | None = top.get("session")
+        default = " (the default)"
+        if isinstance(node, MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, ScalarNode) and key_node.value == "cookie_secure":
+                    node, default = value_node, ""
+        self.note(
+            "session.cookie_secure",
+            f"is true{default} but server.public_url is plain http: browsers never send "
+            "Secure cookies over http, so nobody could sign in. Use an https public_url, "
+            "or set cookie_secure: false for local plain-http use only",
+            node,
+        )
+
+    def assurance(self, node: Node, path: str) -> model.AssuranceConfig:
+        m = self.mapping(node, path, ("levels",))
+        levels_node = m.get("levels")
+        if levels_node is None:
+            raise self.fail(m.child("levels"), "required key is missing", node)
+        before = len(self.problems)
+        levels: list[model.Level] = []
+        seen: dict[str, int] = {}
+        for item_path, item in self.items(levels_node, m.child("levels")):
+            try:
+                level = self.level(item, item_path, rank=len(levels))
+            except _Invalid:
+                continue
+            if level.name in seen:
+                self.note(
+                    f"{item_path}.name",
+                    f"duplicate level name {level.name!r} (also levels[{seen[level.name]}])",
+                    item,
+                )
+                continue
+            seen[level.name] = len(levels)
+            levels.append(level)
+        if len(self.problems) > before:
+            raise _Invalid  # rules are then not checked against a partial list of levels
+        return model.AssuranceConfig(levels=tuple(levels))
+
+    def level(self, node: Node, path: str, rank: int) -> model.Level:
+        m = self.mapping(node, path, ("name", "acr", "amr_any"))
+        # acr values are taken as written: Keycloak's are numbers ("1", "2").
+        level = model.Level(
+            name=self.required(m, "name", self.name, ""),
+            rank=rank,
+            acr=self.optional(m, "acr", self.texts, ()),
+            amr_any=self.optional(m, "amr_any", self.texts, ()),
+        )
+        if m.get("acr") is None and m.get("amr_any") is None:
+            raise self.fail(path, "a level needs acr or amr_any (or both)", node)
+        return level
+
+    def rules(
+        self,
+        node: Node,
+        path: str,
+        assurance: model.AssuranceConfig | None,
+        upstreams: dict[str, model.UpstreamConfig] | None,
+    ) -> tuple[model.Rule, ...]:
+        rules: list[model.Rule] = []
+        first_index: dict[str, int] = {}
+        entries = self.items(node, path)
+        if not entries:
+            return ()
+        for index, (item_path, item) in enumerate(entries):
+            try:
+                rule = self.rule(item, item_path, index, assurance, upstreams)
+            except _Invalid:
+                continue
+            if rule.name in first_index:
+                self.note(
+                    f"{item_path}.name",
+                    f"duplicate rule name {rule.name!r} (also rules[{first_index[rule.name]}])",
+                    item,
+                )
+                continue
+            first_index[rule.name] = index
+            self.check_reachable(rule, rules, item_path, item)
+            rules.append(rule)
+        return tuple(rules)
+
+    def rule(
+        self,
+        node: Node,
+        path: str,
+        index: int,
+        assurance: model.AssuranceConfig | None,
+        upstreams: dict[str, model.UpstreamConfig] | None,
+    ) -> model.Rule:
+        m = self.mapping(
+            node, path, ("name", "match", "require", "upstream", "allow_method_override")
+        )
+        before = len(self.problems)
+        rule = model.Rule(
+            name=self.required(m, "name", self.name, ""),
+            index=index,
+            match=self.required(m, "match", self.match, model.Match(path="/**")),
+            require=self.required(
+                m,
+                "require",
+                lambda n, p: self.requirement(n, p, assurance),
+                model.Requirement(level=None),
+            ),
+            upstream=self.rule_upstream(m, upstreams),
+            allow_method_override=self.optional(m, "allow_method_override", self.boolean, False),
+        )
+        if len(self.problems) > before:
+            raise _Invalid
+        return rule
+
+    def match(self, node: Node, path: str) -> model.Match:
+        m = self.mapping(node, path, ("path", "methods", "host"))
+        return model.Match(
+            path=self.required(m, "path", self.glob, "/**"),
+            methods=self.optional(m, "methods", self.methods, None),
+            host=self.optional(m, "host", self.rule_host, None),
+        )
+
+    def glob(self, node: Node, path: str) -> str:
+        text = self.text(node, path)
+        try:
+            compile_glob(text)
+        except ValueError as exc:
+            raise self.fail(path, str(exc), node) from None
+        return text
+
+    def methods(self, node: Node, path: str) -> frozenset[str]:
+        methods: list[str] = []
+        for item_path, item in self.items(node, path):
+            try:
+                method = self.text(item, item_path)
+            except _Invalid:
+                continue
+            if not _TOKEN.fullmatch(method):
+                self.note(item_path, f"invalid method {method!r} (RFC 7230 token)", item)
+                continue
+            # Verbatim: methods are case-sensitive (RFC 7231 4.1), so a rule naming "post"
+            # allows the non-standard lower-case method, not POST.
+            methods.append(method)
+        return frozenset(methods)
+
+    def rule_host(self, node: Node, path: str) -> str:
+        text = self.text(node, path).strip()
+        try:
+            return canonical_rule_host(text)
+        except ValueError as exc:
+            raise self.fail(path, f"invalid host {text!r}: {exc}", node) from None
+
+    def requirement(
+        self, node: Node, path: str, assurance: model.AssuranceConfig | None
+    ) -> model.Requirement:
+        if isinstance(node, ScalarNode):
+            text = self.scalar(node, path, "'none' or {level: NAME}").text
+            if text == "none":
+                return model.Requirement(level=None)
+            raise self.fail(
+                path,
+                f"expected 'none' or a mapping like {{level: NAME, max_age: 5m}} (got {text!r})",
+                node,
+            )
+        m = self.mapping(node, path, ("level", "max_age", "once"))
+        level_node = m.get("level")
+        if level_node is None:
+            if m.get("max_age") is not None:
+                message = "max_age needs a level: the level that must have been proven recently"
+            else:
+                message = "required key is missing (use require: none for no sign-in)"
+            raise self.fail(m.child("level"), message, node)
+        level = self.required(m, "level", lambda n, p: self.level_name(n, p, assurance), "")
+        once = self.optional(m, "once", self.boolean, False)
+        if once:
+            self.note(m.child("once"), ONCE_NOT_SUPPORTED, m.get("once"))
+        return model.Requirement(
+            level=level,
+            max_age_s=self.optional(m, "max_age", self.duration_s, None),
+            once=once,
+        )
+
+    def level_name(self, node: Node, path: str, assurance: model.AssuranceConfig | None) -> str:
+        text = self.text(node, path)
+        if assurance is not None and assurance.level(text) is None:
+            known = ", ".join(level.name for level in assurance.levels)
+            raise self.fail(path, f"unknown level {text!r} (known: {known})", node)
+        return text
+
+    def rule_upstream(self, m: _Map, upstreams: dict[str, model.UpstreamConfig] | None) -> str:
+        node = m.get("upstream")
+        if node is None:
+            if upstreams is None:
+                return ""
+            if len(upstreams) == 1:
+                return next(iter(upstreams))
+            names = ", ".join(upstreams)
+            self.note(
+                m.child("upstream"),
+                f"required when there are several upstreams (one of: {names})",
+                m.node,
+            )
+            return ""
+        path = m.child("upstream")
+        try:
+            name = self.text(node, path)
+        except _Invalid:
+            return ""
+        if upstreams is not None and name not in upstreams:
+            self.note(path, f"unknown upstream {name!r}" + _suggest(name, list(upstreams)), node)
+        return name
+
+    def check_reachable(
+        self, rule: model.Rule, earlier: Sequence[model.Rule], path: str, node: Node
+    ) -> None:
+        """Refuse a rule that an earlier one always matches first: it could never apply.
+
+        Only the certain cases: same or broader ``/prefix/**`` path, any host or the same
+        host, any method or a superset.
+        """
+        path_pattern = compile_glob(rule.match.path).canonical
+        for before in earlier:
+            if before.match.host is not None and before.match.host != rule.match.host:
+                continue
+            if before.match.methods is not None and (
+                rule.match.methods is None or not rule.match.methods <= before.match.methods
+            ):
+                continue
+            pattern = compile_glob(before.match.path).canonical
+            # "/api/**" covers "/api" itself and everything below "/api/".
+            covers = pattern == path_pattern or (
+                pattern.endswith("/**")
+                and (path_pattern.startswith(pattern[:-2]) or path_pattern == pattern[:-3])
+            )
+            if covers:
+                self.note(
+                    path,
+                    f"rule {rule.name!r} can never match: rules[{before.index}] "
+                    f"{before.name!r} (path {before.match.path!r}) matches all its requests first; "
+                    "put the more specific rule earlier",
+                    node,
+                )
+                return
+
+    def assertion(self, node: Node, path: str) -> model.AssertionConfig:
+        m = self.mapping(node, path, ("key_file", "ttl", "header_prefix"))
+        return model.AssertionConfig(
+            key_file=self.optional(m, "key_file", self.key_file, None),
+            ttl_s=self.optional(m, "ttl", self.assertion_ttl, DEFAULT_ASSERTION_TTL_S),
+            header_prefix=self.optional(
+                m, "header_prefix", self.header_prefix, DEFAULT_HEADER_PREFIX
+            ),
+        )
+
+    def key_file(self, node: Node, path: str) -> str:
+        # Only resolved here; gateway.assertion reads and checks the key at start-up.
+        return self.resolve_path(self.text(node, path))
+
+    def assertion_ttl(self, node: Node, path: str) -> int:
+        seconds = self.positive_duration_s(node, path)
+        if seconds > MAX_ASSERTION_TTL_S:
+            raise self.fail(path, f"at most {MAX_ASSERTION_TTL_S}s (got {seconds}s)", node)
+        return seconds
+
+    def header_prefix(self, node: Node, path: str) -> str:
+        text = self.text(node, path)
+        if not _TOKEN.fullmatch(text):
+            raise self.fail(path, f"invalid header name prefix {text!r} (RFC 7230 token)", node)
+        return text
