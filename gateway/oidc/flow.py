@@ -1,0 +1,577 @@
+"""OpenID Connect decisions that need no network: PKCE, the authorization request,
+the callback, the token response and the ID token checks.
+
+Everything here is a pure function of its arguments (the clock comes in as
+``now``), so the rules of OpenID Connect Core can be tested as tables. The
+network half lives in :mod:`gateway.oidc.provider`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from gateway import errors, model
+
+# OIDC Core 3.1.3.7 (10): "The iat Claim can be used to reject tokens that were
+# issued too far away from the current time". The code was exchanged moments ago,
+# so an ID token minted more than this long ago is a replay, not a slow network.
+ID_TOKEN_MAX_AGE_S = 10 * 60
+
+# A signed ID token is a few KiB; anything bigger is not one we asked for, and we
+# refuse it before spending CPU on base64 and JSON.
+MAX_ID_TOKEN_CHARS = 64 * 1024
+
+# RFC 7636 4.1: 32 random octets give the 43-character verifier the spec recommends.
+PKCE_VERIFIER_BYTES = 32
+
+# Never accepted, whatever the configuration says: "none" is unsigned, and an HMAC
+# alg would let anybody who knows the provider's *public* key forge tokens
+# (RFC 8725 2.1, 3.1: algorithm confusion). OIDC Core 10.1 allows HS* only with
+# the client secret as key, which this gateway does not support.
+_FORBIDDEN_ALGS = frozenset({"none", "HS256", "HS384", "HS512"})
+
+_RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+_EC_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
+_OKP_ALGS = frozenset({"EdDSA", "Ed25519", "Ed448"})
+
+# RFC 6749 5.2 / A.7: error codes are printable ASCII; we only pass on the
+# conservative subset so a hostile provider cannot put anything odd in our logs.
+_ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class IdTokenError(Exception):
+    """An ID token (or the callback carrying it) failed a check.
+
+    ``reason`` is a short machine code for logs and metrics: ``malformed``,
+    ``alg``, ``key_type``, ``bad_signature``, ``iss``, ``aud``, ``azp``, ``exp``,
+    ``iat``, ``auth_time``, ``nonce``, ``kid``, ``sub``. For ``malformed`` the
+    offending claim, if any, is in ``claim``. Never carries token contents.
+    """
+
+    def __init__(self, reason: str, *, claim: str | None = None) -> None:
+        detail = f"{reason} ({claim})" if claim else reason
+        super().__init__(f"ID token rejected: {detail}")
+        self.reason = reason
+        self.claim = claim
+
+
+class CallbackError(errors.BadRequest):
+    """The authorization response on the redirect URI is unusable (400)."""
+
+
+# ------------------------------------------------------------------------- metadata
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderMetadata:
+    """The parts of the provider's discovery document the gateway uses."""
+
+    issuer: str
+    authorization_endpoint: str
+    token_endpoint: str
+    jwks_uri: str
+    end_session_endpoint: str | None
+    userinfo_endpoint: str | None
+    iss_parameter_supported: bool  # RFC 9207
+    id_token_signing_algs: tuple[str, ...]
+    token_endpoint_auth_methods: tuple[str, ...]
+    backchannel_logout_supported: bool
+    raw: Mapping[str, object]
+    code_challenge_methods: tuple[str, ...] = ()
+    acr_values_supported: tuple[str, ...] = ()
+
+
+def parse_metadata(document: object, *, issuer: str) -> ProviderMetadata:
+    """Validate a discovery document (OpenID Connect Discovery 1.0, section 3).
+
+    Raises :class:`errors.ProviderError` with a reason code when the document is
+    not usable. ``issuer`` must match exactly (Discovery 4.3): no trailing-slash
+    or case folding, otherwise a mix-up between providers becomes possible.
+    """
+    if not isinstance(document, Mapping):
+        raise _bad_metadata("metadata_not_object", "is not a JSON object")
+    if document.get("issuer") != issuer:
+        raise _bad_metadata("issuer_mismatch", "names a different issuer than configured")
+    https_only = urlsplit(issuer).scheme == "https"
+
+    def url(name: str, *, required: bool) -> str | None:
+        value = document.get(name)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not _is_absolute_url(value, https_only=https_only):
+            raise _bad_metadata("metadata_invalid", f"has no usable {name}")
+        return value
+
+    def strings(name: str) -> tuple[str, ...]:
+        value = document.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _bad_metadata("metadata_invalid", f"has a malformed {name}")
+        return tuple(value)
+
+    def flag(name: str) -> bool:
+        value = document.get(name, False)
+        if not isinstance(value, bool):
+            raise _bad_metadata("metadata_invalid", f"has a malformed {name}")
+        return value
+
+    response_types = strings("response_types_supported")
+    if response_types and "code" not in response_types:
+        raise _bad_metadata("metadata_invalid", "does not offer response_type=code")
+    auth_methods = strings("token_endpoint_auth_methods_supported")
+    return ProviderMetadata(
+        issuer=issuer,
+        authorization_endpoint=_required(url("authorization_endpoint", required=True)),
+        token_endpoint=_required(url("token_endpoint", required=True)),
+        jwks_uri=_required(url("jwks_uri", required=True)),
+        end_session_endpoint=url("end_session_endpoint", required=False),
+        userinfo_endpoint=url("userinfo_endpoint", required=False),
+        iss_parameter_supported=flag("authorization_response_iss_parameter_supported"),
+        id_token_signing_algs=strings("id_token_signing_alg_values_supported"),
+        # Discovery 3: "If omitted, the default is client_secret_basic".
+        token_endpoint_auth_methods=auth_methods or ("client_secret_basic",),
+        backchannel_logout_supported=flag("backchannel_logout_supported"),
+        raw=dict(document),
+        code_challenge_methods=strings("code_challenge_methods_supported"),
+        acr_values_supported=strings("acr_values_supported"),
+    )
+
+
+def _required(value: str | None) -> str:
+    if value is None:  # unreachable: url(required=True) raises instead
+        raise _bad_metadata("metadata_invalid", "lacks a required endpoint")
+    return value
+
+
+def _bad_metadata(reason: str, what: str) -> errors.ProviderError:
+    return errors.ProviderError(f"The identity provider's metadata {what}.", reason=reason)
+
+
+def _is_absolute_url(value: str, *, https_only: bool) -> bool:
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return False
+    allowed = ("https",) if https_only else ("https", "http")
+    return parts.scheme in allowed and bool(parts.netloc) and not parts.fragment
+
+
+# ------------------------------------------------------------- authorization request
+
+
+def random_token(nbytes: int = 32) -> str:
+    """A URL-safe random string (state, nonce, ids)."""
+    return secrets.token_urlsafe(nbytes)
+
+
+def new_pkce() -> tuple[str, str]:
+    """Return ``(code_verifier, code_challenge)`` for PKCE with S256 (RFC 7636 4.1-4.2)."""
+    verifier = secrets.token_urlsafe(PKCE_VERIFIER_BYTES)
+    return verifier, pkce_challenge(verifier)
+
+
+def pkce_challenge(verifier: str) -> str:
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def authorization_url(
+    meta: ProviderMetadata,
+    cfg: model.OidcConfig,
+    *,
+    redirect_uri: str,
+    state: str,
+    nonce: str,
+    code_challenge: str,
+    acr_values: Sequence[str] = (),
+    max_age_s: int | None = None,
+    login_hint: str | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> str:
+    """Build the authorization request URL (OIDC Core 3.1.2.1, RFC 7636, RFC 9470).
+
+    ``acr_values`` keeps the caller's order (strongest first). With ``max_age_s == 0``
+    ``prompt=login`` is added too, since some providers only honour max_age > 0.
+    """
+    params: dict[str, str] = {
+        "response_type": "code",
+        "scope": " ".join(cfg.scopes),
+        "client_id": cfg.client_id,
+        "redirect_uri": redirect_uri,
+        "state": state,
+        "nonce": nonce,
+        "code_challenge": code_challenge,
+        "code_challenge_method": "S256",
+    }
+    if acr_values:
+        params["acr_values"] = " ".join(acr_values)
+        if cfg.essential_acr:
+            # OIDC Core 5.5.1.1: an essential acr request makes the provider fail
+            # rather than silently log the user in at a lower level.
+            claims = {"id_token": {"acr": {"essential": True, "values": list(acr_values)}}}
+            params["claims"] = json.dumps(claims, separators=(",", ":"))
+    if max_age_s is not None:
+        params["max_age"] = str(max_age_s)
+        if max_age_s == 0:
+            params["prompt"] = "login"
+    if login_hint:
+        params["login_hint"] = login_hint
+    for name, value in (extra or {}).items():
+        params.setdefault(name, value)  # never let extras override the security params
+    return _with_query(meta.authorization_endpoint, params)
+
+
+def end_session_url(
+    meta: ProviderMetadata,
+    *,
+    client_id: str,
+    id_token_hint: str | None = None,
+    post_logout_redirect_uri: str | None = None,
+    state: str | None = None,
+) -> str | None:
+    """RP-Initiated Logout 1.0 request URL, or None if the provider has no endpoint."""
+    if meta.end_session_endpoint is None:
+        return None
+    params = {"client_id": client_id}
+    if id_token_hint:
+        params["id_token_hint"] = id_token_hint
+    if post_logout_redirect_uri:
+        params["post_logout_redirect_uri"] = post_logout_redirect_uri
+    if state:
+        params["state"] = state
+    return _with_query(meta.end_session_endpoint, params)
+
+
+def _with_query(endpoint: str, params: Mapping[str, str]) -> str:
+    # The endpoint may carry its own query (OIDC Core 3.1.2.1 allows it); keep it.
+    parts = urlsplit(endpoint)
+    existing = parse_qsl(parts.query, keep_blank_values=True)
+    taken = set(params)
+    query = urlencode([*((k, v) for k, v in existing if k not in taken), *params.items()])
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+
+
+# ------------------------------------------------------------------------ callback
+
+
+@dataclass(frozen=True, slots=True)
+class Callback:
+    """The authorization response: either ``code`` or ``error`` is set."""
+
+    state: str | None
+    code: str | None = None
+    error: str | None = None
+    error_description: str | None = None
+
+
+def check_callback_iss(meta: ProviderMetadata, params: Mapping[str, str]) -> None:
+    """RFC 9207 mix-up defence on the authorization response.
+
+    When the provider advertises ``authorization_response_iss_parameter_supported``
+    the ``iss`` parameter must be present and equal the issuer (RFC 9207 2.4);
+    when it does not advertise it, an ``iss`` that is present must still match.
+    """
+    iss = params.get("iss")
+    if iss is None:
+        if meta.iss_parameter_supported:
+            raise CallbackError(
+                "The sign-in response did not say which provider sent it.",
+                reason="callback_iss_missing",
+            )
+        return
+    if not hmac.compare_digest(iss.encode(), meta.issuer.encode()):
+        raise CallbackError(
+            "The sign-in response came from a different provider.",
+            reason="callback_iss_mismatch",
+        )
+
+
+def parse_callback(meta: ProviderMetadata, params: Mapping[str, str]) -> Callback:
+    """Read the authorization response (OIDC Core 3.1.2.5-6) after the RFC 9207 check.
+
+    Raises :class:`CallbackError` for an unusable response. A provider error such as
+    ``access_denied`` or ``unmet_authentication_requirements`` is returned, not
+    raised, because what to show the user is the caller's decision.
+    """
+    check_callback_iss(meta, params)
+    state = params.get("state") or None
+    error = params.get("error")
+    if error is not None:
+        code = error if _ERROR_CODE.fullmatch(error) else "invalid_error"
+        return Callback(state=state, error=code, error_description=params.get("error_description"))
+    code_value = params.get("code")
+    if not code_value:
+        raise CallbackError("The sign-in response carried no code.", reason="callback_no_code")
+    if state is None:
+        raise CallbackError("The sign-in response carried no state.", reason="callback_no_state")
+    return Callback(state=state, code=code_value)
+
+
+# ------------------------------------------------------------------ token response
+
+
+def token_request_auth(
+    cfg: model.OidcConfig,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Client authentication for the token request: ``(headers, form fields)``.
+
+    ``client_secret_basic`` form-urlencodes id and secret before base64
+    (RFC 6749 2.3.1 and appendix B), which matters for secrets with ``:`` or ``%``.
+    """
+    if cfg.client_auth == "client_secret_post":
+        return {}, {"client_id": cfg.client_id, "client_secret": cfg.client_secret}
+    user = _form_encode(cfg.client_id)
+    password = _form_encode(cfg.client_secret)
+    credentials = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return {"Authorization": f"Basic {credentials}"}, {}
+
+
+def _form_encode(value: str) -> str:
+    return urlencode({"": value})[1:]
+
+
+def parse_token_response(status: int, body: object) -> Mapping[str, object]:
+    """Check a token endpoint answer (RFC 6749 5.1/5.2, OIDC Core 3.1.3.3).
+
+    Raises :class:`errors.ProviderError` whose ``reason`` is the provider's error
+    code (``invalid_grant`` ...) when it refused, ``token_response_invalid`` when
+    the answer is not a usable token response. Never echoes the body.
+    """
+    if isinstance(body, Mapping) and "error" in body and status != 200:
+        raw_code = body.get("error")
+        code = raw_code if isinstance(raw_code, str) and _ERROR_CODE.fullmatch(raw_code) else None
+        code = code or "invalid_error"
+        raise errors.ProviderError(
+            f"The identity provider refused the sign-in ({code}).", reason=code
+        )
+    if status != 200 or not isinstance(body, Mapping):
+        raise errors.ProviderError(
+            "The identity provider sent an unusable token response.",
+            reason="token_response_invalid",
+        )
+    id_token = body.get("id_token")
+    if not isinstance(id_token, str) or not id_token:
+        raise errors.ProviderError(
+            "The identity provider sent no ID token.", reason="token_response_no_id_token"
+        )
+    return dict(body)
+
+
+# ----------------------------------------------------------------------- ID token
+
+
+@dataclass(frozen=True, slots=True)
+class IdTokenClaims:
+    """The verified claims of an ID token that the gateway uses."""
+
+    iss: str
+    sub: str
+    aud: tuple[str, ...]
+    exp: int
+    iat: int
+    nonce: str | None
+    acr: str | None
+    amr: tuple[str, ...]
+    auth_time: int | None
+    sid: str | None
+    email: str | None
+    name: str | None
+    azp: str | None
+
+
+def unverified_header(token: str) -> dict[str, Any]:
+    """The JOSE header, for choosing the key. Nothing in it is trusted yet."""
+    if not isinstance(token, str) or len(token) > MAX_ID_TOKEN_CHARS or token.count(".") != 2:
+        raise IdTokenError("malformed")
+    try:
+        header = jwt.get_unverified_header(token)
+    except (jwt.PyJWTError, ValueError, TypeError):
+        raise IdTokenError("malformed") from None
+    if not isinstance(header.get("alg"), str):
+        raise IdTokenError("malformed", claim="alg")
+    kid = header.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise IdTokenError("malformed", claim="kid")
+    return header
+
+
+def usable_algs(allowed_algs: Sequence[str]) -> tuple[str, ...]:
+    """The configured allow-list minus what is never acceptable."""
+    return tuple(alg for alg in allowed_algs if alg not in _FORBIDDEN_ALGS and alg[:2] != "HS")
+
+
+def key_fits_alg(key: jwt.PyJWK, alg: str) -> bool:
+    """Does the key's type (and curve) match the algorithm? (RFC 7518 3.1, RFC 8037)."""
+    public = key.key
+    if alg in _RSA_ALGS:
+        return isinstance(public, rsa.RSAPublicKey)
+    if alg in _EC_CURVES:
+        return (
+            isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == _EC_CURVES[alg]
+        )
+    if alg in _OKP_ALGS:
+        if alg == "Ed448":
+            return isinstance(public, ed448.Ed448PublicKey)
+        if alg == "Ed25519":
+            return isinstance(public, ed25519.Ed25519PublicKey)
+        return isinstance(public, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
+    return False
+
+
+def verify_id_token(
+    token: str,
+    key: jwt.PyJWK,
+    *,
+    issuer: str,
+    client_id: str,
+    nonce: str,
+    now: float,
+    skew_s: int,
+    allowed_algs: Sequence[str],
+    require_auth_time: bool = False,
+) -> IdTokenClaims:
+    """Verify an ID token from the token endpoint (OIDC Core 3.1.3.7).
+
+    pyjwt checks the signature only; every claim is checked here against ``now``
+    so that time is the caller's. Keys named in the token (``jku``, ``jwk``,
+    ``x5u``) are ignored: the key comes from the provider's JWKS via ``key``.
+    Pass ``require_auth_time=True`` when the request carried ``max_age``: the
+    provider must then state ``auth_time`` (OIDC Core 3.1.2.1).
+    Raises :class:`IdTokenError` on the first failed check.
+    """
+    header = unverified_header(token)
+    alg: str = header["alg"]
+    if alg not in usable_algs(allowed_algs):
+        raise IdTokenError("alg")
+    if not key_fits_alg(key, alg):
+        raise IdTokenError("key_type")
+    if key.algorithm_name != alg:
+        # The JWK is bound to one algorithm (its "alg", or the one we asked
+        # provider.key_for for); a different one in the header is a confusion attempt.
+        # Recent pyjwt refuses this too; older releases we allow did not.
+        raise IdTokenError("alg")
+    try:
+        decoded = jwt.PyJWS().decode_complete(token, key=key, algorithms=[alg])
+    except jwt.InvalidSignatureError:
+        raise IdTokenError("bad_signature") from None
+    except jwt.InvalidAlgorithmError:
+        raise IdTokenError("alg") from None
+    except (jwt.PyJWTError, ValueError, TypeError):
+        raise IdTokenError("malformed") from None
+    try:
+        payload = json.loads(decoded["payload"])
+    except (ValueError, RecursionError):
+        raise IdTokenError("malformed") from None
+    if not isinstance(payload, dict):
+        raise IdTokenError("malformed")
+    claims = _read_claims(payload)
+    _check_claims(claims, issuer=issuer, client_id=client_id, nonce=nonce, now=now, skew_s=skew_s)
+    if require_auth_time and claims.auth_time is None:
+        raise IdTokenError("auth_time")
+    return claims
+
+
+def _read_claims(payload: Mapping[str, object]) -> IdTokenClaims:
+    """Types first, values later: a claim of the wrong type is ``malformed``."""
+
+    def string(name: str, *, required: bool = False) -> str | None:
+        value = payload.get(name)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str):
+            raise IdTokenError("malformed", claim=name)
+        return value
+
+    def number(name: str, *, required: bool = False) -> int | None:
+        value = payload.get(name)
+        if value is None and not required:
+            return None
+        # RFC 7519 2: NumericDate may be fractional; bool is an int in Python, not here.
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise IdTokenError("malformed", claim=name)
+        if value != value or abs(value) > 2**53:  # NaN, or beyond JSON's exact range
+            raise IdTokenError("malformed", claim=name)
+        return int(value)
+
+    aud_value = payload.get("aud")
+    if isinstance(aud_value, str):
+        aud: tuple[str, ...] = (aud_value,)
+    elif (
+        isinstance(aud_value, list)
+        and aud_value
+        and all(isinstance(item, str) for item in aud_value)
+    ):
+        aud = tuple(aud_value)
+    else:
+        raise IdTokenError("malformed", claim="aud")
+
+    amr_value = payload.get("amr")
+    if amr_value is None:
+        amr: tuple[str, ...] = ()
+    elif isinstance(amr_value, list) and all(isinstance(item, str) for item in amr_value):
+        amr = tuple(amr_value)
+    else:
+        raise IdTokenError("malformed", claim="amr")
+
+    sub = string("sub", required=True)
+    if not sub:
+        raise IdTokenError("sub")
+    return IdTokenClaims(
+        iss=string("iss", required=True) or "",
+        sub=sub,
+        aud=aud,
+        exp=number("exp", required=True) or 0,
+        iat=number("iat", required=True) or 0,
+        nonce=string("nonce"),
+        acr=string("acr"),
+        amr=amr,
+        auth_time=number("auth_time"),
+        sid=string("sid"),
+        email=string("email"),
+        name=string("name"),
+        azp=string("azp"),
+    )
+
+
+def _check_claims(
+    claims: IdTokenClaims,
+    *,
+    issuer: str,
+    client_id: str,
+    nonce: str,
+    now: float,
+    skew_s: int,
+) -> None:
+    if claims.iss != issuer:
+        raise IdTokenError("iss")
+    if client_id not in claims.aud:
+        raise IdTokenError("aud")
+    # OIDC Core 2 and 3.1.3.7 (4, 5): with several audiences azp must name us;
+    # if azp is there at all it must be us.
+    if claims.azp is None and len(set(claims.aud)) > 1:
+        raise IdTokenError("azp")
+    if claims.azp is not None and claims.azp != client_id:
+        raise IdTokenError("azp")
+    if not claims.exp > now - skew_s:
+        raise IdTokenError("exp")
+    if claims.iat > now + skew_s or claims.iat < now - ID_TOKEN_MAX_AGE_S - skew_s:
+        raise IdTokenError("iat")
+    if claims.auth_time is not None and claims.auth_time > now + skew_s:
+        raise IdTokenError("auth_time")
+    # OIDC Core 3.1.3.7 (11): the nonce we sent must come back, byte for byte.
+    if claims.nonce is None or not hmac.compare_digest(claims.nonce.encode(), nonce.encode()):
+        raise IdTokenError("nonce")

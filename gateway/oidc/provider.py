@@ -1,0 +1,427 @@
+"""Talking to the OpenID Provider: discovery, the JWKS cache and the code exchange.
+
+This is the only module of :mod:`gateway.oidc` that does I/O. What it fetches is
+checked by the pure functions in :mod:`gateway.oidc.flow`. Network failures
+become :class:`errors.ProviderUnavailable`; answers we cannot use become
+:class:`errors.ProviderError`. Neither ever carries a secret, a code or a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+import jwt
+import structlog
+
+from gateway import errors, model
+from gateway.oidc.flow import (
+    IdTokenClaims,
+    IdTokenError,
+    ProviderMetadata,
+    key_fits_alg,
+    parse_metadata,
+    parse_token_response,
+    token_request_auth,
+    unverified_header,
+    usable_algs,
+    verify_id_token,
+)
+
+__all__ = ["ERROR_KINDS", "ProviderClient", "ProviderMetadata"]
+
+log = structlog.get_logger(__name__)
+
+# Discovery 4 does not say how long metadata may be cached; an hour picks up a
+# provider's changes the same day without a request per sign-in.
+METADATA_MAX_AGE_S = 60 * 60
+# Keys also get a routine refresh, so a key the provider withdrew stops being
+# trusted within the hour even if no token ever names a new one.
+JWKS_MAX_AGE_S = 60 * 60
+# OIDC Core 10.1.1: on rotation the provider publishes a new key and tokens name it
+# by kid, so an unknown kid triggers a refetch. But the kid is chosen by whoever
+# sent the token: a stream of tokens with random kids must not make us hammer the
+# provider, so refetch at most once per this interval, whatever the outcome.
+JWKS_REFETCH_INTERVAL_S = 30
+# After a failed refresh we keep serving the last good copy and try again this
+# much later, rather than on every request while the provider is down.
+RETRY_AFTER_FAILURE_S = 10
+# Discovery documents and key sets are a few KiB; the cap stops a broken or
+# hostile provider from filling our memory.
+MAX_RESPONSE_BYTES = 1024 * 1024
+
+# What ``on_error`` receives: "{endpoint}_{problem}". Fixed so metrics labels stay few.
+ERROR_KINDS = frozenset(
+    f"{endpoint}_{problem}"
+    for endpoint in ("discovery", "jwks", "token")
+    for problem in ("unreachable", "timeout", "status", "invalid", "rejected")
+)
+
+
+class ProviderClient:
+    """Cached view of one OpenID Provider, plus the token request.
+
+    ``clock`` only times the caches (monotonic); token checks take ``now`` from
+    the caller. ``on_error(kind)`` is called once per provider failure, with a
+    kind from :data:`ERROR_KINDS`, for metrics.
+    """
+
+    def __init__(
+        self,
+        cfg: model.OidcConfig,
+        http: aiohttp.ClientSession,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self._cfg = cfg
+        self._http = http
+        self._clock = clock
+        self._on_error = on_error
+        self._timeout = aiohttp.ClientTimeout(total=cfg.http_timeout_s)
+        self._meta: ProviderMetadata | None = None
+        self._meta_next_fetch = float("-inf")
+        self._meta_error: errors.ProviderError | None = None
+        self._meta_lock = asyncio.Lock()
+        self._jwks: tuple[dict[str, Any], ...] = ()
+        self._jwks_loaded = False
+        self._jwks_next_fetch = float("-inf")
+        self._jwks_last_attempt = float("-inf")
+        self._jwks_error: errors.ProviderError | None = None
+        self._jwks_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def config(self) -> model.OidcConfig:
+        return self._cfg
+
+    @property
+    def ready(self) -> bool:
+        """True once metadata and keys have been loaded at least once."""
+        return self._meta is not None and self._jwks_loaded
+
+    async def load(self, *, force: bool = False) -> None:
+        """Fetch metadata and keys (start-up, readiness). Raises if either fails;
+        previously loaded copies are kept either way."""
+        await self._refresh_metadata(force=force)
+        await self._refresh_jwks(force=force)
+
+    async def metadata(self) -> ProviderMetadata:
+        """The discovery document: cached, refreshed hourly, last good copy kept."""
+        await self._refresh_metadata(force=False)
+        if self._meta is None:  # unreachable: _refresh_metadata raises instead
+            raise _copy(self._meta_error)
+        return self._meta
+
+    async def key_for(self, kid: str | None, alg: str) -> jwt.PyJWK:
+        """The provider's key for a token header, bound to ``alg``.
+
+        An unknown kid refetches the JWKS, at most once per
+        :data:`JWKS_REFETCH_INTERVAL_S`; still unknown -> ``IdTokenError("kid")``.
+        """
+        if alg not in usable_algs(self._cfg.algorithms):
+            raise IdTokenError("alg")  # before any fetch: the header is attacker-chosen
+        await self._refresh_jwks(force=False)
+        key = self._find_key(kid, alg)
+        if key is not None:
+            return key
+        async with self._jwks_lock:
+            key = self._find_key(kid, alg)  # another task may have refetched meanwhile
+            if key is None and self._clock() - self._jwks_last_attempt >= JWKS_REFETCH_INTERVAL_S:
+                log.info("jwks_refetch_unknown_kid", kid_present=kid is not None)
+                # A failure here propagates (old keys stay): the token may be fine.
+                await self._fetch_jwks_locked(raise_errors=True)
+                key = self._find_key(kid, alg)
+        if key is None:
+            raise IdTokenError("kid")
+        return key
+
+    async def exchange_code(
+        self, *, code: str, redirect_uri: str, code_verifier: str
+    ) -> Mapping[str, object]:
+        """Redeem an authorization code (RFC 6749 4.1.3 with RFC 7636 4.5).
+
+        Returns the token response, which is known to hold an ``id_token`` string.
+        A refusal raises :class:`errors.ProviderError` with the provider's error
+        code (``invalid_grant`` ...) as ``reason``.
+        """
+        meta = await self.metadata()
+        headers, fields = token_request_auth(self._cfg)
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "code_verifier": code_verifier,
+            **fields,
+        }
+        headers["Accept"] = "application/json"
+        status, body = await self._request("token", "POST", meta.token_endpoint, form, headers)
+        if status in (502, 503, 504):
+            raise self._status_error("token", status)
+        try:
+            return parse_token_response(status, body)
+        except errors.ProviderError as exc:
+            problem = "invalid" if exc.reason.startswith("token_response") else "rejected"
+            self._report("token", problem, exc)
+            raise
+
+    async def verify(
+        self, id_token: str, *, nonce: str, now: float, require_auth_time: bool = False
+    ) -> IdTokenClaims:
+        """Verify an ID token: pick the key by its header, then run every check
+        (``require_auth_time`` when the request carried ``max_age``)."""
+        header = unverified_header(id_token)
+        key = await self.key_for(header.get("kid"), header["alg"])
+        return verify_id_token(
+            id_token,
+            key,
+            issuer=self._cfg.issuer,
+            client_id=self._cfg.client_id,
+            nonce=nonce,
+            now=now,
+            skew_s=self._cfg.clock_skew_s,
+            allowed_algs=self._cfg.algorithms,
+            require_auth_time=require_auth_time,
+        )
+
+    # -------------------------------------------------------------------- metadata
+
+    async def _refresh_metadata(self, *, force: bool) -> None:
+        if not force and self._clock() < self._meta_next_fetch:
+            if self._meta is None:
+                raise _copy(self._meta_error)
+            return
+        async with self._meta_lock:
+            if not force and self._clock() < self._meta_next_fetch:
+                if self._meta is None:
+                    raise _copy(self._meta_error)
+                return
+            url = self._cfg.issuer.rstrip("/") + "/.well-known/openid-configuration"
+            try:
+                status, body = await self._request("discovery", "GET", url)
+                if status != 200:
+                    raise self._status_error("discovery", status)
+                try:
+                    meta = parse_metadata(body, issuer=self._cfg.issuer)
+                except errors.ProviderError as exc:
+                    self._report("discovery", "invalid", exc)
+                    raise
+            except errors.ProviderError as exc:
+                self._meta_next_fetch = self._clock() + RETRY_AFTER_FAILURE_S
+                self._meta_error = exc
+                log.warning(
+                    "provider_metadata_refresh_failed",
+                    reason=exc.reason,
+                    kept_last_good=self._meta is not None,
+                )
+                if self._meta is None or force:
+                    raise
+                return
+            if self._meta is None:
+                _warn_about_mismatches(meta, self._cfg)
+            self._meta = meta
+            self._meta_error = None
+            self._meta_next_fetch = self._clock() + METADATA_MAX_AGE_S
+
+    # ------------------------------------------------------------------------ JWKS
+
+    async def _refresh_jwks(self, *, force: bool) -> None:
+        if not force and self._clock() < self._jwks_next_fetch:
+            if not self._jwks_loaded:
+                raise _copy(self._jwks_error)
+            return
+        async with self._jwks_lock:
+            if not force and self._clock() < self._jwks_next_fetch:
+                if not self._jwks_loaded:
+                    raise _copy(self._jwks_error)
+                return
+            await self._fetch_jwks_locked(raise_errors=force)
+
+    async def _fetch_jwks_locked(self, *, raise_errors: bool) -> None:
+        """Fetch the key set; the caller holds ``_jwks_lock``. On failure the last
+        good keys stay; the error is raised if there are none or ``raise_errors``."""
+        self._jwks_last_attempt = self._clock()
+        try:
+            meta = await self.metadata()
+            status, body = await self._request("jwks", "GET", meta.jwks_uri)
+            if status != 200:
+                raise self._status_error("jwks", status)
+            try:
+                keys = _parse_jwks(body)
+            except errors.ProviderError as exc:
+                self._report("jwks", "invalid", exc)
+                raise
+        except errors.ProviderError as exc:
+            self._jwks_next_fetch = self._clock() + RETRY_AFTER_FAILURE_S
+            self._jwks_error = exc
+            log.warning(
+                "provider_jwks_refresh_failed", reason=exc.reason, kept_last_good=self._jwks_loaded
+            )
+            if not self._jwks_loaded or raise_errors:
+                raise
+            return
+        self._jwks = keys
+        self._jwks_loaded = True
+        self._jwks_error = None
+        self._jwks_next_fetch = self._clock() + JWKS_MAX_AGE_S
+        log.info("provider_jwks_loaded", keys=len(keys))
+
+    def _find_key(self, kid: str | None, alg: str) -> jwt.PyJWK | None:
+        candidates: list[jwt.PyJWK] = []
+        for jwk in self._jwks:
+            if kid is not None and jwk.get("kid") != kid:
+                continue
+            if jwk.get("use", "sig") != "sig" or jwk.get("alg", alg) != alg:
+                continue  # RFC 7517 4.2, 4.4: a key meant for something else
+            try:
+                key = jwt.PyJWK(jwk, algorithm=alg)
+            except (jwt.PyJWTError, ValueError, TypeError):
+                continue
+            if key_fits_alg(key, alg):
+                candidates.append(key)
+        # OIDC Core 10.1: without a kid the choice must be unambiguous.
+        if kid is None and len(candidates) != 1:
+            return None
+        return candidates[0] if candidates else None
+
+    # ------------------------------------------------------------------------ HTTP
+
+    async def _request(
+        self,
+        endpoint: str,
+        method: str,
+        url: str,
+        form: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, object]:
+        """One request; returns (status, parsed JSON, or None if it is not JSON).
+        Redirects are not followed: a 307 would resend the client secret elsewhere."""
+        try:
+            async with self._http.request(
+                method,
+                url,
+                data=form,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as response:
+                raw = await _read_capped(response)
+                status = response.status
+        except TimeoutError as exc:
+            error: errors.ProviderError = errors.ProviderUnavailable(
+                "The identity provider did not answer in time.", reason=f"{endpoint}_timeout"
+            )
+            self._report(endpoint, "timeout", error)
+            raise error from exc
+        except _TooLarge as exc:
+            error = errors.ProviderError(
+                "The identity provider sent an oversized answer.", reason=f"{endpoint}_invalid"
+            )
+            self._report(endpoint, "invalid", error)
+            raise error from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            # Only the exception's type: its text can contain the URL we posted to.
+            error = errors.ProviderUnavailable(
+                "The identity provider cannot be reached.", reason=f"{endpoint}_unreachable"
+            )
+            self._report(endpoint, "unreachable", error, cause=type(exc).__name__)
+            raise error from None
+        try:
+            body: object = json.loads(raw) if raw else None
+        except (ValueError, RecursionError):
+            body = None  # the callers' parsers refuse a missing body with their own reason
+        return status, body
+
+    def _status_error(self, endpoint: str, status: int) -> errors.ProviderError:
+        error: errors.ProviderError
+        if status in (502, 503, 504):
+            error = errors.ProviderUnavailable(
+                "The identity provider is unavailable.", reason=f"{endpoint}_status"
+            )
+        else:
+            error = errors.ProviderError(
+                "The identity provider answered with an error.", reason=f"{endpoint}_status"
+            )
+        self._report(endpoint, "status", error, status=status)
+        return error
+
+    def _report(
+        self, endpoint: str, problem: str, error: errors.ProviderError, **fields: object
+    ) -> None:
+        log.warning(
+            "provider_error", endpoint=endpoint, problem=problem, reason=error.reason, **fields
+        )
+        if self._on_error is not None:
+            self._on_error(f"{endpoint}_{problem}")
+
+
+def _warn_about_mismatches(meta: ProviderMetadata, cfg: model.OidcConfig) -> None:
+    """Say at start-up what will otherwise fail at the first sign-in."""
+    if cfg.client_auth not in meta.token_endpoint_auth_methods:
+        log.warning(
+            "provider_client_auth_not_advertised",
+            configured=cfg.client_auth,
+            advertised=list(meta.token_endpoint_auth_methods),
+        )
+    if meta.id_token_signing_algs and not set(meta.id_token_signing_algs) & set(
+        usable_algs(cfg.algorithms)
+    ):
+        log.warning(
+            "provider_algs_not_allowed",
+            advertised=list(meta.id_token_signing_algs),
+            allowed=list(usable_algs(cfg.algorithms)),
+        )
+    if meta.code_challenge_methods and "S256" not in meta.code_challenge_methods:
+        log.warning("provider_pkce_s256_not_advertised")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_jwks(body: object) -> tuple[dict[str, Any], ...]:
+    """RFC 7517 5: a JSON object with ``keys``; keep the public signing keys we can use."""
+    keys = body.get("keys") if isinstance(body, Mapping) else None
+    if not isinstance(keys, list):
+        raise errors.ProviderError(
+            "The identity provider's key set is malformed.", reason="jwks_invalid"
+        )
+    usable = tuple(
+        dict(jwk)
+        for jwk in keys
+        # Symmetric keys have no place in a public key set; dropping them here
+        # means no code path can ever verify a token with one.
+        if isinstance(jwk, dict) and jwk.get("kty") in ("RSA", "EC", "OKP")
+    )
+    try:
+        jwt.PyJWKSet(list(usable))  # at least one key pyjwt can load
+    except jwt.PyJWTError:
+        raise errors.ProviderError(
+            "The identity provider's key set has no usable key.", reason="jwks_invalid"
+        ) from None
+    return usable
+
+
+def _copy(error: errors.ProviderError | None) -> errors.ProviderError:
+    """A fresh exception for a remembered failure (re-raising one object piles up tracebacks)."""
+    if error is None:
+        return errors.ProviderUnavailable(
+            "The identity provider's metadata is not loaded yet.", reason="not_loaded"
+        )
+    return type(error)(error.message, reason=error.reason)
