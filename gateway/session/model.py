@@ -1,0 +1,283 @@
+"""The signed-in session: who the user is and what they have proven, and when.
+
+Pure values. A session is created by a successful login (:meth:`Session.start`)
+and upgraded by each later step-up (:meth:`Session.with_proof`); it never
+changes in place.
+
+The serialised form (:meth:`Session.to_dict`) uses one- or two-letter keys
+because, with the cookie store, the whole session travels in a cookie that must
+stay under the browser's 4 KB limit:
+
+    v  format version (1)          a   acr of the last authentication
+    i  public session id           m   amr of the last authentication (list)
+    s  sub                         at  auth_time of the last authentication
+    e  email          (optional)   pr  proofs: [[acr|null, [amr...], auth_time], ...]
+    n  name           (optional)   c   created_at
+    p  provider sid   (optional)   l   last_seen
+    t  id_token       (optional)
+
+Optional keys are left out when None. All times are epoch seconds (floats).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+SESSION_FORMAT_VERSION = 1
+# Each proof is a few dozen bytes in the cookie. Eight covers every level a
+# realistic config defines, several times over, while bounding the cookie.
+MAX_PROOFS = 8
+# Re-saving a session on every request only to move last_seen would rewrite the
+# cookie (or the store entry) every time; a minute is far below any idle timeout
+# and is what the idle check can be late by, at most.
+TOUCH_INTERVAL_S = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Proof:
+    """One authentication the provider asserted: its acr, amr and auth_time."""
+
+    acr: str | None
+    amr: tuple[str, ...]
+    auth_time: float
+
+    def same_method(self, other: Proof) -> bool:
+        """Same acr and the same set of amr values (RFC 8176 gives their order no meaning)."""
+        return self.acr == other.acr and frozenset(self.amr) == frozenset(other.amr)
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A signed-in user.
+
+    ``id`` is a random, public identifier for logs and correlation. It is *not*
+    a credential: the cookie value is (the sealed session, or an opaque store
+    handle), and the cookie value is never logged.
+    ``acr``/``amr``/``auth_time`` describe the most recent authentication;
+    ``proofs`` keeps up to :data:`MAX_PROOFS` authentications, newest first, one
+    per (acr, amr set), so a session can hold a strong level proven earlier while
+    a weaker one was proven later.
+    """
+
+    id: str
+    sub: str
+    email: str | None
+    name: str | None
+    provider_sid: str | None
+    id_token: str | None
+    acr: str | None
+    amr: tuple[str, ...]
+    auth_time: float
+    proofs: tuple[Proof, ...]
+    created_at: float
+    last_seen: float
+
+    @classmethod
+    def start(
+        cls,
+        proof: Proof,
+        *,
+        sub: str,
+        email: str | None,
+        name: str | None,
+        provider_sid: str | None,
+        id_token: str | None,
+        now: float,
+        session_id: str | None = None,
+    ) -> Session:
+        """A new session from a first login."""
+        return cls(
+            id=session_id if session_id is not None else new_session_id(),
+            sub=sub,
+            email=email,
+            name=name,
+            provider_sid=provider_sid,
+            id_token=id_token,
+            acr=proof.acr,
+            amr=proof.amr,
+            auth_time=proof.auth_time,
+            proofs=(proof,),
+            created_at=now,
+            last_seen=now,
+        )
+
+    def with_proof(
+        self,
+        proof: Proof,
+        *,
+        sub: str,
+        email: str | None,
+        name: str | None,
+        provider_sid: str | None,
+        id_token: str | None,
+        now: float,
+    ) -> Session:
+        """This session after a further authentication of the same user.
+
+        Raises ValueError when ``sub`` is not this session's subject: a login as
+        somebody else must start a new session (:meth:`Session.start`), never
+        upgrade this one. ``created_at`` is kept, so a step-up does not extend
+        the absolute lifetime.
+        """
+        if sub != self.sub:
+            raise ValueError("a proof for another subject cannot upgrade this session")
+        return replace(
+            self,
+            email=email,
+            name=name,
+            provider_sid=provider_sid,
+            id_token=id_token,
+            acr=proof.acr,
+            amr=proof.amr,
+            auth_time=proof.auth_time,
+            proofs=merge_proofs(self.proofs, proof),
+            last_seen=now,
+        )
+
+    def touched(self, now: float) -> Session:
+        """This session, seen at ``now`` (for the idle timeout)."""
+        return replace(self, last_seen=now)
+
+    def touch_due(self, now: float) -> bool:
+        """Whether last_seen is stale enough to be worth saving again."""
+        return now - self.last_seen >= TOUCH_INTERVAL_S
+
+    def assurance(self) -> tuple[object, ...]:
+        """Everything that decides which levels this session holds, for comparison.
+
+        Two sessions with different assurance must not share a store id (see
+        :mod:`gateway.session.stores`).
+        """
+        return (self.sub, self.acr, self.amr, self.auth_time, self.proofs)
+
+    def to_dict(self) -> dict[str, object]:
+        data: dict[str, object] = {
+            "v": SESSION_FORMAT_VERSION,
+            "i": self.id,
+            "s": self.sub,
+        }
+        for key, optional in (
+            ("e", self.email),
+            ("n", self.name),
+            ("p", self.provider_sid),
+            ("t", self.id_token),
+        ):
+            if optional is not None:
+                data[key] = optional
+        if self.acr is not None:
+            data["a"] = self.acr
+        data["m"] = list(self.amr)
+        data["at"] = _compact_time(self.auth_time)
+        data["pr"] = [[p.acr, list(p.amr), _compact_time(p.auth_time)] for p in self.proofs]
+        data["c"] = _compact_time(self.created_at)
+        data["l"] = _compact_time(self.last_seen)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: object) -> Session | None:
+        """The session in ``data``, or None if anything about it is malformed. Never raises."""
+        if not isinstance(data, Mapping):
+            return None
+        version = data.get("v")
+        # type() rather than ==: True == 1 and 1.0 == 1 in Python.
+        if type(version) is not int or version != SESSION_FORMAT_VERSION:
+            return None
+        try:
+            return cls(
+                id=_required_str(data.get("i")),
+                sub=_required_str(data.get("s")),
+                email=_optional_str(data.get("e")),
+                name=_optional_str(data.get("n")),
+                provider_sid=_optional_str(data.get("p")),
+                id_token=_optional_str(data.get("t")),
+                acr=_optional_str(data.get("a")),
+                amr=_str_tuple(data.get("m")),
+                auth_time=_time(data.get("at")),
+                proofs=_proofs(data.get("pr")),
+                created_at=_time(data.get("c")),
+                last_seen=_time(data.get("l")),
+            )
+        except _Malformed:
+            return None
+
+
+def new_session_id() -> str:
+    """A random public session id (128 bits; an identifier, not a credential)."""
+    return secrets.token_urlsafe(16)
+
+
+def merge_proofs(proofs: tuple[Proof, ...], proof: Proof) -> tuple[Proof, ...]:
+    """``proofs`` plus ``proof``: one per method (newest wins), newest first, at most MAX_PROOFS."""
+    kept = [p for p in proofs if not p.same_method(proof)]
+    newest = max((p for p in proofs if p.same_method(proof)), key=_auth_time, default=proof)
+    kept.append(proof if proof.auth_time >= newest.auth_time else newest)
+    kept.sort(key=_auth_time, reverse=True)
+    return tuple(kept[:MAX_PROOFS])
+
+
+def expired(session: Session, now: float, idle_timeout_s: float, lifetime_s: float) -> bool:
+    """Whether ``session`` is past its idle or absolute timeout at ``now``.
+
+    Both limits are exclusive: a session last seen exactly ``idle_timeout_s``
+    ago, or created exactly ``lifetime_s`` ago, has expired (OWASP Session
+    Management Cheat Sheet: enforce both an idle and an absolute timeout).
+    """
+    return now - session.last_seen >= idle_timeout_s or now - session.created_at >= lifetime_s
+
+
+def _auth_time(proof: Proof) -> float:
+    return proof.auth_time
+
+
+class _Malformed(Exception):
+    """Internal: a serialised field has the wrong shape."""
+
+
+def _required_str(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Malformed
+    return value
+
+
+def _optional_str(value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _Malformed
+    return value
+
+
+def _time(value: object) -> float:
+    # bool is an int subclass; True is not a time.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Malformed
+    as_float = float(value)
+    if not math.isfinite(as_float):
+        raise _Malformed
+    return as_float
+
+
+def _compact_time(value: float) -> float | int:
+    # Provider times are whole seconds; "1700000000" is two bytes shorter than "1700000000.0".
+    return int(value) if value.is_integer() else value
+
+
+def _str_tuple(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Malformed
+    return tuple(value)
+
+
+def _proofs(value: object) -> tuple[Proof, ...]:
+    if not isinstance(value, list) or len(value) > MAX_PROOFS:
+        raise _Malformed
+    proofs: list[Proof] = []
+    for item in value:
+        if not isinstance(item, list) or len(item) != 3:
+            raise _Malformed
+        acr, amr, auth_time = item
+        proofs.append(
+            Proof(acr=_optional_str(acr), amr=_str_tuple(amr), auth_time=_time(auth_time))
+        )
+    return tuple(proofs)

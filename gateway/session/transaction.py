@@ -1,0 +1,201 @@
+"""The state of one authorization round trip, kept in the browser.
+
+Between the redirect to the provider and the callback the gateway must remember
+the ``state``, ``nonce``, PKCE ``code_verifier`` and where to send the user
+back. It keeps them in a short-lived sealed cookie rather than server-side, so
+no store is needed and any worker can finish the round trip. Each transaction
+gets its own cookie, named after a hash of its ``state``
+(:func:`tx_cookie_name`), so several tabs can each have a round trip in flight;
+:func:`tx_cookies_to_drop` caps how many.
+
+Pure: no I/O; the clock is passed in.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from gateway.session.cookies import cookie_name
+from gateway.session.crypto import Sealer
+
+TX_PURPOSE = "stepup-gateway tx v1"
+TX_COOKIE_BASE = "stepup_tx"
+# A user rarely has more than a couple of tabs mid-login; the cap keeps a looping
+# page from filling the Cookie header (servers refuse headers over ~8 KB).
+MAX_IN_FLIGHT = 5
+# Replicas' clocks disagree a little (OIDC Core 3.1.3.7 allows for the same with
+# iat); a transaction from further in the future than this was not sealed by us now.
+CLOCK_SKEW_S = 60
+_NAME_HASH_HEX = 8  # 32 bits: collisions among five in-flight states are negligible
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """One authorization request in flight."""
+
+    state: str
+    nonce: str
+    code_verifier: str
+    return_to: str  # local path (+ query) to send the browser back to
+    rule: str | None  # name of the rule that asked for the step-up
+    level: str | None  # level asked for
+    max_age_s: int | None
+    created_at: float
+    mode: str = "redirect"
+
+    def to_dict(self) -> dict[str, object]:
+        data: dict[str, object] = {
+            "s": self.state,
+            "n": self.nonce,
+            "v": self.code_verifier,
+            "r": self.return_to,
+            "c": self.created_at,
+            "o": self.mode,
+        }
+        if self.rule is not None:
+            data["u"] = self.rule
+        if self.level is not None:
+            data["l"] = self.level
+        if self.max_age_s is not None:
+            data["m"] = self.max_age_s
+        return data
+
+    @classmethod
+    def from_dict(cls, data: object) -> Transaction | None:
+        """The transaction in ``data``, or None if malformed. Never raises."""
+        if not isinstance(data, Mapping):
+            return None
+        state, nonce, verifier = data.get("s"), data.get("n"), data.get("v")
+        return_to, mode = data.get("r"), data.get("o")
+        rule, level = data.get("u"), data.get("l")
+        max_age_s, created_at = data.get("m"), data.get("c")
+        if not (
+            isinstance(state, str)
+            and isinstance(nonce, str)
+            and isinstance(verifier, str)
+            and isinstance(return_to, str)
+            and isinstance(mode, str)
+            and state
+            and nonce
+            and verifier
+            and return_to
+            and mode
+        ):
+            return None
+        if not (rule is None or isinstance(rule, str)):
+            return None
+        if not (level is None or isinstance(level, str)):
+            return None
+        if max_age_s is not None and (type(max_age_s) is not int or max_age_s < 0):
+            return None
+        if isinstance(created_at, bool) or not isinstance(created_at, int | float):
+            return None
+        if not math.isfinite(created_at):
+            return None
+        return cls(
+            state=state,
+            nonce=nonce,
+            code_verifier=verifier,
+            return_to=return_to,
+            rule=rule,
+            level=level,
+            max_age_s=max_age_s,
+            created_at=float(created_at),
+            mode=mode,
+        )
+
+
+class TransactionCodec:
+    """Seal transactions into cookie values and open them at the callback."""
+
+    __slots__ = ("_sealer",)
+
+    def __init__(self, secrets: Sequence[bytes]) -> None:
+        self._sealer = Sealer(secrets, TX_PURPOSE)
+
+    def seal(self, tx: Transaction) -> str:
+        return self._sealer.seal(tx.to_dict())
+
+    def open(self, value: str, state: str, now: float, ttl_s: float) -> Transaction | None:
+        """The transaction in ``value`` if it is ours, for ``state``, and younger than ``ttl_s``.
+
+        None otherwise: tampered, for another state (a cookie swapped in from
+        another round trip), ``ttl_s`` old or older, or dated in the future.
+        """
+        tx = self.peek(value)
+        if tx is None or not _same(tx.state, state):
+            return None
+        age_s = now - tx.created_at
+        if age_s >= ttl_s or age_s < -CLOCK_SKEW_S:
+            return None
+        return tx
+
+    def peek(self, value: str) -> Transaction | None:
+        """The transaction in ``value`` without checking state or age.
+
+        Only for housekeeping (which cookie is oldest); never to finish a login.
+        """
+        return Transaction.from_dict(self._sealer.open(value))
+
+
+def tx_cookie_name(base: str, state: str, secure: bool) -> str:
+    """Cookie name for the transaction with this ``state``, e.g. ``__Host-stepup_tx_1a2b3c4d``."""
+    digest = hashlib.sha256(_state_bytes(state)).hexdigest()[:_NAME_HASH_HEX]
+    return cookie_name(f"{base}_{digest}", secure)
+
+
+def tx_cookie_names(cookies: Mapping[str, str], base: str, secure: bool) -> list[str]:
+    """The transaction cookie names present in ``cookies`` (a request's cookies)."""
+    pattern = _name_pattern(base, secure)
+    return [name for name in cookies if pattern.fullmatch(name)]
+
+
+def tx_cookies_to_drop(
+    cookies: Mapping[str, str],
+    codec: TransactionCodec,
+    *,
+    base: str,
+    secure: bool,
+    now: float,
+    ttl_s: float,
+    max_in_flight: int = MAX_IN_FLIGHT,
+) -> list[str]:
+    """Transaction cookies to delete before setting one more.
+
+    Unreadable and expired ones, then the oldest, until at most
+    ``max_in_flight - 1`` remain (room for the new one).
+    """
+    drop: list[str] = []
+    alive: list[tuple[float, str]] = []
+    for name in tx_cookie_names(cookies, base, secure):
+        tx = codec.peek(cookies[name])
+        if tx is None or now - tx.created_at >= ttl_s:
+            drop.append(name)
+        else:
+            alive.append((tx.created_at, name))
+    alive.sort()
+    excess = len(alive) - max(max_in_flight - 1, 0)
+    drop.extend(name for _, name in alive[: max(excess, 0)])
+    return drop
+
+
+def _state_bytes(state: str) -> bytes:
+    # The callback's state comes from the query string and may hold anything,
+    # including lone surrogates; this must not raise.
+    return state.encode("utf-8", "surrogatepass")
+
+
+def _same(expected: str, received: str) -> bool:
+    return hmac.compare_digest(_state_bytes(expected), _state_bytes(received))
+
+
+@functools.lru_cache(maxsize=8)
+def _name_pattern(base: str, secure: bool) -> re.Pattern[str]:
+    prefix = re.escape(cookie_name(f"{base}_", secure))
+    return re.compile(f"{prefix}[0-9a-f]{{{_NAME_HASH_HEX}}}")
