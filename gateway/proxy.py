@@ -1,0 +1,511 @@
+"""Moving bytes to the upstream and back: the one place the gateway talks to upstreams.
+
+Bodies stream both ways without being buffered: the request body is the server
+request's own stream, the response goes back in chunks as it arrives. Which
+headers go either way is decided by :mod:`gateway.headers`.
+
+Failures before the response has started are raised as :class:`errors.UpstreamError`
+(502) or :class:`errors.UpstreamTimeout` (504) for :mod:`gateway.app` to answer.
+After the status line has gone out there is nothing left to say to the client:
+the connection is closed, so the client sees a truncated response, and the
+reason is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
+from types import TracebackType
+
+import aiohttp
+import structlog
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway import errors
+from gateway.headers import (
+    WEBSOCKET_HANDSHAKE_HEADERS,
+    FramingError,
+    upstream_response_headers,
+    websocket_protocols,
+)
+from gateway.model import UpstreamConfig
+
+log = structlog.get_logger(__name__)
+
+# 64 KiB: the size of aiohttp's own stream buffers (its StreamReader high-water
+# mark), so one chunk is one read and one write, and memory per request stays flat.
+CHUNK_SIZE = 64 * 1024
+# Connections per upstream. Enough for thousands of requests/s with keep-alive;
+# more would only queue in the upstream's accept backlog.
+POOL_LIMIT = 256
+# Seconds a resolved upstream address is reused; upstreams behind DNS (Kubernetes
+# services) move rarely, and re-resolving per request costs a round trip.
+DNS_CACHE_TTL_S = 300
+# Seconds an idle pooled connection is kept. Below the common server idle timeouts
+# (nginx keepalive_timeout 75 s, gunicorn 2 s is the outlier) so we rarely reuse
+# a connection the upstream is closing at the same moment.
+KEEPALIVE_TIMEOUT_S = 15.0
+# WebSocket messages are buffered whole by aiohttp; this caps one message.
+# 4 MiB is aiohttp's default; larger messages close the connection with 1009.
+WS_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Seconds to wait for the other side's close frame when relaying a close.
+WS_CLOSE_TIMEOUT_S = 10.0
+# Seconds the client may go silent in the middle of its request body (nginx's
+# client_body_timeout default). Bounds slow uploads that stall, and a body that
+# aiohttp's llhttp parser stops feeding without an error (a malformed chunk
+# after the head was accepted leaves the stream waiting forever).
+BODY_IDLE_TIMEOUT_S = 60.0
+
+# What aiohttp's client would add on its own; the upstream gets the client's, or none.
+_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+# RFC 6455 7.4.1: 1005, 1006 and 1015 must not be sent in a close frame, 1004 is
+# reserved; 3000-4999 are for libraries and applications.
+_SENDABLE_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015)}) | frozenset(
+    range(3000, 5000)
+)
+
+
+def _sendable_close_code(code: object) -> int:
+    if isinstance(code, int) and code in _SENDABLE_CLOSE_CODES:
+        return code
+    return aiohttp.WSCloseCode.OK
+
+
+class _Upstream:
+    __slots__ = ("host_header", "http_base", "name", "session", "ws_base")
+
+    def __init__(self, name: str, http_base: str, ws_base: str, host_header: str) -> None:
+        self.name = name
+        self.http_base = http_base
+        self.ws_base = ws_base
+        self.host_header = host_header
+        self.session: aiohttp.ClientSession | None = None
+
+
+class Upstreams:
+    """One pooled HTTP client per upstream, opened at start-up, closed at shutdown.
+
+    Construction only reads the config; :meth:`start` (or the first request)
+    opens the clients inside the running loop, :meth:`close` closes them. Also
+    usable as ``async with Upstreams(...) as upstreams:``.
+
+    ``gateway_cookies`` / ``gateway_cookie_prefixes`` name the gateway's own
+    cookies: an upstream ``Set-Cookie`` for one of them is dropped, so an
+    upstream cannot overwrite or delete the gateway's session.
+    """
+
+    def __init__(
+        self,
+        upstreams: Mapping[str, UpstreamConfig],
+        *,
+        connect_timeout_s: float,
+        timeout_s: float,
+        gateway_cookies: Collection[str] = (),
+        gateway_cookie_prefixes: tuple[str, ...] = (),
+        pool_limit: int = POOL_LIMIT,
+        body_idle_timeout_s: float = BODY_IDLE_TIMEOUT_S,
+    ) -> None:
+        # sock_read bounds the wait for the response head after the body is sent
+        # and every later read; no total: a 1 GiB transfer may take a while.
+        # connect covers waiting for a free pooled connection as well.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=max(connect_timeout_s, timeout_s),
+            sock_connect=connect_timeout_s,
+            sock_read=timeout_s,
+        )
+        self._pool_limit = pool_limit
+        self._gateway_cookies = frozenset(gateway_cookies)
+        self._gateway_cookie_prefixes = tuple(gateway_cookie_prefixes)
+        self._body_idle_timeout_s = body_idle_timeout_s
+        self._closed = False
+        self._upstreams: dict[str, _Upstream] = {}
+        for name, cfg in upstreams.items():
+            url = URL(cfg.url)
+            if url.scheme not in ("http", "https") or not url.host:
+                raise ValueError(f"upstream {name!r}: not an http(s) URL")
+            base_path = url.raw_path.rstrip("/")
+            origin = str(url.origin())
+            ws_origin = ("wss" if url.scheme == "https" else "ws") + origin[len(url.scheme) :]
+            self._upstreams[name] = _Upstream(
+                name,
+                http_base=origin + base_path,
+                ws_base=ws_origin + base_path,
+                host_header=url.host_port_subcomponent or url.host,
+            )
+
+    async def start(self) -> None:
+        """Open every upstream's client (needs the running loop)."""
+        for upstream in self._upstreams.values():
+            self._open(upstream)
+
+    def _open(self, upstream: _Upstream) -> aiohttp.ClientSession:
+        if upstream.session is None:
+            upstream.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self._pool_limit,
+                    ttl_dns_cache=DNS_CACHE_TTL_S,
+                    keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+                ),
+                timeout=self._timeout,
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=_SKIP_AUTO_HEADERS,
+                trust_env=False,
+                raise_for_status=False,
+            )
+        return upstream.session
+
+    async def __aenter__(self) -> Upstreams:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        for upstream in self._upstreams.values():
+            if upstream.session is not None:
+                await upstream.session.close()
+                upstream.session = None
+
+    def host_of(self, upstream: str) -> str:
+        """The ``Host`` the upstream expects: its own ``host[:port]``."""
+        target = self._upstreams.get(upstream)
+        if target is None:
+            raise errors.UpstreamError("The upstream is not available.", reason="unknown_upstream")
+        return target.host_header
+
+    def _session(self, name: str) -> tuple[_Upstream, aiohttp.ClientSession]:
+        upstream = self._upstreams.get(name)
+        if upstream is None or self._closed:
+            raise errors.UpstreamError("The upstream is not available.", reason="unknown_upstream")
+        return upstream, self._open(upstream)
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        upstream: str,
+        *,
+        path_qs: str,
+        headers: CIMultiDict[str],
+        extra_response_headers: Iterable[tuple[str, str]] = (),
+        on_headers: Callable[[], None] | None = None,
+    ) -> web.StreamResponse:
+        """Send ``request`` to ``upstream`` at ``path_qs`` and stream the answer back.
+
+        ``path_qs`` is the normalized path plus ``?query`` (still percent-encoded),
+        ``headers`` what :func:`gateway.headers.upstream_request_headers` built plus
+        the assurance headers. The body goes only when the client sent one
+        (Content-Length, or Transfer-Encoding: chunked). ``extra_response_headers``
+        are added to the upstream's (the gateway's own Set-Cookie);
+        ``on_headers`` is called when the upstream's response head has arrived.
+        """
+        target, session = self._session(upstream)
+        url = URL(target.http_base + path_qs, encoded=True)
+        body = _RequestBody(request, self._body_idle_timeout_s) if request.body_exists else None
+        try:
+            upstream_response = await session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                compress=None,
+            )
+        except Exception as exc:
+            error = _translate(exc, request, upstream, body)
+            if error is None:
+                raise
+            raise error from exc
+
+        if on_headers is not None:
+            on_headers()
+        try:
+            return await self._relay(request, upstream, upstream_response, extra_response_headers)
+        finally:
+            upstream_response.release()
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        upstream: str,
+        upstream_response: aiohttp.ClientResponse,
+        extra_response_headers: Iterable[tuple[str, str]],
+    ) -> web.StreamResponse:
+        response_headers = self._response_headers(upstream_response.headers.items())
+        for name, value in extra_response_headers:
+            response_headers.add(name, value)
+        try:
+            response = web.StreamResponse(
+                status=upstream_response.status,
+                reason=upstream_response.reason or None,
+                headers=response_headers,
+            )
+            await response.prepare(request)
+        except ValueError as exc:
+            # A status or reason aiohttp will not write (out of range, control
+            # characters); nothing has gone out yet, so this is still a 502.
+            upstream_response.close()
+            log.warning("upstream_bad_response", upstream=upstream, error=type(exc).__name__)
+            raise errors.UpstreamError(
+                "The upstream's response was invalid.", reason="upstream_bad_response"
+            ) from exc
+        reading = True  # which side failed, if one does
+        try:
+            async for chunk in upstream_response.content.iter_chunked(CHUNK_SIZE):
+                reading = False
+                await response.write(chunk)
+                reading = True
+            reading = False
+            await response.write_eof()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            # The status line is out: no error page is possible. Close the client's
+            # connection so it sees a truncated response, never a complete-looking
+            # one; drop the upstream connection rather than reuse it half-read.
+            upstream_response.close()
+            if request.transport is not None:
+                request.transport.close()
+            if reading:
+                log.warning(
+                    "upstream_response_aborted", upstream=upstream, error=type(exc).__name__
+                )
+            else:
+                log.info("client_gone", upstream=upstream, error=type(exc).__name__)
+        return response
+
+    async def forward_websocket(
+        self,
+        request: web.BaseRequest,
+        upstream: str,
+        *,
+        path_qs: str,
+        headers: CIMultiDict[str],
+    ) -> web.StreamResponse:
+        """Relay a WebSocket: open it upstream first, then accept the client's.
+
+        ``headers`` must come from ``upstream_request_headers(..., websocket=True)``.
+        Text, binary and close frames (with their codes) pass both ways. When the
+        upstream refuses the upgrade, its status goes back as a plain response.
+        """
+        protocols = websocket_protocols(request.headers.items())
+        # Check the client's handshake before opening anything upstream.
+        if not web.WebSocketResponse(protocols=protocols).can_prepare(request).ok:
+            raise errors.BadRequest("Invalid WebSocket handshake.", reason="bad_ws_handshake")
+
+        target, session = self._session(upstream)
+        url = URL(target.ws_base + path_qs, encoded=True)
+        try:
+            upstream_ws = await session.ws_connect(
+                url,
+                headers=headers,
+                protocols=protocols,
+                autoclose=False,
+                autoping=True,
+                max_msg_size=WS_MAX_MESSAGE_BYTES,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=WS_CLOSE_TIMEOUT_S),
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 101:
+                raise errors.UpstreamError(
+                    "The upstream's WebSocket handshake was invalid.", reason="ws_bad_handshake"
+                ) from exc
+            log.info("upstream_ws_refused", upstream=upstream, status=exc.status)
+            return web.Response(status=exc.status, headers=self._refusal_headers(exc))
+        except Exception as exc:
+            error = _translate(exc, request, upstream, None)
+            if error is None:
+                raise
+            raise error from exc
+
+        client_ws = web.WebSocketResponse(
+            protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
+            autoclose=False,
+            autoping=True,
+            max_msg_size=WS_MAX_MESSAGE_BYTES,
+            timeout=WS_CLOSE_TIMEOUT_S,
+        )
+        try:
+            await client_ws.prepare(request)
+        except BaseException:
+            await upstream_ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+            raise
+        await _relay_websocket(client_ws, upstream_ws, upstream)
+        return client_ws
+
+    def _response_headers(self, items: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+        return upstream_response_headers(
+            items,
+            strip_set_cookies=self._gateway_cookies,
+            strip_set_cookie_prefixes=self._gateway_cookie_prefixes,
+        )
+
+    def _refusal_headers(self, exc: aiohttp.WSServerHandshakeError) -> CIMultiDict[str]:
+        if exc.headers is None:
+            return CIMultiDict()
+        filtered = self._response_headers(exc.headers.items())
+        # The refusal's body is not relayed, so its length and the handshake go.
+        for name in ("Content-Length", *WEBSOCKET_HANDSHAKE_HEADERS):
+            filtered.popall(name, None)
+        return filtered
+
+
+async def _relay_websocket(
+    client_ws: web.WebSocketResponse,
+    upstream_ws: aiohttp.ClientWebSocketResponse,
+    upstream: str,
+) -> None:
+    # Each pump ends the whole relay on its own: a close frame is relayed to the
+    # other side, a vanished peer closes the other side, and the other pump then
+    # reads "closing" and stops. The finally is for cancellation (shutdown).
+    to_upstream = asyncio.ensure_future(
+        _pump(client_ws, upstream_ws, lost=aiohttp.WSCloseCode.GOING_AWAY)
+    )
+    to_client = asyncio.ensure_future(
+        _pump(upstream_ws, client_ws, lost=aiohttp.WSCloseCode.BAD_GATEWAY)
+    )
+    try:
+        await asyncio.gather(to_upstream, to_client)
+    finally:
+        for task in (to_upstream, to_client):
+            task.cancel()
+        if not upstream_ws.closed:
+            await upstream_ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+        log.debug(
+            "websocket_closed",
+            upstream=upstream,
+            client_code=client_ws.close_code,
+            upstream_code=upstream_ws.close_code,
+        )
+
+
+async def _pump(
+    source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    *,
+    lost: int,
+) -> None:
+    """Copy frames from ``source`` to ``sink`` until a close, relaying its code.
+
+    ``lost`` is the code the sink gets when the source goes away without a close
+    frame: 1001 (going away) towards the upstream, 1014 (bad gateway, IANA
+    WebSocket close code registry) towards the client.
+    """
+    try:
+        while True:
+            msg = await source.receive()
+            if msg.type is WSMsgType.TEXT:
+                await sink.send_str(msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                await sink.send_bytes(msg.data)
+            elif msg.type is WSMsgType.CLOSE:
+                code = _sendable_close_code(msg.data)
+                reason = (msg.extra or "").encode("utf-8")[:123]  # RFC 6455 5.5: 125 B
+                # Close the far side first and wait for its answer, then answer the
+                # side that started: both see the same code.
+                await sink.close(code=code, message=reason)
+                await source.close(code=code, message=reason)
+                return
+            elif msg.type is WSMsgType.CLOSING:
+                return  # the other pump is relaying a close
+            else:  # CLOSED or ERROR: the source vanished or broke the protocol
+                await sink.close(code=lost)
+                return
+    except (aiohttp.ClientError, OSError, RuntimeError) as exc:
+        log.info("websocket_relay_ended", error=type(exc).__name__)
+        with contextlib.suppress(aiohttp.ClientError, OSError, RuntimeError):
+            await sink.close(code=lost)
+
+
+class _RequestBody:
+    """The client's body as the upstream request's data, chunk by chunk as it comes.
+
+    Fails with TimeoutError when the client sends nothing for ``idle_timeout_s``;
+    the time the upstream takes to read a chunk does not count.
+
+    A client that sent ``Expect: 100-continue`` is told to go on only now, when
+    the request was allowed and the upstream is connected (RFC 9110 10.1.1); a
+    refusal or a 502 comes before it has sent a byte. (Behind aiohttp's router,
+    whose default expect handler answers first, the client gets a second 100:
+    harmless, RFC 9110 15.2 has clients accept any number of 1xx.)
+    """
+
+    __slots__ = ("_idle_timeout_s", "_request", "stalled")
+
+    def __init__(self, request: web.BaseRequest, idle_timeout_s: float) -> None:
+        self._request = request
+        self._idle_timeout_s = idle_timeout_s
+        self.stalled = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        request = self._request
+        if (
+            request.version >= aiohttp.HttpVersion11
+            and request.headers.get("Expect", "").lower() == "100-continue"
+        ):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        loop = asyncio.get_running_loop()
+        read = request.content.readany
+        try:
+            # One timer for the whole body, moved per chunk: cheaper than wait_for.
+            async with asyncio.timeout(None) as deadline:
+                while True:
+                    deadline.reschedule(loop.time() + self._idle_timeout_s)
+                    chunk = await read()
+                    deadline.reschedule(None)
+                    if not chunk:
+                        return
+                    yield chunk
+        except TimeoutError:
+            self.stalled = True
+            raise
+
+
+def _translate(
+    exc: Exception,
+    request: web.BaseRequest,
+    upstream: str,
+    body: _RequestBody | None,
+) -> errors.GatewayError | None:
+    """An exception from sending the request, as the error the client should get.
+
+    ``None`` for anything that is not a network or protocol failure (a bug): it
+    propagates as it is.
+    """
+    # The client's body broke (bad chunk, disconnect) or stalled: not the upstream's
+    # fault. The connection cannot be reused: where the body ends is unknown.
+    if body is not None and body.stalled:
+        log.info("request_body_timeout", upstream=upstream)
+        return FramingError("The request body stalled.", reason="request_body_timeout")
+    payload_error = request.content.exception() if body is not None else None
+    if payload_error is not None:
+        log.info("request_body_aborted", upstream=upstream, error=type(payload_error).__name__)
+        return FramingError("The request body was incomplete.", reason="request_body_aborted")
+    if isinstance(exc, TimeoutError):
+        log.warning("upstream_timeout", upstream=upstream, error=type(exc).__name__)
+        return errors.UpstreamTimeout(
+            "The upstream did not answer in time.", reason="upstream_timeout"
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        log.warning("upstream_unreachable", upstream=upstream, error=type(exc).__name__)
+        return errors.UpstreamError(
+            "The upstream could not be reached.", reason="upstream_unreachable"
+        )
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        # Connected, then reset, closed without an answer, or an unparsable answer.
+        log.warning("upstream_failed", upstream=upstream, error=type(exc).__name__)
+        return errors.UpstreamError("The upstream failed to answer.", reason="upstream_failed")
+    return None
