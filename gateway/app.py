@@ -1,0 +1,858 @@
+"""aiohttp wiring: one request, top to bottom.
+
+    normalise -> internal endpoint? -> match rule -> load session -> decide
+              -> forward | challenge | deny
+
+This module is the only place where errors become responses.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import structlog
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod
+from aiohttp.web_protocol import RequestHandler
+
+from gateway import assurance, headers, responses
+from gateway.assertion import AssertionSigner, load_or_generate_key
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    ProviderError,
+    ProviderUnavailable,
+    StoreUnavailable,
+)
+from gateway.metrics import Metrics
+from gateway.model import Config, Level, Rule
+from gateway.oidc.flow import (
+    IdTokenError,
+    authorization_url,
+    end_session_url,
+    new_pkce,
+    parse_callback,
+)
+from gateway.oidc.flow import random_token as new_random
+from gateway.oidc.provider import ProviderClient
+from gateway.paths import canonical_host, normalize_path, split_request_target
+from gateway.policy import Allow, Challenge, Deny, decide
+from gateway.proxy import Upstreams
+from gateway.rules import RuleSet
+from gateway.session.cookies import (
+    SetCookieKwargs,
+    cookie_name,
+    delete_cookie_kwargs,
+    set_cookie_kwargs,
+)
+from gateway.session.model import Proof, Session
+from gateway.session.stores import SessionStore, make_store
+from gateway.session.transaction import (
+    Transaction,
+    TransactionCodec,
+    tx_cookie_name,
+    tx_cookies_to_drop,
+)
+
+log = structlog.get_logger("gateway")
+audit = structlog.get_logger("gateway.audit")
+
+# A session's last_seen is written back at most this often: the idle timeout is
+# minutes long, so a minute of imprecision costs nothing and saves re-sealing the
+# cookie on every request.
+TOUCH_INTERVAL_S = 60
+# Several tabs may each have a sign-in in flight; beyond this, the oldest is dropped
+# so a page that loops cannot grow the Cookie header without bound.
+MAX_TRANSACTIONS_IN_FLIGHT = 5
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+PROVIDER_ERROR_TEXT = {
+    "access_denied": "The sign-in was cancelled or refused at the identity provider.",
+    "login_required": "The identity provider needs you to sign in again.",
+    "interaction_required": "The identity provider needs you to interact with it.",
+    "consent_required": "The identity provider needs your consent.",
+    "unmet_authentication_requirements": (
+        "Your account has no sign-in method strong enough for this action."
+    ),
+    "temporarily_unavailable": "The identity provider is temporarily unavailable.",
+}
+
+
+class Gateway:
+    """One gateway instance: configuration, shared clients and the request handler."""
+
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.rules = RuleSet(config.rules)
+        self.metrics = Metrics()
+        self.store: SessionStore = make_store(config.session)
+        self.tx_codec = TransactionCodec(config.session.secrets)
+        secure = config.session.cookie_secure
+        self.secure = secure
+        self.session_cookie = cookie_name(config.session.cookie_name, secure)
+        self.tx_base = f"{config.session.cookie_name}_tx"
+        self.scheme = urlsplit(config.server.public_url).scheme
+        self.prefix = config.server.internal_prefix
+        self.redirect_uri = f"{config.server.public_url}{self.prefix}/callback"
+        self.header_prefix = config.assertion.header_prefix
+        key, generated = load_or_generate_key(config.assertion.key_file)
+        self.key_generated = generated
+        self.signer = AssertionSigner(key, config.server.public_url, config.assertion.ttl_s)
+        base = config.session.cookie_name
+        # Both spellings: an upstream must neither see nor set the gateway's cookies.
+        self.gateway_cookies = frozenset({base, cookie_name(base, True)})
+        self.gateway_cookie_prefixes = (f"{self.tx_base}_", cookie_name(f"{self.tx_base}_", True))
+        self.upstreams = Upstreams(
+            config.upstreams,
+            connect_timeout_s=config.server.upstream_connect_timeout_s,
+            timeout_s=config.server.upstream_timeout_s,
+            gateway_cookies=self.gateway_cookies,
+            gateway_cookie_prefixes=self.gateway_cookie_prefixes,
+        )
+        # Probes hit these every few seconds; an access-log line each would drown the rest.
+        self.quiet_paths = frozenset({f"{self.prefix}/healthz", f"{self.prefix}/readyz"})
+        self._http: aiohttp.ClientSession | None = None
+        self._provider: ProviderClient | None = None
+        self._internal: dict[str, Callable[[web.BaseRequest], Any]] = {
+            "/callback": self.callback,
+            "/logout": self.logout,
+            "/logged-out": self.logged_out,
+            "/healthz": self.healthz,
+            "/readyz": self.readyz,
+            "/metrics": self.metrics_endpoint,
+            "/jwks.json": self.jwks,
+            "/step-up": self.step_up,
+        }
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.key_generated:
+            log.warning(
+                "assertion_key_generated",
+                hint="set assertion.key_file so every process and restart signs with one key",
+            )
+        await self.upstreams.start()
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.config.oidc.http_timeout_s),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        self._provider = ProviderClient(
+            self.config.oidc, self._http, on_error=self._count_provider_error
+        )
+        try:
+            await self._provider.load()
+        except ProviderError as exc:
+            # Not fatal: /readyz reports it and step-ups answer 503 until it loads.
+            log.warning("provider_not_loaded", reason=exc.reason)
+
+    async def close(self) -> None:
+        await self.upstreams.close()
+        if self._http is not None:
+            await self._http.close()
+
+    @property
+    def provider(self) -> ProviderClient:
+        assert self._provider is not None, "Gateway.start() was not awaited"
+        return self._provider
+
+    def _count_provider_error(self, kind: str) -> None:
+        self.metrics.provider_errors.labels(kind).inc()
+
+    # -- the request -------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        inbound_id = request.headers.get("X-Request-Id", "")
+        request_id = inbound_id if REQUEST_ID_RE.fullmatch(inbound_id) else secrets.token_hex(8)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        rule_name: str | None = None
+        path = "-"
+        try:
+            headers.check_framing(request.raw_headers, http_version=request.version)
+            raw_path, query = split_request_target(request.raw_path)
+            path = normalize_path(raw_path)
+            if path == self.prefix or path.startswith(self.prefix + "/"):
+                response = await self.internal(request, path[len(self.prefix) :] or "/")
+            else:
+                if not self.rules.method_known(request.method):
+                    raise MethodNotAllowed(
+                        "This method is not allowed here.", reason="unknown_method"
+                    )
+                host = canonical_host(request.headers.get("Host"), self.scheme)
+                rule = self.rules.match(request.method, host, path)
+                rule_name = rule.name if rule is not None else None
+                session = await self.load_session(request)
+                decision = decide(rule, session, self.config.assurance, self.clock())
+                self.metrics.requests.labels(rule_name or "", DECISION_LABEL[type(decision)]).inc()
+                if isinstance(decision, Allow):
+                    path_qs = path if query is None else f"{path}?{query}"
+                    response = await self.forward(request, decision, session, path_qs, request_id)
+                elif isinstance(decision, Challenge):
+                    response = await self.challenge(request, decision, path, query)
+                else:
+                    response = self.deny(request, decision)
+        except GatewayError as exc:
+            if isinstance(exc, BadRequest | MethodNotAllowed):
+                self.metrics.rejected.labels(exc.reason).inc()
+            response = self.error_response(request, exc)
+            if isinstance(exc, headers.FramingError):
+                response.force_close()  # the connection's framing can't be trusted
+        if not response.prepared:
+            response.headers["X-Request-Id"] = request_id
+        if self.config.server.access_log and path not in self.quiet_paths:
+            log.info(
+                "request",
+                method=request.method,
+                path=path,  # normalised, never the query (it may carry codes or tokens)
+                status=response.status,
+                rule=rule_name,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+        return response
+
+    async def load_session(self, request: web.BaseRequest) -> Session | None:
+        value = request.cookies.get(self.session_cookie)
+        if not value:
+            return None
+        try:
+            session = await self.store.load(value, self.clock())
+        except (OSError, ConnectionError) as exc:  # a remote store that does not answer
+            raise StoreUnavailable(
+                "The session store is not answering; try again shortly.", reason="store_down"
+            ) from exc
+        if session is None:
+            log.info("session_rejected", reason="invalid_or_expired")
+        return session
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        decision: Allow,
+        session: Session | None,
+        path_qs: str,
+        request_id: str,
+    ) -> web.StreamResponse:
+        rule = decision.rule
+        peer = request.remote or ""
+        upstream_headers = headers.upstream_request_headers(
+            request.headers.items(),
+            prefix=self.header_prefix,
+            allow_method_override=rule.allow_method_override,
+            strip_cookies=self.gateway_cookies,
+            strip_cookie_prefixes=self.gateway_cookie_prefixes,
+            client_ip=peer,
+            peer_trusted=self.peer_trusted(peer),
+            scheme=self.scheme,
+            host=request.headers.get("Host", ""),
+            request_id=request_id,
+            upstream_host=self.upstreams.host_of(rule.upstream),
+            websocket=is_websocket(request),
+        )
+        if session is not None:
+            for name, value in self.assurance_headers(session, decision.level, rule).items():
+                upstream_headers[name] = value
+        refreshed: str | None = None
+        now = self.clock()
+        if session is not None and now - session.last_seen >= TOUCH_INTERVAL_S:
+            refreshed = await self.store.save(session.touched(now), now)
+        if is_websocket(request):
+            return await self.upstreams.forward_websocket(
+                request, rule.upstream, path_qs=path_qs, headers=upstream_headers
+            )
+        extra: list[tuple[str, str]] = []
+        if refreshed is not None:
+            extra.append(("Set-Cookie", self.session_set_cookie(refreshed)))
+        started = time.perf_counter()
+        response = await self.upstreams.forward(
+            request,
+            rule.upstream,
+            path_qs=path_qs,
+            headers=upstream_headers,
+            extra_response_headers=extra,
+            on_headers=lambda: self.metrics.upstream_latency.labels(rule.upstream).observe(
+                time.perf_counter() - started
+            ),
+        )
+        return response
+
+    def assurance_headers(
+        self, session: Session, level: Level | None, rule: Rule
+    ) -> dict[str, str]:
+        p = self.header_prefix
+        out = {
+            f"{p}Subject": session.sub,
+            f"{p}Acr": session.acr or "",
+            f"{p}Amr": ",".join(session.amr),
+            f"{p}Time": str(int(session.auth_time)),
+            f"{p}Level": level.name if level is not None else "",
+            f"{p}Rule": rule.name,
+        }
+        if session.email:
+            out[f"{p}Email"] = session.email
+        claims: dict[str, Any] = {
+            "sub": session.sub,
+            "acr": session.acr,
+            "amr": list(session.amr),
+            "auth_time": int(session.auth_time),
+            "level": out[f"{p}Level"],
+            "rule": rule.name,
+        }
+        if session.email:
+            claims["email"] = session.email
+        out[f"{p}Assertion"] = self.signer.sign(claims, audience=rule.upstream, now=self.clock())
+        return out
+
+    def peer_trusted(self, peer: str) -> bool:
+        trusted = self.config.server.trusted_proxies
+        if not trusted or not peer:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in trusted)
+
+    # -- challenges --------------------------------------------------------------
+
+    async def challenge(
+        self, request: web.BaseRequest, decision: Challenge, path: str, query: str | None
+    ) -> web.StreamResponse:
+        acr_values = assurance.acr_values_for(decision.required)
+        log.info(
+            "step_up_needed",
+            rule=decision.rule.name,
+            need=decision.required.name,
+            have=decision.held.name if decision.held else None,
+            reason=decision.reason,
+            max_age_s=decision.max_age_s,
+        )
+        if not responses.is_navigation(request.method, request.headers):
+            if decision.reason == "no_session":
+                value = responses.www_authenticate(None, None)
+                message = "Sign-in required"
+                error = "unauthorized"
+            else:
+                value = responses.www_authenticate(
+                    decision.required, decision.max_age_s, acr_values
+                )
+                message = responses.describe_need(decision.required, decision.max_age_s)
+                error = "insufficient_user_authentication"
+            return web.Response(
+                status=401,
+                text=responses.json_error(error, message, request_id_of()),
+                content_type="application/json",
+                headers={"WWW-Authenticate": value, "Cache-Control": "no-store"},
+            )
+        return_to = path if not query else f"{path}?{query}"
+        return await self.start_round_trip(
+            request,
+            return_to=responses.safe_return_to(return_to),
+            rule=decision.rule.name,
+            level=decision.required,
+            max_age_s=decision.max_age_s,
+        )
+
+    async def start_round_trip(
+        self,
+        request: web.BaseRequest,
+        *,
+        return_to: str,
+        rule: str | None,
+        level: Level,
+        max_age_s: int | None,
+    ) -> web.StreamResponse:
+        try:
+            meta = await self.provider.metadata()
+        except ProviderError as exc:
+            self.metrics.challenges.labels("failed", level.name).inc()
+            raise ProviderUnavailable(
+                "The identity provider cannot be reached, so a sign-in cannot start. "
+                "Try again shortly.",
+                reason=exc.reason,
+            ) from exc
+        now = self.clock()
+        verifier, challenge = new_pkce()
+        tx = Transaction(
+            state=new_random(),
+            nonce=new_random(),
+            code_verifier=verifier,
+            return_to=return_to,
+            rule=rule,
+            level=level.name,
+            max_age_s=max_age_s,
+            created_at=now,
+        )
+        url = authorization_url(
+            meta,
+            self.config.oidc,
+            redirect_uri=self.redirect_uri,
+            state=tx.state,
+            nonce=tx.nonce,
+            code_challenge=challenge,
+            acr_values=assurance.acr_values_for(level),
+            max_age_s=max_age_s,
+        )
+        response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
+        ttl_s = self.config.session.transaction_ttl_s
+        stale = tx_cookies_to_drop(
+            request.cookies,
+            self.tx_codec,
+            base=self.tx_base,
+            secure=self.secure,
+            now=now,
+            ttl_s=ttl_s,
+            max_in_flight=MAX_TRANSACTIONS_IN_FLIGHT,
+        )
+        for name in stale:
+            response.del_cookie(name, **delete_cookie_kwargs(self.secure))
+        response.set_cookie(
+            tx_cookie_name(self.tx_base, tx.state, self.secure),
+            self.tx_codec.seal(tx),
+            **set_cookie_kwargs(self.secure, ttl_s),
+        )
+        self.metrics.challenges.labels("issued", level.name).inc()
+        audit.info("step_up_challenge", rule=rule, need=level.name, max_age_s=max_age_s)
+        return response
+
+    # -- internal endpoints ------------------------------------------------------
+
+    async def internal(self, request: web.BaseRequest, sub_path: str) -> web.StreamResponse:
+        handler = self._internal.get(sub_path)
+        if handler is None:
+            raise NotFound("No such gateway endpoint", reason="unknown_internal_path")
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def callback(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed("The callback takes GET", reason="callback_method")
+        params = request.query
+        state = params.get("state", "")
+        now = self.clock()
+        cookie = tx_cookie_name(self.tx_base, state, self.secure) if state else ""
+        tx = (
+            self.tx_codec.open(
+                request.cookies.get(cookie, ""), state, now, self.config.session.transaction_ttl_s
+            )
+            if state
+            else None
+        )
+        if tx is None:
+            self.metrics.challenges.labels("failed", "").inc()
+            audit.info("step_up_failure", reason="unknown_transaction")
+            return self.page_response(
+                request,
+                400,
+                "Sign-in expired",
+                [
+                    "This sign-in link is unknown or has expired. Nothing was changed.",
+                    "Go back to the page you were on and try again.",
+                ],
+                error="unknown_transaction",
+            )
+        level = self.config.assurance.level(tx.level) if tx.level else None
+        level_name = level.name if level else ""
+
+        def finish(response: web.StreamResponse) -> web.StreamResponse:
+            response.del_cookie(cookie, **delete_cookie_kwargs(self.secure))
+            response.headers["Cache-Control"] = "no-store"
+            return response
+
+        try:
+            meta = await self.provider.metadata()
+        except ProviderError as exc:
+            self.metrics.challenges.labels("failed", level_name).inc()
+            raise ProviderError(
+                "The identity provider cannot be reached.", reason=exc.reason
+            ) from exc
+        try:
+            answer = parse_callback(meta, params)
+        except BadRequest as exc:
+            return finish(self.step_up_failed(request, tx, level_name, exc.reason))
+        if answer.error is not None:
+            known = answer.error if answer.error in PROVIDER_ERROR_TEXT else "other"
+            self.metrics.provider_errors.labels(f"callback_{known}").inc()
+            text = PROVIDER_ERROR_TEXT.get(
+                answer.error, "The identity provider refused the sign-in."
+            )
+            status = 403 if known in ("access_denied", "unmet_authentication_requirements") else 502
+            return finish(
+                self.step_up_failed(
+                    request, tx, level_name, f"provider_{known}", status=status, text=text
+                )
+            )
+        assert answer.code is not None  # parse_callback guarantees code when no error
+        try:
+            tokens = await self.provider.exchange_code(
+                code=answer.code, redirect_uri=self.redirect_uri, code_verifier=tx.code_verifier
+            )
+            id_token = tokens.get("id_token")
+            if not isinstance(id_token, str):
+                raise ProviderError("no id_token in the token response", reason="no_id_token")
+            claims = await self.provider.verify(
+                id_token, nonce=tx.nonce, now=now, require_auth_time=tx.max_age_s is not None
+            )
+        except IdTokenError as exc:
+            return finish(self.step_up_failed(request, tx, level_name, f"id_token_{exc.reason}"))
+        except ProviderError as exc:
+            if exc.reason == "invalid_grant":
+                # A code used twice (back button, reload) or bound to another
+                # transaction's PKCE verifier: the user's doing, not an outage.
+                return finish(self.step_up_failed(request, tx, level_name, "invalid_grant"))
+            self.metrics.challenges.labels("failed", level_name).inc()
+            audit.info("step_up_failure", rule=tx.rule, need=level_name, reason=exc.reason)
+            raise
+
+        if claims.auth_time is None:
+            log.info("auth_time_missing", fallback="iat", iss=claims.iss)
+        auth_time = float(claims.auth_time if claims.auth_time is not None else claims.iat)
+        proof = Proof(acr=claims.acr, amr=claims.amr, auth_time=auth_time)
+        previous_cookie = request.cookies.get(self.session_cookie)
+        previous = await self.load_session(request)
+        if previous is not None and previous.sub != claims.sub:
+            # A different person signed in at the provider: never merge proofs across
+            # subjects; start a new session for the new subject.
+            log.info("session_subject_changed")
+            previous = None
+        if previous is not None:
+            session = previous.with_proof(
+                proof,
+                sub=claims.sub,
+                email=claims.email,
+                name=claims.name,
+                provider_sid=claims.sid,
+                id_token=id_token,
+                now=now,
+            )
+        else:
+            session = Session.start(
+                proof,
+                sub=claims.sub,
+                email=claims.email,
+                name=claims.name,
+                provider_sid=claims.sid,
+                id_token=id_token,
+                now=now,
+            )
+        value = await self.store.save(
+            session, now, rotate=True, previous=previous_cookie if previous else None
+        )
+        proven = assurance.level_of(self.config.assurance.levels, claims.acr, claims.amr)
+        if level is not None and not assurance.satisfies(
+            self.config.assurance.levels, [proof], level, tx.max_age_s, now
+        ):
+            self.metrics.challenges.labels("failed", level_name).inc()
+            audit.info(
+                "step_up_failure",
+                rule=tx.rule,
+                need=level_name,
+                got=proven.name if proven else None,
+                acr=claims.acr,
+                amr=list(claims.amr),
+                sub=claims.sub,
+                reason="too_weak",
+            )
+            response = self.page_response(
+                request,
+                403,
+                "A stronger sign-in is needed",
+                [
+                    f"This action needs the level '{level_name}'"
+                    + (
+                        f" proven within {responses.format_duration(tx.max_age_s)}"
+                        if tx.max_age_s is not None
+                        else ""
+                    )
+                    + ".",
+                    "The identity provider signed you in with "
+                    + (f"the level '{proven.name}'" if proven else "no recognised level")
+                    + f" (acr {claims.acr or 'none'}, amr {', '.join(claims.amr) or 'none'}).",
+                    "You are still signed in as before. Use a stronger method, such as a "
+                    "passkey or security key, and try again.",
+                ],
+                error="insufficient_user_authentication",
+            )
+            response.set_cookie(self.session_cookie, value, **self.session_cookie_kwargs())
+            return finish(response)
+        self.metrics.challenges.labels("completed", level_name).inc()
+        audit.info(
+            "step_up_success",
+            rule=tx.rule,
+            need=level_name,
+            level=proven.name if proven else None,
+            acr=claims.acr,
+            amr=list(claims.amr),
+            sub=claims.sub,
+        )
+        response = web.Response(
+            status=303, headers={"Location": responses.safe_return_to(tx.return_to)}
+        )
+        response.set_cookie(self.session_cookie, value, **self.session_cookie_kwargs())
+        return finish(response)
+
+    def step_up_failed(
+        self,
+        request: web.BaseRequest,
+        tx: Transaction,
+        level_name: str,
+        reason: str,
+        *,
+        status: int = 400,
+        text: str = "The sign-in answer could not be verified.",
+    ) -> web.StreamResponse:
+        self.metrics.challenges.labels("failed", level_name).inc()
+        audit.info("step_up_failure", rule=tx.rule, need=level_name, reason=reason)
+        return self.page_response(
+            request,
+            status,
+            "Sign-in did not complete",
+            [
+                text,
+                "You are still signed in as before; nothing was changed.",
+                "Go back to the page you were on to try again.",
+            ],
+            error=reason,
+        )
+
+    async def step_up(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed("The step-up endpoint takes GET", reason="step_up_method")
+        level = self.config.assurance.level(request.query.get("level", ""))
+        if level is None:
+            known = ", ".join(lv.name for lv in self.config.assurance.levels)
+            raise BadRequest(f"Unknown level (known: {known})", reason="step_up_level")
+        max_age_raw = request.query.get("max_age")
+        max_age_s: int | None = None
+        if max_age_raw is not None:
+            if not max_age_raw.isdigit() or len(max_age_raw) > 9:
+                raise BadRequest("max_age must be a number of seconds", reason="step_up_max_age")
+            max_age_s = int(max_age_raw)
+        return await self.start_round_trip(
+            request,
+            return_to=responses.safe_return_to(request.query.get("rd")),
+            rule=None,
+            level=level,
+            max_age_s=max_age_s,
+        )
+
+    async def logout(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method in ("GET", "HEAD"):
+            form = (
+                f'<form method="post" action="{self.prefix}/logout">'
+                '<button type="submit">Sign out</button></form>'
+            )
+            return self.page_response(
+                request, 200, "Sign out", ["Sign out of this site?"], raw_html=form, force_html=True
+            )
+        if request.method != "POST":
+            raise MethodNotAllowed("Logout takes GET or POST", reason="logout_method")
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != "null" and origin != self.public_origin():
+            raise BadRequest("Cross-site logout refused", reason="logout_origin")
+        session = await self.load_session(request)
+        value = request.cookies.get(self.session_cookie)
+        if value:
+            await self.store.delete(value)
+        location = f"{self.config.server.public_url}{self.prefix}/logged-out"
+        try:
+            meta = await self.provider.metadata()
+        except ProviderError:
+            meta = None  # sign out here anyway; the provider session stays
+        if meta is not None:
+            location = (
+                end_session_url(
+                    meta,
+                    client_id=self.config.oidc.client_id,
+                    id_token_hint=session.id_token if session is not None else None,
+                    post_logout_redirect_uri=location,
+                )
+                or location
+            )
+        audit.info("logout", sub=session.sub if session else None)
+        response = web.Response(
+            status=303, headers={"Location": location, "Cache-Control": "no-store"}
+        )
+        response.del_cookie(self.session_cookie, **delete_cookie_kwargs(self.secure))
+        return response
+
+    async def logged_out(self, request: web.BaseRequest) -> web.StreamResponse:
+        return self.page_response(
+            request,
+            200,
+            "Signed out",
+            ["You are signed out."],
+            raw_html='<p><a href="/">Sign in again</a></p>',
+            force_html=True,
+        )
+
+    async def healthz(self, request: web.BaseRequest) -> web.StreamResponse:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.BaseRequest) -> web.StreamResponse:
+        provider_ready = self.provider.ready
+        if not provider_ready:
+            try:
+                await self.provider.load()
+                provider_ready = self.provider.ready
+            except ProviderError:
+                provider_ready = False
+        try:
+            store_ready = await self.store.ping()
+        except (OSError, ConnectionError):
+            store_ready = False
+        ready = provider_ready and store_ready
+        self.metrics.ready.set(1 if ready else 0)
+        return web.json_response(
+            {"ready": ready, "provider": provider_ready, "store": store_ready},
+            status=200 if ready else 503,
+        )
+
+    async def metrics_endpoint(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.config.server.metrics_listen is not None:
+            raise NotFound("Metrics are served on the metrics listener", reason="metrics_moved")
+        return self.metrics_response()
+
+    def metrics_response(self) -> web.Response:
+        return web.Response(
+            body=self.metrics.render(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    async def jwks(self, request: web.BaseRequest) -> web.StreamResponse:
+        return web.json_response(self.signer.jwks(), headers={"Cache-Control": "max-age=300"})
+
+    # -- responses ---------------------------------------------------------------
+
+    def public_origin(self) -> str:
+        parts = urlsplit(self.config.server.public_url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    def session_cookie_kwargs(self) -> SetCookieKwargs:
+        # The cookie outlives neither the absolute lifetime nor the idle timeout's
+        # enforcement, which lives inside the sealed payload (or the store).
+        return set_cookie_kwargs(self.secure, self.config.session.lifetime_s)
+
+    def session_set_cookie(self, value: str) -> str:
+        morsel = web.Response()
+        morsel.set_cookie(self.session_cookie, value, **self.session_cookie_kwargs())
+        return morsel.cookies[self.session_cookie].OutputString()
+
+    def deny(self, request: web.BaseRequest, decision: Deny) -> web.StreamResponse:
+        log.info("request_denied", reason=decision.reason)
+        return self.page_response(
+            request,
+            decision.status,
+            "Access denied",
+            ["No rule allows this request."],
+            error=decision.reason,
+        )
+
+    def error_response(self, request: web.BaseRequest, exc: GatewayError) -> web.StreamResponse:
+        log_fn = log.warning if exc.status >= 500 else log.info
+        log_fn("request_refused", status=exc.status, reason=exc.reason)
+        return self.page_response(request, exc.status, exc.title, [exc.message], error=exc.reason)
+
+    def page_response(
+        self,
+        request: web.BaseRequest,
+        status: int,
+        title: str,
+        paragraphs: list[str],
+        *,
+        error: str = "error",
+        raw_html: str = "",
+        force_html: bool = False,
+    ) -> web.Response:
+        if force_html or responses.wants_html(request.headers):
+            return web.Response(
+                status=status,
+                text=responses.page(title, paragraphs, raw_html=raw_html),
+                content_type="text/html",
+                headers={"Cache-Control": "no-store"},
+            )
+        return web.Response(
+            status=status,
+            text=responses.json_error(error, " ".join(paragraphs), request_id_of()),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
+
+
+DECISION_LABEL: dict[type, str] = {Allow: "allow", Challenge: "challenge", Deny: "deny"}
+
+
+def request_id_of() -> str:
+    value = structlog.contextvars.get_contextvars().get("request_id", "")
+    return str(value)
+
+
+def is_websocket(request: web.BaseRequest) -> bool:
+    return (
+        request.headers.get("Upgrade", "").lower() == "websocket"
+        and "upgrade" in request.headers.get("Connection", "").lower()
+    )
+
+
+class _RequestHandler(RequestHandler):
+    """aiohttp's connection handler, with its error answers replaced by ours.
+
+    aiohttp answers requests its HTTP parser refuses (bad method, smuggling shapes,
+    malformed headers) itself, with a text body that echoes the offending bytes —
+    which may hold a cookie or token — and a traceback in the log. Here they get a
+    short JSON or HTML answer, a structured log line and a metric instead.
+    """
+
+    gateway: Gateway
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; closing the connection")
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=secrets.token_hex(8))
+        error: GatewayError
+        if isinstance(exc, BadHttpMethod):
+            # RFC 9110 9.1: methods are case-sensitive; `post` is not POST.
+            error = MethodNotAllowed("This method is not allowed here.", reason="unknown_method")
+        elif status >= 500:
+            log.error("internal_error", error=type(exc).__name__ if exc else None, exc_info=exc)
+            error = GatewayError("Something went wrong in the gateway.", reason="internal_error")
+        else:
+            error = BadRequest("The request is malformed.", reason="malformed_request")
+        self.gateway.metrics.rejected.labels(error.reason).inc()
+        response = self.gateway.error_response(request, error)
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__(gateway.handle, handler_cancellation=True)
+        self._gateway = gateway
+
+    def __call__(self) -> RequestHandler:
+        handler = _RequestHandler(self, loop=self._loop, **self._kwargs)
+        handler.gateway = self._gateway
+        return handler
+
+
+def make_server(gateway: Gateway) -> web.Server:
+    """The low-level aiohttp server: one handler, no router, no middleware chain."""
+    return _Server(gateway)

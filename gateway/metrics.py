@@ -1,0 +1,65 @@
+"""Prometheus metrics, one registry per gateway instance (so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Upstream latency buckets: a proxy's added latency lives in the 1-50 ms range; the
+# upper buckets catch slow upstreams up to the default 60 s timeout.
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "stepup_requests_total",
+            "Requests by rule and decision.",
+            ["rule", "decision"],
+            registry=self.registry,
+        )
+        self.challenges = Counter(
+            "stepup_challenges_total",
+            "Step-up round trips by outcome (issued, completed, failed).",
+            ["outcome", "level"],
+            registry=self.registry,
+        )
+        self.upstream_latency = Histogram(
+            "stepup_upstream_latency_seconds",
+            "Time to the upstream's response headers.",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "stepup_upstream_errors_total",
+            "Upstream failures (connect, timeout).",
+            ["upstream", "kind"],
+            registry=self.registry,
+        )
+        self.provider_errors = Counter(
+            "stepup_provider_errors_total",
+            "OpenID Provider failures by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "stepup_rejected_requests_total",
+            "Requests refused before matching (bad path, method, framing).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.config_reloads = Counter(
+            "stepup_config_reloads_total",
+            "Configuration reloads by result.",
+            ["result"],
+            registry=self.registry,
+        )
+        self.ready = Gauge(
+            "stepup_ready",
+            "1 when provider metadata, keys and the store are ready.",
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
