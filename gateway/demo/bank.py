@@ -1,0 +1,415 @@
+"""Demo Bank: the sample upstream app behind the gateway in ``stepup-gateway demo``.
+
+It knows nothing of OpenID Connect. It reads the ``X-Auth-*`` headers the gateway
+sets, shows them on every page, and checks ``X-Auth-Assertion`` (the gateway's
+signed copy of them) with a few lines of pyjwt: :func:`verify_assertion`. Money
+moves and payees change only when that check passes.
+
+Pages: ``/`` accounts, ``/transfers/new`` + ``POST /transfers``, ``/transfers``
+ledger, ``/payees`` (+ ``POST``), ``/admin``, ``/public/about`` (no sign-in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from html import escape
+from typing import Any
+
+import jwt
+import structlog
+from aiohttp import web
+
+from gateway.demo.pages import static_file
+
+log = structlog.get_logger("gateway.demo.bank")
+
+SHOWN_HEADERS = (
+    "X-Auth-Subject",
+    "X-Auth-Email",
+    "X-Auth-Acr",
+    "X-Auth-Amr",
+    "X-Auth-Time",
+    "X-Auth-Level",
+    "X-Auth-Rule",
+)
+ASSERTION_HEADER = "X-Auth-Assertion"
+MAX_TRANSFER = Decimal("10000.00")
+IBAN = re.compile(r"[A-Z]{2}[0-9]{2}[A-Z0-9]{11,30}")  # ISO 13616 shape, not its checksum
+CSP = (
+    "default-src 'none'; style-src 'self'; form-action 'self'; base-uri 'none';"
+    " frame-ancestors 'none'"
+)
+
+
+# The gateway signs what it asserts (ES256, keys at {gateway}/_gateway/jwks.json).
+# An upstream that checks this needs no OIDC at all, just these lines:
+def verify_assertion(
+    token: str, jwks: jwt.PyJWKClient, *, audience: str, issuer: str
+) -> dict[str, Any]:
+    """The claims of an ``X-Auth-Assertion``, if the gateway signed it for us; else raises."""
+    signing_key = jwks.get_signing_key_from_jwt(token)  # by the "kid" in its header
+    claims: dict[str, Any] = jwt.decode(
+        token,
+        signing_key,
+        algorithms=["ES256"],  # what the gateway signs with: never trust the token's "alg"
+        audience=audience,  # this upstream's name in the gateway config
+        issuer=issuer,  # the gateway's public_url
+        options={"require": ["exp", "iat", "sub"]},
+    )
+    return claims
+
+
+@dataclass(frozen=True, slots=True)
+class Payee:
+    name: str
+    iban: str
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    at: float
+    payee: str
+    amount: Decimal
+    acr: str
+    amr: str
+
+
+@dataclass
+class Customer:
+    balance: Decimal = Decimal("2500.00")
+    payees: dict[str, Payee] = field(
+        default_factory=lambda: {
+            "landlord": Payee("Landlord Ltd", "GB82WEST12345698765432"),
+            "power": Payee("City Power", "DE89370400440532013000"),
+        }
+    )
+    ledger: list[Transfer] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What one request carried: the headers, and whether the assertion checked out."""
+
+    headers: Mapping[str, str]
+    claims: Mapping[str, Any] | None
+    problem: str | None
+
+    @property
+    def verified(self) -> bool:
+        return self.claims is not None
+
+
+class DemoBank:
+    def __init__(
+        self,
+        *,
+        jwks_url: str,
+        issuer: str,
+        audience: str = "bank",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        # PyJWKClient caches the key set and refetches it when it meets a new kid.
+        self.jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, timeout=5)
+        self.issuer = issuer
+        self.audience = audience
+        self.clock = clock
+        self.customers: dict[str, Customer] = {}
+        self._form_key = secrets.token_bytes(32)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/", self.accounts)
+        app.router.add_get("/transfers/new", self.transfer_form)
+        app.router.add_post("/transfers", self.make_transfer)
+        app.router.add_get("/transfers", self.ledger)
+        app.router.add_get("/payees", self.payees)
+        app.router.add_post("/payees", self.change_payee)
+        app.router.add_get("/admin", self.admin)
+        app.router.add_get("/public/about", self.about)
+        app.router.add_get("/public/demo.css", self.stylesheet)
+        return app
+
+    async def seen(self, request: web.Request) -> Seen:
+        headers = {name: request.headers[name] for name in SHOWN_HEADERS if name in request.headers}
+        token = request.headers.get(ASSERTION_HEADER)
+        if not token:
+            return Seen(headers, None, "no X-Auth-Assertion header: is the gateway in front?")
+        try:
+            # PyJWKClient fetches keys with blocking I/O: keep it off the event loop
+            # (in the demo the gateway answering that fetch runs on this very loop).
+            claims = await asyncio.to_thread(
+                verify_assertion, token, self.jwks, audience=self.audience, issuer=self.issuer
+            )
+        except jwt.PyJWTError as exc:
+            log.info("bank_assertion_rejected", reason=type(exc).__name__)
+            return Seen(headers, None, f"{type(exc).__name__}: {exc}")
+        return Seen(headers, claims, None)
+
+    def customer(self, seen: Seen) -> Customer:
+        """The signed-in customer; without a verified assertion, an empty stand-in."""
+        if seen.claims is None:
+            return Customer(balance=Decimal("0.00"), payees={})
+        return self.customers.setdefault(str(seen.claims["sub"]), Customer())
+
+    def form_token(self, seen: Seen, form: str) -> str:
+        subject = str(seen.claims["sub"]) if seen.claims else ""
+        mac = hmac.new(self._form_key, f"{form}|{subject}".encode(), hashlib.sha256)
+        return mac.hexdigest()
+
+    def form_token_ok(self, seen: Seen, form: str, token: object) -> bool:
+        if not isinstance(token, str):
+            return False
+        return hmac.compare_digest(self.form_token(seen, form).encode(), token.encode())
+
+    # --- pages ---
+
+    async def accounts(self, request: web.Request) -> web.Response:
+        seen = await self.seen(request)
+        customer = self.customer(seen)
+        body = (
+            "<table><caption>Your accounts</caption>"
+            "<tr><th scope='col'>Account</th><th scope='col'>Balance</th></tr>"
+            f"<tr><td>Current account</td><td id='balance'>EUR {customer.balance:,.2f}</td></tr>"
+            "</table><p><a href='/transfers/new'>Make a transfer</a>"
+            " (asks for a passkey: phishing-resistant sign-in within 5 minutes)</p>"
+        )
+        return page("Accounts", body, seen)
+
+    async def transfer_form(self, request: web.Request) -> web.Response:
+        seen = await self.seen(request)
+        return page("New transfer", self._transfer_form(seen), seen)
+
+    def _transfer_form(self, seen: Seen, *, error: str | None = None, amount: str = "") -> str:
+        customer = self.customer(seen)
+        options = "".join(
+            f"<option value='{esc(key)}'>{esc(p.name)} ({esc(p.iban)})</option>"
+            for key, p in customer.payees.items()
+        )
+        return (
+            (f"<p id='error' class='error' role='alert'>{esc(error)}</p>" if error else "")
+            + "<form method='post' action='/transfers'>"
+            f"<input type='hidden' name='form_token' value='{self.form_token(seen, 'transfer')}'>"
+            "<p><label for='payee'>Payee</label>"
+            f"<select id='payee' name='payee'>{options}</select></p>"
+            "<p><label for='amount'>Amount (EUR)</label><input id='amount' name='amount'"
+            f" inputmode='decimal' required value='{esc(amount)}'></p>"
+            "<p><button type='submit' id='send'>Send money</button></p></form>"
+        )
+
+    async def make_transfer(self, request: web.Request) -> web.Response:
+        seen = await self.seen(request)
+        form = await request.post()
+        if not seen.verified:
+            return refused(seen)
+        if not self.form_token_ok(seen, "transfer", form.get("form_token")):
+            return page("Form expired", "<p>Reload the transfer form and try again.</p>", seen, 403)
+        customer = self.customer(seen)
+        raw_amount = form.get("amount")
+        amount_text = raw_amount if isinstance(raw_amount, str) else ""
+        payee_key = form.get("payee")
+        amount = parse_amount(amount_text)
+        problem = None
+        if not isinstance(payee_key, str) or payee_key not in customer.payees:
+            problem = "Choose one of your payees."
+        elif amount is None:
+            problem = f"Enter an amount between 0.01 and {MAX_TRANSFER:,.2f}, like 25.50."
+        elif amount > customer.balance:
+            problem = "That is more than your balance."
+        if problem is not None or amount is None or not isinstance(payee_key, str):
+            body = self._transfer_form(seen, error=problem, amount=amount_text)
+            return page("New transfer", body, seen, 400)
+        acr, amr = asserted(seen)
+        payee = customer.payees[payee_key]
+        customer.balance -= amount
+        customer.ledger.append(Transfer(self.clock(), payee.name, amount, acr, amr))
+        log.info("bank_transfer", sub=seen.claims["sub"] if seen.claims else None, acr=acr)
+        body = (
+            f"<p class='ok' role='status'>Sent EUR {amount:,.2f} to {esc(payee.name)}.</p>"
+            f"<p id='authorised-by'>The gateway asserted acr={esc(acr)} amr={esc(amr)}"
+            f" (level {esc(seen.claims.get('level', '') if seen.claims else '')}).</p>"
+            "<p><a href='/transfers'>See the ledger</a></p>"
+        )
+        return page("Transfer sent", body, seen)
+
+    async def ledger(self, request: web.Request) -> web.Response:
+        seen = await self.seen(request)
+        rows = "".join(
+            f"<tr><td>{esc(_when(t.at))}</td><td>{esc(t.payee)}</td><td>EUR {t.amount:,.2f}</td>"
+            f"<td>acr={esc(t.acr)} amr={esc(t.amr)}</td></tr>"
+            for t in reversed(self.customer(seen).ledger)
+        )
+        body = (
+            "<table id='ledger'><caption>Transfers, newest first</caption><tr>"
+            "<th scope='col'>When (UTC)</th><th scope='col'>Payee</th>"
+            "<th scope='col'>Amount</th><th scope='col'>Authorised with</th></tr>"
+            f"{rows or '<tr><td colspan=4>No transfers yet.</td></tr>'}</table>"
+        )
+        return page("Ledger", body, seen)
+
+    async def payees(self, request: web.Request) -> web.Response:
+        seen = await self.seen(request)
+        return page("Payees", self._payee_form(seen), seen)
+
+    def _payee_form(self, seen: Seen, *, error: str | None = None) -> str:
+        customer = self.customer(seen)
+        rows = "".join(
+            f"<tr><td>{esc(key)}</td><td>{esc(p.name)}</td><td>{esc(p.iban)}</td></tr>"
+            for key, p in customer.payees.items()
+        )
+        options = "".join(f"<option value='{esc(k)}'>{esc(k)}</option>" for k in customer.payees)
+        return (
+            "<table><caption>Your payees</caption><tr><th scope='col'>Key</th>"
+            f"<th scope='col'>Name</th><th scope='col'>IBAN</th></tr>{rows}</table>"
+            "<h2>Change a payee's bank details</h2>"
+            "<p>Needs two-step verification (password and one-time code).</p>"
+            + (f"<p id='error' class='error' role='alert'>{esc(error)}</p>" if error else "")
+            + "<form method='post' action='/payees'>"
+            f"<input type='hidden' name='form_token' value='{self.form_token(seen, 'payee')}'>"
+            f"<p><label for='payee'>Payee</label><select id='payee' name='payee'>{options}"
+            "<option value='new'>a new payee</option></select></p>"
+            "<p><label for='name'>Name</label><input id='name' name='name' required></p>"
+            "<p><label for='iban'>IBAN</label><input id='iban' name='iban' required"
+            " autocomplete='off'></p>"
+            "<p><button type='submit' id='save-payee'>Save payee</button></p></form>"
+        )
+
+    async def change_payee(self, request: web.Request) -> web.Response:
+        seen = await self.seen(request)
+        form = await request.post()
+        if not seen.verified:
+            return refused(seen)
+        if not self.form_token_ok(seen, "payee", form.get("form_token")):
+            return page("Form expired", "<p>Reload the payee form and try again.</p>", seen, 403)
+        customer = self.customer(seen)
+        key, name, iban = (form.get(k) for k in ("payee", "name", "iban"))
+        iban_text = iban.replace(" ", "").upper() if isinstance(iban, str) else ""
+        if not isinstance(key, str) or (key != "new" and key not in customer.payees):
+            problem: str | None = "Choose a payee."
+        elif not isinstance(name, str) or not name.strip() or len(name) > 70:
+            problem = "Enter the payee's name (up to 70 characters)."
+        elif not IBAN.fullmatch(iban_text):
+            problem = "Enter an IBAN: two letters, two digits, then 11 to 30 letters or digits."
+        else:
+            problem = None
+        if problem is not None or not isinstance(key, str) or not isinstance(name, str):
+            return page("Payees", self._payee_form(seen, error=problem), seen, 400)
+        if key == "new":
+            key = f"payee{len(customer.payees) + 1}"
+        customer.payees[key] = Payee(name.strip(), iban_text)
+        acr, amr = asserted(seen)
+        body = (
+            f"<p class='ok' role='status'>Saved {esc(name.strip())} ({esc(iban_text)}).</p>"
+            f"<p id='authorised-by'>The gateway asserted acr={esc(acr)} amr={esc(amr)}.</p>"
+            "<p><a href='/payees'>Back to payees</a></p>"
+        )
+        return page("Payee saved", body, seen)
+
+    async def admin(self, request: web.Request) -> web.Response:
+        seen = await self.seen(request)
+        rows = "".join(
+            f"<tr><td>{esc(sub)}</td><td>EUR {c.balance:,.2f}</td><td>{len(c.ledger)}</td></tr>"
+            for sub, c in sorted(self.customers.items())
+        )
+        body = (
+            "<table><caption>Customers seen since start</caption><tr><th scope='col'>Subject</th>"
+            f"<th scope='col'>Balance</th><th scope='col'>Transfers</th></tr>{rows}</table>"
+        )
+        return page("Admin", body, seen)
+
+    async def about(self, request: web.Request) -> web.Response:
+        seen = await self.seen(request)
+        body = (
+            "<p>Demo Bank is a sample app behind stepup-gateway. It does not know how you"
+            " signed in: the gateway tells it, in the headers below, and signs what it says.</p>"
+            "<p>This page is public: the gateway lets anyone see it, so it gets no"
+            " X-Auth headers.</p>"
+        )
+        return page("About Demo Bank", body, seen)
+
+    async def stylesheet(self, request: web.Request) -> web.Response:
+        return web.Response(body=static_file("demo.css"), content_type="text/css")
+
+
+def parse_amount(text: str) -> Decimal | None:
+    text = text.strip().replace(",", "")
+    if not re.fullmatch(r"[0-9]{1,7}(\.[0-9]{1,2})?", text):
+        return None
+    try:
+        amount = Decimal(text)
+    except InvalidOperation:
+        return None
+    return amount if Decimal("0.01") <= amount <= MAX_TRANSFER else None
+
+
+def asserted(seen: Seen) -> tuple[str, str]:
+    """``acr`` and ``amr`` (comma-joined, like X-Auth-Amr) from the verified assertion."""
+    claims = seen.claims or {}
+    amr = claims.get("amr") or []
+    return str(claims.get("acr") or ""), ",".join(str(v) for v in amr)
+
+
+def esc(value: object) -> str:
+    return escape(str(value), quote=True)
+
+
+def _when(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def refused(seen: Seen) -> web.Response:
+    body = (
+        "<p class='error' role='alert'>Refused: this request's X-Auth headers are not"
+        " backed by a valid gateway assertion, so nothing was changed.</p>"
+    )
+    return page("Refused", body, seen, 403)
+
+
+def page(title: str, body: str, seen: Seen, status: int = 200) -> web.Response:
+    rows = "".join(
+        f"<tr><th scope='row'>{esc(name)}</th><td><code>{esc(seen.headers.get(name, '-'))}</code>"
+        "</td></tr>"
+        for name in SHOWN_HEADERS
+    )
+    if seen.verified:
+        status_line = "<p id='assertion-status' class='ok'>assertion verified</p>"
+    else:
+        status_line = (
+            "<p id='assertion-status' class='error'>"
+            f"assertion not verified: {esc(seen.problem)}</p>"
+        )
+    html = (
+        "<!doctype html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>\n"
+        f"<title>{esc(title)} - Demo Bank</title>\n"
+        "<link rel='stylesheet' href='/public/demo.css'>\n</head>\n<body>\n"
+        "<header><nav aria-label='Demo Bank'><a href='/'>Accounts</a>"
+        "<a href='/transfers/new'>New transfer</a><a href='/transfers'>Ledger</a>"
+        "<a href='/payees'>Payees</a><a href='/admin'>Admin</a>"
+        "<a href='/public/about'>About</a><a href='/_gateway/logout'>Sign out</a></nav></header>\n"
+        f"<main>\n<h1>{esc(title)}</h1>\n{body}\n"
+        "<section aria-labelledby='gateway-said'><h2 id='gateway-said'>What the gateway told"
+        f" Demo Bank</h2>{status_line}<table id='auth-headers'>{rows}</table></section>\n"
+        "</main>\n</body>\n</html>\n"
+    )
+    return web.Response(
+        text=html,
+        status=status,
+        content_type="text/html",
+        headers={"Cache-Control": "no-store", "Content-Security-Policy": CSP},
+    )
+
+
+def create_bank_app(
+    *, jwks_url: str, issuer: str, audience: str = "bank", clock: Callable[[], float] = time.time
+) -> web.Application:
+    """Demo Bank's aiohttp app; ``jwks_url`` is ``{gateway}/_gateway/jwks.json``."""
+    return DemoBank(jwks_url=jwks_url, issuer=issuer, audience=audience, clock=clock).app()

@@ -1,0 +1,650 @@
+"""authlib's framework-agnostic OpenID Provider, adapted to aiohttp.
+
+authlib ships server integrations for Flask and Django only. This module mirrors
+``authlib/integrations/flask_oauth2`` (``authorization_server.py`` and
+``requests.py``): the framework supplies the request objects, turns
+``(status, body, headers)`` into a response and stores clients, codes and tokens;
+authlib does the protocol. One difference: aiohttp reads a request body with
+``await`` while authlib is synchronous, so handlers read the request once into a
+:class:`RequestData` (see :func:`read_request`) and hand authlib that.
+
+What authlib does here: the authorization code grant (RFC 6749 4.1) with PKCE
+(RFC 7636, ``CodeChallenge``), the OpenID Connect ``OpenIDCode`` extension (ID
+tokens with nonce, ``auth_time``, ``acr``, ``amr``, ``at_hash``), client
+authentication (``client_secret_basic``/``_post``), the RFC 9207 ``iss`` response
+parameter (``IssuerParameter``), bearer tokens and the UserInfo endpoint (RFC 6750,
+``UserInfoEndpoint``) and RP-Initiated Logout (``EndSessionEndpoint``).
+"""
+
+from __future__ import annotations
+
+import binascii
+import hmac
+import json
+import secrets
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiohttp import web
+from authlib.oauth2 import OAuth2Error, OAuth2Request, ResourceProtector
+from authlib.oauth2.rfc6749 import (
+    AuthorizationServer,
+    ClientMixin,
+    InvalidRequestError,
+    TokenMixin,
+)
+from authlib.oauth2.rfc6749.authenticate_client import authenticate_client_secret_basic
+from authlib.oauth2.rfc6749.grants import AuthorizationCodeGrant
+from authlib.oauth2.rfc6749.requests import OAuth2Payload
+from authlib.oauth2.rfc6750 import BearerTokenGenerator, BearerTokenValidator
+from authlib.oauth2.rfc7636 import CodeChallenge
+from authlib.oauth2.rfc9207 import IssuerParameter
+from authlib.oidc.core import AuthorizationCodeMixin, OpenIDCode, UserInfo, UserInfoEndpoint
+from authlib.oidc.rpinitiated import EndSessionEndpoint, EndSessionRequest
+from joserfc import jwt as jose_jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, KeySet
+from multidict import MultiDict, MultiDictProxy, MultiMapping
+
+from gateway.demo.factors import Authentication, DemoUser
+
+log = structlog.get_logger("gateway.demo.idp")
+
+ID_TOKEN_ALG = "ES256"
+ID_TOKEN_TTL_S = 5 * 60  # only read once, at the callback; short keeps leaks short-lived
+ACCESS_TOKEN_TTL_S = 10 * 60  # used for /userinfo right after the code exchange, if at all
+# RFC 6749 4.1.2: "A maximum authorization code lifetime of 10 minutes is RECOMMENDED";
+# a relying party redeems it within a second or two of the redirect.
+CODE_TTL_S = 60
+SCOPES_SUPPORTED = ("openid", "profile", "email")
+CLIENT_AUTH_METHODS = ("client_secret_basic", "client_secret_post")
+
+
+# --- requests and responses ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestData:
+    """What authlib needs from an HTTP request, read up front (the body is async)."""
+
+    method: str
+    uri: str
+    headers: Mapping[str, str]
+    query: MultiMapping[str]
+    form: MultiMapping[str]
+    cookies: Mapping[str, str] = field(default_factory=dict)
+
+
+async def read_request(request: web.Request, issuer: str) -> RequestData:
+    """Snapshot ``request``; the URI is rebuilt on ``issuer``, the provider's public URL.
+
+    (authlib refuses plain-http URIs except on loopback, RFC 8252 7.3; judging the
+    configured issuer rather than a Host header keeps that check honest.)
+    """
+    form: MultiDict[str] = MultiDict()
+    if request.method == "POST" and request.content_type == "application/x-www-form-urlencoded":
+        for key, value in (await request.post()).items():
+            if isinstance(value, str):
+                form.add(key, value)
+    return RequestData(
+        method=request.method,
+        uri=issuer + request.rel_url.path_qs,
+        headers=request.headers,
+        query=request.query,
+        form=MultiDictProxy(form),
+        cookies=dict(request.cookies),
+    )
+
+
+def replayed_request(issuer: str, path: str, params: Iterable[tuple[str, str]]) -> RequestData:
+    """An authorization request rebuilt from its saved parameters, to finish it later."""
+    query = MultiDictProxy(MultiDict(list(params)))
+    return RequestData("GET", issuer + path, {}, query, MultiDictProxy(MultiDict()))
+
+
+class AiohttpOAuth2Payload(OAuth2Payload):  # type: ignore[misc]
+    """Query and form parameters together, like Flask's ``request.values``."""
+
+    def __init__(self, data: RequestData) -> None:
+        combined: MultiDict[str] = MultiDict(data.query)
+        combined.extend(data.form)
+        self._data = MultiDictProxy(combined)
+
+    @property
+    def data(self) -> MultiDictProxy[str]:
+        return self._data
+
+    @property
+    def datalist(self) -> defaultdict[str, list[str]]:
+        values: defaultdict[str, list[str]] = defaultdict(list)
+        for key, value in self._data.items():
+            values[key].append(value)
+        return values
+
+
+class AiohttpOAuth2Request(OAuth2Request):  # type: ignore[misc]
+    def __init__(self, data: RequestData) -> None:
+        super().__init__(method=data.method, uri=data.uri, headers=data.headers)
+        self.payload = AiohttpOAuth2Payload(data)
+        self.http = data
+        # Set by the end-session handler once the user confirmed on our own page.
+        self.logout_confirmed = False
+        # Set by the end-session callback: the provider session it ended, if any.
+        self.ended_session: Any = None
+
+    @property
+    def args(self) -> MultiMapping[str]:
+        return self.http.query
+
+    @property
+    def form(self) -> MultiMapping[str]:
+        return self.http.form
+
+
+class OAuthResponse:
+    """authlib's ``(status, body, headers)``; ``location`` is what IssuerParameter edits."""
+
+    def __init__(self, status: int, body: Any, headers: Iterable[tuple[str, str]]) -> None:
+        self.status = status
+        self.body = body
+        self.headers = list(headers)
+
+    @property
+    def location(self) -> str | None:
+        for name, value in self.headers:
+            if name.lower() == "location":
+                return value
+        return None
+
+    @location.setter
+    def location(self, value: str) -> None:
+        self.headers = [(n, v) for n, v in self.headers if n.lower() != "location"]
+        self.headers.append(("Location", value))
+
+    def to_web(self) -> web.Response:
+        body = self.body
+        if isinstance(body, dict):
+            body = json.dumps(body)
+        headers = MultiDict(self.headers)
+        headers.setdefault("Cache-Control", "no-store")
+        return web.Response(status=self.status, text=body or None, headers=headers)
+
+
+# --- models ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoClient(ClientMixin):  # type: ignore[misc]
+    """A registered relying party (OIDC Registration 1.0 metadata, statically)."""
+
+    client_id: str
+    client_secret: str
+    client_name: str
+    redirect_uris: tuple[str, ...]
+    post_logout_redirect_uris: tuple[str, ...] = ()
+    # Where a logout_token would be sent (OIDC Back-Channel Logout 1.0 2.2); kept for
+    # the back-channel logout work, see IdentityProvider.logout_notifier.
+    backchannel_logout_uri: str | None = None
+    scopes: tuple[str, ...] = SCOPES_SUPPORTED
+
+    @property
+    def client_metadata(self) -> dict[str, Any]:
+        return {
+            "client_name": self.client_name,
+            "redirect_uris": list(self.redirect_uris),
+            "post_logout_redirect_uris": list(self.post_logout_redirect_uris),
+            "backchannel_logout_uri": self.backchannel_logout_uri,
+            "token_endpoint_auth_method": CLIENT_AUTH_METHODS[0],
+            "id_token_signed_response_alg": ID_TOKEN_ALG,
+        }
+
+    def get_client_id(self) -> str:
+        return self.client_id
+
+    def get_default_redirect_uri(self) -> str | None:
+        return None  # OIDC Core 3.1.2.1: redirect_uri is REQUIRED
+
+    def get_allowed_scope(self, scope: str | None) -> str:
+        return " ".join(s for s in (scope or "").split() if s in self.scopes)
+
+    def check_redirect_uri(self, redirect_uri: str) -> bool:
+        return redirect_uri in self.redirect_uris  # exact match, OAuth 2.0 Security BCP 4.1.3
+
+    def check_client_secret(self, client_secret: str) -> bool:
+        return hmac.compare_digest(self.client_secret.encode(), client_secret.encode())
+
+    def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
+        return endpoint == "token" and method in CLIENT_AUTH_METHODS
+
+    def check_response_type(self, response_type: str) -> bool:
+        return response_type == "code"
+
+    def check_grant_type(self, grant_type: str) -> bool:
+        return grant_type == "authorization_code"
+
+
+@dataclass(frozen=True)
+class GrantedUser:
+    """The ``grant_user`` handed to authlib: who signed in, and how."""
+
+    user: DemoUser
+    authentication: Authentication
+    sid: str
+
+
+@dataclass(frozen=True)
+class AuthorizationCode(AuthorizationCodeMixin):  # type: ignore[misc]
+    code: str
+    client_id: str
+    redirect_uri: str
+    scope: str
+    username: str
+    nonce: str | None
+    auth_time: int
+    acr: str
+    amr: tuple[str, ...]
+    sid: str
+    code_challenge: str | None
+    code_challenge_method: str | None
+    expires_at: float
+
+    def get_redirect_uri(self) -> str:
+        return self.redirect_uri
+
+    def get_scope(self) -> str:
+        return self.scope
+
+    def get_nonce(self) -> str | None:
+        return self.nonce
+
+    def get_auth_time(self) -> int:
+        return self.auth_time
+
+    def get_acr(self) -> str:
+        return self.acr
+
+    def get_amr(self) -> list[str]:
+        return list(self.amr)
+
+
+@dataclass
+class AccessToken(TokenMixin):  # type: ignore[misc]
+    access_token: str
+    client: DemoClient
+    user: DemoUser
+    scope: str
+    expires_at: float
+    clock: Callable[[], float] = field(repr=False)
+    revoked: bool = False
+
+    def check_client(self, client: DemoClient) -> bool:
+        return client.client_id == self.client.client_id
+
+    def get_scope(self) -> str:
+        return self.scope
+
+    def get_expires_in(self) -> int:
+        return max(0, int(self.expires_at - self.clock()))
+
+    def is_expired(self) -> bool:
+        return self.clock() >= self.expires_at
+
+    def is_revoked(self) -> bool:
+        return self.revoked
+
+    def get_user(self) -> DemoUser:
+        return self.user
+
+    def get_client(self) -> DemoClient:
+        return self.client
+
+
+class OAuthStore:
+    """Clients, authorization codes and access tokens, in memory."""
+
+    def __init__(self, clients: Iterable[DemoClient], clock: Callable[[], float]) -> None:
+        self.clients = {client.client_id: client for client in clients}
+        self.clock = clock
+        self.codes: dict[str, AuthorizationCode] = {}
+        # A redeemed code, until it would have expired: the tokens it bought. A second
+        # redemption revokes them (RFC 6749 4.1.2: "SHOULD revoke ... all tokens").
+        self.redeemed: dict[str, tuple[float, list[AccessToken]]] = {}
+        self.tokens: dict[str, AccessToken] = {}
+        self.nonces: dict[tuple[str, str], float] = {}
+
+    def purge(self) -> None:
+        now = self.clock()
+        self.codes = {k: v for k, v in self.codes.items() if v.expires_at > now}
+        self.redeemed = {k: v for k, v in self.redeemed.items() if v[0] > now}
+        self.tokens = {k: v for k, v in self.tokens.items() if v.expires_at > now}
+        self.nonces = {k: v for k, v in self.nonces.items() if v > now}
+
+    def save_code(self, code: AuthorizationCode) -> None:
+        self.purge()
+        self.codes[code.code] = code
+        if code.nonce:
+            # OIDC Core 15.5.2: a nonce is used once; remember it while ID tokens live.
+            key = (code.client_id, code.nonce)
+            self.nonces[key] = self.clock() + CODE_TTL_S + ID_TOKEN_TTL_S
+
+    def find_code(self, code: str, client_id: str) -> AuthorizationCode | None:
+        if code in self.redeemed:
+            for token in self.redeemed[code][1]:
+                token.revoked = True
+            log.warning("idp_code_reused", client_id=client_id)
+            return None
+        found = self.codes.get(code)
+        if found is None or found.client_id != client_id or found.expires_at <= self.clock():
+            return None
+        return found
+
+    def redeem(self, code: AuthorizationCode) -> None:
+        self.codes.pop(code.code, None)
+        self.redeemed.setdefault(code.code, (code.expires_at, []))
+
+    def save_token(self, token: AccessToken, code: AuthorizationCode | None) -> None:
+        self.tokens[token.access_token] = token
+        if code is not None:
+            self.redeemed.setdefault(code.code, (code.expires_at, []))[1].append(token)
+
+    def nonce_used(self, client_id: str, nonce: str) -> bool:
+        expires_at = self.nonces.get((client_id, nonce))
+        return expires_at is not None and expires_at > self.clock()
+
+
+# --- grant and extensions ------------------------------------------------------
+
+
+class DemoAuthorizationCodeGrant(AuthorizationCodeGrant):  # type: ignore[misc]
+    TOKEN_ENDPOINT_AUTH_METHODS = list(CLIENT_AUTH_METHODS)
+
+    @property
+    def store(self) -> OAuthStore:
+        server: DemoAuthorizationServer = self.server
+        return server.store
+
+    def save_authorization_code(self, code: str, request: AiohttpOAuth2Request) -> None:
+        granted: GrantedUser = request.user
+        data = request.payload.data
+        auth = granted.authentication
+        self.store.save_code(
+            AuthorizationCode(
+                code=code,
+                client_id=request.client.client_id,
+                redirect_uri=request.payload.redirect_uri,
+                scope=request.scope,
+                username=granted.user.username,
+                nonce=data.get("nonce"),
+                auth_time=int(auth.auth_time),
+                acr=auth.acr,
+                amr=auth.amr,
+                sid=granted.sid,
+                code_challenge=data.get("code_challenge"),
+                code_challenge_method=data.get("code_challenge_method"),
+                expires_at=self.store.clock() + CODE_TTL_S,
+            )
+        )
+
+    def query_authorization_code(self, code: str, client: DemoClient) -> AuthorizationCode | None:
+        return self.store.find_code(code, client.client_id)
+
+    def delete_authorization_code(self, authorization_code: AuthorizationCode) -> None:
+        self.store.redeem(authorization_code)
+
+    def authenticate_user(self, authorization_code: AuthorizationCode) -> DemoUser | None:
+        server: DemoAuthorizationServer = self.server
+        return server.users.get(authorization_code.username)
+
+
+class S256CodeChallenge(CodeChallenge):  # type: ignore[misc]
+    """PKCE, required of every client, S256 only (RFC 9700 2.1.1; ``plain`` is refused)."""
+
+    SUPPORTED_CODE_CHALLENGE_METHOD = ["S256"]
+
+    def validate_code_challenge(self, grant: DemoAuthorizationCodeGrant, redirect_uri: str) -> None:
+        data = grant.request.payload.data
+        if not data.get("code_challenge"):
+            raise InvalidRequestError("Missing 'code_challenge': this provider requires PKCE")
+        if data.get("code_challenge_method") != "S256":
+            raise InvalidRequestError("'code_challenge_method' must be S256")
+        super().validate_code_challenge(grant, redirect_uri)
+
+    def get_authorization_code_challenge(self, authorization_code: AuthorizationCode) -> str | None:
+        return authorization_code.code_challenge
+
+    def get_authorization_code_challenge_method(
+        self, authorization_code: AuthorizationCode
+    ) -> str | None:
+        return authorization_code.code_challenge_method
+
+
+def user_info(user: DemoUser, scope: str) -> dict[str, Any]:
+    info = UserInfo(sub=user.sub, name=user.name, email=user.email, email_verified=True)
+    return dict(info.filter(scope))
+
+
+class DemoOpenIDCode(OpenIDCode):  # type: ignore[misc]
+    """ID tokens: ES256, with the ``acr``/``amr``/``auth_time`` the sign-in really had."""
+
+    def __init__(self, *, issuer: str, key: ECKey, store: OAuthStore) -> None:
+        super().__init__(require_nonce=True)  # the gateway always sends one
+        self.issuer = issuer
+        self.key = key
+        self.store = store
+
+    def resolve_client_private_key(self, client: DemoClient) -> ECKey:
+        return self.key
+
+    def get_client_algorithm(self, client: DemoClient) -> str:
+        return ID_TOKEN_ALG
+
+    def get_encode_header(self, client: DemoClient) -> dict[str, str]:
+        return {"alg": ID_TOKEN_ALG, "kid": str(self.key.kid), "typ": "JWT"}
+
+    def get_client_claims(self, client: DemoClient) -> dict[str, Any]:
+        now = int(self.store.clock())
+        return {
+            "iss": self.issuer,
+            "aud": client.client_id,
+            "iat": now,
+            "exp": now + ID_TOKEN_TTL_S,
+        }
+
+    def exists_nonce(self, nonce: str, request: AiohttpOAuth2Request) -> bool:
+        return self.store.nonce_used(request.payload.client_id, nonce)
+
+    def generate_user_info(self, user: DemoUser, scope: str) -> dict[str, Any]:
+        return user_info(user, scope)
+
+    def get_authorization_code_claims(
+        self, authorization_code: AuthorizationCode
+    ) -> dict[str, Any]:
+        claims: dict[str, Any] = super().get_authorization_code_claims(authorization_code)
+        claims["sid"] = authorization_code.sid  # OIDC Front/Back-Channel Logout: session id
+        return claims
+
+
+class DemoIssuerParameter(IssuerParameter):  # type: ignore[misc]
+    """RFC 9207: ``iss`` in every authorization response, errors included."""
+
+    def __init__(self, issuer: str) -> None:
+        self.issuer = issuer
+
+    def get_issuer(self) -> str:
+        return self.issuer
+
+
+class DemoBearerTokenValidator(BearerTokenValidator):  # type: ignore[misc]
+    def __init__(self, store: OAuthStore) -> None:
+        super().__init__()
+        self.store = store
+
+    def authenticate_token(self, token_string: str) -> AccessToken | None:
+        return self.store.tokens.get(token_string)
+
+
+class DemoUserInfoEndpoint(UserInfoEndpoint):  # type: ignore[misc]
+    def __call__(self, request: AiohttpOAuth2Request) -> tuple[int, Any, list[tuple[str, str]]]:
+        # authlib's version asks the resource protector for "the current request", a
+        # Flask-style context global; aiohttp has none, so pass the request explicitly.
+        token: AccessToken = self.resource_protector.validate_request(["openid"], request)
+        body = user_info(token.get_user(), token.get_scope())
+        return 200, body, [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
+
+
+class _HintClaims(jose_jwt.JWTClaimsRegistry):
+    def validate_exp(self, value: object) -> None:
+        # RP-Initiated Logout 1.0 §2: accept an expired ID token as a hint.
+        return None
+
+
+class DemoEndSessionEndpoint(EndSessionEndpoint):  # type: ignore[misc]
+    def __init__(
+        self,
+        *,
+        jwks: KeySet,
+        clock: Callable[[], float],
+        on_end_session: Callable[[EndSessionRequest], None],
+    ) -> None:
+        super().__init__()
+        self.jwks = jwks
+        self.clock = clock
+        self.on_end_session = on_end_session
+
+    def _validate_id_token_hint(self, id_token_hint: str) -> dict[str, Any]:
+        # As authlib's own, but judging iat/nbf by the provider's clock, not the wall's.
+        try:
+            token = jose_jwt.decode(id_token_hint, self.jwks, algorithms=self.get_algorithms())
+            claims = _HintClaims(now=lambda: int(self.clock()), nbf={"essential": False})
+            claims.validate(token.claims)
+        except JoseError as exc:
+            raise InvalidRequestError(exc.description) from exc
+        return dict(token.claims)
+
+    def get_server_jwks(self) -> KeySet:
+        return self.jwks
+
+    def get_algorithms(self) -> list[str]:
+        return [ID_TOKEN_ALG]
+
+    def is_post_logout_redirect_uri_legitimate(
+        self,
+        request: AiohttpOAuth2Request,
+        post_logout_redirect_uri: str,
+        client: DemoClient,
+        logout_hint: str | None,
+    ) -> bool:
+        # Without an id_token_hint, a registered URI is followed only after the user
+        # confirmed the logout on our page (RP-Initiated Logout 1.0 §3 "other means").
+        return request.logout_confirmed
+
+    def end_session(self, end_session_request: EndSessionRequest) -> None:
+        self.on_end_session(end_session_request)
+
+
+def _client_secret_basic(
+    query_client: Callable[[str], DemoClient | None], request: AiohttpOAuth2Request
+) -> DemoClient | None:
+    # authlib decodes the Basic credentials as strict UTF-8; bytes that are not become
+    # "no credentials here" (a clear invalid_client) instead of an unhandled error.
+    try:
+        client: DemoClient | None = authenticate_client_secret_basic(query_client, request)
+    except (UnicodeDecodeError, binascii.Error):
+        return None
+    return client
+
+
+class DemoAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
+    """authlib's AuthorizationServer with aiohttp request/response hooks."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        store: OAuthStore,
+        users: Mapping[str, DemoUser],
+        key: ECKey,
+        on_end_session: Callable[[EndSessionRequest], None],
+    ) -> None:
+        super().__init__(scopes_supported=list(SCOPES_SUPPORTED))
+        self.issuer = issuer
+        self.store = store
+        self.users = users
+        self.register_token_generator(
+            "default",
+            BearerTokenGenerator(
+                access_token_generator=lambda **_: secrets.token_urlsafe(32),
+                expires_generator=ACCESS_TOKEN_TTL_S,
+            ),
+        )
+        self.register_client_auth_method("client_secret_basic", _client_secret_basic)
+        self.register_grant(
+            DemoAuthorizationCodeGrant,
+            [S256CodeChallenge(required=True), DemoOpenIDCode(issuer=issuer, key=key, store=store)],
+        )
+        self.register_extension(DemoIssuerParameter(issuer))
+        protector = ResourceProtector()
+        protector.register_token_validator(DemoBearerTokenValidator(store))
+        self.register_endpoint(DemoUserInfoEndpoint(resource_protector=protector))
+        jwks = KeySet([ECKey.import_key(key.as_dict(private=False))])
+        self.register_endpoint(
+            DemoEndSessionEndpoint(jwks=jwks, clock=store.clock, on_end_session=on_end_session)
+        )
+
+    def query_client(self, client_id: str) -> DemoClient | None:
+        return self.store.clients.get(client_id)
+
+    def save_token(self, token: Mapping[str, Any], request: AiohttpOAuth2Request) -> None:
+        code: AuthorizationCode | None = request.authorization_code
+        self.store.save_token(
+            AccessToken(
+                access_token=token["access_token"],
+                client=request.client,
+                user=request.user,
+                scope=token.get("scope", ""),
+                expires_at=self.store.clock() + int(token.get("expires_in", 0)),
+                clock=self.store.clock,
+            ),
+            code,
+        )
+
+    def create_oauth2_request(
+        self, request: RequestData | AiohttpOAuth2Request
+    ) -> AiohttpOAuth2Request:
+        if isinstance(request, AiohttpOAuth2Request):
+            return request
+        return AiohttpOAuth2Request(request)
+
+    def create_json_request(self, request: RequestData) -> Any:
+        raise NotImplementedError("no JSON-bodied endpoints (device flow, registration) here")
+
+    def handle_response(
+        self, status: int, body: Any, headers: Iterable[tuple[str, str]]
+    ) -> OAuthResponse:
+        return OAuthResponse(status, body, headers)
+
+    def send_signal(self, name: str, *args: Any, **kwargs: Any) -> None:
+        # The Flask integration fires blinker signals here; nothing listens in the demo.
+        log.debug("idp_oauth_signal", signal=name)
+
+    def authorization_error(
+        self, request: AiohttpOAuth2Request, error: OAuth2Error
+    ) -> OAuthResponse:
+        """An authorization-endpoint error response, with ``iss`` as RFC 9207 2 requires.
+
+        authlib adds ``iss`` in a hook on ``create_authorization_response``; errors
+        found earlier (while validating, or by our own sign-in logic) go through the
+        same hook here.
+        """
+        response: OAuthResponse = self.handle_error_response(request, error)
+        self.execute_hook("after_create_authorization_response", response)
+        return response
+
+
+class UnmetAuthenticationRequirements(OAuth2Error):  # type: ignore[misc]
+    """OpenID Connect Core Unmet Authentication Requirements 1.0, §2."""
+
+    error = "unmet_authentication_requirements"
