@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 from gateway.demo import factors, start_demo_stack
 from gateway.demo import main as demo_main
-from gateway.demo.bank import DemoBank, parse_amount
+from gateway.demo.bank import DemoBank, parse_amount, verify_assertion
 from gateway.demo.factors import (
     ACR_MFA,
     ACR_PASSWORD,
@@ -1037,6 +1037,49 @@ async def test_bank_transfer_confirms_what_the_gateway_asserted(bank: Bank) -> N
         assert bad_token.status == 403
         public = await (await http.get(f"{bank.url}/public/about")).text()
         assert "no X-Auth-Assertion header" in public
+
+
+@dataclass
+class OneKey:
+    """Stands in for PyJWKClient: every token is checked against this one key."""
+
+    key: ec.EllipticCurvePrivateKey
+
+    def get_signing_key_from_jwt(self, token: str) -> ec.EllipticCurvePublicKey:
+        return self.key.public_key()
+
+
+@pytest.mark.parametrize(
+    ("seconds_after_iat", "error"),
+    [
+        (0, None),
+        (59, None),
+        (60, jwt.ExpiredSignatureError),  # exp = iat + 60 is already too late
+        (-1, jwt.ImmatureSignatureError),  # issued "in the future"
+    ],
+)
+def test_bank_judges_assertion_times_by_its_own_clock(
+    seconds_after_iat: int, error: type[Exception] | None
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    iat = int(START)  # years from the system clock: only `now` can make this valid
+    claims = {"iss": GATEWAY, "aud": "bank", "sub": "alice", "iat": iat, "exp": iat + 60}
+    token = jwt.encode(claims, key, algorithm="ES256")
+
+    def check() -> dict[str, Any]:
+        return verify_assertion(
+            token,
+            OneKey(key),  # type: ignore[arg-type]
+            audience="bank",
+            issuer=GATEWAY,
+            now=iat + seconds_after_iat,
+        )
+
+    if error is None:
+        assert check()["sub"] == "alice"
+    else:
+        with pytest.raises(error):
+            check()
 
 
 # --- the demo stack ---------------------------------------------------------------------
