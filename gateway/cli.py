@@ -92,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8080, help="the gateway's port (default 8080)")
     demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     demo.add_argument(
+        "--passkeys",
+        metavar="PATH",
+        help="keep the passkeys users create in this JSON file across runs (default: memory)",
+    )
+    demo.add_argument(
         "--i-know-this-is-not-production",
         action="store_true",
         help="allow binding to a non-loopback address; the demo's users and keys are public",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import secrets
 import signal
 import socket
@@ -124,7 +125,11 @@ async def start_demo_stack(
     from gateway.demo.passkeys import PasskeyStore
 
     url_host = _url_host(host)
-    gateway_port = gateway_port or _free_port(host)
+    if gateway_port:
+        # A taken port (say, a demo already running) fails here, before anything starts.
+        _bound_socket(host, gateway_port).close()
+    else:
+        gateway_port = _free_port(host)
     gateway_url = f"http://{url_host}:{gateway_port}"
     idp_sock, bank_sock = _bound_socket(host), _bound_socket(host)
     idp_url = f"http://{url_host}:{idp_sock.getsockname()[1]}"
@@ -210,7 +215,9 @@ async def run_demo(host: str, port: int, passkey_file: Path | None = None) -> in
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     stack = await start_demo_stack(host=host, gateway_port=port, passkey_file=passkey_file)
-    logs.configure(stack.config.server.log_level)
+    # stdout is for the person at the terminal (the URL, the users); the gateway's
+    # JSON log lines go to stderr, so `stepup-gateway demo 2>/dev/null` reads clean.
+    logs.configure(stack.config.server.log_level, stream=sys.stderr)
     try:
         await server.run_gateway(stack.config, stop, on_ready=lambda _: print_welcome(stack))
     finally:
@@ -241,5 +248,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"the demo config does not load:\n{exc}", file=sys.stderr)
         return 1
     except (OSError, PasskeyError) as exc:
-        print(f"cannot start the demo: {exc}", file=sys.stderr)
+        hint = ""
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            hint = f"\n(is another demo running on port {port}? --port 0 picks a free one)"
+        print(f"cannot start the demo: {exc}{hint}", file=sys.stderr)
         return 1
