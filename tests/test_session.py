@@ -701,6 +701,36 @@ async def test_memory_store_delete() -> None:
     assert await store.ping()
 
 
+@pytest.mark.parametrize(
+    ("sub", "sid", "gone"),
+    [
+        ("ada", None, {"ada-laptop", "ada-phone", "ada-tablet"}),
+        (None, "op-1", {"ada-laptop", "ada-phone", "bob-same-sid"}),
+        ("ada", "op-1", {"ada-laptop", "ada-phone"}),  # both: that sid, of that subject
+        ("ada", "op-3", set()),
+        ("nobody", None, set()),
+    ],
+)
+async def test_memory_store_delete_by(sub: str | None, sid: str | None, gone: set[str]) -> None:
+    store = memory_store()
+    owners = {
+        "ada-laptop": ("ada", "op-1"),
+        "ada-phone": ("ada", "op-1"),
+        "ada-tablet": ("ada", "op-2"),
+        "bob": ("bob", "op-3"),
+        "bob-same-sid": ("bob", "op-1"),
+    }
+    handles = {
+        name: await store.save(replace(make_session(session_id=name), sub=s, provider_sid=p), NOW)
+        for name, (s, p) in owners.items()
+    }
+    assert await store.delete_by(sub=sub, provider_sid=sid) == len(gone)
+    for name, handle in handles.items():
+        assert (handle in store) is (name not in gone), name
+    with pytest.raises(ValueError):
+        await store.delete_by(sub=None, provider_sid=None)
+
+
 @pytest.mark.parametrize(("kind", "cls"), [("cookie", CookieStore), ("memory", MemoryStore)])
 def test_make_store(kind: str, cls: type) -> None:
     cfg = model.SessionConfig(secrets=(OLD,), store=kind)

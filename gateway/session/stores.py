@@ -227,6 +227,25 @@ class MemoryStore:
         if isinstance(cookie_value, str):
             self._sessions.pop(cookie_value, None)
 
+    async def delete_by(self, sub: str | None, provider_sid: str | None) -> int:
+        """Delete the sessions a logout token names; return how many there were.
+
+        OpenID Connect Back-Channel Logout 1.0, 2.4: with ``sid``, the sessions
+        of that provider session (and, when ``sub`` is also given, of that
+        subject only); with ``sub`` alone, every session of the subject.
+        """
+        if sub is None and provider_sid is None:
+            raise ValueError("delete_by needs sub or provider_sid")
+        doomed = [
+            handle
+            for handle, session in self._sessions.items()
+            if (provider_sid is None or session.provider_sid == provider_sid)
+            and (sub is None or session.sub == sub)
+        ]
+        for handle in doomed:
+            del self._sessions[handle]
+        return len(doomed)
+
     async def ping(self) -> bool:
         return True
 
