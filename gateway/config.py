@@ -34,6 +34,7 @@ from gateway import model
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.paths import canonical_rule_host
 from gateway.rules import compile_glob
+from gateway.session.redis_url import REDIS_SCHEMES, is_sentinel_url, parse_sentinel_url, scheme_of
 
 T = TypeVar("T")
 
@@ -70,6 +71,8 @@ DEFAULT_ALGORITHMS = ("RS256", "PS256", "ES256", "ES384", "RS384", "RS512", "EdD
 DEFAULT_HTTP_TIMEOUT_S = 10.0
 # Stateless: the session lives in the sealed cookie, no extra service to run.
 DEFAULT_STORE = "cookie"
+DEFAULT_REDIS_PREFIX = "stepup:"  # lets the gateway share a Redis database with others
+MAX_REDIS_PREFIX_CHARS = 64  # part of every key; a long prefix only costs memory
 # Cookies without Secure leak over plain http; turn off only for local plain-http use.
 DEFAULT_COOKIE_SECURE = True
 # "__Host-" is prepended when cookie_secure (RFC 6265bis 4.1.3.2).
@@ -846,6 +849,7 @@ class _Validator:
                 "secret_file",
                 "store",
                 "redis_url",
+                "redis_prefix",
                 "cookie_secure",
                 "cookie_name",
                 "idle_timeout",
@@ -861,6 +865,7 @@ class _Validator:
             secrets=self.session_secrets(m),
             store=store,
             redis_url=redis_url,
+            redis_prefix=self.optional(m, "redis_prefix", self.redis_prefix, DEFAULT_REDIS_PREFIX),
             cookie_secure=self.optional(m, "cookie_secure", self.boolean, DEFAULT_COOKIE_SECURE),
             cookie_name=self.optional(m, "cookie_name", self.cookie_name, DEFAULT_COOKIE_NAME),
             idle_timeout_s=self.optional(
@@ -927,8 +932,26 @@ class _Validator:
 
     def redis_url(self, node: Node, path: str) -> str:
         text = self.text(node, path).strip()  # may hold a password: never quoted
-        if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
-            raise self.fail(path, "must start with redis://, rediss:// or unix://", node)
+        if scheme_of(text) not in REDIS_SCHEMES:
+            raise self.fail(
+                path,
+                "must start with redis://, rediss://, unix:// or redis+sentinel:// "
+                "(Redis Cluster is not supported)",
+                node,
+            )
+        if is_sentinel_url(text):
+            try:
+                parse_sentinel_url(text)
+            except ValueError as exc:
+                raise self.fail(path, str(exc), node) from None
+        return text
+
+    def redis_prefix(self, node: Node, path: str) -> str:
+        text = self.scalar(node, path, "a string").text
+        if len(text) > MAX_REDIS_PREFIX_CHARS or not text.isprintable() or " " in text:
+            raise self.fail(
+                path, f"use up to {MAX_REDIS_PREFIX_CHARS} printable characters, no spaces", node
+            )
         return text
 
     def cookie_name(self, node: Node, path: str) -> str:

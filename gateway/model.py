@@ -52,6 +52,7 @@ class SessionConfig:
     secrets: tuple[bytes, ...]  # first one writes, all read (rotation)
     store: str = "cookie"  # cookie | memory | redis
     redis_url: str | None = None
+    redis_prefix: str = "stepup:"  # every key the gateway writes starts with it
     cookie_secure: bool = True
     cookie_name: str = "stepup_session"
     idle_timeout_s: int = 30 * 60

@@ -3,6 +3,8 @@
 crypto.py       Sealer: AES-256-GCM with HKDF-derived, purpose-bound keys
 model.py        Session, Proof, expired()
 stores.py       SessionStore protocol; CookieStore, MemoryStore, make_store()
+redis_store.py  RedisStore: sessions, their indexes and transactions in Redis
+redis_url.py    which Redis URLs are supported; Sentinel URL parsing
 transaction.py  Transaction, TransactionCodec, per-transaction cookie names
 cookies.py      cookie names (__Host-) and Set-Cookie attributes
 """
@@ -14,6 +16,7 @@ from gateway.session.cookies import (
 )
 from gateway.session.crypto import Sealer
 from gateway.session.model import MAX_PROOFS, Proof, Session, expired, new_session_id
+from gateway.session.redis_store import RedisStore
 from gateway.session.stores import (
     CookieStore,
     MemoryStore,
@@ -38,6 +41,7 @@ __all__ = [
     "CookieStore",
     "MemoryStore",
     "Proof",
+    "RedisStore",
     "Sealer",
     "Session",
     "SessionStore",

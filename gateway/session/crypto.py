@@ -45,7 +45,8 @@ def sealed_length(plaintext_bytes: int) -> int:
     return (raw * 4 + 2) // 3  # unpadded base64
 
 
-def _derive_key(secret: bytes, purpose: bytes) -> bytes:
+def derive_key(secret: bytes, purpose: bytes) -> bytes:
+    """A 256-bit key for ``purpose`` from ``secret`` (HKDF-SHA256, RFC 5869)."""
     # No salt: RFC 5869 3.1 allows it when the input keying material is already a
     # uniformly random secret, which the config requires (>= 32 bytes).
     hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=purpose)
@@ -101,7 +102,7 @@ class Sealer:
         self.purpose = purpose
         info = purpose.encode("utf-8")
         self._aad = _VERSION_BYTE + info
-        self._ciphers = tuple(AESGCM(_derive_key(secret, info)) for secret in secrets)
+        self._ciphers = tuple(AESGCM(derive_key(secret, info)) for secret in secrets)
 
     def seal(self, payload: Mapping[str, object]) -> str:
         """Encrypt ``payload`` (a JSON-serialisable mapping) into a cookie-safe string."""

@@ -11,6 +11,8 @@ enforced by ``load`` with the caller's clock.
 - :class:`MemoryStore`: the cookie holds an opaque 256-bit handle; the session
   stays in this process. Revocable, but not shared between workers or kept
   across restarts.
+- :class:`gateway.session.redis_store.RedisStore`: the same handle, the session
+  sealed in Redis; shared by every worker and replica.
 
 Session fixation: a store that keeps sessions server-side issues a new handle
 whenever a saved session's assurance differs from what the previous handle
@@ -275,6 +277,17 @@ def make_store(cfg: model.SessionConfig) -> SessionStore:
         )
     if cfg.store == "memory":
         return MemoryStore(idle_timeout_s=cfg.idle_timeout_s, lifetime_s=cfg.lifetime_s)
+    if cfg.store == "redis" and cfg.redis_url is not None:
+        # Imported here: redis_store builds on this module.
+        from gateway.session.redis_store import RedisStore
+
+        return RedisStore.from_url(
+            cfg.redis_url,
+            cfg.secrets,
+            idle_timeout_s=cfg.idle_timeout_s,
+            lifetime_s=cfg.lifetime_s,
+            prefix=cfg.redis_prefix,
+        )
     raise errors.ConfigError(
         [errors.ConfigProblem("session.store", f"store {cfg.store!r} is not available")]
     )
