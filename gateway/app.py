@@ -8,6 +8,8 @@ This module is the only place where errors become responses.
 
 from __future__ import annotations
 
+import asyncio
+import html
 import ipaddress
 import re
 import secrets
@@ -21,9 +23,10 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod
 from aiohttp.web_protocol import RequestHandler
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway import assurance, headers, responses
-from gateway.assertion import AssertionSigner, load_or_generate_key
+from gateway.assertion import AssertionKeyError, AssertionSigner, load_or_generate_key
 from gateway.errors import (
     BadRequest,
     GatewayError,
@@ -36,6 +39,7 @@ from gateway.errors import (
 from gateway.metrics import Metrics
 from gateway.model import Config, Level, Rule
 from gateway.oidc.flow import (
+    LOGOUT_TOKEN_MAX_AGE_S,
     IdTokenError,
     authorization_url,
     end_session_url,
@@ -47,6 +51,7 @@ from gateway.oidc.provider import ProviderClient
 from gateway.paths import canonical_host, normalize_path, split_request_target
 from gateway.policy import Allow, Challenge, Deny, decide
 from gateway.proxy import Upstreams
+from gateway.reload import restart_needed
 from gateway.rules import RuleSet
 from gateway.session.cookies import (
     SetCookieKwargs,
@@ -66,13 +71,11 @@ from gateway.session.transaction import (
 log = structlog.get_logger("gateway")
 audit = structlog.get_logger("gateway.audit")
 
-# A session's last_seen is written back at most this often: the idle timeout is
-# minutes long, so a minute of imprecision costs nothing and saves re-sealing the
-# cookie on every request.
-TOUCH_INTERVAL_S = 60
 # Several tabs may each have a sign-in in flight; beyond this, the oldest is dropped
 # so a page that loops cannot grow the Cookie header without bound.
 MAX_TRANSACTIONS_IN_FLIGHT = 5
+# A logout token is a few hundred bytes; anything far larger is not one.
+MAX_LOGOUT_REQUEST_BYTES = 64 * 1024
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 PROVIDER_ERROR_TEXT = {
@@ -87,42 +90,33 @@ PROVIDER_ERROR_TEXT = {
 }
 
 
+class ReloadRefused(Exception):
+    """A new config that cannot be applied live; the old one stays in force."""
+
+
 class Gateway:
     """One gateway instance: configuration, shared clients and the request handler."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
-        self.config = config
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.time,
+        assertion_key: ec.EllipticCurvePrivateKey | None = None,
+    ) -> None:
         self.clock = clock
-        self.rules = RuleSet(config.rules)
         self.metrics = Metrics()
         self.store: SessionStore = make_store(config.session)
-        self.tx_codec = TransactionCodec(config.session.secrets)
-        secure = config.session.cookie_secure
-        self.secure = secure
-        self.session_cookie = cookie_name(config.session.cookie_name, secure)
-        self.tx_base = f"{config.session.cookie_name}_tx"
-        self.scheme = urlsplit(config.server.public_url).scheme
-        self.prefix = config.server.internal_prefix
-        self.redirect_uri = f"{config.server.public_url}{self.prefix}/callback"
-        self.header_prefix = config.assertion.header_prefix
-        key, generated = load_or_generate_key(config.assertion.key_file)
-        self.key_generated = generated
-        self.signer = AssertionSigner(key, config.server.public_url, config.assertion.ttl_s)
-        base = config.session.cookie_name
-        # Both spellings: an upstream must neither see nor set the gateway's cookies.
-        self.gateway_cookies = frozenset({base, cookie_name(base, True)})
-        self.gateway_cookie_prefixes = (f"{self.tx_base}_", cookie_name(f"{self.tx_base}_", True))
-        self.upstreams = Upstreams(
-            config.upstreams,
-            connect_timeout_s=config.server.upstream_connect_timeout_s,
-            timeout_s=config.server.upstream_timeout_s,
-            gateway_cookies=self.gateway_cookies,
-            gateway_cookie_prefixes=self.gateway_cookie_prefixes,
-        )
-        # Probes hit these every few seconds; an access-log line each would drown the rest.
-        self.quiet_paths = frozenset({f"{self.prefix}/healthz", f"{self.prefix}/readyz"})
+        if assertion_key is None:
+            assertion_key, self.key_generated = load_or_generate_key(config.assertion.key_file)
+        else:
+            self.key_generated = False
+        self._assertion_key = assertion_key
+        self._apply(config)
+        self.upstreams = self._make_upstreams(config)
         self._http: aiohttp.ClientSession | None = None
         self._provider: ProviderClient | None = None
+        self._seen_logout_jti: dict[str, float] = {}
         self._internal: dict[str, Callable[[web.BaseRequest], Any]] = {
             "/callback": self.callback,
             "/logout": self.logout,
@@ -132,7 +126,40 @@ class Gateway:
             "/metrics": self.metrics_endpoint,
             "/jwks.json": self.jwks,
             "/step-up": self.step_up,
+            "/backchannel-logout": self.backchannel_logout,
         }
+
+    def _apply(self, config: Config) -> None:
+        """Set ``config`` and everything derived from it, with no await in between."""
+        self.config = config
+        self.rules = RuleSet(config.rules)
+        self.tx_codec = TransactionCodec(config.session.secrets)
+        secure = config.session.cookie_secure
+        self.secure = secure
+        self.session_cookie = cookie_name(config.session.cookie_name, secure)
+        self.tx_base = f"{config.session.cookie_name}_tx"
+        self.scheme = urlsplit(config.server.public_url).scheme
+        self.prefix = config.server.internal_prefix
+        self.redirect_uri = f"{config.server.public_url}{self.prefix}/callback"
+        self.header_prefix = config.assertion.header_prefix
+        self.signer = AssertionSigner(
+            self._assertion_key, config.server.public_url, config.assertion.ttl_s
+        )
+        base = config.session.cookie_name
+        # Both spellings: an upstream must neither see nor set the gateway's cookies.
+        self.gateway_cookies = frozenset({base, cookie_name(base, True)})
+        self.gateway_cookie_prefixes = (f"{self.tx_base}_", cookie_name(f"{self.tx_base}_", True))
+        # Probes hit these every few seconds; an access-log line each would drown the rest.
+        self.quiet_paths = frozenset({f"{self.prefix}/healthz", f"{self.prefix}/readyz"})
+
+    def _make_upstreams(self, config: Config) -> Upstreams:
+        return Upstreams(
+            config.upstreams,
+            connect_timeout_s=config.server.upstream_connect_timeout_s,
+            timeout_s=config.server.upstream_timeout_s,
+            gateway_cookies=self.gateway_cookies,
+            gateway_cookie_prefixes=self.gateway_cookie_prefixes,
+        )
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -158,8 +185,67 @@ class Gateway:
 
     async def close(self) -> None:
         await self.upstreams.close()
+        close_store = getattr(self.store, "close", None)
+        if close_store is not None:
+            await close_store()
         if self._http is not None:
             await self._http.close()
+
+    async def reload(self, new: Config) -> None:
+        """Apply a new, already validated config without dropping a connection.
+
+        Raises :class:`ReloadRefused` (and changes nothing) when ``new`` changes
+        what only a restart can (listeners, worker count, the session store) or
+        when a changed provider cannot be loaded. Sessions keep their proofs;
+        their levels are re-evaluated against the new level definitions on the
+        next request. In-flight sign-ins survive as long as the secret that
+        sealed them is still listed.
+        """
+        old = self.config
+        blockers = restart_needed(old, new)
+        if blockers:
+            raise ReloadRefused("needs a restart: " + ", ".join(blockers))
+        provider = self._provider
+        if new.oidc != old.oidc:
+            assert self._http is not None
+            provider = ProviderClient(new.oidc, self._http, on_error=self._count_provider_error)
+            try:
+                await provider.load()
+            except ProviderError as exc:
+                raise ReloadRefused(f"the new provider cannot be loaded ({exc.reason})") from exc
+        store = self.store
+        if new.session != old.session:
+            store = make_store(new.session)  # cookie store only (see restart_needed)
+        key = self._assertion_key
+        if new.assertion.key_file != old.assertion.key_file and new.assertion.key_file:
+            try:
+                key, _ = load_or_generate_key(new.assertion.key_file)
+            except AssertionKeyError as exc:
+                raise ReloadRefused(str(exc)) from exc
+        old_upstreams = self.upstreams
+        pool_settings = (
+            (
+                c.upstreams,
+                c.server.upstream_timeout_s,
+                c.server.upstream_connect_timeout_s,
+                c.session.cookie_name,
+            )
+            for c in (old, new)
+        )
+        new_pools = next(pool_settings) != next(pool_settings)
+        # From here on nothing awaits until every piece is swapped.
+        self._assertion_key = key
+        self._apply(new)
+        self.store = store
+        self._provider = provider
+        if new_pools:
+            self.upstreams = self._make_upstreams(new)
+            # Requests still streaming through the old pools finish first.
+            asyncio.get_running_loop().call_later(
+                new.server.shutdown_timeout_s + 1,
+                lambda: asyncio.ensure_future(old_upstreams.close()),
+            )
+        log.info("config_reloaded", rules=len(new.rules), source=new.source)
 
     @property
     def provider(self) -> ProviderClient:
@@ -186,15 +272,16 @@ class Gateway:
             if path == self.prefix or path.startswith(self.prefix + "/"):
                 response = await self.internal(request, path[len(self.prefix) :] or "/")
             else:
-                if not self.rules.method_known(request.method):
+                rules, config = self.rules, self.config  # one consistent view across a reload
+                if not rules.method_known(request.method):
                     raise MethodNotAllowed(
                         "This method is not allowed here.", reason="unknown_method"
                     )
                 host = canonical_host(request.headers.get("Host"), self.scheme)
-                rule = self.rules.match(request.method, host, path)
+                rule = rules.match(request.method, host, path)
                 rule_name = rule.name if rule is not None else None
                 session = await self.load_session(request)
-                decision = decide(rule, session, self.config.assurance, self.clock())
+                decision = decide(rule, session, config.assurance, self.clock())
                 self.metrics.requests.labels(rule_name or "", DECISION_LABEL[type(decision)]).inc()
                 if isinstance(decision, Allow):
                     path_qs = path if query is None else f"{path}?{query}"
@@ -265,8 +352,10 @@ class Gateway:
                 upstream_headers[name] = value
         refreshed: str | None = None
         now = self.clock()
-        if session is not None and now - session.last_seen >= TOUCH_INTERVAL_S:
-            refreshed = await self.store.save(session.touched(now), now)
+        if session is not None and session.touch_due(now):
+            refreshed = await self.store.save(
+                session.touched(now), now, previous=request.cookies.get(self.session_cookie)
+            )
         if is_websocket(request):
             return await self.upstreams.forward_websocket(
                 request, rule.upstream, path_qs=path_qs, headers=upstream_headers
@@ -417,6 +506,11 @@ class Gateway:
         )
         for name in stale:
             response.del_cookie(name, **delete_cookie_kwargs(self.secure))
+        put_tx = getattr(self.store, "put_tx", None)
+        if put_tx is not None:
+            # Server-side too: the callback may land on any worker or replica, and a
+            # replayed callback finds nothing (taken once, below).
+            await put_tx(tx, ttl_s)
         response.set_cookie(
             tx_cookie_name(self.tx_base, tx.state, self.secure),
             self.tx_codec.seal(tx),
@@ -449,6 +543,9 @@ class Gateway:
             if state
             else None
         )
+        take_tx = getattr(self.store, "take_tx", None)
+        if tx is not None and take_tx is not None and await take_tx(state) is None:
+            tx = None  # already used: a replayed callback
         if tx is None:
             self.metrics.challenges.labels("failed", "").inc()
             audit.info("step_up_failure", reason="unknown_transaction")
@@ -614,16 +711,25 @@ class Gateway:
     ) -> web.StreamResponse:
         self.metrics.challenges.labels("failed", level_name).inc()
         audit.info("step_up_failure", rule=tx.rule, need=level_name, reason=reason)
+        signed_in = bool(request.cookies.get(self.session_cookie))
+        too_weak = reason == "provider_unmet_authentication_requirements"
+        title = "A stronger sign-in is needed" if too_weak else "Sign-in did not complete"
+        paragraphs = [text]
+        if too_weak and level_name:
+            paragraphs.append(f"This action needs the level '{level_name}'.")
+        paragraphs.append(
+            "You are still signed in as before; nothing was changed."
+            if signed_in
+            else "You are not signed in; nothing was changed."
+        )
         return self.page_response(
             request,
             status,
-            "Sign-in did not complete",
-            [
-                text,
-                "You are still signed in as before; nothing was changed.",
-                "Go back to the page you were on to try again.",
-            ],
+            title,
+            paragraphs,
             error=reason,
+            raw_html=f'<p><a href="{html.escape(tx.return_to, quote=True)}">Go back</a> · '
+            '<a href="/">Home</a></p>',
         )
 
     async def step_up(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -646,6 +752,79 @@ class Gateway:
             level=level,
             max_age_s=max_age_s,
         )
+
+    async def backchannel_logout(self, request: web.BaseRequest) -> web.StreamResponse:
+        """OpenID Connect Back-Channel Logout 1.0: the provider ends sessions here.
+
+        Answers per section 2.8: 200 on success, 400 with a JSON error otherwise,
+        never cached. Every session of the token's ``sid`` or ``sub`` is deleted
+        from the (server-side) store, so every worker and replica sees it.
+        """
+        no_store = {"Cache-Control": "no-store"}
+        if request.method != "POST":
+            raise MethodNotAllowed("Back-channel logout takes POST", reason="bcl_method")
+        delete_by = getattr(self.store, "delete_by", None)
+        if delete_by is None:
+            return web.json_response(
+                {
+                    "error": "not_supported",
+                    "error_description": "back-channel logout needs session.store memory or redis",
+                },
+                status=501,
+                headers=no_store,
+            )
+        if (request.content_length or 0) > MAX_LOGOUT_REQUEST_BYTES:
+            raise BadRequest("The logout request is too large.", reason="bcl_too_large")
+        form = await request.post()
+        token = form.get("logout_token")
+        if not isinstance(token, str):
+            return web.json_response(
+                {"error": "invalid_request", "error_description": "logout_token is missing"},
+                status=400,
+                headers=no_store,
+            )
+        now = self.clock()
+        try:
+            claims = await self.provider.verify_logout(token, now=now)
+            first_use = await self.claim_logout_jti(claims.jti, now)
+        except IdTokenError as exc:
+            audit.info("backchannel_logout_refused", reason=exc.reason)
+            return web.json_response(
+                {"error": "invalid_request", "error_description": f"logout_token: {exc.reason}"},
+                status=400,
+                headers=no_store,
+            )
+        if not first_use:
+            audit.info("backchannel_logout_refused", reason="jti_replayed")
+            return web.json_response(
+                {"error": "invalid_request", "error_description": "logout_token replayed"},
+                status=400,
+                headers=no_store,
+            )
+        deleted = await delete_by(sub=claims.sub, provider_sid=claims.sid)
+        audit.info(
+            "backchannel_logout",
+            sub=claims.sub,
+            sid_given=claims.sid is not None,
+            sessions_deleted=deleted,
+        )
+        return web.Response(status=200, headers=no_store)
+
+    async def claim_logout_jti(self, jti: str, now: float) -> bool:
+        """True the first time ``jti`` is seen (in the store when it can, else here)."""
+        ttl_s = LOGOUT_TOKEN_MAX_AGE_S + 2 * self.config.oidc.clock_skew_s
+        claim_once = getattr(self.store, "claim_once", None)
+        if claim_once is not None:
+            first: bool = await claim_once(f"jti:{jti}", ttl_s)
+            return first
+        seen = self._seen_logout_jti
+        for old_jti, expires in list(seen.items())[:64]:
+            if expires <= now:
+                del seen[old_jti]
+        if jti in seen:
+            return False
+        seen[jti] = now + ttl_s
+        return True
 
     async def logout(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.method in ("GET", "HEAD"):
@@ -710,7 +889,7 @@ class Gateway:
                 provider_ready = False
         try:
             store_ready = await self.store.ping()
-        except (OSError, ConnectionError):
+        except (StoreUnavailable, OSError, ConnectionError):
             store_ready = False
         ready = provider_ready and store_ready
         self.metrics.ready.set(1 if ready else 0)

@@ -128,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
     # Imported here: `check` and `explain` need neither aiohttp nor the event loop.
     from gateway.server import serve
 
-    return serve(config)
+    return serve(config, config_path=args.config)
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -6,7 +6,9 @@ Never pass a token, cookie or secret to a log call: log names, reasons and ids.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -21,9 +23,16 @@ _LEVELS = {
 
 def configure(level: str = "info", stream: Any = None) -> None:
     """JSON lines on stdout (or ``stream``): one object per event."""
+    pid = os.getpid()  # configure() runs in each worker process
+
+    def add_pid(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event["pid"] = pid
+        return event
+
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_pid,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

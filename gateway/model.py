@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -92,7 +93,22 @@ class Requirement:
 
     level: str | None
     max_age_s: int | None = None
-    once: bool = False
+    once: bool = False  # each matching request consumes its own step-up
+    bind: tuple[str, ...] = ()  # request fields the proof is bound to (PSD2 dynamic linking)
+
+
+@dataclass(frozen=True, slots=True)
+class RiskConfig:
+    url: str
+    timeout_s: float = 1.0
+    on_error: str = "step_up"  # step_up (ask for the strongest level) | deny
+    cache_s: int = 0  # per session; 0 = ask every time
+
+
+@dataclass(frozen=True, slots=True)
+class StepUpConfig:
+    max_body_bytes: int = 1024 * 1024  # form posts kept across a step-up, and bound fields
+    authorization_details_type: str = "payment_initiation"  # RFC 9396 type for bind rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +119,10 @@ class Rule:
     require: Requirement
     upstream: str
     allow_method_override: bool = False
+    # An upstream's RFC 9470 401 to a browser starts a step-up instead of reaching it.
+    upstream_challenge: bool = False
+    when: Any = None  # gateway.conditions.Condition: the rule applies only when it holds
+    risk: RiskConfig | None = None  # ask an external risk engine what this request needs
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,3 +142,4 @@ class Config:
     rules: tuple[Rule, ...]
     assertion: AssertionConfig = field(default_factory=AssertionConfig)
     source: str = "<memory>"
+    step_up: StepUpConfig = field(default_factory=StepUpConfig)

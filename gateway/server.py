@@ -1,21 +1,77 @@
-"""Serving: listeners, signals, graceful shutdown."""
+"""Serving: listeners, signals, config reload, graceful shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway import logs
-from gateway.app import Gateway, make_server
+from gateway.app import Gateway, ReloadRefused, make_server
 from gateway.assertion import AssertionKeyError
+from gateway.config import load_config
+from gateway.errors import ConfigError
 from gateway.model import Config
 
 log = structlog.get_logger("gateway.server")
+
+# How often the config file is looked at. A Kubernetes ConfigMap update reaches the
+# pod as a symlink swap within about a minute; two seconds more does not matter,
+# and a stat() every two seconds costs nothing.
+CONFIG_POLL_S = 2.0
+
+
+def _file_identity(path: str) -> tuple[int, int, int, int] | None:
+    """What changes when the file does: through symlinks (ConfigMaps swap a link)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+async def reload_from(gateway: Gateway, path: str, trigger: str) -> bool:
+    """Validate ``path`` and apply it; on any problem keep the running config."""
+    try:
+        new = load_config(path)
+        await gateway.reload(new)
+    except ConfigError as exc:
+        gateway.metrics.config_reloads.labels("invalid").inc()
+        log.error("config_reload_failed", trigger=trigger, problems=[str(p) for p in exc.problems])
+        return False
+    except ReloadRefused as exc:
+        gateway.metrics.config_reloads.labels("refused").inc()
+        log.error("config_reload_failed", trigger=trigger, reason=str(exc))
+        return False
+    gateway.metrics.config_reloads.labels("ok").inc()
+    return True
+
+
+async def watch_config(
+    gateway: Gateway,
+    path: str,
+    reload_now: asyncio.Event,
+    seen: tuple[int, int, int, int] | None,
+) -> None:
+    """Reload on SIGHUP (``reload_now``) or when the file changes from ``seen``."""
+    while True:
+        try:
+            await asyncio.wait_for(reload_now.wait(), timeout=CONFIG_POLL_S)
+            trigger = "signal"
+        except TimeoutError:
+            trigger = "file_change"
+        reload_now.clear()
+        current = _file_identity(path)
+        if trigger == "file_change" and (current == seen or current is None):
+            continue
+        seen = current
+        await reload_from(gateway, path, trigger)
 
 
 async def run_gateway(
@@ -23,54 +79,64 @@ async def run_gateway(
     stop: asyncio.Event,
     *,
     on_ready: Callable[[Gateway], Awaitable[None] | None] | None = None,
+    config_path: str | None = None,
+    reload_now: asyncio.Event | None = None,
+    clock: Callable[[], float] | None = None,
+    assertion_key: ec.EllipticCurvePrivateKey | None = None,
 ) -> None:
-    """Serve ``config`` until ``stop`` is set, then drain in-flight requests."""
-    gateway = Gateway(config)
+    """Serve ``config`` until ``stop`` is set, then drain in-flight requests.
+
+    With ``config_path``, the file is watched and reloaded (also whenever
+    ``reload_now`` is set, e.g. by SIGHUP).
+    """
+    # Taken before anything awaits, so a change made while starting is not missed.
+    config_identity = _file_identity(config_path) if config_path is not None else None
+    if clock is None:
+        gateway = Gateway(config, assertion_key=assertion_key)
+    else:
+        gateway = Gateway(config, clock=clock, assertion_key=assertion_key)
     await gateway.start()
     server = config.server
     runner = web.ServerRunner(
         make_server(gateway), shutdown_timeout=server.shutdown_timeout_s, access_log=None
     )
-    await runner.setup()
-    site = web.TCPSite(
-        runner,
-        server.listen_host,
-        server.listen_port,
-        reuse_port=server.workers > 1,
-        backlog=1024,
-    )
-    await site.start()
     metrics_runner: web.AppRunner | None = None
-    if server.metrics_listen is not None:
-        metrics_app = web.Application()
-
-        async def metrics(_: web.Request) -> web.Response:
-            return gateway.metrics_response()
-
-        metrics_app.router.add_get("/metrics", metrics)
-        metrics_runner = web.AppRunner(metrics_app, access_log=None)
-        await metrics_runner.setup()
-        host, port = server.metrics_listen
-        await web.TCPSite(metrics_runner, host, port).start()
-    log.info(
-        "listening",
-        listen=f"{server.listen_host}:{server.listen_port}",
-        public_url=server.public_url,
-        rules=len(config.rules),
-        store=config.session.store,
-    )
-    # Objects created at start-up live for the whole process: move them out of the
-    # collector's sight so full collections stay short (fewer latency spikes).
-    gc.collect()
-    gc.freeze()
-    if on_ready is not None:
-        result = on_ready(gateway)
-        if result is not None:
-            await result
+    watcher: asyncio.Task[None] | None = None
     try:
+        await runner.setup()
+        site = web.TCPSite(
+            runner,
+            server.listen_host,
+            server.listen_port,
+            reuse_port=server.workers > 1,
+            backlog=1024,
+        )
+        await site.start()
+        metrics_runner = await _start_metrics(gateway, config)
+        if config_path is not None:
+            watcher = asyncio.create_task(
+                watch_config(gateway, config_path, reload_now or asyncio.Event(), config_identity)
+            )
+        log.info(
+            "listening",
+            listen=f"{server.listen_host}:{server.listen_port}",
+            public_url=server.public_url,
+            rules=len(config.rules),
+            store=config.session.store,
+        )
+        # Objects created at start-up live for the whole process: move them out of the
+        # collector's sight so full collections stay short (fewer latency spikes).
+        gc.collect()
+        gc.freeze()
+        if on_ready is not None:
+            result = on_ready(gateway)
+            if result is not None:
+                await result
         await stop.wait()
     finally:
         log.info("draining", shutdown_timeout_s=server.shutdown_timeout_s)
+        if watcher is not None:
+            watcher.cancel()
         await runner.cleanup()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
@@ -78,13 +144,43 @@ async def run_gateway(
         log.info("stopped")
 
 
-async def _main(config: Config) -> int:
+async def _start_metrics(gateway: Gateway, config: Config) -> web.AppRunner | None:
+    """The separate /metrics listener, when ``server.metrics_listen`` is set."""
+    server = config.server
+    if server.metrics_listen is None:
+        return None
+    metrics_app = web.Application()
+
+    async def metrics(_: web.Request) -> web.Response:
+        return gateway.metrics_response()
+
+    metrics_app.router.add_get("/metrics", metrics)
+    metrics_runner = web.AppRunner(metrics_app, access_log=None)
+    await metrics_runner.setup()
+    host, port = server.metrics_listen
+    await web.TCPSite(metrics_runner, host, port, reuse_port=server.workers > 1).start()
+    return metrics_runner
+
+
+async def _main(
+    config: Config,
+    config_path: str | None,
+    assertion_key: ec.EllipticCurvePrivateKey | None = None,
+) -> int:
     stop = asyncio.Event()
+    reload_now = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_now.set)
     try:
-        await run_gateway(config, stop)
+        await run_gateway(
+            config,
+            stop,
+            config_path=config_path,
+            reload_now=reload_now,
+            assertion_key=assertion_key,
+        )
     except AssertionKeyError as exc:
         log.error("assertion_key_error", error=str(exc))
         return 1
@@ -94,12 +190,25 @@ async def _main(config: Config) -> int:
     return 0
 
 
-def serve(config: Config) -> int:
-    """``stepup-gateway run``: serve until SIGTERM/SIGINT; exit status."""
+def run_one(
+    config: Config,
+    config_path: str | None,
+    assertion_key: ec.EllipticCurvePrivateKey | None = None,
+) -> int:
+    """One serving process (the whole gateway, or one worker of several)."""
     logs.configure(config.server.log_level)
     try:
         import uvloop
 
-        return uvloop.run(_main(config))
+        return uvloop.run(_main(config, config_path, assertion_key))
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        return asyncio.run(_main(config))
+        return asyncio.run(_main(config, config_path, assertion_key))
+
+
+def serve(config: Config, config_path: str | None = None) -> int:
+    """``stepup-gateway run``: serve until SIGTERM/SIGINT; the exit status."""
+    if config.server.workers > 1:
+        from gateway.workers import supervise
+
+        return supervise(config, config_path)
+    return run_one(config, config_path)

@@ -432,26 +432,10 @@ def key_fits_alg(key: jwt.PyJWK, alg: str) -> bool:
     return False
 
 
-def verify_id_token(
-    token: str,
-    key: jwt.PyJWK,
-    *,
-    issuer: str,
-    client_id: str,
-    nonce: str,
-    now: float,
-    skew_s: int,
-    allowed_algs: Sequence[str],
-    require_auth_time: bool = False,
-) -> IdTokenClaims:
-    """Verify an ID token from the token endpoint (OIDC Core 3.1.3.7).
+def verified_payload(token: str, key: jwt.PyJWK, allowed_algs: Sequence[str]) -> dict[str, Any]:
+    """The JSON payload of a JWS signed by ``key``, after the algorithm checks.
 
-    pyjwt checks the signature only; every claim is checked here against ``now``
-    so that time is the caller's. Keys named in the token (``jku``, ``jwk``,
-    ``x5u``) are ignored: the key comes from the provider's JWKS via ``key``.
-    Pass ``require_auth_time=True`` when the request carried ``max_age``: the
-    provider must then state ``auth_time`` (OIDC Core 3.1.2.1).
-    Raises :class:`IdTokenError` on the first failed check.
+    Shared by ID tokens and back-channel logout tokens. Raises :class:`IdTokenError`.
     """
     header = unverified_header(token)
     alg: str = header["alg"]
@@ -478,6 +462,31 @@ def verify_id_token(
         raise IdTokenError("malformed") from None
     if not isinstance(payload, dict):
         raise IdTokenError("malformed")
+    return payload
+
+
+def verify_id_token(
+    token: str,
+    key: jwt.PyJWK,
+    *,
+    issuer: str,
+    client_id: str,
+    nonce: str,
+    now: float,
+    skew_s: int,
+    allowed_algs: Sequence[str],
+    require_auth_time: bool = False,
+) -> IdTokenClaims:
+    """Verify an ID token from the token endpoint (OIDC Core 3.1.3.7).
+
+    pyjwt checks the signature only; every claim is checked here against ``now``
+    so that time is the caller's. Keys named in the token (``jku``, ``jwk``,
+    ``x5u``) are ignored: the key comes from the provider's JWKS via ``key``.
+    Pass ``require_auth_time=True`` when the request carried ``max_age``: the
+    provider must then state ``auth_time`` (OIDC Core 3.1.2.1).
+    Raises :class:`IdTokenError` on the first failed check.
+    """
+    payload = verified_payload(token, key, allowed_algs)
     claims = _read_claims(payload)
     _check_claims(claims, issuer=issuer, client_id=client_id, nonce=nonce, now=now, skew_s=skew_s)
     if require_auth_time and claims.auth_time is None:
@@ -575,3 +584,71 @@ def _check_claims(
     # OIDC Core 3.1.3.7 (11): the nonce we sent must come back, byte for byte.
     if claims.nonce is None or not hmac.compare_digest(claims.nonce.encode(), nonce.encode()):
         raise IdTokenError("nonce")
+
+
+# ------------------------------------------------------------- back-channel logout
+
+BACKCHANNEL_LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
+# Back-Channel Logout 1.0 section 2.6 leaves "recent enough" to the RP; two minutes
+# bounds how long a captured token stays replayable against a fresh jti cache.
+LOGOUT_TOKEN_MAX_AGE_S = 120
+
+
+@dataclass(frozen=True, slots=True)
+class LogoutClaims:
+    sub: str | None
+    sid: str | None
+    jti: str
+    iat: int
+
+
+def verify_logout_token(
+    token: str,
+    key: jwt.PyJWK,
+    *,
+    issuer: str,
+    client_id: str,
+    now: float,
+    skew_s: int,
+    allowed_algs: Sequence[str],
+) -> LogoutClaims:
+    """Validate a Back-Channel Logout token (OIDC Back-Channel Logout 1.0, 2.6).
+
+    Signature and algorithm as for ID tokens; ``iss``, ``aud``, ``iat`` (not in the
+    future, not older than :data:`LOGOUT_TOKEN_MAX_AGE_S`), ``exp`` when present,
+    ``jti`` present, the ``events`` member naming the logout event with a JSON
+    object, ``sub`` or ``sid`` present, and no ``nonce`` (so an ID token can never
+    be replayed as a logout token). Replay of ``jti`` is the caller's check.
+    """
+    payload = verified_payload(token, key, allowed_algs)
+    if payload.get("iss") != issuer:
+        raise IdTokenError("iss")
+    aud = payload.get("aud")
+    audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+    if client_id not in audiences:
+        raise IdTokenError("aud")
+    iat = payload.get("iat")
+    if not isinstance(iat, int) or isinstance(iat, bool):
+        raise IdTokenError("malformed", claim="iat")
+    if iat > now + skew_s or iat < now - LOGOUT_TOKEN_MAX_AGE_S - skew_s:
+        raise IdTokenError("iat")
+    exp = payload.get("exp")
+    if exp is not None and (not isinstance(exp, int | float) or exp <= now - skew_s):
+        raise IdTokenError("exp")
+    jti = payload.get("jti")
+    if not isinstance(jti, str) or not jti:
+        raise IdTokenError("malformed", claim="jti")
+    events = payload.get("events")
+    if not isinstance(events, dict) or not isinstance(events.get(BACKCHANNEL_LOGOUT_EVENT), dict):
+        raise IdTokenError("events")
+    if "nonce" in payload:
+        raise IdTokenError("nonce")
+    sub = payload.get("sub")
+    sid = payload.get("sid")
+    if sub is not None and not isinstance(sub, str):
+        raise IdTokenError("malformed", claim="sub")
+    if sid is not None and not isinstance(sid, str):
+        raise IdTokenError("malformed", claim="sid")
+    if not sub and not sid:
+        raise IdTokenError("sub")
+    return LogoutClaims(sub=sub or None, sid=sid or None, jti=jti, iat=iat)

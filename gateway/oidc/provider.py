@@ -22,6 +22,7 @@ from gateway import errors, model
 from gateway.oidc.flow import (
     IdTokenClaims,
     IdTokenError,
+    LogoutClaims,
     ProviderMetadata,
     key_fits_alg,
     parse_metadata,
@@ -30,6 +31,7 @@ from gateway.oidc.flow import (
     unverified_header,
     usable_algs,
     verify_id_token,
+    verify_logout_token,
 )
 
 __all__ = ["ERROR_KINDS", "ProviderClient", "ProviderMetadata"]
@@ -187,6 +189,20 @@ class ProviderClient:
             skew_s=self._cfg.clock_skew_s,
             allowed_algs=self._cfg.algorithms,
             require_auth_time=require_auth_time,
+        )
+
+    async def verify_logout(self, logout_token: str, *, now: float) -> LogoutClaims:
+        """Verify a back-channel logout token with the provider's keys."""
+        header = unverified_header(logout_token)
+        key = await self.key_for(header.get("kid"), header["alg"])
+        return verify_logout_token(
+            logout_token,
+            key,
+            issuer=self._cfg.issuer,
+            client_id=self._cfg.client_id,
+            now=now,
+            skew_s=self._cfg.clock_skew_s,
+            allowed_algs=self._cfg.algorithms,
         )
 
     # -------------------------------------------------------------------- metadata

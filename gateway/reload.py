@@ -1,0 +1,30 @@
+"""What a live config reload can and cannot apply (pure)."""
+
+from __future__ import annotations
+
+from gateway import model
+
+
+def restart_needed(old: model.Config, new: model.Config) -> list[str]:
+    """The keys whose change a live reload cannot apply (empty: reload is possible).
+
+    Listeners and the worker count belong to the process; a server-side session
+    store holds sessions that a new store object would lose.
+    """
+    blockers = [
+        name
+        for name, before, after in (
+            (
+                "server.listen",
+                (old.server.listen_host, old.server.listen_port),
+                (new.server.listen_host, new.server.listen_port),
+            ),
+            ("server.metrics_listen", old.server.metrics_listen, new.server.metrics_listen),
+            ("server.workers", old.server.workers, new.server.workers),
+            ("session.store", old.session.store, new.session.store),
+        )
+        if before != after
+    ]
+    if old.session.store != "cookie" and old.session != new.session and not blockers:
+        blockers.append("session (with a server-side store)")
+    return blockers
