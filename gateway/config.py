@@ -1038,6 +1038,9 @@ class _Validator:
     ) -> tuple[model.Rule, ...]:
         rules: list[model.Rule] = []
         first_index: dict[str, int] = {}
+        # The earlier rules by (canonical path, host): check_reachable looks up only
+        # the few patterns that could cover a rule, so 10,000 rules load in seconds.
+        earlier: dict[tuple[str, str | None], list[model.Rule]] = {}
         entries = self.items(node, path)
         if not entries:
             return ()
@@ -1054,7 +1057,9 @@ class _Validator:
                 )
                 continue
             first_index[rule.name] = index
-            self.check_reachable(rule, rules, item_path, item)
+            canonical = compile_glob(rule.match.path).canonical
+            self.check_reachable(rule, canonical, earlier, item_path, item)
+            earlier.setdefault((canonical, rule.match.host), []).append(rule)
             rules.append(rule)
         return tuple(rules)
 
@@ -1186,36 +1191,46 @@ class _Validator:
         return name
 
     def check_reachable(
-        self, rule: model.Rule, earlier: Sequence[model.Rule], path: str, node: Node
+        self,
+        rule: model.Rule,
+        path_pattern: str,
+        earlier: Mapping[tuple[str, str | None], Sequence[model.Rule]],
+        path: str,
+        node: Node,
     ) -> None:
         """Refuse a rule that an earlier one always matches first: it could never apply.
 
         Only the certain cases: same or broader ``/prefix/**`` path, any host or the same
-        host, any method or a superset.
+        host, any method or a superset. ``path_pattern`` is the rule's canonical path,
+        ``earlier`` the rules before it keyed by (canonical path, host).
         """
-        path_pattern = compile_glob(rule.match.path).canonical
-        for before in earlier:
-            if before.match.host is not None and before.match.host != rule.match.host:
-                continue
-            if before.match.methods is not None and (
-                rule.match.methods is None or not rule.match.methods <= before.match.methods
-            ):
-                continue
-            pattern = compile_glob(before.match.path).canonical
-            # "/api/**" covers "/api" itself and everything below "/api/".
-            covers = pattern == path_pattern or (
-                pattern.endswith("/**")
-                and (path_pattern.startswith(pattern[:-2]) or path_pattern == pattern[:-3])
+        # The patterns that cover path_pattern: itself, and "X/**" for every "X/" it
+        # starts with or equals ("/api/**" covers "/api" itself and all below "/api/").
+        covering = {path_pattern, path_pattern + "/**"}
+        for position, char in enumerate(path_pattern):
+            if char == "/":
+                covering.add(path_pattern[: position + 1] + "**")
+        hosts = {None, rule.match.host}
+        first: model.Rule | None = None
+        for pattern in covering:
+            for host in hosts:
+                for before in earlier.get((pattern, host), ()):
+                    if first is not None and before.index >= first.index:
+                        break  # each list is in rule order
+                    if before.match.methods is not None and (
+                        rule.match.methods is None or not rule.match.methods <= before.match.methods
+                    ):
+                        continue
+                    first = before
+                    break
+        if first is not None:
+            self.note(
+                path,
+                f"rule {rule.name!r} can never match: rules[{first.index}] "
+                f"{first.name!r} (path {first.match.path!r}) matches all its requests first; "
+                "put the more specific rule earlier",
+                node,
             )
-            if covers:
-                self.note(
-                    path,
-                    f"rule {rule.name!r} can never match: rules[{before.index}] "
-                    f"{before.name!r} (path {before.match.path!r}) matches all its requests first; "
-                    "put the more specific rule earlier",
-                    node,
-                )
-                return
 
     def assertion(self, node: Node, path: str) -> model.AssertionConfig:
         m = self.mapping(node, path, ("key_file", "ttl", "header_prefix"))

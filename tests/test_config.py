@@ -712,3 +712,61 @@ def test_mutated_config_raises_only_config_error(data: st.DataObject) -> None:
         load(text, {"X": "y"})
     except ConfigError as exc:
         assert exc.problems
+
+
+# --- unreachable rules: the indexed check finds exactly what a full scan finds ---------
+
+_REACH_PATHS = ("/**", "/a", "/a/**", "/a/b", "/a/b/**", "/b/**", "/a*/**", "/a/*", "/a/")
+_REACH_HOSTS = (None, "a.example.com", "b.example.com")
+_REACH_METHODS = (None, ("GET",), ("GET", "POST"), ("POST",))
+
+
+def _covers_by_scan(
+    rule: tuple[str, str | None, tuple[str, ...] | None],
+    before: tuple[str, str | None, tuple[str, ...] | None],
+) -> bool:
+    (path, host, methods), (b_path, b_host, b_methods) = rule, before
+    if b_host is not None and b_host != host:
+        return False
+    if b_methods is not None and (methods is None or not set(methods) <= set(b_methods)):
+        return False
+    return b_path == path or (
+        b_path.endswith("/**") and (path.startswith(b_path[:-2]) or path == b_path[:-3])
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(_REACH_PATHS),
+            st.sampled_from(_REACH_HOSTS),
+            st.sampled_from(_REACH_METHODS),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_unreachable_rules_match_a_full_scan(
+    rules: list[tuple[str, str | None, tuple[str, ...] | None]],
+) -> None:
+    lines = ["rules:"]
+    for i, (path, host, methods) in enumerate(rules):
+        match = f"path: '{path}'"
+        if host is not None:
+            match += f", host: {host}"
+        if methods is not None:
+            match += f", methods: [{', '.join(methods)}]"
+        lines += [f"  - name: r{i}", f"    match: {{{match}}}", "    require: none"]
+    text = BASE.split("rules:\n")[0] + "\n".join(lines) + "\n"
+    expected = []
+    for j, rule in enumerate(rules):
+        first = next((i for i in range(j) if _covers_by_scan(rule, rules[i])), None)
+        if first is not None:
+            expected.append(f"rule 'r{j}' can never match: rules[{first}] 'r{first}'")
+    try:
+        load(text)
+        found: list[str] = []
+    except ConfigError as exc:
+        found = [p.message.split(" (path")[0] for p in exc.problems]
+    assert found == expected
