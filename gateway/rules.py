@@ -245,6 +245,24 @@ class RuleSet:
                 return candidate.rule
         return None
 
+    def candidates_for(self, method: str, host: str | None, path: str) -> Iterator[model.Rule]:
+        """Every rule that matches, in first-match order (lazily).
+
+        :meth:`match` is the first of these. A rule with ``when`` applies only when
+        its condition holds, so the caller walks on to the next one otherwise.
+        """
+        if not path.startswith("/"):
+            return
+        segments = path[1:].split("/")
+        request_host = host.lower() if host is not None else None
+        for candidate in self._candidates(segments):
+            if candidate.methods is not None and method not in candidate.methods:
+                continue
+            if candidate.host is not None and candidate.host != request_host:
+                continue
+            if _match_segments(candidate.glob.tokens, segments):
+                yield candidate.rule
+
     def candidates(self, path: str) -> tuple[model.Rule, ...]:
         """The rules the index leaves to test for ``path``, in first-match order.
 

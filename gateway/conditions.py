@@ -1,0 +1,903 @@
+"""Risk conditions: ``when:`` makes a rule apply only to riskier requests.
+
+A small declarative language, parsed once at start-up by a hand-written tokenizer
+and a recursive-descent parser; nothing is ever passed to ``eval``. Pure: no I/O.
+
+Grammar
+    In YAML, ``when`` is a condition string, a list of them (all must hold), or
+    ``{any: [...]}`` / ``{all: [...]}``, which nest::
+
+        when     := CONDITION | [when, ...] | {any: [when, ...]} | {all: [when, ...]}
+        CONDITION:= FIELD OP VALUE                     amount > 1000, currency == EUR
+                  | FIELD [not] in [VALUE, ...]        country not in [DE, FR]
+                  | client_ip [not] in [CIDR, ...]     client_ip in [10.0.0.0/8, ::1]
+                  | client_ip_changed
+                  | auth_age ORDER DURATION            auth_age > 10m, auth_age >= 300
+        OP       := ORDER | == | !=
+        ORDER    := > | >= | < | <=
+        FIELD    := [A-Za-z_][A-Za-z0-9_.-]*           beneficiary.iban reaches into JSON
+        VALUE    := NUMBER | WORD | "quoted" | 'quoted'   (\\ \" \' escape in quotes)
+        DURATION := whole seconds (300) or a number with units s, m, h, d (10m, 1h30m)
+
+    ``client_ip``, ``client_ip_changed`` and ``auth_age`` are facts about the
+    request and the session, not request fields. Numbers (``-?digits[.digits][e±N]``)
+    compare as :class:`decimal.Decimal`, so ``1000.00 == 1000`` and ``0.1 + 0.2``
+    surprises cannot happen; ``>``, ``>=``, ``<`` and ``<=`` need a number. A quoted
+    value is always a string: ``== "1000"`` compares text. Text compares exactly
+    (case-sensitive).
+
+Fail closed
+    A rule with ``when`` is the riskier one, placed before an ordinary rule for
+    the same requests. So a condition that cannot be evaluated -- the field is
+    missing, given twice with different values, not a number where one is
+    needed, an object; no session for ``auth_age`` or ``client_ip_changed``; no
+    client address -- counts as TRUE: the stricter rule applies. ``any`` and
+    ``all`` only combine, and there is deliberately no ``not`` around a whole
+    condition, so "cannot tell" always makes the stricter rule more likely, never
+    less. (``!=`` and ``not in`` are single conditions and follow the same rule.)
+
+Request fields
+    :func:`extract_fields` reads the form, JSON or multipart body and the query
+    into one flat mapping, body first. A field whose value the gateway cannot pin
+    down (a repeated form key with different values, a body and a query that
+    disagree, a dotted JSON key that collides with a nested one) is left out, so
+    it counts as missing; a body that cannot be parsed gives no fields at all.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import hashlib
+import ipaddress
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from email.errors import MessageError
+from email.message import EmailMessage
+from typing import Final
+from urllib.parse import parse_qsl
+
+# --- Limits, and why ------------------------------------------------------------------
+
+# A condition is a line of config; anything longer is a mistake (or a pasted file).
+MAX_CONDITION_CHARS = 1000
+# A CIDR list of a few hundred networks is realistic; a thousand values is a lookup
+# table, which belongs in a risk engine.
+MAX_LIST_ITEMS = 1000
+# any/all nesting; real policies use two or three levels.
+MAX_DEPTH = 16
+# A number's text; longer ones are not amounts (and bound Decimal's work).
+MAX_NUMBER_CHARS = 64
+# JSON nesting the flattener follows; deeper values stay reachable only as objects.
+MAX_JSON_DEPTH = 32
+# Form and multipart fields read from one body (the body's size is bounded by the caller).
+MAX_FIELDS = 10_000
+
+FACTS = ("client_ip", "client_ip_changed", "auth_age")
+ORDER_OPS = (">", ">=", "<", "<=")
+EQUALITY_OPS = ("==", "!=")
+
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+# JSON's number grammar, plus a leading "+" and leading zeros that form fields carry.
+_NUMBER = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]{1,4})?")
+_SECONDS = re.compile(r"[0-9]{1,9}")
+_DURATION = re.compile(r"(?:[0-9]{1,9}[smhd])+")
+_DURATION_PART = re.compile(r"([0-9]+)([smhd])")
+_UNIT_S = {"s": 1, "m": 60, "h": 60 * 60, "d": 24 * 60 * 60}
+_PUNCTUATION = "[],"
+_OPERATOR_CHARS = "<>=!"
+_QUOTES = "'\""
+_FORM = "application/x-www-form-urlencoded"
+_MULTIPART = "multipart/form-data"
+_IDENTITY = ("7bit", "8bit", "binary")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Description = str | list["Description"] | dict[str, list["Description"]]
+
+
+class ConditionError(ValueError):
+    """A ``when`` that cannot be parsed.
+
+    ``where`` locates the offending part inside the ``when`` value: list indexes
+    and ``"any"``/``"all"`` keys, e.g. ``("any", 1)``; the config loader turns it
+    into ``rules[3].when.any[1]`` and a line number.
+    """
+
+    def __init__(self, message: str, where: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.where = where
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What conditions are evaluated against.
+
+    ``fields`` is the flat mapping :func:`extract_fields` builds; ``proven_ip`` the
+    client address the session's last proof was made from; ``auth_age_s`` the
+    seconds since the session's last authentication. ``None`` means unknown (no
+    session, no address), which makes the conditions that need it TRUE.
+    """
+
+    fields: Mapping[str, object]
+    client_ip: str | None = None
+    proven_ip: str | None = None
+    auth_age_s: float | None = None
+
+
+class Condition:
+    """A parsed ``when``. Build with :func:`parse_condition`."""
+
+    __slots__ = ()
+
+    def holds(self, facts: Facts) -> bool:
+        """True when the rule applies; anything that cannot be evaluated counts as true."""
+        return self.evaluate(facts) is not False
+
+    def evaluate(self, facts: Facts) -> bool | None:
+        """True, False, or None when it cannot be evaluated (which :meth:`holds` takes as true)."""
+        raise NotImplementedError
+
+    def fields(self) -> frozenset[str]:
+        """The request fields this condition reads (empty: the body need not be read)."""
+        return frozenset()
+
+    def unknowns(self, facts: Facts) -> frozenset[str]:
+        """What could not be evaluated: field names, ``session`` or ``client_ip`` (for explain)."""
+        return frozenset()
+
+    def describe(self) -> Description:
+        """JSON-able, and parseable again: a string, a list (all) or ``{"any"|"all": [...]}``."""
+        raise NotImplementedError
+
+
+# --- Values ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    """A literal in a condition. ``number`` is set for an unquoted number."""
+
+    text: str
+    quoted: bool
+    number: Decimal | None
+
+    def render(self) -> str:
+        if not self.quoted:
+            return self.text
+        return '"' + self.text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    def equals(self, value: object) -> bool | None:
+        """Whether a request value equals this literal; None when it cannot tell.
+
+        An unquoted number compares numerically, so a value that is not a number
+        cannot be compared with it.
+        """
+        if self.number is not None:
+            number = as_number(value)
+            return None if number is None else number == self.number
+        text = as_text(value)
+        if text is None:
+            return None
+        return text == self.text
+
+
+def as_number(value: object) -> Decimal | None:
+    """A request value as a finite Decimal, or None (bools, objects, non-numeric text)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, Decimal):
+        return value if value.is_finite() else None
+    if isinstance(value, float):
+        return Decimal(repr(value)) if math.isfinite(value) else None
+    if isinstance(value, str) and len(value) <= MAX_NUMBER_CHARS and _NUMBER.fullmatch(value):
+        return Decimal(value)
+    return None
+
+
+def as_text(value: object) -> str | None:
+    """A scalar request value as text (JSON ``true`` -> ``"true"``), else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | Decimal):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    return None
+
+
+def _address(text: str | None) -> IPAddress | None:
+    if text is None:
+        return None
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1 on a dual-stack socket
+    return address
+
+
+_MISSING: Final = object()
+
+
+# --- Conditions -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Compare(Condition):
+    """``FIELD OP VALUE``."""
+
+    field: str
+    op: str
+    value: Value
+
+    def evaluate(self, facts: Facts) -> bool | None:
+        found = facts.fields.get(self.field, _MISSING)
+        if self.op in EQUALITY_OPS:
+            equal = self.value.equals(found)
+            if equal is None:
+                return None
+            return equal if self.op == "==" else not equal
+        number = as_number(found)
+        if number is None or self.value.number is None:
+            return None
+        limit = self.value.number
+        if self.op == ">":
+            return number > limit
+        if self.op == ">=":
+            return number >= limit
+        if self.op == "<":
+            return number < limit
+        return number <= limit
+
+    def fields(self) -> frozenset[str]:
+        return frozenset({self.field})
+
+    def unknowns(self, facts: Facts) -> frozenset[str]:
+        return frozenset({self.field}) if self.evaluate(facts) is None else frozenset()
+
+    def describe(self) -> Description:
+        return f"{self.field} {self.op} {self.value.render()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Membership(Condition):
+    """``FIELD in [VALUE, ...]`` / ``FIELD not in [...]``."""
+
+    field: str
+    negated: bool
+    values: tuple[Value, ...]
+
+    def evaluate(self, facts: Facts) -> bool | None:
+        found = facts.fields.get(self.field, _MISSING)
+        results = [value.equals(found) for value in self.values]
+        if True in results:
+            return not self.negated
+        if None in results:
+            return None
+        return self.negated
+
+    def fields(self) -> frozenset[str]:
+        return frozenset({self.field})
+
+    def unknowns(self, facts: Facts) -> frozenset[str]:
+        return frozenset({self.field}) if self.evaluate(facts) is None else frozenset()
+
+    def describe(self) -> Description:
+        items = ", ".join(value.render() for value in self.values)
+        return f"{self.field} {'not in' if self.negated else 'in'} [{items}]"
+
+
+@dataclass(frozen=True, slots=True)
+class AddressIn(Condition):
+    """``client_ip in [CIDR, ...]`` / ``client_ip not in [...]``."""
+
+    negated: bool
+    networks: tuple[IPNetwork, ...]
+
+    def evaluate(self, facts: Facts) -> bool | None:
+        address = _address(facts.client_ip)
+        if address is None:
+            return None
+        inside = any(address in network for network in self.networks)
+        return inside != self.negated
+
+    def unknowns(self, facts: Facts) -> frozenset[str]:
+        return frozenset({"client_ip"}) if self.evaluate(facts) is None else frozenset()
+
+    def describe(self) -> Description:
+        items = ", ".join(str(network) for network in self.networks)
+        return f"client_ip {'not in' if self.negated else 'in'} [{items}]"
+
+
+@dataclass(frozen=True, slots=True)
+class AddressChanged(Condition):
+    """``client_ip_changed``: the client is not where the session's last proof came from."""
+
+    def evaluate(self, facts: Facts) -> bool | None:
+        current, proven = _address(facts.client_ip), _address(facts.proven_ip)
+        if current is None or proven is None:
+            return None
+        return current != proven
+
+    def unknowns(self, facts: Facts) -> frozenset[str]:
+        if _address(facts.proven_ip) is None:
+            return frozenset({"session"})
+        return frozenset({"client_ip"}) if _address(facts.client_ip) is None else frozenset()
+
+    def describe(self) -> Description:
+        return "client_ip_changed"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAge(Condition):
+    """``auth_age OP DURATION``: seconds since the session's last authentication."""
+
+    op: str
+    seconds: int
+    text: str  # the duration as written, for describe()
+
+    def evaluate(self, facts: Facts) -> bool | None:
+        age = facts.auth_age_s
+        if age is None or not math.isfinite(age):
+            return None
+        if self.op == ">":
+            return age > self.seconds
+        if self.op == ">=":
+            return age >= self.seconds
+        if self.op == "<":
+            return age < self.seconds
+        return age <= self.seconds
+
+    def unknowns(self, facts: Facts) -> frozenset[str]:
+        return frozenset({"session"}) if self.evaluate(facts) is None else frozenset()
+
+    def describe(self) -> Description:
+        return f"auth_age {self.op} {self.text}"
+
+
+@dataclass(frozen=True, slots=True)
+class AllOf(Condition):
+    """Every condition holds. ``listed``: written as a plain YAML list."""
+
+    conditions: tuple[Condition, ...]
+    listed: bool = True
+
+    def evaluate(self, facts: Facts) -> bool | None:
+        results = [condition.evaluate(facts) for condition in self.conditions]
+        if False in results:
+            return False
+        return None if None in results else True
+
+    def fields(self) -> frozenset[str]:
+        return frozenset[str]().union(*(condition.fields() for condition in self.conditions))
+
+    def unknowns(self, facts: Facts) -> frozenset[str]:
+        return frozenset[str]().union(*(condition.unknowns(facts) for condition in self.conditions))
+
+    def describe(self) -> Description:
+        described = [condition.describe() for condition in self.conditions]
+        return described if self.listed else {"all": described}
+
+
+@dataclass(frozen=True, slots=True)
+class AnyOf(Condition):
+    """At least one condition holds."""
+
+    conditions: tuple[Condition, ...]
+
+    def evaluate(self, facts: Facts) -> bool | None:
+        results = [condition.evaluate(facts) for condition in self.conditions]
+        if True in results:
+            return True
+        return None if None in results else False
+
+    def fields(self) -> frozenset[str]:
+        return frozenset[str]().union(*(condition.fields() for condition in self.conditions))
+
+    def unknowns(self, facts: Facts) -> frozenset[str]:
+        return frozenset[str]().union(*(condition.unknowns(facts) for condition in self.conditions))
+
+    def describe(self) -> Description:
+        return {"any": [condition.describe() for condition in self.conditions]}
+
+
+# --- Parsing --------------------------------------------------------------------------
+
+_SHAPE_HINT = (
+    "write a condition like 'amount > 1000', a list of them (all must hold), "
+    "or {any: [...]} / {all: [...]}"
+)
+
+
+def parse_condition(node: object) -> Condition:
+    """Parse a ``when`` value (a string, a list, or an ``any``/``all`` mapping).
+
+    Raises :class:`ConditionError` with a message an operator can act on.
+    """
+    return _parse_node(node, (), 0)
+
+
+def _parse_node(node: object, where: tuple[str | int, ...], depth: int) -> Condition:
+    if depth > MAX_DEPTH:
+        raise ConditionError(f"nested more than {MAX_DEPTH} levels deep", where)
+    if isinstance(node, str):
+        try:
+            return _parse_text(node)
+        except ConditionError as exc:
+            raise ConditionError(exc.message, where) from None
+    if isinstance(node, list | tuple):
+        return AllOf(_parse_items(node, where, depth), listed=True)
+    if isinstance(node, Mapping):
+        keys = list(node)
+        if len(keys) != 1 or keys[0] not in ("any", "all"):
+            shown = ", ".join(repr(key) for key in keys) or "none"
+            raise ConditionError(
+                f"a mapping here takes exactly one key, any or all (got {shown})", where
+            )
+        key: str = keys[0]
+        items = node[key]
+        if not isinstance(items, list | tuple):
+            raise ConditionError(f"{key} takes a list of conditions", (*where, key))
+        children = _parse_items(items, (*where, key), depth)
+        return AnyOf(children) if key == "any" else AllOf(children, listed=False)
+    shown = "no value" if node is None else json.dumps(node, default=repr)
+    raise ConditionError(f"expected a condition, got {shown}: {_SHAPE_HINT}", where)
+
+
+def _parse_items(
+    items: Sequence[object], where: tuple[str | int, ...], depth: int
+) -> tuple[Condition, ...]:
+    if not items:
+        raise ConditionError("an empty list of conditions", where)
+    if len(items) > MAX_LIST_ITEMS:
+        raise ConditionError(f"more than {MAX_LIST_ITEMS} conditions", where)
+    return tuple(_parse_node(item, (*where, i), depth + 1) for i, item in enumerate(items))
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    kind: str  # "word" | "string" | "op" | "[" | "]" | ","
+    text: str
+
+
+def _tokenize(text: str) -> list[_Token]:
+    tokens: list[_Token] = []
+    i, end = 0, len(text)
+    while i < end:
+        char = text[i]
+        if char.isspace():
+            i += 1
+        elif char in _PUNCTUATION:
+            tokens.append(_Token(char, char))
+            i += 1
+        elif char in _OPERATOR_CHARS:
+            op = text[i : i + 2] if text[i : i + 2] in (">=", "<=", "==", "!=") else char
+            if op in ("=", "!"):
+                hint = "use == to compare" if op == "=" else "use != or 'not in'"
+                raise ConditionError(f"unexpected {op!r} in {text!r}: {hint}")
+            tokens.append(_Token("op", op))
+            i += len(op)
+        elif char in _QUOTES:
+            value, i = _quoted(text, i)
+            tokens.append(_Token("string", value))
+        elif char.isprintable():
+            start = i
+            while i < end and not _ends_word(text[i]):
+                i += 1
+            tokens.append(_Token("word", text[start:i]))
+        else:
+            raise ConditionError(f"unexpected character {char!r} in {text!r}")
+    return tokens
+
+
+def _ends_word(char: str) -> bool:
+    return (
+        char.isspace()
+        or char in _PUNCTUATION
+        or char in _OPERATOR_CHARS
+        or char in _QUOTES
+        or not char.isprintable()
+    )
+
+
+def _quoted(text: str, start: int) -> tuple[str, int]:
+    quote, i = text[start], start + 1
+    chars: list[str] = []
+    while i < len(text):
+        char = text[i]
+        if char == quote:
+            return "".join(chars), i + 1
+        if char == "\\":
+            following = text[i + 1 : i + 2]
+            if following not in ("\\", '"', "'"):
+                raise ConditionError(
+                    f"unknown escape \\{following} in a quoted value in {text!r}: "
+                    "only \\\\, \\\" and \\' are escapes"
+                )
+            chars.append(following)
+            i += 2
+            continue
+        chars.append(char)
+        i += 1
+    raise ConditionError(f"unterminated quoted value in {text!r}")
+
+
+def _parse_text(text: str) -> Condition:
+    if len(text) > MAX_CONDITION_CHARS:
+        raise ConditionError(f"a condition is at most {MAX_CONDITION_CHARS} characters")
+    tokens = _tokenize(text)
+    if not tokens:
+        raise ConditionError("an empty condition: " + _SHAPE_HINT)
+    first = tokens[0]
+    if first.kind == "word" and first.text == "not":
+        raise ConditionError(
+            f"{text!r}: there is no 'not' before a condition (a condition that cannot be "
+            "evaluated counts as true, and 'not' would turn that into false); "
+            "use != or 'not in', or put the rule after the one it excludes"
+        )
+    if first.kind != "word" or not is_field_name(first.text):
+        raise ConditionError(
+            f"{text!r} must start with a field name ([A-Za-z_][A-Za-z0-9_.-]*), "
+            "client_ip, client_ip_changed or auth_age"
+        )
+    name, rest = first.text, tokens[1:]
+    if name == "client_ip_changed":
+        if rest:
+            raise ConditionError(f"{text!r}: client_ip_changed takes no operator or value")
+        return AddressChanged()
+    if not rest:
+        raise ConditionError(
+            f"{text!r} is a name alone: compare it, e.g. '{name} > 1000' or '{name} in [a, b]'"
+        )
+    operator = rest[0]
+    if operator.kind == "op":
+        if len(rest) < 2:
+            raise ConditionError(f"{text!r}: a value is missing after {operator.text}")
+        if rest[1].kind not in ("word", "string"):
+            raise ConditionError(
+                f"{text!r}: expected a value after {operator.text}, got {_show(rest[1])}"
+            )
+        if len(rest) > 2:
+            raise ConditionError(f"{text!r}: unexpected {_show(rest[2])} after the value")
+        if name == "client_ip":
+            raise ConditionError(
+                f"{text!r}: compare client_ip with 'in' or 'not in' and a list of networks, "
+                "e.g. client_ip in [10.0.0.0/8]"
+            )
+        if name == "auth_age":
+            return _auth_age(text, operator.text, rest[1])
+        return _compare(text, name, operator.text, rest[1])
+    negated = operator.kind == "word" and operator.text == "not"
+    if negated:
+        rest = rest[1:]
+        operator = rest[0] if rest else _Token("word", "")
+    if not (operator.kind == "word" and operator.text == "in"):
+        expected = "'in'" if negated else "an operator (> >= < <= == !=) or 'in'"
+        raise ConditionError(f"{text!r}: expected {expected} after {name!r}, got {_show(operator)}")
+    items = _list(text, rest[1:])
+    if name == "auth_age":
+        raise ConditionError(f"{text!r}: auth_age takes > >= < <= and a duration, e.g. > 10m")
+    if name == "client_ip":
+        return AddressIn(negated, tuple(_network(text, item) for item in items))
+    return Membership(name, negated, tuple(_value(item) for item in items))
+
+
+def is_field_name(name: str) -> bool:
+    """A valid FIELD: ``[A-Za-z_][A-Za-z0-9_.-]*`` with no empty dotted part."""
+    return bool(_FIELD.fullmatch(name)) and "" not in name.split(".")
+
+
+def _show(token: _Token) -> str:
+    if not token.text:
+        return "nothing"
+    return repr(token.text) if token.kind != "string" else f"the quoted value {token.text!r}"
+
+
+def _value(token: _Token) -> Value:
+    if token.kind == "string":
+        return Value(token.text, quoted=True, number=None)
+    number = None
+    if len(token.text) <= MAX_NUMBER_CHARS and _NUMBER.fullmatch(token.text):
+        number = Decimal(token.text)
+    return Value(token.text, quoted=False, number=number)
+
+
+def _literal(text: str, token: _Token) -> Value:
+    if token.kind not in ("word", "string"):
+        raise ConditionError(f"{text!r}: expected a value, got {_show(token)}")
+    if token.kind == "word" and token.text in ("in", "not"):
+        raise ConditionError(f"{text!r}: expected a value, got {token.text!r}")
+    return _value(token)
+
+
+def _compare(text: str, name: str, op: str, token: _Token) -> Compare:
+    value = _literal(text, token)
+    if op in ORDER_OPS and value.number is None:
+        what = "a quoted string" if value.quoted else repr(value.text)
+        raise ConditionError(f"{text!r}: {op} needs a number, got {what}")
+    return Compare(name, op, value)
+
+
+def _auth_age(text: str, op: str, token: _Token) -> AuthAge:
+    if op not in ORDER_OPS:
+        raise ConditionError(f"{text!r}: auth_age takes > >= < <=, not {op}")
+    seconds = parse_duration_s(token.text) if token.kind == "word" else None
+    if seconds is None:
+        raise ConditionError(
+            f"{text!r}: auth_age needs a duration: whole seconds (300) or a number with "
+            "a unit s, m, h or d (10m, 1h30m)"
+        )
+    return AuthAge(op, seconds, token.text)
+
+
+def _list(text: str, tokens: list[_Token]) -> list[_Token]:
+    if not tokens or tokens[0].kind != "[":
+        raise ConditionError(f"{text!r}: 'in' takes a list in brackets, e.g. [a, b]")
+    if tokens[-1].kind != "]":
+        raise ConditionError(f"{text!r}: the list must end with ']' and nothing may follow it")
+    inner = tokens[1:-1]
+    if not inner:
+        raise ConditionError(f"{text!r}: an empty list")
+    items: list[_Token] = []
+    for position, token in enumerate(inner):
+        if position % 2:
+            if token.kind != ",":
+                raise ConditionError(f"{text!r}: expected ',' between values, got {_show(token)}")
+            continue
+        _literal(text, token)
+        items.append(token)
+    if inner[-1].kind == ",":
+        raise ConditionError(f"{text!r}: a value is missing after the last ','")
+    if len(items) > MAX_LIST_ITEMS:
+        raise ConditionError(f"{text!r}: at most {MAX_LIST_ITEMS} values")
+    return items
+
+
+def _network(text: str, token: _Token) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(token.text.strip(), strict=True)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(token.text.strip(), strict=False)
+        except ValueError:
+            raise ConditionError(
+                f"{text!r}: {token.text!r} is not an IP address or network (CIDR like 10.0.0.0/8)"
+            ) from None
+        raise ConditionError(
+            f"{text!r}: {token.text!r} has host bits set; did you mean {loose}?"
+        ) from None
+
+
+def parse_duration_s(text: str) -> int | None:
+    """``"300"``, ``"90s"``, ``"10m"``, ``"1h30m"`` -> seconds; anything else -> None."""
+    if _SECONDS.fullmatch(text):
+        return int(text)
+    if not _DURATION.fullmatch(text):
+        return None
+    return sum(int(n) * _UNIT_S[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+# --- Request fields -------------------------------------------------------------------
+
+
+class _BadBody(Exception):
+    """The body cannot be read as the fields it claims to hold."""
+
+
+def extract_fields(content_type: str, body: bytes, query: Mapping[str, str]) -> dict[str, object]:
+    """The request's fields: the body's (form, JSON or multipart text parts), then the query's.
+
+    JSON objects appear both nested (``beneficiary``) and flattened with dotted
+    keys (``beneficiary.iban``). A name given more than once with different values
+    is left out (it counts as missing). A body that cannot be parsed, or a
+    non-empty body of another type, gives no fields at all, query included: the
+    upstream may read it some other way, so nothing is known. Never raises.
+    ``body`` must already be bounded by the caller (``step_up.max_body``).
+    """
+    try:
+        body_fields = _body_fields(content_type, body)
+    except (_BadBody, ValueError, LookupError, TypeError, MessageError, RecursionError):
+        return {}
+    pairs = list(body_fields)
+    try:
+        pairs.extend(query.items())
+    except (TypeError, ValueError):  # a mapping that cannot even be iterated: nothing known
+        return {}
+    return _merge(pairs)
+
+
+def readable_body(content_type: str, body: bytes) -> bool:
+    """False when :func:`extract_fields` would find the body unreadable (and give no fields)."""
+    try:
+        _body_fields(content_type, body)
+    except (_BadBody, ValueError, LookupError, TypeError, MessageError, RecursionError):
+        return False
+    return True
+
+
+def _merge(pairs: Iterable[tuple[str, object]]) -> dict[str, object]:
+    fields: dict[str, object] = {}
+    conflicting: set[str] = set()
+    for name, value in pairs:
+        if name in conflicting:
+            continue
+        if name in fields:
+            if _comparable(fields[name]) != _comparable(value):
+                del fields[name]
+                conflicting.add(name)
+            continue
+        fields[name] = value
+    return fields
+
+
+def _comparable(value: object) -> tuple[str, str]:
+    """Form text "1000" and JSON 1000 agree; JSON null and the text "null" do not."""
+    text = as_text(value)
+    return ("text", text) if text is not None else ("json", _canonical(value))
+
+
+def _media_type(content_type: str) -> str:
+    return content_type.partition(";")[0].strip().lower()
+
+
+def _body_fields(content_type: str, body: bytes) -> list[tuple[str, object]]:
+    media_type = _media_type(content_type)
+    if media_type == _FORM:
+        return _form_fields(body)
+    if media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        return _json_fields(body)
+    if media_type == _MULTIPART:
+        return _multipart_fields(content_type, body)
+    if body.strip():
+        raise _BadBody("a body the gateway cannot read")
+    return []
+
+
+def _form_fields(body: bytes) -> list[tuple[str, object]]:
+    text = body.decode("utf-8")  # strict: a UnicodeDecodeError is a ValueError
+    pairs = parse_qsl(
+        text,
+        keep_blank_values=True,
+        strict_parsing=False,
+        encoding="utf-8",
+        errors="strict",
+        max_num_fields=MAX_FIELDS,
+    )
+    return list(pairs)
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            # RFC 8259 4: names SHOULD be unique; parsers then disagree on which wins.
+            raise _BadBody(f"duplicate JSON key {key!r}")
+        result[key] = value
+    return result
+
+
+def _no_constants(name: str) -> object:
+    raise _BadBody(f"{name} is not JSON (RFC 8259 6)")
+
+
+def _json_fields(body: bytes) -> list[tuple[str, object]]:
+    if not body.strip():
+        return []
+    document = json.loads(
+        body.decode("utf-8"),
+        parse_float=Decimal,
+        parse_constant=_no_constants,
+        object_pairs_hook=_no_duplicates,
+    )
+    if not isinstance(document, dict):
+        raise _BadBody("the JSON body is not an object")
+    pairs: list[tuple[str, object]] = []
+    _flatten(document, "", pairs, 0)
+    return pairs
+
+
+def _flatten(
+    obj: dict[str, object], prefix: str, out: list[tuple[str, object]], depth: int
+) -> None:
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        out.append((name, value))
+        if isinstance(value, dict) and depth < MAX_JSON_DEPTH:
+            _flatten(value, name + ".", out, depth + 1)
+
+
+def _multipart_fields(content_type: str, body: bytes) -> list[tuple[str, object]]:
+    if any(char in content_type for char in "\r\n\0"):
+        raise _BadBody("a line break in Content-Type")
+    head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
+    parser = email.parser.BytesParser(policy=email.policy.HTTP)
+    message = parser.parsebytes(head + body)
+    if not isinstance(message, EmailMessage) or not message.is_multipart():
+        raise _BadBody("not a multipart body")
+    if message.defects:
+        raise _BadBody("a malformed multipart body")
+    pairs: list[tuple[str, object]] = []
+    for part in message.iter_parts():
+        if not isinstance(part, EmailMessage) or part.defects:
+            raise _BadBody("a malformed part")
+        if part.get_content_disposition() != "form-data":
+            continue
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str) or part.get_filename() is not None:
+            continue  # files (and odd parts) are not fields
+        if part.is_multipart() or part.get_content_maintype() != "text":
+            continue
+        if part.get("content-transfer-encoding", "binary").strip().lower() not in _IDENTITY:
+            # RFC 7578 4.7: senders must not use it, and an upstream would not decode it.
+            raise _BadBody("a Content-Transfer-Encoding in a form part")
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes):
+            continue
+        charset = part.get_content_charset() or "utf-8"
+        pairs.append((name, payload.decode(charset)))
+        if len(pairs) > MAX_FIELDS:
+            raise _BadBody("too many fields")
+    return pairs
+
+
+# --- Binding --------------------------------------------------------------------------
+
+
+def _canonical(value: object) -> str:
+    """Canonical JSON: sorted keys, no spaces, Decimals as written (RFC 8785-like)."""
+    if value is None or value is _MISSING:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | Decimal):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else "null"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, Mapping):
+        items = sorted((str(key), item) for key, item in value.items())
+        inner = ",".join(
+            f"{json.dumps(key, ensure_ascii=False)}:{_canonical(v)}" for key, v in items
+        )
+        return "{" + inner + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_canonical(item) for item in value) + "]"
+    return "null"
+
+
+def binding_values(bind: Sequence[str], fields: Mapping[str, object]) -> dict[str, str | None]:
+    """The bound fields' values as text (objects as canonical JSON); missing -> None."""
+    values: dict[str, str | None] = {}
+    for name in bind:
+        value = fields.get(name, _MISSING)
+        if value is _MISSING or value is None:
+            values[name] = None
+        elif isinstance(value, Mapping | list | tuple):
+            values[name] = _canonical(value)
+        else:
+            values[name] = as_text(value)
+    return values
+
+
+def binding_digest(bind: Sequence[str], fields: Mapping[str, object]) -> str:
+    """SHA-256 (hex) over the canonical JSON of the bound fields' values; missing -> null.
+
+    Keys are sorted, so the order of ``bind`` does not matter; the names are part
+    of what is hashed, so the same values under other names give another digest.
+    """
+    canonical = _canonical(binding_values(bind, fields))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
