@@ -417,7 +417,8 @@ async def test_discovery_and_jwks(idp: IdentityProvider) -> None:
         assert meta["authorization_response_iss_parameter_supported"] is True
         assert meta["acr_values_supported"] == [ACR_PHISHING_RESISTANT, ACR_MFA, ACR_PASSWORD]
         assert meta["claims_parameter_supported"] is True
-        assert meta["backchannel_logout_supported"] is False  # not built yet: don't claim it
+        assert meta["backchannel_logout_supported"] is True
+        assert meta["backchannel_logout_session_supported"] is True  # logout tokens carry sid
         assert meta["code_challenge_methods_supported"] == ["S256"]
         assert set(meta["token_endpoint_auth_methods_supported"]) == {
             "client_secret_basic",

@@ -52,6 +52,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet
 
 from gateway.demo import pages
+from gateway.demo.backchannel import BackchannelLogoutSender
 from gateway.demo.factors import (
     ACR_MFA,
     ACR_PASSWORD,
@@ -138,11 +139,12 @@ DEV_BANNER = """\
 class ProviderSession:
     """The provider's own sign-in state for one browser (single sign-on)."""
 
-    sid: str
+    sid: str  # also in the ID tokens and the logout tokens
     username: str
+    sub: str
     created_at: float
     authentications: dict[str, Authentication] = field(default_factory=dict)  # newest per acr
-    clients: set[str] = field(default_factory=set)  # who got tokens: for back-channel logout
+    clients: set[str] = field(default_factory=set)  # who got codes: told when it ends
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,28 +174,17 @@ class SignIn:
 
 
 class LogoutNotifier(Protocol):
-    """Tells relying parties a provider session ended (Back-Channel Logout 1.0)."""
+    """Tells relying parties a provider session ended (Back-Channel Logout 1.0).
+
+    :class:`gateway.demo.backchannel.BackchannelLogoutSender` is the real one.
+    ``session_ended`` must not raise, and must not keep the sign-out waiting long.
+    """
 
     supported: bool  # advertised as backchannel_logout_supported
 
     async def session_ended(
         self, session: ProviderSession, clients: Sequence[DemoClient]
     ) -> None: ...
-
-
-class NoBackchannelLogout:
-    """Placeholder until back-channel logout is built: notifies nobody.
-
-    The implementation will, for each client in ``clients`` with a
-    ``backchannel_logout_uri``, POST a ``logout_token`` (a JWT signed like the ID
-    tokens, with ``iss``, ``aud``, ``iat``, ``jti``, ``sub``, ``sid`` and the
-    ``events`` claim, Back-Channel Logout 1.0 §2.4) and set ``supported`` to True.
-    """
-
-    supported: bool = False
-
-    async def session_ended(self, session: ProviderSession, clients: Sequence[DemoClient]) -> None:
-        return None
 
 
 def default_users() -> dict[str, DemoUser]:
@@ -232,9 +223,11 @@ class IdentityProvider:
         self.users = dict(users) if users is not None else default_users()
         self.clock = clock
         self.passkeys = passkeys if passkeys is not None else PasskeyStore()
-        self.logout_notifier: LogoutNotifier = logout_notifier or NoBackchannelLogout()
         self.key = ECKey.generate_key("P-256", parameters={"alg": ID_TOKEN_ALG, "use": "sig"})
         self.key.ensure_kid()
+        self.logout_notifier: LogoutNotifier = logout_notifier or BackchannelLogoutSender(
+            issuer=self.issuer, key=self.key, clock=clock
+        )
         self._csrf_key = secrets.token_bytes(32)
         self.store = OAuthStore(clients, clock)
         self.server = DemoAuthorizationServer(
@@ -279,7 +272,7 @@ class IdentityProvider:
             "request_parameter_supported": False,
             "request_uri_parameter_supported": False,
             "authorization_response_iss_parameter_supported": True,
-            # False until back-channel logout is implemented (see NoBackchannelLogout).
+            # Back-Channel Logout 1.0 2.1; every logout token carries sid.
             "backchannel_logout_supported": self.logout_notifier.supported,
             "backchannel_logout_session_supported": self.logout_notifier.supported,
             "frontchannel_logout_supported": False,
@@ -391,7 +384,7 @@ class IdentityProvider:
             self.sessions.pop(sign_in.browser_id, None)
             sign_in.browser_id = _random_id()
             session = ProviderSession(
-                sid=_random_id(), username=user.username, created_at=self.clock()
+                sid=_random_id(), username=user.username, sub=user.sub, created_at=self.clock()
             )
             self.sessions[sign_in.browser_id] = session
         session.authentications[auth.acr] = auth
@@ -687,7 +680,12 @@ class IdentityProvider:
             return self._render(
                 sign_in, decision, error="That user name and password do not match.", typed=typed
             )
+        before = self._session(sign_in.browser_id)
         self._record(sign_in, user, Authentication(ACR_PASSWORD, (AMR_PASSWORD,), self.clock()))
+        if before is not None and before.username != user.username:
+            # Another user signed in on this browser: the old provider session is over.
+            log.info("idp_session_ended", user=before.username, reason="replaced")
+            await self._tell_clients(before)
         response = _see_other(f"/login/{sign_in.id}")
         self._set_browser_cookie(response, sign_in.browser_id)
         return response
@@ -901,7 +899,12 @@ class IdentityProvider:
         ended = self.sessions.pop(browser_id, None) if browser_id else None
         oauth_request.ended_session = ended
         if ended is not None:
-            log.info("idp_session_ended", user=ended.username)
+            log.info("idp_session_ended", user=ended.username, reason="end_session")
+
+    async def _tell_clients(self, ended: ProviderSession) -> None:
+        """Back-channel logout to every client that got a code in ``ended``."""
+        clients = [c for c in self.store.clients.values() if c.client_id in ended.clients]
+        await self.logout_notifier.session_ended(ended, clients)
 
     async def handle_end_session(self, request: web.Request) -> web.StreamResponse:
         """RP-Initiated Logout 1.0, through authlib's EndSessionEndpoint."""
@@ -944,8 +947,7 @@ class IdentityProvider:
         )
         ended: ProviderSession | None = oauth_request.ended_session
         if ended is not None:
-            clients = [c for c in self.store.clients.values() if c.client_id in ended.clients]
-            await self.logout_notifier.session_ended(ended, clients)
+            await self._tell_clients(ended)
         if result is not None:
             response: web.StreamResponse = result.to_web()
         else:
@@ -1078,6 +1080,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--client-name", default="Demo Bank")
     parser.add_argument("--redirect-uri", action="append", required=True)
     parser.add_argument("--post-logout-redirect-uri", action="append", default=[])
+    parser.add_argument(
+        "--backchannel-logout-uri", help="where to POST logout tokens (Back-Channel Logout 1.0)"
+    )
     parser.add_argument("--users", type=Path, help="users YAML (default: the bundled demo users)")
     parser.add_argument("--passkeys", type=Path, help="JSON file to keep passkeys in")
     parser.add_argument("--i-know-this-is-not-production", action="store_true")
@@ -1104,6 +1109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         client_name=args.client_name,
         redirect_uris=tuple(args.redirect_uri),
         post_logout_redirect_uris=tuple(args.post_logout_redirect_uri),
+        backchannel_logout_uri=args.backchannel_logout_uri,
     )
     provider = IdentityProvider(issuer=issuer, clients=[client], users=users, passkeys=passkeys)
     print(f"issuer: {issuer}\ndemo users:\n{describe_users(users, 'stepup demo')}", flush=True)

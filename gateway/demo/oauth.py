@@ -185,8 +185,8 @@ class DemoClient(ClientMixin):  # type: ignore[misc]
     client_name: str
     redirect_uris: tuple[str, ...]
     post_logout_redirect_uris: tuple[str, ...] = ()
-    # Where a logout_token would be sent (OIDC Back-Channel Logout 1.0 2.2); kept for
-    # the back-channel logout work, see IdentityProvider.logout_notifier.
+    # Where its logout_token is POSTed when a provider session it took part in ends
+    # (OIDC Back-Channel Logout 1.0 2.2); see gateway.demo.backchannel.
     backchannel_logout_uri: str | None = None
     scopes: tuple[str, ...] = SCOPES_SUPPORTED
 
