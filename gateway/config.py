@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
 import yaml
@@ -31,6 +31,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
 from gateway import model
+from gateway.conditions import MAX_DEPTH as MAX_CONDITION_DEPTH
+from gateway.conditions import ConditionError, is_field_name, parse_condition
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.paths import canonical_rule_host
 from gateway.rules import compile_glob
@@ -86,6 +88,16 @@ DEFAULT_TRANSACTION_TTL_S = 10 * 60
 # Contract: X-Auth-Assertion expires within 60 s.
 DEFAULT_ASSERTION_TTL_S = 60
 DEFAULT_HEADER_PREFIX = "X-Auth-"
+# A risk engine sits in the request path: a second of latency is already a lot.
+DEFAULT_RISK_TIMEOUT_S = 1.0
+# Unknown risk is high risk: ask for the strongest level rather than refuse outright.
+DEFAULT_RISK_ON_ERROR = "step_up"
+# Ask the engine for every request unless the operator accepts stale answers.
+DEFAULT_RISK_CACHE_S = 0
+# Payment and form posts are kilobytes; 1 MiB is nginx's client_max_body_size default.
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+# RFC 9396 authorization_details "type" for rules that bind fields (PSD2 payments).
+DEFAULT_AUTHORIZATION_DETAILS_TYPE = "payment_initiation"
 
 # --- Limits --------------------------------------------------------------------------
 
@@ -94,8 +106,14 @@ MIN_SECRET_BYTES = 32  # AES-256 / HKDF input: 256 bits
 MAX_CLOCK_SKEW_S = 5 * 60
 MAX_ASSERTION_TTL_S = 60  # contract
 MAX_PORT = 65535
+# Past this, a slow engine holds connections long enough to look like an outage.
+MAX_RISK_TIMEOUT_S = 10.0
+# Bodies are held in memory while a rule's conditions and bindings read them.
+MAX_BODY_LIMIT_BYTES = 64 * 1024 * 1024
+MAX_DETAILS_TYPE_CHARS = 200
 
 STORES = ("cookie", "memory", "redis")
+RISK_ON_ERROR = ("step_up", "deny")
 CLIENT_AUTH_METHODS = ("client_secret_basic", "client_secret_post")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # RFC 7518 3.1 and RFC 8037 3.1 signature algorithms an id token may use.
@@ -112,9 +130,12 @@ KNOWN_ALGORITHMS = (
     "EdDSA",
 )
 
-# Features the config format already names but this version does not implement.
-# They are refused (by `check` and by `run`), never silently ignored.
-ONCE_NOT_SUPPORTED = "require.once is not supported yet"
+# A single-use proof is consumed in the process that sees it; with several workers a
+# replay could reach another one unless the consumption records live in Redis.
+ONCE_NEEDS_ONE_CONSUMER = (
+    "require.once needs server.workers: 1 or a Redis (session.store: redis or "
+    "session.redis_url) so a proof is consumed once across workers"
+)
 
 # Names of levels, rules and upstreams end up in headers, query strings and JWT claims.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -132,6 +153,18 @@ _HOSTNAME = re.compile(
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
 )
 _INTERNAL_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)+")
+_SIZE = re.compile(r"([0-9]{1,12})\s*(B|KiB|MiB|GiB|kB|KB|MB|GB)?")
+_SIZE_UNIT = {
+    None: 1,
+    "B": 1,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "kB": 1000,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+}
 
 _TAG = "tag:yaml.org,2002:"
 _STR, _NULL, _BOOL, _INT, _FLOAT = (_TAG + t for t in ("str", "null", "bool", "int", "float"))
@@ -228,6 +261,8 @@ class _Validator:
         self.environ = environ
         self.base_dir = Path(base_dir)
         self.problems: list[ConfigProblem] = []
+        # (key path, node) of every require.once: true, checked against the store.
+        self.once_nodes: list[tuple[str, Node]] = []
         # PyYAML is untyped; this is the implicit-tag resolver SafeLoader uses.
         self._resolve: Callable[[type[Node], str, tuple[bool, bool]], str] = Resolver().resolve
         self._constructor = SafeConstructor()
@@ -566,7 +601,16 @@ class _Validator:
             top = self.mapping(
                 root,
                 "",
-                ("server", "upstreams", "oidc", "session", "assurance", "rules", "assertion"),
+                (
+                    "server",
+                    "upstreams",
+                    "oidc",
+                    "session",
+                    "assurance",
+                    "rules",
+                    "assertion",
+                    "step_up",
+                ),
             )
         except _Invalid:
             return None
@@ -583,8 +627,15 @@ class _Validator:
         )
         if top.get("assertion") is not None:
             assertion = self.section(top, "assertion", self.assertion) or assertion
+        step_up = model.StepUpConfig(
+            max_body_bytes=DEFAULT_MAX_BODY_BYTES,
+            authorization_details_type=DEFAULT_AUTHORIZATION_DETAILS_TYPE,
+        )
+        if top.get("step_up") is not None:
+            step_up = self.section(top, "step_up", self.step_up) or step_up
         if server is not None and session is not None:
             self.check_cookie_secure(server, session, top)
+            self.check_once(server, session)
         if (
             server is None
             or upstreams is None
@@ -603,6 +654,7 @@ class _Validator:
             rules=rules,
             assertion=assertion,
             source=self.source,
+            step_up=step_up,
         )
 
     def server(self, node: Node, path: str) -> model.ServerConfig:
@@ -1059,7 +1111,8 @@ class _Validator:
             first_index[rule.name] = index
             canonical = compile_glob(rule.match.path).canonical
             self.check_reachable(rule, canonical, earlier, item_path, item)
-            earlier.setdefault((canonical, rule.match.host), []).append(rule)
+            if rule.when is None:  # a rule with when leaves the requests it skips to later ones
+                earlier.setdefault((canonical, rule.match.host), []).append(rule)
             rules.append(rule)
         return tuple(rules)
 
@@ -1072,7 +1125,18 @@ class _Validator:
         upstreams: dict[str, model.UpstreamConfig] | None,
     ) -> model.Rule:
         m = self.mapping(
-            node, path, ("name", "match", "require", "upstream", "allow_method_override")
+            node,
+            path,
+            (
+                "name",
+                "match",
+                "when",
+                "require",
+                "risk",
+                "upstream",
+                "allow_method_override",
+                "upstream_challenge",
+            ),
         )
         before = len(self.problems)
         rule = model.Rule(
@@ -1087,7 +1151,18 @@ class _Validator:
             ),
             upstream=self.rule_upstream(m, upstreams),
             allow_method_override=self.optional(m, "allow_method_override", self.boolean, False),
+            upstream_challenge=self.optional(m, "upstream_challenge", self.boolean, False),
+            when=self.optional(m, "when", self.when, None),
+            risk=self.optional(m, "risk", self.risk, None),
         )
+        if rule.when is not None and rule.require.level is None:
+            self.note(
+                m.child("when"),
+                "a rule with when must require a level: a condition that cannot be evaluated "
+                "counts as true (fail closed), so when is for the stricter rule placed before "
+                "an ordinary one, never for one that needs no sign-in",
+                m.get("when"),
+            )
         if len(self.problems) > before:
             raise _Invalid
         return rule
@@ -1142,7 +1217,7 @@ class _Validator:
                 f"expected 'none' or a mapping like {{level: NAME, max_age: 5m}} (got {text!r})",
                 node,
             )
-        m = self.mapping(node, path, ("level", "max_age", "once"))
+        m = self.mapping(node, path, ("level", "max_age", "once", "bind"))
         level_node = m.get("level")
         if level_node is None:
             if m.get("max_age") is not None:
@@ -1152,13 +1227,162 @@ class _Validator:
             raise self.fail(m.child("level"), message, node)
         level = self.required(m, "level", lambda n, p: self.level_name(n, p, assurance), "")
         once = self.optional(m, "once", self.boolean, False)
-        if once:
-            self.note(m.child("once"), ONCE_NOT_SUPPORTED, m.get("once"))
+        once_node = m.get("once")
+        if once and once_node is not None:
+            self.once_nodes.append((m.child("once"), once_node))
         return model.Requirement(
             level=level,
             max_age_s=self.optional(m, "max_age", self.duration_s, None),
             once=once,
+            bind=self.optional(m, "bind", self.field_names, ()),
         )
+
+    def field_names(self, node: Node, path: str) -> tuple[str, ...]:
+        names: list[str] = []
+        for item_path, item in self.items(node, path):
+            try:
+                name = self.text(item, item_path)
+            except _Invalid:
+                continue
+            if not is_field_name(name):
+                self.note(
+                    item_path,
+                    f"invalid field name {name!r}: use [A-Za-z_][A-Za-z0-9_.-]* "
+                    "(a dot reaches into a JSON object: beneficiary.iban)",
+                    item,
+                )
+            elif name in names:
+                self.note(item_path, f"{name!r} is listed twice", item)
+            else:
+                names.append(name)
+        return tuple(names)
+
+    def check_once(self, server: model.ServerConfig, session: model.SessionConfig) -> None:
+        """require.once is only as good as the one place that records consumed proofs."""
+        if server.workers == 1 or session.store == "redis" or session.redis_url is not None:
+            return
+        for path, node in self.once_nodes:
+            self.note(path, ONCE_NEEDS_ONE_CONSUMER, node)
+
+    def when(self, node: Node, path: str) -> Any:
+        """A ``when`` value, parsed by :func:`gateway.conditions.parse_condition`."""
+        value = self.plain(node, path, 0)
+        try:
+            return parse_condition(value)
+        except ConditionError as exc:
+            where_path, where_node = self.locate(node, path, exc.where)
+            raise self.fail(where_path, exc.message, where_node) from None
+
+    def plain(self, node: Node, path: str, depth: int) -> object:
+        """YAML to plain lists, dicts and scalars (interpolated), for the condition parser."""
+        if depth > MAX_CONDITION_DEPTH:
+            raise self.fail(path, "nested too deeply", node)
+        if isinstance(node, SequenceNode):
+            return [
+                self.plain(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(node.value)
+            ]
+        if isinstance(node, MappingNode):
+            m = self.mapping(node, path, None)
+            return {
+                key: self.plain(value, m.child(key), depth + 1)
+                for key, (_key_node, value) in m.entries.items()
+            }
+        scalar = self.scalar(node, path, "a condition")
+        return scalar.text if isinstance(scalar.value, str) else scalar.value
+
+    @staticmethod
+    def locate(node: Node, path: str, where: Sequence[str | int]) -> tuple[str, Node]:
+        """The key path and node of a part of a ``when`` (for the line number)."""
+        for step in where:
+            if isinstance(step, int) and isinstance(node, SequenceNode):
+                if not 0 <= step < len(node.value):
+                    break
+                node, path = node.value[step], f"{path}[{step}]"
+            elif isinstance(step, str) and isinstance(node, MappingNode):
+                found = [v for k, v in node.value if isinstance(k, ScalarNode) and k.value == step]
+                if not found:
+                    break
+                node, path = found[0], f"{path}.{step}"
+            else:
+                break
+        return path, node
+
+    def risk(self, node: Node, path: str) -> model.RiskConfig:
+        m = self.mapping(node, path, ("url", "timeout", "on_error", "cache"))
+        return model.RiskConfig(
+            url=self.required(m, "url", self.risk_url, ""),
+            timeout_s=self.optional(m, "timeout", self.risk_timeout, DEFAULT_RISK_TIMEOUT_S),
+            on_error=self.optional(
+                m, "on_error", lambda n, p: self.choice(n, p, RISK_ON_ERROR), DEFAULT_RISK_ON_ERROR
+            ),
+            cache_s=self.optional(m, "cache", self.duration_s, DEFAULT_RISK_CACHE_S),
+        )
+
+    def risk_url(self, node: Node, path: str) -> str:
+        text, _parts = self.http_url(node, path, what="risk URL")
+        return text
+
+    def risk_timeout(self, node: Node, path: str) -> float:
+        seconds = self.timeout_s(node, path)
+        if seconds > MAX_RISK_TIMEOUT_S:
+            raise self.fail(
+                path,
+                f"at most {MAX_RISK_TIMEOUT_S:g}s (got {seconds:g}s): every request of the "
+                "rule waits for the risk engine",
+                node,
+            )
+        return seconds
+
+    def step_up(self, node: Node, path: str) -> model.StepUpConfig:
+        m = self.mapping(node, path, ("max_body", "authorization_details_type"))
+        return model.StepUpConfig(
+            max_body_bytes=self.optional(m, "max_body", self.size_bytes, DEFAULT_MAX_BODY_BYTES),
+            authorization_details_type=self.optional(
+                m,
+                "authorization_details_type",
+                self.details_type,
+                DEFAULT_AUTHORIZATION_DETAILS_TYPE,
+            ),
+        )
+
+    def size_bytes(self, node: Node, path: str) -> int:
+        """Bytes as an integer, or a number with a unit: 512KiB, 1MiB, 2MB."""
+        scalar = self.scalar(node, path, "a size")
+        value = scalar.value
+        size: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            size = value
+        elif isinstance(value, str):
+            match = _SIZE.fullmatch(value.strip())
+            if match is not None:
+                size = int(match.group(1)) * _SIZE_UNIT[match.group(2)]
+        if size is None:
+            raise self.fail(
+                path,
+                f"invalid size {scalar.text!r}: use bytes (65536) or a number with a unit "
+                "KiB, MiB, GiB, kB, MB or GB (512KiB, 1MiB)",
+                node,
+            )
+        if not 1 <= size <= MAX_BODY_LIMIT_BYTES:
+            raise self.fail(
+                path, f"must be between 1 byte and {MAX_BODY_LIMIT_BYTES} bytes (64MiB)", node
+            )
+        return size
+
+    def details_type(self, node: Node, path: str) -> str:
+        text = self.text(node, path)
+        if (
+            len(text) > MAX_DETAILS_TYPE_CHARS
+            or not text.isprintable()
+            or any(char.isspace() for char in text)
+        ):
+            raise self.fail(
+                path,
+                f"use up to {MAX_DETAILS_TYPE_CHARS} printable characters, no spaces "
+                "(RFC 9396 type, e.g. payment_initiation)",
+                node,
+            )
+        return text
 
     def level_name(self, node: Node, path: str, assurance: model.AssuranceConfig | None) -> str:
         text = self.text(node, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 from pathlib import Path
 
 import pytest
@@ -128,8 +129,9 @@ BAD = [
     ("require-shorthand", [(R0, "    require: mfa")], 24,
      "rules[0].require", "expected 'none' or a mapping"),
     ("require-missing", [(R0 + "\n", "")], 22, "rules[0].require", "required key is missing"),
-    ("once-not-yet", [(R0, "    require: {level: mfa, once: true}")], 24,
-     "rules[0].require.once", "require.once is not supported yet"),
+    ("once-several-workers", [(R0, "    require: {level: mfa, once: true}"),
+                              ("gw.example.com\n", "gw.example.com\n  workers: 2\n")], 25,
+     "rules[0].require.once", "require.once needs server.workers: 1 or a Redis"),
     ("once-not-bool", [(R0, "    require: {level: mfa, once: sometimes}")], 24,
      "rules[0].require.once", "expected true or false"),
     ("override-not-bool", [(R0, R0 + "\n    allow_method_override: 1")], 25,
@@ -290,7 +292,7 @@ def test_every_problem_is_reported_at_once() -> None:
 
 
 def test_several_problems_in_one_rule() -> None:
-    text = edited((R0, "    require: {level: gold, max_age: never, once: true}"))
+    text = edited((R0, "    require: {level: gold, max_age: never, once: sometimes}"))
     keys = sorted(p.key_path for p in problems_of(text))
     assert keys == [
         "rules[0].require.level",
@@ -770,3 +772,242 @@ def test_unreachable_rules_match_a_full_scan(
     except ConfigError as exc:
         found = [p.message.split(" (path")[0] for p in exc.problems]
     assert found == expected
+
+
+# --- transactional step-up: when, risk, bind, once, upstream_challenge, step_up -------
+
+W0 = R0 + "\n    when: amount > 1000"  # rules[0].when is on line 25
+
+
+def test_step_up_keys_load() -> None:
+    text = edited(
+        ("gw.example.com\n", "gw.example.com\n"),
+        (
+            R0,
+            "    require: {level: mfa, max_age: 5m, once: true, bind: [amount, beneficiary.iban]}\n"
+            "    when: {any: ['amount > 1000', 'client_ip not in [10.0.0.0/8]']}\n"
+            "    risk: {url: 'https://risk.internal/score', timeout: 0.5, on_error: deny, "
+            "cache: 2m}\n"
+            "    upstream_challenge: true",
+        ),
+    )
+    text += "step_up:\n  max_body: 512KiB\n  authorization_details_type: urn:example:transfer\n"
+    config = load(text)
+    transfers = config.rules[0]
+    assert transfers.require == model.Requirement(
+        "mfa", max_age_s=300, once=True, bind=("amount", "beneficiary.iban")
+    )
+    assert transfers.when.describe() == {"any": ["amount > 1000", "client_ip not in [10.0.0.0/8]"]}
+    assert transfers.risk == model.RiskConfig(
+        url="https://risk.internal/score", timeout_s=0.5, on_error="deny", cache_s=120
+    )
+    assert transfers.upstream_challenge is True
+    assert config.step_up == model.StepUpConfig(
+        max_body_bytes=512 * 1024, authorization_details_type="urn:example:transfer"
+    )
+
+
+def test_step_up_defaults() -> None:
+    config = load(edited((R0, R0 + "\n    risk: {url: 'http://127.0.0.1:7000/risk'}")))
+    transfers, public, _ = config.rules
+    assert transfers.risk == model.RiskConfig(url="http://127.0.0.1:7000/risk")
+    assert transfers.when is None
+    assert transfers.upstream_challenge is False
+    assert transfers.require.bind == ()
+    assert (public.risk, public.when) == (None, None)
+    assert config.step_up == model.StepUpConfig()
+
+
+@pytest.mark.parametrize(
+    ("dataclass", "defaults"),
+    [
+        (
+            model.RiskConfig,
+            {
+                "timeout_s": cfg.DEFAULT_RISK_TIMEOUT_S,
+                "on_error": cfg.DEFAULT_RISK_ON_ERROR,
+                "cache_s": cfg.DEFAULT_RISK_CACHE_S,
+            },
+        ),
+        (
+            model.StepUpConfig,
+            {
+                "max_body_bytes": cfg.DEFAULT_MAX_BODY_BYTES,
+                "authorization_details_type": cfg.DEFAULT_AUTHORIZATION_DETAILS_TYPE,
+            },
+        ),
+    ],
+)
+def test_step_up_defaults_match_the_model(dataclass: type, defaults: dict[str, object]) -> None:
+    fields = {f.name: f.default for f in dataclasses.fields(dataclass)}
+    for name, value in defaults.items():
+        assert fields[name] == value, name
+
+
+@pytest.mark.parametrize(
+    ("when_yaml", "described"),
+    [
+        ("amount > 1000", "amount > 1000"),
+        ("'currency == \"EUR\"'", 'currency == "EUR"'),
+        ("[amount > 1000, currency == EUR]", ["amount > 1000", "currency == EUR"]),
+        ("\n      - amount > 1000\n      - auth_age > 10m", ["amount > 1000", "auth_age > 10m"]),
+        ("{all: [client_ip_changed, {any: ['a == 1', 'b == 2']}]}",
+         {"all": ["client_ip_changed", {"any": ["a == 1", "b == 2"]}]}),
+        ("'client_ip in [2001:db8::/32, 192.168.0.0/16]'",
+         "client_ip in [2001:db8::/32, 192.168.0.0/16]"),
+    ],
+)  # fmt: skip
+def test_when_forms(when_yaml: str, described: object) -> None:
+    config = load(edited((R0, R0 + "\n    when: " + when_yaml)))
+    assert config.rules[0].when.describe() == described
+
+
+def test_when_is_interpolated() -> None:
+    text = edited((R0, R0 + "\n    when: amount > ${LIMIT:-1000}"))
+    assert load(text).rules[0].when.describe() == "amount > 1000"
+    assert load(text, {"LIMIT": "250.50"}).rules[0].when.describe() == "amount > 250.50"
+
+
+WHEN_BAD = [
+    # (id, replacement for R0, line, key path, part of the message)
+    ("when-syntax", W0.replace("> 1000", ">"), 25, "rules[0].when", "a value is missing after >"),
+    ("when-not-number", W0.replace("1000", "lots"), 25, "rules[0].when", "> needs a number"),
+    ("when-list-item", R0 + "\n    when:\n      - amount > 1000\n      - amount >> 5", 27,
+     "rules[0].when[1]", "expected a value after >, got '>'"),
+    ("when-any-item", R0 + "\n    when:\n      any:\n        - a == 1\n        - a = 2", 28,
+     "rules[0].when.any[1]", "use == to compare"),
+    ("when-mapping-key", R0 + "\n    when: {either: [a == 1]}", 25, "rules[0].when",
+     "exactly one key, any or all (got 'either')"),
+    ("when-empty-list", R0 + "\n    when: []", 25, "rules[0].when", "an empty list"),
+    ("when-null", R0 + "\n    when:", 25, "rules[0].when", "got no value"),
+    ("when-not", R0 + "\n    when: not client_ip_changed", 25, "rules[0].when",
+     "there is no 'not'"),
+    ("when-cidr", R0 + "\n    when: client_ip in [10.1.0.0/8]", 25, "rules[0].when",
+     "did you mean 10.0.0.0/8?"),
+    ("when-auth-age", R0 + "\n    when: auth_age > soon", 25, "rules[0].when",
+     "auth_age needs a duration"),
+    ("when-on-none", "    require: none\n    when: amount > 1000", 25, "rules[0].when",
+     "a rule with when must require a level"),
+    ("bind-not-list", "    require: {level: mfa, bind: amount}", 24, "rules[0].require.bind",
+     "expected a list (write [amount])"),
+    ("bind-bad-name", "    require: {level: mfa, bind: [amount, 'pay ee']}", 24,
+     "rules[0].require.bind[1]", "invalid field name 'pay ee'"),
+    ("bind-twice", "    require: {level: mfa, bind: [amount, amount]}", 24,
+     "rules[0].require.bind[1]", "'amount' is listed twice"),
+    ("bind-empty", "    require: {level: mfa, bind: []}", 24, "rules[0].require.bind",
+     "must not be an empty list"),
+    ("bind-no-level", "    require: {bind: [amount]}", 24, "rules[0].require.level",
+     "required key is missing"),
+    ("risk-url", R0 + "\n    risk: {url: 'ftp://risk'}", 25, "rules[0].risk.url",
+     "risk URL must start with http:// or https://"),
+    ("risk-url-missing", R0 + "\n    risk: {timeout: 1s}", 25, "rules[0].risk.url",
+     "required key is missing"),
+    ("risk-timeout", R0 + "\n    risk: {url: 'http://r', timeout: 30s}", 25,
+     "rules[0].risk.timeout", "at most 10s (got 30s)"),
+    ("risk-timeout-zero", R0 + "\n    risk: {url: 'http://r', timeout: 0}", 25,
+     "rules[0].risk.timeout", "must be longer than 0 seconds"),
+    ("risk-on-error", R0 + "\n    risk: {url: 'http://r', on_error: allow}", 25,
+     "rules[0].risk.on_error", "unknown value 'allow'"),
+    ("risk-cache", R0 + "\n    risk: {url: 'http://r', cache: forever}", 25,
+     "rules[0].risk.cache", "invalid duration 'forever'"),
+    ("risk-typo", R0 + "\n    risk: {url: 'http://r', on_eror: deny}", 25,
+     "rules[0].risk.on_eror", "did you mean 'on_error'?"),
+    ("upstream-challenge", R0 + "\n    upstream_challenge: yes please", 25,
+     "rules[0].upstream_challenge", "expected true or false"),
+    ("rule-key-typo", R0 + "\n    wen: amount > 1", 25, "rules[0].wen", "did you mean 'when'?"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("replacement", "line", "key_path", "fragment"),
+    [pytest.param(r, line, key, frag, id=case_id) for case_id, r, line, key, frag in WHEN_BAD],
+)
+def test_step_up_keys_name_line_and_key(
+    replacement: str, line: int, key_path: str, fragment: str
+) -> None:
+    problems = problems_of(edited((R0, replacement)))
+    matching = [p for p in problems if p.key_path == key_path and fragment in p.message]
+    assert matching, [str(p) for p in problems]
+    assert matching[0].line == line, str(matching[0])
+
+
+@pytest.mark.parametrize(
+    ("step_up", "line", "key_path", "fragment"),
+    [
+        ("  max_body: lots", 32, "step_up.max_body", "invalid size 'lots'"),
+        ("  max_body: 0", 32, "step_up.max_body", "must be between 1 byte and"),
+        ("  max_body: 1GiB", 32, "step_up.max_body", "(64MiB)"),
+        ("  max_body: 1 MB", None, None, None),
+        ("  authorization_details_type: 'a b'", 32, "step_up.authorization_details_type",
+         "no spaces"),
+        ("  max_bodies: 1MiB", 32, "step_up.max_bodies", "did you mean 'max_body'?"),
+    ],
+)  # fmt: skip
+def test_step_up_section(
+    step_up: str, line: int | None, key_path: str | None, fragment: str | None
+) -> None:
+    text = BASE + "step_up:\n" + step_up + "\n"
+    if key_path is None:
+        assert load(text).step_up.max_body_bytes == 1_000_000
+        return
+    [problem] = problems_of(text)
+    assert (problem.line, problem.key_path) == (line, key_path)
+    assert fragment is not None and fragment in problem.message
+
+
+@pytest.mark.parametrize(
+    ("server", "session", "accepted"),
+    [
+        ("", "", True),  # one worker (the default), cookie store
+        ("  workers: 1\n", "  store: memory\n", True),
+        ("  workers: 4\n", "", False),  # cookie store, consumption per process
+        ("  workers: 4\n", "  store: redis\n  redis_url: redis://r:6379/0\n", True),
+        # the cookie store with a Redis beside it for consumption records
+        ("  workers: 4\n", "  redis_url: redis://r:6379/0\n", True),
+    ],
+)
+def test_once_needs_one_place_to_consume_proofs(server: str, session: str, accepted: bool) -> None:
+    text = edited(
+        ("gw.example.com\n", "gw.example.com\n" + server),
+        (SECRET + "\n", SECRET + "\n" + session),
+        (R0, "    require: {level: mfa, once: true}"),
+    )
+    if accepted:
+        assert load(text).rules[0].require.once is True
+        return
+    [problem] = problems_of(text)
+    assert problem.key_path == "rules[0].require.once"
+    assert problem.message == cfg.ONCE_NEEDS_ONE_CONSUMER
+    assert problem.line == 25
+
+
+def test_once_false_is_fine_with_many_workers() -> None:
+    text = edited(
+        ("gw.example.com\n", "gw.example.com\n  workers: 4\n"),
+        (R0, "    require: {level: mfa, once: false}"),
+    )
+    assert load(text).rules[0].require.once is False
+
+
+def test_a_rule_with_when_does_not_hide_the_rules_after_it() -> None:
+    risky = (
+        "  - name: big-transfers\n"
+        "    match: {path: /api/transfers/**, methods: [POST]}\n"
+        "    require: {level: phishing-resistant, max_age: 5m}\n"
+        "    when: amount > 1000\n"
+    )
+    text = edited(("rules:\n", "rules:\n" + risky))
+    assert [rule.name for rule in load(text).rules][:2] == ["big-transfers", "transfers"]
+    # without when it would: the same path and methods
+    [problem] = problems_of(text.replace("    when: amount > 1000\n", ""))
+    assert "rule 'transfers' can never match: rules[0] 'big-transfers'" in problem.message
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80))
+def test_arbitrary_when_text_raises_only_config_error(when: str) -> None:
+    text = edited((R0, R0 + "\n    when: " + json.dumps(when)))
+    try:
+        load(text)
+    except ConfigError as exc:
+        assert exc.problems
