@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import ipaddress
 import json
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
+
+from multidict import MultiDict
 
 from gateway import __version__
+from gateway.conditions import Facts, binding_values, extract_fields, readable_body
 from gateway.config import load_config
 from gateway.errors import BadRequest, ConfigError
-from gateway.model import Config, Requirement
+from gateway.model import Config, Requirement, RiskConfig, Rule
 from gateway.paths import canonical_host, normalize_path
 from gateway.rules import RuleSet
 
@@ -28,6 +32,11 @@ EXIT_OK = 0
 EXIT_CONFIG = 1
 EXIT_USAGE = 2
 EXIT_REFUSED = 2
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+UNKNOWN_NOTE = (
+    "conditions on what is unknown count as true (fail closed); explain has no session, "
+    "so auth_age and client_ip_changed are unknown"
+)
 
 # scheme://authority rest — parsed by hand: urllib drops tabs and newlines from a URL,
 # which would explain a different path than the one the gateway would refuse.
@@ -81,6 +90,18 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("method", metavar="METHOD", help="e.g. GET or POST (case-sensitive)")
     explain.add_argument(
         "url", metavar="URL", help="https://host/path?query, or a path starting with /"
+    )
+    explain.add_argument(
+        "--body", metavar="DATA", help="the request body, for rules with when conditions"
+    )
+    explain.add_argument(
+        "--content-type",
+        metavar="TYPE",
+        default=FORM_CONTENT_TYPE,
+        help=f"the body's Content-Type (default {FORM_CONTENT_TYPE})",
+    )
+    explain.add_argument(
+        "--client-ip", metavar="ADDRESS", help="the client's address, for client_ip conditions"
     )
     explain.set_defaults(handler=_explain)
 
@@ -140,10 +161,24 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    if args.client_ip is not None:
+        try:
+            ipaddress.ip_address(args.client_ip)
+        except ValueError:
+            print(f"error: --client-ip {args.client_ip!r} is not an IP address", file=sys.stderr)
+            return EXIT_USAGE
     config = _load(args.config, sys.stderr)
     if config is None:
         return EXIT_CONFIG
-    result, status = explain(config, args.method, args.url)
+    body = args.body.encode("utf-8", "surrogateescape") if args.body is not None else None
+    result, status = explain(
+        config,
+        args.method,
+        args.url,
+        body=body,
+        content_type=args.content_type,
+        client_ip=args.client_ip,
+    )
     print(json.dumps(result, indent=2))
     return status
 
@@ -159,12 +194,23 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args)
 
 
-def explain(config: Config, method: str, url: str) -> tuple[dict[str, object], int]:
+def explain(
+    config: Config,
+    method: str,
+    url: str,
+    *,
+    body: bytes | None = None,
+    content_type: str = FORM_CONTENT_TYPE,
+    client_ip: str | None = None,
+) -> tuple[dict[str, object], int]:
     """What the gateway would do with ``method url`` before looking at any session.
 
     Follows the request path in :mod:`gateway.app`: normalise the path, route the
     internal prefix, refuse unknown methods, canonicalise the host, match a rule.
-    A path alone is taken as sent to ``server.public_url``'s host.
+    A path alone is taken as sent to ``server.public_url``'s host. Rules with
+    ``when`` are tried in order against the body, the URL's query and
+    ``client_ip``; with no session, ``auth_age`` and ``client_ip_changed`` count
+    as true (as anything unknown does).
     """
     public = urlsplit(config.server.public_url)
     scheme = public.scheme.lower()
@@ -178,8 +224,8 @@ def explain(config: Config, method: str, url: str) -> tuple[dict[str, object], i
     else:
         message = "URL must be absolute (https://host/path) or a path starting with '/'"
         return {"rule": None, "error": message, "status": 400}, EXIT_REFUSED
-    # Clients never send a fragment; the query plays no part in matching.
-    raw_path = target.partition("#")[0].partition("?")[0]
+    # Clients never send a fragment; the query plays no part in matching (only in when).
+    raw_path, _, raw_query = target.partition("#")[0].partition("?")
     try:
         path = normalize_path(raw_path)
         # A client leaves out its URL's default port from Host; the gateway then
@@ -210,7 +256,25 @@ def explain(config: Config, method: str, url: str) -> tuple[dict[str, object], i
             "in upper case and no rule names it",
             "status": 405,
         }, EXIT_REFUSED
-    rule = rules.match(method, host, path)
+    facts, facts_note = _facts(config, raw_query, body, content_type, client_ip)
+    rule: Rule | None = None
+    skipped: list[Rule] = []
+    for candidate in rules.candidates_for(method, host, path):
+        if candidate.when is None or candidate.when.holds(facts):
+            rule = candidate
+            break
+        skipped.append(candidate)
+    read = frozenset[str]().union(*(_fields_read(seen) for seen in (*skipped, rule)))
+    extra: dict[str, object] = {}
+    if read:
+        extra["fields"] = binding_values(sorted(read), facts.fields)
+    if facts_note:
+        extra["body"] = facts_note
+    if skipped:
+        extra["skipped"] = [
+            {"rule": seen.name, "when": seen.when.describe() if seen.when is not None else None}
+            for seen in skipped
+        ]
     if rule is None:
         return {
             "rule": None,
@@ -219,18 +283,77 @@ def explain(config: Config, method: str, url: str) -> tuple[dict[str, object], i
             "method": method,
             "normalized_path": path,
             "host": host,
+            **extra,
         }, EXIT_OK
-    return {
+    result: dict[str, object] = {
         "rule": rule.name,
         "require": _requirement(rule.require),
         "upstream": rule.upstream,
         "method": method,
         "normalized_path": path,
         "host": host,
-    }, EXIT_OK
+    }
+    if rule.when is not None:
+        result["when"] = rule.when.describe()
+        unknown = sorted(rule.when.unknowns(facts))
+        if unknown:
+            result["unknown"] = unknown
+            result["note"] = UNKNOWN_NOTE
+    if rule.risk is not None:
+        result["risk"] = _risk(rule.risk)
+    if rule.upstream_challenge:
+        result["upstream_challenge"] = True
+    return {**result, **extra}, EXIT_OK
+
+
+def _facts(
+    config: Config,
+    raw_query: str,
+    body: bytes | None,
+    content_type: str,
+    client_ip: str | None,
+) -> tuple[Facts, str | None]:
+    """The facts a rule's when sees, as the gateway would build them (no session)."""
+    query = MultiDict(parse_qsl(raw_query, keep_blank_values=True))
+    note = None
+    data = body or b""
+    if len(data) > config.step_up.max_body_bytes:
+        # The gateway does not read past max_body: nothing is known about the fields.
+        data, content_type, query = b"", "", MultiDict()
+        note = "larger than step_up.max_body: no fields are read, conditions on them count as true"
+    if body is None:
+        content_type = ""
+    elif note is None and not readable_body(content_type, data):
+        note = f"not readable as {content_type}: no fields, conditions on them count as true"
+    fields = extract_fields(content_type, data, query)
+    return Facts(fields=fields, client_ip=client_ip, proven_ip=None, auth_age_s=None), note
+
+
+def _fields_read(rule: Rule | None) -> frozenset[str]:
+    """The request fields a rule's when and bind read."""
+    if rule is None:
+        return frozenset()
+    read = rule.when.fields() if rule.when is not None else frozenset[str]()
+    return read | frozenset(rule.require.bind)
 
 
 def _requirement(require: Requirement) -> dict[str, object] | str:
     if require.level is None:
         return "none"
-    return {"level": require.level, "max_age": require.max_age_s, "once": require.once}
+    result: dict[str, object] = {
+        "level": require.level,
+        "max_age": require.max_age_s,
+        "once": require.once,
+    }
+    if require.bind:
+        result["bind"] = list(require.bind)
+    return result
+
+
+def _risk(risk: RiskConfig) -> dict[str, object]:
+    return {
+        "url": risk.url,
+        "timeout": risk.timeout_s,
+        "on_error": risk.on_error,
+        "cache": risk.cache_s,
+    }

@@ -334,3 +334,186 @@ def test_version_and_usage() -> None:
     demo_help = gateway("demo", "--help")
     assert demo_help.returncode == 0
     assert "--i-know-this-is-not-production" in demo_help.stdout
+
+
+# --- explain with when conditions: --body, --content-type, --client-ip ----------------
+
+CONDITIONS = CONFIG.replace(
+    "rules:\n",
+    """\
+rules:
+  - name: large-payments
+    match: {path: /api/payments/**, methods: [POST]}
+    when: {any: ["amount > 1000", "client_ip not in [10.0.0.0/8]"]}
+    require: {level: phishing-resistant, max_age: 5m, once: true, bind: [amount, payee.iban]}
+    risk: {url: "https://risk.internal/score", on_error: deny, cache: 1m}
+    upstream: app
+  - name: stale-session
+    match: {path: /api/payments/**, methods: [POST]}
+    when: auth_age > 10m
+    require: {level: mfa, max_age: 10m}
+    upstream: app
+  - name: payments
+    match: {path: /api/payments/**, methods: [POST]}
+    require: {level: mfa}
+    upstream: app
+    upstream_challenge: true
+  - name: risky-only
+    match: {path: /risky/**}
+    when: amount > 1000
+    require: {level: mfa}
+    upstream: app
+""",
+)
+LARGE = {
+    "rule": "large-payments",
+    "require": {
+        "level": "phishing-resistant",
+        "max_age": 300,
+        "once": True,
+        "bind": ["amount", "payee.iban"],
+    },
+    "when": {"any": ["amount > 1000", "client_ip not in [10.0.0.0/8]"]},
+    "risk": {"url": "https://risk.internal/score", "timeout": 1.0, "on_error": "deny", "cache": 60},
+}
+SKIPPED_LARGE = {"rule": "large-payments", "when": LARGE["when"]}
+STALE = {
+    "rule": "stale-session",
+    "require": {"level": "mfa", "max_age": 600, "once": False},
+    "when": "auth_age > 10m",
+    "unknown": ["session"],
+    "note": "conditions on what is unknown count as true (fail closed); explain has no "
+    "session, so auth_age and client_ip_changed are unknown",
+}
+
+
+@pytest.fixture
+def conditions_file(tmp_path: Path) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(CONDITIONS)
+    return path
+
+
+def explained_with(config_file: Path, *args: str) -> dict[str, Any]:
+    result = gateway("explain", "--config", str(config_file), *args)
+    no_traceback(result)
+    assert (result.returncode, result.stderr) == (0, "")
+    output: dict[str, Any] = json.loads(result.stdout)
+    return output
+
+
+@pytest.mark.parametrize(
+    ("args", "expected", "fields"),
+    [
+        (["--body", "amount=5000&payee.iban=DE89", "--client-ip", "10.1.2.3"], LARGE,
+         {"amount": "5000", "payee.iban": "DE89"}),
+        # 1000.00 is not more than 1000: the risky rule is skipped, the next when holds
+        # only because explain has no session
+        (["--body", "amount=1000.00", "--client-ip", "10.1.2.3"],
+         {**STALE, "skipped": [SKIPPED_LARGE]}, {"amount": "1000.00", "payee.iban": None}),
+        (["--client-ip", "10.1.2.3"], {**LARGE, "unknown": ["amount"]},
+         {"amount": None, "payee.iban": None}),  # no amount: fail closed
+        (["--body", "amount=50"], {**LARGE, "unknown": ["client_ip"]},
+         {"amount": "50", "payee.iban": None}),  # no client address: fail closed
+        (["--body", "amount=50", "--client-ip", "198.51.100.1"], LARGE,
+         {"amount": "50", "payee.iban": None}),
+        (["--content-type", "application/json", "--client-ip", "10.0.0.1",
+          "--body", '{"amount": 50.5, "payee": {"iban": "DE89"}}'],
+         {**STALE, "skipped": [SKIPPED_LARGE]}, {"amount": "50.5", "payee.iban": "DE89"}),
+        (["--body", "amount=1&amount=5000", "--client-ip", "10.1.2.3"],
+         {**LARGE, "unknown": ["amount"]}, {"amount": None, "payee.iban": None}),
+    ],
+)  # fmt: skip
+def test_explain_evaluates_when(
+    conditions_file: Path, args: list[str], expected: dict[str, Any], fields: dict[str, Any]
+) -> None:
+    output = explained_with(conditions_file, *args, "POST", "/api/payments/1")
+    if "unknown" in expected and "note" not in expected:
+        expected = {**expected, "note": STALE["note"]}
+    assert output == {
+        **expected,
+        "upstream": "app",
+        "method": "POST",
+        "normalized_path": "/api/payments/1",
+        "host": "gw.example.com",
+        "fields": fields,
+    }
+
+
+def test_explain_reads_the_query(conditions_file: Path) -> None:
+    output = explained_with(
+        conditions_file, "--client-ip", "10.0.0.1", "POST", "/api/payments/1?amount=5"
+    )
+    assert (output["rule"], output["fields"]["amount"]) == ("stale-session", "5")
+    # the body wins over the query, and where they disagree nothing is known
+    output = explained_with(
+        conditions_file, "--client-ip", "10.0.0.1", "--body", "amount=5000", "POST",
+        "/api/payments/1?amount=5",
+    )  # fmt: skip
+    assert (output["rule"], output["unknown"]) == ("large-payments", ["amount"])
+
+
+def test_explain_with_an_unreadable_body(conditions_file: Path) -> None:
+    output = explained_with(
+        conditions_file, "--content-type", "application/json", "--body", '{"amount": 5',
+        "--client-ip", "10.0.0.1", "POST", "/api/payments/1?amount=5",
+    )  # fmt: skip
+    assert output["rule"] == "large-payments"
+    assert output["unknown"] == ["amount"]
+    assert output["body"].startswith("not readable as application/json")
+
+
+def test_explain_a_body_over_max_body(conditions_file: Path) -> None:
+    conditions_file.write_text(CONDITIONS + "step_up: {max_body: 16}\n")
+    output = explained_with(
+        conditions_file, "--body", "amount=5&pad=" + "x" * 20, "--client-ip", "10.0.0.1",
+        "POST", "/api/payments/1",
+    )  # fmt: skip
+    assert output["rule"] == "large-payments"
+    assert output["body"].startswith("larger than step_up.max_body")
+
+
+def test_explain_shows_upstream_challenge_and_no_when(conditions_file: Path) -> None:
+    conditions_file.write_text(
+        CONDITIONS.replace("    when: auth_age > 10m\n", "    when: a == b\n")
+    )
+    output = explained_with(
+        conditions_file, "--body", "amount=5&a=x", "--client-ip", "10.0.0.1", "POST",
+        "/api/payments/1",
+    )  # fmt: skip
+    assert output["rule"] == "payments"
+    assert output["upstream_challenge"] is True
+    assert "when" not in output and "unknown" not in output
+    assert [entry["rule"] for entry in output["skipped"]] == ["large-payments", "stale-session"]
+
+
+def test_explain_deny_after_skipping(conditions_file: Path) -> None:
+    output = explained_with(conditions_file, "--body", "amount=5", "GET", "/risky/x")
+    assert output == {
+        "rule": None,
+        "decision": "deny",
+        "status": 403,
+        "method": "GET",
+        "normalized_path": "/risky/x",
+        "host": "gw.example.com",
+        "fields": {"amount": "5"},
+        "skipped": [{"rule": "risky-only", "when": "amount > 1000"}],
+    }
+
+
+def test_explain_refuses_a_bad_client_ip(conditions_file: Path) -> None:
+    result = gateway(
+        "explain", "--config", str(conditions_file), "--client-ip", "intranet", "GET", "/x"
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert "--client-ip 'intranet' is not an IP address" in result.stderr
+    no_traceback(result)
+
+
+def test_check_names_the_condition_and_its_line(conditions_file: Path) -> None:
+    conditions_file.write_text(CONDITIONS.replace('"amount > 1000"', '"amount > lots"'))
+    result = gateway("check", "--config", str(conditions_file))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        f"{conditions_file}:21 rules[0].when.any[0]: 'amount > lots': > needs a number, got 'lots'"
+    ]
