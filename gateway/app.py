@@ -9,29 +9,37 @@ This module is the only place where errors become responses.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import html
 import ipaddress
+import json
 import re
 import secrets
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
+import jwt
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod
 from aiohttp.web_protocol import RequestHandler
 from cryptography.hazmat.primitives.asymmetric import ec
+from multidict import MultiDict
 
 from gateway import assurance, headers, responses
 from gateway.assertion import AssertionKeyError, AssertionSigner, load_or_generate_key
+from gateway.conditions import Facts, binding_digest, binding_values, extract_fields
 from gateway.errors import (
     BadRequest,
+    Forbidden,
     GatewayError,
+    Gone,
     MethodNotAllowed,
     NotFound,
+    PayloadTooLarge,
     ProviderError,
     ProviderUnavailable,
     StoreUnavailable,
@@ -50,9 +58,11 @@ from gateway.oidc.flow import random_token as new_random
 from gateway.oidc.provider import ProviderClient
 from gateway.paths import canonical_host, normalize_path, split_request_target
 from gateway.policy import Allow, Challenge, Deny, decide
-from gateway.proxy import Upstreams
+from gateway.proxy import UpstreamIntercepted, Upstreams
 from gateway.reload import restart_needed
+from gateway.risk import RiskClient, RiskFacts, effective_requirement
 from gateway.rules import RuleSet
+from gateway.session.aux import AuxStore, LocalAux
 from gateway.session.cookies import (
     SetCookieKwargs,
     cookie_name,
@@ -60,12 +70,25 @@ from gateway.session.cookies import (
     set_cookie_kwargs,
 )
 from gateway.session.model import Proof, Session
+from gateway.session.redis_store import RedisStore
 from gateway.session.stores import SessionStore, make_store
 from gateway.session.transaction import (
     Transaction,
     TransactionCodec,
     tx_cookie_name,
     tx_cookies_to_drop,
+)
+from gateway.transactional import (
+    KeptRequest,
+    authorization_details,
+    binding_message,
+    echoed_binding,
+    is_form_post,
+    level_for_acr_values,
+    max_age_of,
+    media_type,
+    parse_bearer_challenge,
+    popup_page,
 )
 
 log = structlog.get_logger("gateway")
@@ -76,6 +99,10 @@ audit = structlog.get_logger("gateway.audit")
 MAX_TRANSACTIONS_IN_FLIGHT = 5
 # A logout token is a few hundred bytes; anything far larger is not one.
 MAX_LOGOUT_REQUEST_BYTES = 64 * 1024
+# Bodies read for their fields; others (uploads, binaries) are never buffered for a rule.
+FIELD_TYPES = frozenset(
+    {"application/x-www-form-urlencoded", "multipart/form-data", "application/json"}
+)
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 PROVIDER_ERROR_TEXT = {
@@ -88,6 +115,70 @@ PROVIDER_ERROR_TEXT = {
     ),
     "temporarily_unavailable": "The identity provider is temporarily unavailable.",
 }
+
+
+class RequestBody:
+    """The request's body, read at most once, bounded, and only when something needs it.
+
+    Read when a rule's ``when`` or ``bind`` needs its fields, or when a form post
+    must be kept across a step-up; the upstream then gets exactly these bytes.
+    """
+
+    def __init__(self, request: web.BaseRequest, limit: int) -> None:
+        self._request = request
+        self._limit = limit
+        self.data: bytes | None = None
+        self._fields: dict[str, object] | None = None
+
+    @property
+    def content_type(self) -> str:
+        return self._request.headers.get("Content-Type", "")
+
+    async def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        request = self._request
+        if not request.body_exists:
+            self.data = b""
+            return self.data
+        if (request.content_length or 0) > self._limit:
+            raise PayloadTooLarge(
+                "This request is too large to hold while you sign in. Sign in first "
+                "(open any page of this site), then send it again.",
+                reason="body_too_large",
+            )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > self._limit:
+                raise PayloadTooLarge(
+                    "This request is too large to hold while you sign in. Sign in first, "
+                    "then send it again.",
+                    reason="body_too_large",
+                )
+            chunks.append(chunk)
+        self.data = b"".join(chunks)
+        return self.data
+
+    async def fields(self) -> dict[str, object]:
+        """Form, JSON or multipart text fields, then the query's (see extract_fields)."""
+        if self._fields is None:
+            kind = media_type(self.content_type)
+            body = await self.read() if kind in FIELD_TYPES else b""
+            self._fields = extract_fields(self.content_type, body, self._request.query)
+        return self._fields
+
+
+class KeptBody:
+    """The fields of a kept request, for judging it again when it is replayed."""
+
+    def __init__(self, kept: KeptRequest) -> None:
+        self._kept = kept
+
+    async def fields(self) -> dict[str, object]:
+        query = MultiDict(parse_qsl(self._kept.path_qs.partition("?")[2], keep_blank_values=True))
+        return extract_fields(self._kept.content_type, self._kept.body, query)
 
 
 class ReloadRefused(Exception):
@@ -116,7 +207,8 @@ class Gateway:
         self.upstreams = self._make_upstreams(config)
         self._http: aiohttp.ClientSession | None = None
         self._provider: ProviderClient | None = None
-        self._seen_logout_jti: dict[str, float] = {}
+        self.aux: AuxStore = LocalAux(clock=clock)  # replaced in start()
+        self._aux_redis: RedisStore | None = None
         self._internal: dict[str, Callable[[web.BaseRequest], Any]] = {
             "/callback": self.callback,
             "/logout": self.logout,
@@ -127,6 +219,7 @@ class Gateway:
             "/jwks.json": self.jwks,
             "/step-up": self.step_up,
             "/backchannel-logout": self.backchannel_logout,
+            "/resume": self.resume,
         }
 
     def _apply(self, config: Config) -> None:
@@ -177,6 +270,8 @@ class Gateway:
         self._provider = ProviderClient(
             self.config.oidc, self._http, on_error=self._count_provider_error
         )
+        self.risk = RiskClient(self._http)
+        self.aux = self._make_aux()
         try:
             await self._provider.load()
         except ProviderError as exc:
@@ -188,6 +283,8 @@ class Gateway:
         close_store = getattr(self.store, "close", None)
         if close_store is not None:
             await close_store()
+        if self._aux_redis is not None:
+            await self._aux_redis.close()
         if self._http is not None:
             await self._http.close()
 
@@ -247,6 +344,23 @@ class Gateway:
             )
         log.info("config_reloaded", rules=len(new.rules), source=new.source)
 
+    def _make_aux(self) -> AuxStore:
+        """Where one-time claims and kept requests live: the Redis store when there is
+        one (shared by workers and replicas), else this process."""
+        session = self.config.session
+        if isinstance(self.store, RedisStore):
+            return self.store
+        if session.redis_url is not None:
+            self._aux_redis = RedisStore.from_url(
+                session.redis_url,
+                session.secrets,
+                idle_timeout_s=session.idle_timeout_s,
+                lifetime_s=session.lifetime_s,
+                prefix=session.redis_prefix,
+            )
+            return self._aux_redis
+        return LocalAux(clock=self.clock)
+
     @property
     def provider(self) -> ProviderClient:
         assert self._provider is not None, "Gateway.start() was not awaited"
@@ -272,24 +386,7 @@ class Gateway:
             if path == self.prefix or path.startswith(self.prefix + "/"):
                 response = await self.internal(request, path[len(self.prefix) :] or "/")
             else:
-                rules, config = self.rules, self.config  # one consistent view across a reload
-                if not rules.method_known(request.method):
-                    raise MethodNotAllowed(
-                        "This method is not allowed here.", reason="unknown_method"
-                    )
-                host = canonical_host(request.headers.get("Host"), self.scheme)
-                rule = rules.match(request.method, host, path)
-                rule_name = rule.name if rule is not None else None
-                session = await self.load_session(request)
-                decision = decide(rule, session, config.assurance, self.clock())
-                self.metrics.requests.labels(rule_name or "", DECISION_LABEL[type(decision)]).inc()
-                if isinstance(decision, Allow):
-                    path_qs = path if query is None else f"{path}?{query}"
-                    response = await self.forward(request, decision, session, path_qs, request_id)
-                elif isinstance(decision, Challenge):
-                    response = await self.challenge(request, decision, path, query)
-                else:
-                    response = self.deny(request, decision)
+                rule_name, response = await self.proxied(request, path, query, request_id)
         except GatewayError as exc:
             if isinstance(exc, BadRequest | MethodNotAllowed):
                 self.metrics.rejected.labels(exc.reason).inc()
@@ -308,6 +405,144 @@ class Gateway:
                 duration_ms=round((time.perf_counter() - started) * 1000, 2),
             )
         return response
+
+    async def proxied(
+        self, request: web.BaseRequest, path: str, query: str | None, request_id: str
+    ) -> tuple[str | None, web.StreamResponse]:
+        """A request for the upstreams: choose the rule, decide, act. (rule name, response)"""
+        rules, config = self.rules, self.config  # one consistent view across a reload
+        if not rules.method_known(request.method):
+            raise MethodNotAllowed("This method is not allowed here.", reason="unknown_method")
+        host = canonical_host(request.headers.get("Host"), self.scheme)
+        session = await self.load_session(request)
+        now = self.clock()
+        body = RequestBody(request, config.step_up.max_body_bytes)
+        rule = await self.choose_rule(request, rules, host, path, session, body, now)
+        rule_name = rule.name if rule is not None else None
+        judged = rule
+        if rule is not None and rule.risk is not None:
+            judged = await self.apply_risk(request, rule, session, body, path, now)
+            if judged is None:
+                self.metrics.requests.labels(rule.name, "deny").inc()
+                return rule_name, self.deny(request, Deny(403, "risk_engine_denied"))
+        binding = None
+        if judged is not None and judged.require.bind:
+            binding = binding_digest(judged.require.bind, await body.fields())
+        decision = decide(
+            judged,
+            session,
+            config.assurance,
+            now,
+            binding=binding,
+            skew_s=config.oidc.clock_skew_s,
+        )
+        if isinstance(decision, Allow) and judged is not None and judged.require.once:
+            decision = await self.consume_proof(decision, session, now)
+        self.metrics.requests.labels(rule_name or "", DECISION_LABEL[type(decision)]).inc()
+        path_qs = path if query is None else f"{path}?{query}"
+        if isinstance(decision, Allow):
+            return rule_name, await self.forward(
+                request, decision, session, path_qs, request_id, body=body
+            )
+        if isinstance(decision, Challenge):
+            return rule_name, await self.challenge(request, decision, path_qs, body, session)
+        return rule_name, self.deny(request, decision)
+
+    async def choose_rule(
+        self,
+        request: web.BaseRequest,
+        rules: RuleSet,
+        host: str | None,
+        path: str,
+        session: Session | None,
+        body: RequestBody | KeptBody,
+        now: float,
+        *,
+        method: str | None = None,
+    ) -> Rule | None:
+        """The first matching rule whose ``when`` holds (or that has none)."""
+        for candidate in rules.candidates_for(method or request.method, host, path):
+            condition = candidate.when
+            if condition is None:
+                return candidate
+            facts = Facts(
+                fields=await body.fields() if condition.fields() else {},
+                client_ip=self.client_ip(request),
+                proven_ip=session.ip if session is not None else None,
+                auth_age_s=now - session.auth_time if session is not None else None,
+            )
+            if condition.holds(facts):
+                return candidate
+        return None
+
+    async def apply_risk(
+        self,
+        request: web.BaseRequest,
+        rule: Rule,
+        session: Session | None,
+        body: RequestBody,
+        path: str,
+        now: float,
+    ) -> Rule | None:
+        """``rule`` with what its risk engine adds; None when the engine says deny."""
+        assert rule.risk is not None
+        wanted = set(rule.require.bind) | (set(rule.when.fields()) if rule.when else set())
+        fields = binding_values(sorted(wanted), await body.fields()) if wanted else {}
+        held = assurance.highest(self.config.assurance.levels, session.proofs) if session else None
+        facts = RiskFacts(
+            subject=session.sub if session else None,
+            rule=rule.name,
+            method=request.method,
+            path=path,
+            client_ip=self.client_ip(request),
+            fields=fields,
+            level=held.name if held else None,
+            level_age_s=now - session.auth_time if session else None,
+        )
+        outcome = await self.risk.assess(
+            rule,
+            facts,
+            assurance=self.config.assurance,
+            session_id=session.id if session else None,
+            now=now,
+        )
+        audit.info(
+            "risk_assessed",
+            rule=rule.name,
+            decision=outcome.decision,
+            level=outcome.level,
+            reason=outcome.reason,
+        )
+        requirement = effective_requirement(rule.require, outcome, self.config.assurance)
+        return None if requirement is None else dataclasses.replace(rule, require=requirement)
+
+    async def consume_proof(
+        self, decision: Allow, session: Session | None, now: float
+    ) -> Allow | Challenge:
+        """A one-time rule: the proof is used up by this request, atomically."""
+        proof = decision.proof
+        if session is None or proof is None:
+            return decision
+        name = f"proof:{session.id}:{proof.acr}:{proof.auth_time}"
+        if await self.aux.claim_once(name, self.config.session.lifetime_s):
+            audit.info("proof_consumed", rule=decision.rule.name, sub=session.sub)
+            return decision
+        required = self.config.assurance.level(decision.rule.require.level or "")
+        assert required is not None  # a once rule always names a level (config check)
+        return Challenge(
+            decision.rule, required, decision.rule.require.max_age_s, "proof_used", decision.level
+        )
+
+    def client_ip(self, request: web.BaseRequest) -> str | None:
+        """The client's address: the TCP peer, or from X-Forwarded-For via a trusted proxy."""
+        peer = request.remote or None
+        if peer is None or not self.peer_trusted(peer):
+            return peer
+        chain = [a.strip() for a in request.headers.get("X-Forwarded-For", "").split(",")]
+        for address in reversed([a for a in chain if a]):
+            if not self.peer_trusted(address):
+                return address
+        return peer
 
     async def load_session(self, request: web.BaseRequest) -> Session | None:
         value = request.cookies.get(self.session_cookie)
@@ -330,7 +565,11 @@ class Gateway:
         session: Session | None,
         path_qs: str,
         request_id: str,
+        *,
+        body: RequestBody | None = None,
+        kept: KeptRequest | None = None,
     ) -> web.StreamResponse:
+        """Send the request (or a ``kept`` one, replayed) upstream with assurance headers."""
         rule = decision.rule
         peer = request.remote or ""
         upstream_headers = headers.upstream_request_headers(
@@ -363,18 +602,101 @@ class Gateway:
         extra: list[tuple[str, str]] = []
         if refreshed is not None:
             extra.append(("Set-Cookie", self.session_set_cookie(refreshed)))
+        method: str | None = None
+        data: bytes | None = None
+        if kept is not None:
+            method, data = kept.method, kept.body
+            upstream_headers["Content-Type"] = kept.content_type
+            upstream_headers["Content-Length"] = str(len(kept.body))
+        else:
+            browser = responses.is_navigation(request.method, request.headers) or is_form_post(
+                request.method, request.headers
+            )
+            if rule.upstream_challenge and browser and body is not None:
+                # Keep a copy of the form so the request can be replayed after a step-up
+                # the upstream asks for; too large a body streams without that option.
+                try:
+                    await body.read()
+                except PayloadTooLarge:
+                    log.info("upstream_challenge_body_too_large", rule=rule.name)
+            if body is not None and body.data is not None:
+                data = body.data
+        intercept = None
+        if (
+            kept is None
+            and rule.upstream_challenge
+            and (
+                responses.is_navigation(request.method, request.headers)
+                or (body is not None and body.data is not None)
+            )
+        ):
+            intercept = self.upstream_asks_step_up
         started = time.perf_counter()
-        response = await self.upstreams.forward(
-            request,
-            rule.upstream,
-            path_qs=path_qs,
-            headers=upstream_headers,
-            extra_response_headers=extra,
-            on_headers=lambda: self.metrics.upstream_latency.labels(rule.upstream).observe(
-                time.perf_counter() - started
-            ),
+        try:
+            return await self.upstreams.forward(
+                request,
+                rule.upstream,
+                path_qs=path_qs,
+                headers=upstream_headers,
+                extra_response_headers=extra,
+                on_headers=lambda: self.metrics.upstream_latency.labels(rule.upstream).observe(
+                    time.perf_counter() - started
+                ),
+                method=method,
+                body=data,
+                intercept=intercept,
+            )
+        except UpstreamIntercepted as asked:
+            return await self.upstream_step_up(request, rule, session, path_qs, body, asked)
+
+    def upstream_asks_step_up(self, response: aiohttp.ClientResponse) -> bool:
+        return response.status == 401 and any(
+            parse_bearer_challenge(value) is not None
+            for value in response.headers.getall("WWW-Authenticate", [])
         )
-        return response
+
+    async def upstream_step_up(
+        self,
+        request: web.BaseRequest,
+        rule: Rule,
+        session: Session | None,
+        path_qs: str,
+        body: RequestBody | None,
+        asked: UpstreamIntercepted,
+    ) -> web.StreamResponse:
+        """The upstream answered a browser with an RFC 9470 challenge: step up, then replay."""
+        value = asked.headers.get("WWW-Authenticate", "")
+        params = parse_bearer_challenge(value) or {}
+        level = level_for_acr_values(self.config.assurance.levels, params.get("acr_values", ""))
+        max_age_s = max_age_of(params)
+        if level is None or max_age_s is False:
+            # Only levels this config defines can be asked for; pass the challenge on.
+            log.warning(
+                "upstream_challenge_unknown",
+                rule=rule.name,
+                acr_values=params.get("acr_values"),
+                max_age=params.get("max_age"),
+            )
+            return web.Response(
+                status=401,
+                headers={"WWW-Authenticate": value, "Cache-Control": "no-store"},
+                text=responses.json_error(
+                    "insufficient_user_authentication",
+                    "The application asks for a stronger sign-in.",
+                    request_id_of(),
+                ),
+                content_type="application/json",
+            )
+        assert max_age_s is not False
+        audit.info("upstream_challenge", rule=rule.name, need=level.name, max_age_s=max_age_s)
+        decision = Challenge(
+            rule,
+            level,
+            max_age_s,
+            "upstream_challenge",
+            assurance.highest(self.config.assurance.levels, session.proofs) if session else None,
+        )
+        return await self.challenge(request, decision, path_qs, body, session)
 
     def assurance_headers(
         self, session: Session, level: Level | None, rule: Rule
@@ -416,18 +738,26 @@ class Gateway:
     # -- challenges --------------------------------------------------------------
 
     async def challenge(
-        self, request: web.BaseRequest, decision: Challenge, path: str, query: str | None
+        self,
+        request: web.BaseRequest,
+        decision: Challenge,
+        path_qs: str,
+        body: RequestBody | None,
+        session: Session | None,
     ) -> web.StreamResponse:
+        rule = decision.rule
         acr_values = assurance.acr_values_for(decision.required)
         log.info(
             "step_up_needed",
-            rule=decision.rule.name,
+            rule=rule.name,
             need=decision.required.name,
             have=decision.held.name if decision.held else None,
             reason=decision.reason,
             max_age_s=decision.max_age_s,
         )
-        if not responses.is_navigation(request.method, request.headers):
+        navigation = responses.is_navigation(request.method, request.headers)
+        form = is_form_post(request.method, request.headers)
+        if not navigation and not form:
             if decision.reason == "no_session":
                 value = responses.www_authenticate(None, None)
                 message = "Sign-in required"
@@ -444,13 +774,49 @@ class Gateway:
                 content_type="application/json",
                 headers={"WWW-Authenticate": value, "Cache-Control": "no-store"},
             )
-        return_to = path if not query else f"{path}?{query}"
+        binding: str | None = None
+        values: dict[str, str | None] | None = None
+        if rule.require.bind:
+            assert body is not None
+            fields = await body.fields()
+            values = binding_values(rule.require.bind, fields)
+            missing = [name for name, value in values.items() if value is None]
+            if missing:
+                raise BadRequest(
+                    f"The request must carry exactly one value for: {', '.join(missing)}.",
+                    reason="binding_field_missing",
+                )
+            binding = binding_digest(rule.require.bind, fields)
+        kept_id: str | None = None
+        return_to = path_qs
+        if form:
+            assert body is not None
+            kept = KeptRequest(
+                method=request.method,
+                path_qs=path_qs,
+                content_type=body.content_type,
+                body=await body.read(),
+                session_id=session.id if session is not None else None,
+                rule=rule.name,
+            )
+            kept_id = new_random()
+            await self.aux.put_blob(
+                f"kept:{kept_id}", kept.to_dict(), self.config.session.transaction_ttl_s
+            )
+            audit.info("request_kept", rule=rule.name, method=request.method, bytes=len(kept.body))
+            return_to = responses.same_origin_path(
+                request.headers.get("Referer"), self.public_origin()
+            )
         return await self.start_round_trip(
             request,
             return_to=responses.safe_return_to(return_to),
-            rule=decision.rule.name,
+            rule=rule.name,
             level=decision.required,
             max_age_s=decision.max_age_s,
+            kept=kept_id,
+            binding=binding,
+            binding_values=values,
+            fresh=rule.require.once,
         )
 
     async def start_round_trip(
@@ -461,6 +827,11 @@ class Gateway:
         rule: str | None,
         level: Level,
         max_age_s: int | None,
+        kept: str | None = None,
+        binding: str | None = None,
+        binding_values: dict[str, str | None] | None = None,
+        fresh: bool = False,
+        mode: str = "redirect",
     ) -> web.StreamResponse:
         try:
             meta = await self.provider.metadata()
@@ -482,7 +853,18 @@ class Gateway:
             level=level.name,
             max_age_s=max_age_s,
             created_at=now,
+            mode=mode,
+            kept=kept,
+            binding=binding,
+            fresh=fresh,
         )
+        extra: dict[str, str] = {}
+        if binding_values is not None:
+            details_type = self.config.step_up.authorization_details_type
+            extra["authorization_details"] = json.dumps(
+                authorization_details(details_type, binding_values), separators=(",", ":")
+            )
+            extra["binding_message"] = binding_message(binding_values)
         url = authorization_url(
             meta,
             self.config.oidc,
@@ -491,7 +873,9 @@ class Gateway:
             nonce=tx.nonce,
             code_challenge=challenge,
             acr_values=assurance.acr_values_for(level),
-            max_age_s=max_age_s,
+            # A one-time proof must be a new authentication: max_age=0 asks for it.
+            max_age_s=0 if fresh else max_age_s,
+            extra=extra or None,
         )
         response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
         ttl_s = self.config.session.transaction_ttl_s
@@ -517,7 +901,15 @@ class Gateway:
             **set_cookie_kwargs(self.secure, ttl_s),
         )
         self.metrics.challenges.labels("issued", level.name).inc()
-        audit.info("step_up_challenge", rule=rule, need=level.name, max_age_s=max_age_s)
+        audit.info(
+            "step_up_challenge",
+            rule=rule,
+            need=level.name,
+            max_age_s=max_age_s,
+            bound=binding is not None,
+            kept=kept is not None,
+            once=fresh,
+        )
         return response
 
     # -- internal endpoints ------------------------------------------------------
@@ -615,6 +1007,35 @@ class Gateway:
         if claims.auth_time is None:
             log.info("auth_time_missing", fallback="iat", iss=claims.iss)
         auth_time = float(claims.auth_time if claims.auth_time is not None else claims.iat)
+        skew_s = self.config.oidc.clock_skew_s
+        if tx.fresh and auth_time < tx.created_at - skew_s:
+            # A one-time rule asked for a new authentication (max_age=0); an old one,
+            # already used or not, must not be accepted again.
+            return finish(
+                self.step_up_failed(
+                    request,
+                    tx,
+                    level_name,
+                    "not_reauthenticated",
+                    status=403,
+                    text="The identity provider did not ask you to sign in again, and this "
+                    "action needs a new sign-in each time.",
+                )
+            )
+        approved: str | None = None
+        if tx.binding is not None:
+            approved = self.check_binding(tx, id_token)
+            if approved is None:
+                return finish(
+                    self.step_up_failed(
+                        request,
+                        tx,
+                        level_name,
+                        "binding_mismatch",
+                        status=403,
+                        text="What the identity provider approved differs from this request.",
+                    )
+                )
         proof = Proof(acr=claims.acr, amr=claims.amr, auth_time=auth_time)
         previous_cookie = request.cookies.get(self.session_cookie)
         previous = await self.load_session(request)
@@ -623,6 +1044,7 @@ class Gateway:
             # subjects; start a new session for the new subject.
             log.info("session_subject_changed")
             previous = None
+        client_ip = self.client_ip(request)
         if previous is not None:
             session = previous.with_proof(
                 proof,
@@ -632,6 +1054,8 @@ class Gateway:
                 provider_sid=claims.sid,
                 id_token=id_token,
                 now=now,
+                ip=client_ip,
+                binding=approved,
             )
         else:
             session = Session.start(
@@ -642,13 +1066,16 @@ class Gateway:
                 provider_sid=claims.sid,
                 id_token=id_token,
                 now=now,
+                ip=client_ip,
+                binding=approved,
             )
         value = await self.store.save(
             session, now, rotate=True, previous=previous_cookie if previous else None
         )
         proven = assurance.level_of(self.config.assurance.levels, claims.acr, claims.amr)
+        window_s = None if tx.max_age_s is None else tx.max_age_s + skew_s
         if level is not None and not assurance.satisfies(
-            self.config.assurance.levels, [proof], level, tx.max_age_s, now
+            self.config.assurance.levels, [proof], level, window_s, now
         ):
             self.metrics.challenges.labels("failed", level_name).inc()
             audit.info(
@@ -661,25 +1088,27 @@ class Gateway:
                 sub=claims.sub,
                 reason="too_weak",
             )
+            paragraphs = [
+                f"This action needs the level '{level_name}'"
+                + (
+                    f" proven within {responses.format_duration(tx.max_age_s)}"
+                    if tx.max_age_s is not None
+                    else ""
+                )
+                + ".",
+                "The identity provider signed you in with "
+                + (f"the level '{proven.name}'" if proven else "no recognised level")
+                + f" (acr {claims.acr or 'none'}, amr {', '.join(claims.amr) or 'none'}).",
+                "You are still signed in as before. Use a stronger method, such as a "
+                "passkey or security key, and try again.",
+            ]
             response = self.page_response(
                 request,
                 403,
                 "A stronger sign-in is needed",
-                [
-                    f"This action needs the level '{level_name}'"
-                    + (
-                        f" proven within {responses.format_duration(tx.max_age_s)}"
-                        if tx.max_age_s is not None
-                        else ""
-                    )
-                    + ".",
-                    "The identity provider signed you in with "
-                    + (f"the level '{proven.name}'" if proven else "no recognised level")
-                    + f" (acr {claims.acr or 'none'}, amr {', '.join(claims.amr) or 'none'}).",
-                    "You are still signed in as before. Use a stronger method, such as a "
-                    "passkey or security key, and try again.",
-                ],
+                paragraphs,
                 error="insufficient_user_authentication",
+                raw_html=self.popup_script(tx, ok=False),
             )
             response.set_cookie(self.session_cookie, value, **self.session_cookie_kwargs())
             return finish(response)
@@ -692,12 +1121,107 @@ class Gateway:
             acr=claims.acr,
             amr=list(claims.amr),
             sub=claims.sub,
+            bound=approved is not None,
         )
-        response = web.Response(
-            status=303, headers={"Location": responses.safe_return_to(tx.return_to)}
-        )
+        location = responses.safe_return_to(tx.return_to)
+        if tx.kept is not None:
+            location = await self.rekeep(tx.kept, session)
+        if tx.mode == "popup":
+            response = web.Response(
+                text=popup_page(
+                    self.public_origin(), True, {"level": proven.name if proven else None}
+                ),
+                content_type="text/html",
+            )
+        else:
+            response = web.Response(status=303, headers={"Location": location})
         response.set_cookie(self.session_cookie, value, **self.session_cookie_kwargs())
         return finish(response)
+
+    def check_binding(self, tx: Transaction, id_token: str) -> str | None:
+        """The approved binding digest, or None when the provider approved something else.
+
+        The gateway's own record (the digest in the transaction) is what counts; when
+        the provider echoes ``authorization_details`` in the ID token it must agree.
+        """
+        rule = next((r for r in self.rules.rules if r.name == tx.rule), None)
+        if rule is None or not rule.require.bind:
+            return None
+        claims = jwt.decode(id_token, options={"verify_signature": False})  # verified above
+        echoed = echoed_binding(claims, rule.require.bind)
+        if echoed is False:
+            log.info("binding_not_echoed", rule=rule.name)
+            return tx.binding
+        return tx.binding if echoed == tx.binding else None
+
+    async def rekeep(self, kept_id: str, session: Session) -> str:
+        """Bind the kept request to the session that just stepped up; where to resume it."""
+        data = await self.aux.take_blob(f"kept:{kept_id}")
+        kept = KeptRequest.from_dict(data)
+        if kept is None or kept.session_id not in (None, session.id):
+            return f"{self.prefix}/resume?r=expired"
+        new_id = new_random()
+        await self.aux.put_blob(
+            f"kept:{new_id}",
+            kept.with_session(session.id).to_dict(),
+            self.config.session.transaction_ttl_s,
+        )
+        return f"{self.prefix}/resume?r={new_id}"
+
+    def popup_script(self, tx: Transaction, *, ok: bool) -> str:
+        if tx.mode != "popup":
+            return ""
+        page = popup_page(self.public_origin(), ok, {"level": None})
+        return page[page.index("<script>") : page.index("</script>") + len("</script>")]
+
+    async def resume(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Replay a request kept across a step-up: once, for the session it belongs to."""
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed("Resume takes GET", reason="resume_method")
+        kept_id = request.query.get("r", "")
+        data = await self.aux.take_blob(f"kept:{kept_id}") if kept_id else None
+        kept = KeptRequest.from_dict(data)
+        if kept is None:
+            audit.info("kept_request_gone")
+            raise Gone(
+                "This action was already sent, or waited too long. It was not sent again; "
+                "check the result in the application before trying again.",
+                reason="kept_request_gone",
+            )
+        session = await self.load_session(request)
+        if session is None or kept.session_id != session.id:
+            audit.info("kept_request_refused", reason="other_session")
+            raise Forbidden("This action belongs to another sign-in.", reason="kept_other_session")
+        now = self.clock()
+        config = self.config
+        path = kept.path_qs.partition("?")[0]
+        host = canonical_host(request.headers.get("Host"), self.scheme)
+        body = KeptBody(kept)
+        rule = await self.choose_rule(
+            request, self.rules, host, path, session, body, now, method=kept.method
+        )
+        binding = None
+        if rule is not None and rule.require.bind:
+            binding = binding_digest(rule.require.bind, await body.fields())
+        decision = decide(
+            rule, session, config.assurance, now, binding=binding, skew_s=config.oidc.clock_skew_s
+        )
+        if isinstance(decision, Allow) and rule is not None and rule.require.once:
+            decision = await self.consume_proof(decision, session, now)
+        self.metrics.requests.labels(
+            rule.name if rule else "", DECISION_LABEL[type(decision)]
+        ).inc()
+        if not isinstance(decision, Allow):
+            # Never another round trip from here: that is how loops start.
+            audit.info("kept_request_refused", reason=getattr(decision, "reason", "deny"))
+            raise Forbidden(
+                "The sign-in did not allow this action, so it was not sent.",
+                reason="kept_not_allowed",
+            )
+        audit.info("kept_request_replayed", rule=decision.rule.name, method=kept.method)
+        return await self.forward(
+            request, decision, session, kept.path_qs, request_id_of(), kept=kept
+        )
 
     def step_up_failed(
         self,
@@ -745,12 +1269,16 @@ class Gateway:
             if not max_age_raw.isdigit() or len(max_age_raw) > 9:
                 raise BadRequest("max_age must be a number of seconds", reason="step_up_max_age")
             max_age_s = int(max_age_raw)
+        mode = request.query.get("mode", "redirect")
+        if mode not in ("redirect", "popup"):
+            raise BadRequest("mode must be redirect or popup", reason="step_up_mode")
         return await self.start_round_trip(
             request,
             return_to=responses.safe_return_to(request.query.get("rd")),
             rule=None,
             level=level,
             max_age_s=max_age_s,
+            mode=mode,
         )
 
     async def backchannel_logout(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -786,7 +1314,9 @@ class Gateway:
         now = self.clock()
         try:
             claims = await self.provider.verify_logout(token, now=now)
-            first_use = await self.claim_logout_jti(claims.jti, now)
+            first_use = await self.aux.claim_once(
+                f"jti:{claims.jti}", LOGOUT_TOKEN_MAX_AGE_S + 2 * self.config.oidc.clock_skew_s
+            )
         except IdTokenError as exc:
             audit.info("backchannel_logout_refused", reason=exc.reason)
             return web.json_response(
@@ -809,22 +1339,6 @@ class Gateway:
             sessions_deleted=deleted,
         )
         return web.Response(status=200, headers=no_store)
-
-    async def claim_logout_jti(self, jti: str, now: float) -> bool:
-        """True the first time ``jti`` is seen (in the store when it can, else here)."""
-        ttl_s = LOGOUT_TOKEN_MAX_AGE_S + 2 * self.config.oidc.clock_skew_s
-        claim_once = getattr(self.store, "claim_once", None)
-        if claim_once is not None:
-            first: bool = await claim_once(f"jti:{jti}", ttl_s)
-            return first
-        seen = self._seen_logout_jti
-        for old_jti, expires in list(seen.items())[:64]:
-            if expires <= now:
-                del seen[old_jti]
-        if jti in seen:
-            return False
-        seen[jti] = now + ttl_s
-        return True
 
     async def logout(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.method in ("GET", "HEAD"):

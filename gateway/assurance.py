@@ -9,7 +9,7 @@ never trusted from storage).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from gateway.model import Level
 
@@ -21,6 +21,9 @@ class ProofLike(Protocol):
     def amr(self) -> tuple[str, ...]: ...
     @property
     def auth_time(self) -> float: ...
+
+
+P = TypeVar("P", bound=ProofLike)
 
 
 def level_of(levels: Sequence[Level], acr: str | None, amr: Iterable[str]) -> Level | None:
@@ -45,13 +48,26 @@ def satisfies(
     now: float,
 ) -> bool:
     """True when ``required`` or a stronger level was proven within ``max_age_s``."""
+    return bool(satisfying_proofs(levels, proofs, required, max_age_s, now))
+
+
+def satisfying_proofs(
+    levels: Sequence[Level],
+    proofs: Iterable[P],
+    required: Level,
+    max_age_s: int | None,
+    now: float,
+) -> list[P]:
+    """The proofs that meet ``required`` within ``max_age_s``, newest first."""
+    found = []
     for proof in proofs:
         if max_age_s is not None and now - proof.auth_time > max_age_s:
             continue
         level = level_of(levels, proof.acr, proof.amr)
         if level is not None and level.rank >= required.rank:
-            return True
-    return False
+            found.append(proof)
+    found.sort(key=lambda p: p.auth_time, reverse=True)
+    return found
 
 
 def highest(levels: Sequence[Level], proofs: Iterable[ProofLike]) -> Level | None:

@@ -636,6 +636,14 @@ class _Validator:
         if server is not None and session is not None:
             self.check_cookie_secure(server, session, top)
             self.check_once(server, session)
+            if server.workers > 1 and session.store == "memory":
+                self.note(
+                    "server.workers",
+                    f"is {server.workers} but session.store is memory: each worker would keep "
+                    "its own sessions and a sign-in would work on one worker only. Use "
+                    "store: cookie or redis, or workers: 1",
+                    self.node_at(top, "server", "workers"),
+                )
         if (
             server is None
             or upstreams is None
@@ -1013,6 +1021,17 @@ class _Validator:
         if text.lower().startswith(("__host-", "__secure-")):
             raise self.fail(path, "leave out the __Host- prefix: the gateway adds it", node)
         return text
+
+    @staticmethod
+    def node_at(top: _Map, section: str, key: str) -> Node | None:
+        """The YAML node of ``section.key``, for a line number (None when absent)."""
+        node: Node | None = top.get(section)
+        if isinstance(node, MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, ScalarNode) and key_node.value == key:
+                    found: Node = value_node
+                    return found
+        return node
 
     def check_cookie_secure(
         self, server: model.ServerConfig, session: model.SessionConfig, top: _Map

@@ -96,3 +96,13 @@ class ConfigError(Exception):
     def __init__(self, problems: list[ConfigProblem]) -> None:
         super().__init__("\n".join(str(p) for p in problems))
         self.problems = problems
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    title = "Request too large"
+
+
+class Gone(GatewayError):
+    status = 410
+    title = "Already used"

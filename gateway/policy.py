@@ -9,13 +9,14 @@ from dataclasses import dataclass
 
 from gateway import assurance
 from gateway.model import AssuranceConfig, Level, Rule
-from gateway.session.model import Session
+from gateway.session.model import Proof, Session
 
 
 @dataclass(frozen=True, slots=True)
 class Allow:
     rule: Rule
     level: Level | None  # the highest level the session holds now (None: no session)
+    proof: Proof | None = None  # the proof that met the rule (for one-time rules)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +26,7 @@ class Challenge:
     rule: Rule
     required: Level
     max_age_s: int | None
-    reason: str  # "no_session" | "insufficient_level" | "stale"
+    reason: str  # "no_session" | "insufficient_level" | "stale" | "unbound" | "proof_used"
     held: Level | None  # what the session holds now, for messages and logs
 
 
@@ -43,21 +44,37 @@ def decide(
     session: Session | None,
     assurance_cfg: AssuranceConfig,
     now: float,
+    *,
+    binding: str | None = None,
+    skew_s: int = 0,
 ) -> Decision:
+    """``binding`` is the digest of the request's bound fields, for rules with ``bind``:
+    only a proof that approved exactly those values (and meets the level) counts.
+    ``max_age`` is compared with ``skew_s`` of leeway: ``auth_time`` is the provider's
+    clock, and a proof is always a round trip old when the browser is back.
+    """
     if rule is None:
         return Deny(403, "no_rule_matches")
     levels = assurance_cfg.levels
     held = assurance.highest(levels, session.proofs) if session is not None else None
     required_name = rule.require.level
-    if required_name is None:
-        return Allow(rule, held)
-    required = assurance_cfg.level(required_name)
-    if required is None:  # config validation makes this unreachable; fail closed anyway
-        return Deny(403, "unknown_level")
+    required = assurance_cfg.level(required_name) if required_name is not None else None
+    if required_name is not None and required is None:
+        return Deny(403, "unknown_level")  # unreachable after validation; fail closed anyway
     max_age_s = rule.require.max_age_s
+    window_s = None if max_age_s is None else max_age_s + skew_s
+    if required is None:
+        return Allow(rule, held)
     if session is None:
         return Challenge(rule, required, max_age_s, "no_session", None)
-    if assurance.satisfies(levels, session.proofs, required, max_age_s, now):
-        return Allow(rule, held)
+    proofs = assurance.satisfying_proofs(levels, session.proofs, required, window_s, now)
+    if rule.require.bind:
+        approved = {at for digest, at in session.bindings if digest == binding}
+        bound = [p for p in proofs if binding is not None and p.auth_time in approved]
+        if proofs and not bound:
+            return Challenge(rule, required, max_age_s, "unbound", held)
+        proofs = bound
+    if proofs:
+        return Allow(rule, held, proofs[0])
     reason = "stale" if held is not None and held.rank >= required.rank else "insufficient_level"
     return Challenge(rule, required, max_age_s, reason, held)

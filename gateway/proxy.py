@@ -86,6 +86,15 @@ class _Upstream:
         self.session: aiohttp.ClientSession | None = None
 
 
+class UpstreamIntercepted(Exception):
+    """The upstream's answer was taken over by the gateway (see ``forward(intercept=)``)."""
+
+    def __init__(self, status: int, headers: Mapping[str, str]) -> None:
+        super().__init__(status)
+        self.status = status
+        self.headers = dict(headers)
+
+
 class Upstreams:
     """One pooled HTTP client per upstream, opened at start-up, closed at shutdown.
 
@@ -201,8 +210,17 @@ class Upstreams:
         headers: CIMultiDict[str],
         extra_response_headers: Iterable[tuple[str, str]] = (),
         on_headers: Callable[[], None] | None = None,
+        method: str | None = None,
+        body: bytes | None = None,
+        intercept: Callable[[aiohttp.ClientResponse], bool] | None = None,
     ) -> web.StreamResponse:
         """Send ``request`` to ``upstream`` at ``path_qs`` and stream the answer back.
+
+        ``method`` and ``body`` replace the request's own (a kept request replayed
+        after a step-up, or a body the gateway had to read to judge the request);
+        ``headers`` must then carry the matching Content-Type and Content-Length.
+        When ``intercept`` returns True for the upstream's response head, nothing is
+        relayed and :class:`UpstreamIntercepted` carries the head to the caller.
 
         ``path_qs`` is the normalized path plus ``?query`` (still percent-encoded),
         ``headers`` what :func:`gateway.headers.upstream_request_headers` built plus
@@ -213,24 +231,36 @@ class Upstreams:
         """
         target, session = self._session(upstream)
         url = URL(target.http_base + path_qs, encoded=True)
-        body = _RequestBody(request, self._body_idle_timeout_s) if request.body_exists else None
+        data: _RequestBody | bytes | None
+        if body is not None:
+            data = body
+        elif request.body_exists:
+            data = _RequestBody(request, self._body_idle_timeout_s)
+        else:
+            data = None
         try:
             upstream_response = await session.request(
-                request.method,
+                method or request.method,
                 url,
                 headers=headers,
-                data=body,
+                data=data,
                 allow_redirects=False,
                 compress=None,
             )
         except Exception as exc:
-            error = _translate(exc, request, upstream, body)
+            error = _translate(
+                exc, request, upstream, data if not isinstance(data, bytes) else None
+            )
             if error is None:
                 raise
             raise error from exc
 
         if on_headers is not None:
             on_headers()
+        if intercept is not None and intercept(upstream_response):
+            intercepted = UpstreamIntercepted(upstream_response.status, upstream_response.headers)
+            upstream_response.release()
+            raise intercepted
         try:
             return await self._relay(request, upstream, upstream_response, extra_response_headers)
         finally:

@@ -61,6 +61,17 @@ def safe_return_to(target: str | None, fallback: str = "/") -> str:
     return target
 
 
+def same_origin_path(url: str | None, origin: str) -> str:
+    """The path and query of ``url`` when it is on ``origin`` (a Referer), else ``/``."""
+    if not url:
+        return "/"
+    parts = urlsplit(url)
+    if f"{parts.scheme}://{parts.netloc}".lower() != origin.lower():
+        return "/"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return safe_return_to(target)
+
+
 def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway.app import Gateway, make_server
 from gateway.config import load_config_text
 from tests.support.op import OpBehaviour, OpClient, OpenIdProvider, start_op
-from tests.support.upstream import make_echo_app
+from tests.support.upstream import SEEN, make_echo_app
 
 SESSION_SECRET = "test-session-secret-0123456789abcdef"  # a fixture, not a real secret
 CLIENT_SECRET = "test-client-secret"
@@ -161,7 +161,7 @@ class Stack:
 
     @property
     def seen(self) -> list[dict[str, Any]]:
-        seen: list[dict[str, Any]] = self.upstream.app["seen"]
+        seen: list[dict[str, Any]] = self.upstream.app[SEEN]
         return seen
 
 

@@ -256,7 +256,7 @@ async def test_two_workers_share_the_port_and_a_dead_worker_is_replaced(gateway_
 
 
 async def test_sign_in_across_two_workers(gateway_process, browser, op):
-    process, url, _ = await gateway_process(extra="workers: 2\n")
+    _, url, _ = await gateway_process(extra="workers: 2\n")
     # Every hop on a new connection: the callback may land on the other worker.
     hop = await browser.get(f"{url}/app/x")
     assert hop.status == 302
@@ -353,3 +353,27 @@ async def test_reload_in_process_reevaluates_levels(make_stack, browser):
     assert hop.status == 302
     assert query_of(hop.headers["Location"])["acr_values"] == "urn:example:loa:9"
     assert browser.cookie(COOKIE)
+
+
+def test_check_refuses_several_workers_with_the_memory_store(tmp_path):
+    path = tmp_path / "c.yaml"
+    write_config(
+        path,
+        port=8080,
+        issuer="http://127.0.0.1:9",
+        upstream="http://127.0.0.1:9",
+        rules=PUBLIC_RULES,
+        extra="workers: 2\n",
+    )
+    path.write_text(
+        path.read_text().replace("cookie_secure: false", "cookie_secure: false\n  store: memory")
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--config", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"{path}:5 server.workers: is 2 but session.store is memory" in result.stdout

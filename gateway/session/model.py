@@ -74,6 +74,9 @@ class Session:
     proofs: tuple[Proof, ...]
     created_at: float
     last_seen: float
+    ip: str | None = None  # client address of the last authentication (risk conditions)
+    # (digest of bound request fields, auth_time of the proof that approved them)
+    bindings: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def start(
@@ -87,6 +90,8 @@ class Session:
         id_token: str | None,
         now: float,
         session_id: str | None = None,
+        ip: str | None = None,
+        binding: str | None = None,
     ) -> Session:
         """A new session from a first login."""
         return cls(
@@ -102,6 +107,8 @@ class Session:
             proofs=(proof,),
             created_at=now,
             last_seen=now,
+            ip=ip,
+            bindings=merge_bindings((), binding, proof.auth_time),
         )
 
     def with_proof(
@@ -114,6 +121,8 @@ class Session:
         provider_sid: str | None,
         id_token: str | None,
         now: float,
+        ip: str | None = None,
+        binding: str | None = None,
     ) -> Session:
         """This session after a further authentication of the same user.
 
@@ -135,6 +144,8 @@ class Session:
             auth_time=proof.auth_time,
             proofs=merge_proofs(self.proofs, proof),
             last_seen=now,
+            ip=ip,
+            bindings=merge_bindings(self.bindings, binding, proof.auth_time),
         )
 
     def touched(self, now: float) -> Session:
@@ -174,6 +185,10 @@ class Session:
         data["pr"] = [[p.acr, list(p.amr), _compact_time(p.auth_time)] for p in self.proofs]
         data["c"] = _compact_time(self.created_at)
         data["l"] = _compact_time(self.last_seen)
+        if self.ip is not None:
+            data["ip"] = self.ip
+        if self.bindings:
+            data["b"] = [[digest, _compact_time(at)] for digest, at in self.bindings]
         return data
 
     @classmethod
@@ -199,6 +214,8 @@ class Session:
                 proofs=_proofs(data.get("pr")),
                 created_at=_time(data.get("c")),
                 last_seen=_time(data.get("l")),
+                ip=_optional_str(data.get("ip")),
+                bindings=_bindings(data.get("b")),
             )
         except _Malformed:
             return None
@@ -216,6 +233,33 @@ def merge_proofs(proofs: tuple[Proof, ...], proof: Proof) -> tuple[Proof, ...]:
     kept.append(proof if proof.auth_time >= newest.auth_time else newest)
     kept.sort(key=_auth_time, reverse=True)
     return tuple(kept[:MAX_PROOFS])
+
+
+# Bound approvals kept per session: enough for a few transactions in flight at once.
+MAX_BINDINGS = 8
+
+
+def merge_bindings(
+    bindings: tuple[tuple[str, float], ...], digest: str | None, auth_time: float
+) -> tuple[tuple[str, float], ...]:
+    """``bindings`` plus (``digest``, ``auth_time``), newest first, at most MAX_BINDINGS."""
+    if digest is None:
+        return bindings
+    kept = [(d, at) for d, at in bindings if d != digest]
+    return ((digest, auth_time), *kept)[:MAX_BINDINGS]
+
+
+def _bindings(value: object) -> tuple[tuple[str, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_BINDINGS:
+        raise _Malformed
+    out = []
+    for item in value:
+        if not isinstance(item, list) or len(item) != 2:
+            raise _Malformed
+        out.append((_required_str(item[0]), _time(item[1])))
+    return tuple(out)
 
 
 def expired(session: Session, now: float, idle_timeout_s: float, lifetime_s: float) -> bool:

@@ -40,7 +40,7 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import structlog
@@ -59,6 +59,7 @@ from gateway.session.transaction import Transaction
 
 REDIS_SESSION_PURPOSE = "stepup-gateway redis session v1"
 REDIS_TX_PURPOSE = "stepup-gateway redis tx v1"
+REDIS_BLOB_PURPOSE = "stepup-gateway redis kept request v1"
 REDIS_INDEX_PURPOSE = "stepup-gateway redis index v1"
 DEFAULT_PREFIX = "stepup:"
 # Redis answers in well under a millisecond on a LAN. Half a second is hundreds of
@@ -202,6 +203,7 @@ class RedisStore:
         self._also_close = tuple(also_close)
         self._sealer = Sealer(secrets, REDIS_SESSION_PURPOSE)
         self._tx_sealer = Sealer(secrets, REDIS_TX_PURPOSE)
+        self._blob_sealer = Sealer(secrets, REDIS_BLOB_PURPOSE)
         # The first key names index sets for new writes; all of them are searched
         # by delete_by, so sessions written before a secret rotation are still found.
         info = REDIS_INDEX_PURPOSE.encode()
@@ -341,6 +343,20 @@ class RedisStore:
             "claim_once", self._redis.set(key, "1", nx=True, ex=max(math.ceil(ttl_s), 1))
         )
         return bool(claimed)
+
+    async def put_blob(self, name: str, payload: Mapping[str, Any], ttl_s: float) -> None:
+        """Keep ``payload`` sealed under ``name`` for at most ``ttl_s`` (a kept request)."""
+        key = f"{self.prefix}blob:{_digest(name)}"
+        sealed = self._blob_sealer.seal(payload)
+        await self._run("put_blob", self._redis.set(key, sealed, ex=max(math.ceil(ttl_s), 1)))
+
+    async def take_blob(self, name: str) -> dict[str, Any] | None:
+        """The payload under ``name``, removed in the same step (GETDEL): single use."""
+        key = f"{self.prefix}blob:{_digest(name)}"
+        raw = await self._run("take_blob", self._redis.getdel(key))
+        if raw is None:
+            return None
+        return self._blob_sealer.open(_text(raw))
 
     # -- sign-in transactions ----------------------------------------------------
 

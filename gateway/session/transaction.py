@@ -47,7 +47,10 @@ class Transaction:
     level: str | None  # level asked for
     max_age_s: int | None
     created_at: float
-    mode: str = "redirect"
+    mode: str = "redirect"  # "redirect", or "popup" (ends with a message to the opener)
+    kept: str | None = None  # id of the request kept across this step-up, to replay once
+    binding: str | None = None  # digest of the bound request fields the user approves
+    fresh: bool = False  # the provider must authenticate during this transaction (once)
 
     def to_dict(self) -> dict[str, object]:
         data: dict[str, object] = {
@@ -64,6 +67,12 @@ class Transaction:
             data["l"] = self.level
         if self.max_age_s is not None:
             data["m"] = self.max_age_s
+        if self.kept is not None:
+            data["k"] = self.kept
+        if self.binding is not None:
+            data["b"] = self.binding
+        if self.fresh:
+            data["f"] = True
         return data
 
     @classmethod
@@ -98,6 +107,13 @@ class Transaction:
             return None
         if not math.isfinite(created_at):
             return None
+        kept, binding, fresh = data.get("k"), data.get("b"), data.get("f", False)
+        if not (kept is None or isinstance(kept, str)):
+            return None
+        if not (binding is None or isinstance(binding, str)):
+            return None
+        if not isinstance(fresh, bool):
+            return None
         return cls(
             state=state,
             nonce=nonce,
@@ -108,6 +124,9 @@ class Transaction:
             max_age_s=max_age_s,
             created_at=float(created_at),
             mode=mode,
+            kept=kept,
+            binding=binding,
+            fresh=fresh,
         )
 
 

@@ -7,6 +7,9 @@ import hashlib
 from aiohttp import WSMsgType, web
 
 
+SEEN = web.AppKey("seen", list)  # every request record, in order
+
+
 def make_echo_app() -> web.Application:
     seen: list[dict[str, object]] = []
 
@@ -34,7 +37,7 @@ def make_echo_app() -> web.Application:
         return web.json_response(record)
 
     app = web.Application()
-    app["seen"] = seen
+    app[SEEN] = seen
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
 
