@@ -165,8 +165,13 @@ class RequestBody:
         """Form, JSON or multipart text fields, then the query's (see extract_fields)."""
         if self._fields is None:
             kind = media_type(self.content_type)
-            body = await self.read() if kind in FIELD_TYPES else b""
-            self._fields = extract_fields(self.content_type, body, self._request.query)
+            if (self._request.content_length or 0) > self._limit and self.data is None:
+                # Too large to read for a condition: nothing is known, so conditions
+                # fail closed (the stricter rule applies) and the body still streams.
+                self._fields = {}
+            else:
+                body = await self.read() if kind in FIELD_TYPES else b""
+                self._fields = extract_fields(self.content_type, body, self._request.query)
         return self._fields
 
 
