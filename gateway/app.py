@@ -1264,7 +1264,12 @@ class Gateway:
     async def step_up(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowed("The step-up endpoint takes GET", reason="step_up_method")
-        level = self.config.assurance.level(request.query.get("level", ""))
+        if "level" in request.query:
+            level = self.config.assurance.level(request.query["level"])
+        else:
+            # The acr_values of an RFC 9470 challenge, as a script received them.
+            levels = self.config.assurance.levels
+            level = level_for_acr_values(levels, request.query.get("acr_values", ""))
         if level is None:
             known = ", ".join(lv.name for lv in self.config.assurance.levels)
             raise BadRequest(f"Unknown level (known: {known})", reason="step_up_level")

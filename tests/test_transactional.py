@@ -360,3 +360,15 @@ rules:
     async with browser.http.post(f"{stack.url}/scored", data={"amount": "1"}) as resp:
         assert resp.status == 403
     assert posts(stack, "/scored") == []
+
+
+async def test_step_up_endpoint_takes_the_acr_values_of_a_challenge(tstack, browser):
+    from urllib.parse import quote
+
+    hop = await browser.get(
+        f"{tstack.url}/_gateway/step-up?mode=popup&acr_values={quote('phr phrh')}"
+    )
+    assert hop.status == 302
+    assert query_of(hop.headers["Location"])["acr_values"] == "phr phrh"
+    hop = await browser.get(f"{tstack.url}/_gateway/step-up?acr_values=unknown")
+    assert hop.status == 400

@@ -6,7 +6,6 @@ import hashlib
 
 from aiohttp import WSMsgType, web
 
-
 SEEN = web.AppKey("seen", list)  # every request record, in order
 
 
