@@ -766,6 +766,9 @@ class _Validator:
         return tuple(result)
 
     def workers(self, node: Node, path: str) -> int:
+        if isinstance(node, ScalarNode) and node.value == "auto":
+            # One worker per core: a Python process uses one core.
+            return max(1, os.cpu_count() or 1)
         workers = self.integer(node, path)
         if workers < 1:
             raise self.fail(path, "must be at least 1", node)

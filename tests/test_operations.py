@@ -377,3 +377,18 @@ def test_check_refuses_several_workers_with_the_memory_store(tmp_path):
     )
     assert result.returncode == 1
     assert f"{path}:5 server.workers: is 2 but session.store is memory" in result.stdout
+
+
+def test_workers_auto_means_one_per_core(tmp_path):
+    from gateway.config import load_config
+
+    path = tmp_path / "c.yaml"
+    write_config(
+        path,
+        port=8080,
+        issuer="http://127.0.0.1:9",
+        upstream="http://127.0.0.1:9",
+        rules=PUBLIC_RULES,
+        extra="workers: auto\n",
+    )
+    assert load_config(str(path)).server.workers == (os.cpu_count() or 1)
