@@ -419,11 +419,19 @@ class Gateway:
         if not rules.method_known(request.method):
             raise MethodNotAllowed("This method is not allowed here.", reason="unknown_method")
         host = canonical_host(request.headers.get("Host"), self.scheme)
-        session = await self.load_session(request)
+        store_down: StoreUnavailable | None = None
+        try:
+            session = await self.load_session(request)
+        except StoreUnavailable as exc:
+            # Only requests that need a session fail (closed, with a 503 below);
+            # routes that need no sign-in keep working while the store is down.
+            session, store_down = None, exc
         now = self.clock()
         body = RequestBody(request, config.step_up.max_body_bytes)
         rule = await self.choose_rule(request, rules, host, path, session, body, now)
         rule_name = rule.name if rule is not None else None
+        if store_down is not None and (rule is None or rule.require.level is not None):
+            raise store_down
         judged = rule
         if rule is not None and rule.risk is not None:
             judged = await self.apply_risk(request, rule, session, body, path, now)

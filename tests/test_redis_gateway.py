@@ -136,6 +136,8 @@ async def test_redis_outage_fails_closed_and_recovers(make_stack, browser, api, 
         assert resp.status == 503 and (await resp.json())["store"] is False
     async with api.get(f"{stack.url}/public/x") as resp:
         assert resp.status == 200  # routes without sign-in do not need the store
+    hop = await browser.get(f"{stack.url}/public/x")
+    assert hop.status == 200  # ... not even for a browser that holds a session cookie
     private_redis["start"]()  # type: ignore[operator]
     # Recovers by itself: the same gateway object, no restart.
     for _ in range(50):
