@@ -21,6 +21,7 @@ from types import TracebackType
 import aiohttp
 import structlog
 from aiohttp import WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -32,6 +33,7 @@ from gateway.headers import (
     websocket_protocols,
 )
 from gateway.model import UpstreamConfig
+from gateway.upstream_pool import PooledResponse, UpstreamConnectError, UpstreamPool
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +61,14 @@ WS_CLOSE_TIMEOUT_S = 10.0
 # after the head was accepted leaves the stream waiting forever).
 BODY_IDLE_TIMEOUT_S = 60.0
 
+# Requests without a body in these methods go through the upstream's UpstreamPool
+# (aiohttp's client sends them with no Content-Length or Content-Type of its own,
+# so the upstream sees the same request either way); the rest through ClientSession.
+POOLED_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# A response with a Content-Length up to this is read whole and goes to the client
+# in one write, head and body together; a longer or unsized one is streamed.
+BUFFERED_BODY_MAX_BYTES = CHUNK_SIZE
+
 # What aiohttp's client would add on its own; the upstream gets the client's, or none.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -76,13 +86,23 @@ def _sendable_close_code(code: object) -> int:
 
 
 class _Upstream:
-    __slots__ = ("host_header", "http_base", "name", "session", "ws_base")
+    __slots__ = ("base_path", "host_header", "http_base", "name", "pool", "session", "ws_base")
 
-    def __init__(self, name: str, http_base: str, ws_base: str, host_header: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        http_base: str,
+        ws_base: str,
+        host_header: str,
+        base_path: str,
+        pool: UpstreamPool | None,
+    ) -> None:
         self.name = name
         self.http_base = http_base
         self.ws_base = ws_base
         self.host_header = host_header
+        self.base_path = base_path
+        self.pool = pool  # plain http only; TLS upstreams use the ClientSession
         self.session: aiohttp.ClientSession | None = None
 
 
@@ -140,11 +160,25 @@ class Upstreams:
             base_path = url.raw_path.rstrip("/")
             origin = str(url.origin())
             ws_origin = ("wss" if url.scheme == "https" else "ws") + origin[len(url.scheme) :]
+            pool = None
+            if url.scheme == "http" and url.port is not None:
+                pool = UpstreamPool(
+                    url.host,
+                    url.port,
+                    limit=pool_limit,
+                    connect_timeout_s=max(connect_timeout_s, timeout_s),
+                    sock_connect_timeout_s=connect_timeout_s,
+                    read_timeout_s=timeout_s,
+                    keepalive_timeout_s=KEEPALIVE_TIMEOUT_S,
+                    read_bufsize=CHUNK_SIZE,
+                )
             self._upstreams[name] = _Upstream(
                 name,
                 http_base=origin + base_path,
                 ws_base=ws_origin + base_path,
                 host_header=url.host_port_subcomponent or url.host,
+                base_path=base_path,
+                pool=pool,
             )
 
     async def start(self) -> None:
@@ -184,6 +218,8 @@ class Upstreams:
     async def close(self) -> None:
         self._closed = True
         for upstream in self._upstreams.values():
+            if upstream.pool is not None:
+                upstream.pool.close()
             if upstream.session is not None:
                 await upstream.session.close()
                 upstream.session = None
@@ -230,6 +266,23 @@ class Upstreams:
         ``on_headers`` is called when the upstream's response head has arrived.
         """
         target, session = self._session(upstream)
+        if (
+            target.pool is not None
+            and method is None
+            and body is None
+            and intercept is None
+            and request.method in POOLED_METHODS
+            and not request.body_exists
+        ):
+            return await self._forward_pooled(
+                request,
+                target,
+                target.pool,
+                path_qs=path_qs,
+                headers=headers,
+                extra_response_headers=extra_response_headers,
+                on_headers=on_headers,
+            )
         url = URL(target.http_base + path_qs, encoded=True)
         data: _RequestBody | bytes | None
         if body is not None:
@@ -284,33 +337,96 @@ class Upstreams:
             )
             await response.prepare(request)
         except ValueError as exc:
-            # A status or reason aiohttp will not write (out of range, control
-            # characters); nothing has gone out yet, so this is still a 502.
             upstream_response.close()
-            log.warning("upstream_bad_response", upstream=upstream, error=type(exc).__name__)
-            raise errors.UpstreamError(
-                "The upstream's response was invalid.", reason="upstream_bad_response"
-            ) from exc
-        reading = True  # which side failed, if one does
+            raise _bad_response(upstream, exc) from exc
+        await _stream(
+            request, upstream, upstream_response.content, response, abort=upstream_response.close
+        )
+        return response
+
+    async def _forward_pooled(
+        self,
+        request: web.BaseRequest,
+        target: _Upstream,
+        pool: UpstreamPool,
+        *,
+        path_qs: str,
+        headers: CIMultiDict[str],
+        extra_response_headers: Iterable[tuple[str, str]],
+        on_headers: Callable[[], None] | None,
+    ) -> web.StreamResponse:
+        """:meth:`forward` for a request without a body, over the upstream's pool."""
         try:
-            async for chunk in upstream_response.content.iter_chunked(CHUNK_SIZE):
-                reading = False
-                await response.write(chunk)
-                reading = True
-            reading = False
-            await response.write_eof()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            # The status line is out: no error page is possible. Close the client's
-            # connection so it sees a truncated response, never a complete-looking
-            # one; drop the upstream connection rather than reuse it half-read.
-            upstream_response.close()
-            if request.transport is not None:
-                request.transport.close()
-            if reading:
+            pooled = await pool.request(request.method, target.base_path + path_qs, headers)
+        except Exception as exc:
+            error = _translate(exc, request, target.name, None)
+            if error is None:
+                raise
+            raise error from exc
+        try:
+            if on_headers is not None:
+                on_headers()
+            return await self._relay_pooled(request, target.name, pooled, extra_response_headers)
+        finally:
+            pooled.release()
+
+    async def _relay_pooled(
+        self,
+        request: web.BaseRequest,
+        upstream: str,
+        pooled: PooledResponse,
+        extra_response_headers: Iterable[tuple[str, str]],
+    ) -> web.StreamResponse:
+        message = pooled.message
+        if message.code == 101:
+            # RFC 9110 15.2.2: no protocol switch unless the request asked for one.
+            pooled.close()
+            raise _bad_response(upstream, "unrequested_101")
+        response_headers = self._response_headers(message.headers.items())
+        for name, value in extra_response_headers:
+            response_headers.add(name, value)
+        length = response_headers.get("Content-Length")  # digits: llhttp checked it
+        body: bytes | None = None
+        truncated = False
+        if length is not None and int(length) <= BUFFERED_BODY_MAX_BYTES:
+            try:
+                body = await pooled.payload.read()
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                pooled.close()
                 log.warning(
                     "upstream_response_aborted", upstream=upstream, error=type(exc).__name__
                 )
+                truncated = True
+        response: web.StreamResponse
+        try:
+            if body is None:
+                response = web.StreamResponse(
+                    status=message.code, reason=message.reason or None, headers=response_headers
+                )
             else:
+                response = web.Response(
+                    status=message.code,
+                    reason=message.reason or None,
+                    headers=response_headers,
+                    body=body,
+                )
+            await response.prepare(request)  # a Response holds its head back for the body
+        except ValueError as exc:
+            pooled.close()
+            raise _bad_response(upstream, exc) from exc
+        if truncated:
+            # As when streaming: the head is out and the connection closes, so the
+            # client sees a truncated response, never a complete-looking one.
+            if request.transport is not None:
+                request.transport.close()
+        elif body is None:
+            await _stream(request, upstream, pooled.payload, response, abort=pooled.close)
+        else:
+            try:
+                await response.write_eof()  # head and body in one write
+            except (aiohttp.ClientError, OSError) as exc:
+                if request.transport is not None:
+                    request.transport.close()
                 log.info("client_gone", upstream=upstream, error=type(exc).__name__)
         return response
 
@@ -388,6 +504,52 @@ class Upstreams:
         for name in ("Content-Length", *WEBSOCKET_HANDSHAKE_HEADERS):
             filtered.popall(name, None)
         return filtered
+
+
+async def _stream(
+    request: web.BaseRequest,
+    upstream: str,
+    content: aiohttp.StreamReader,
+    response: web.StreamResponse,
+    *,
+    abort: Callable[[], None],
+) -> None:
+    """Copy the upstream's body to the prepared ``response`` as it arrives.
+
+    ``abort`` drops the upstream connection when the copy fails.
+    """
+    reading = True  # which side failed, if one does
+    try:
+        async for chunk in content.iter_chunked(CHUNK_SIZE):
+            reading = False
+            await response.write(chunk)
+            reading = True
+        reading = False
+        await response.write_eof()
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        # The status line is out: no error page is possible. Close the client's
+        # connection so it sees a truncated response, never a complete-looking
+        # one; drop the upstream connection rather than reuse it half-read.
+        abort()
+        if request.transport is not None:
+            request.transport.close()
+        if reading:
+            log.warning("upstream_response_aborted", upstream=upstream, error=type(exc).__name__)
+        else:
+            log.info("client_gone", upstream=upstream, error=type(exc).__name__)
+
+
+def _bad_response(upstream: str, cause: Exception | str) -> errors.UpstreamError:
+    """A response head the gateway will not relay; nothing has gone out yet: a 502.
+
+    ``cause``: aiohttp's ValueError for a status or reason it will not write (out of
+    range, control characters), or a short description.
+    """
+    error = cause if isinstance(cause, str) else type(cause).__name__
+    log.warning("upstream_bad_response", upstream=upstream, error=error)
+    return errors.UpstreamError(
+        "The upstream's response was invalid.", reason="upstream_bad_response"
+    )
 
 
 async def _relay_websocket(
@@ -529,12 +691,12 @@ def _translate(
         return errors.UpstreamTimeout(
             "The upstream did not answer in time.", reason="upstream_timeout"
         )
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, aiohttp.ClientConnectorError | UpstreamConnectError):
         log.warning("upstream_unreachable", upstream=upstream, error=type(exc).__name__)
         return errors.UpstreamError(
             "The upstream could not be reached.", reason="upstream_unreachable"
         )
-    if isinstance(exc, aiohttp.ClientError | OSError):
+    if isinstance(exc, aiohttp.ClientError | OSError | HttpProcessingError):
         # Connected, then reset, closed without an answer, or an unparsable answer.
         log.warning("upstream_failed", upstream=upstream, error=type(exc).__name__)
         return errors.UpstreamError("The upstream failed to answer.", reason="upstream_failed")
