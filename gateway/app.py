@@ -1058,30 +1058,21 @@ class Gateway:
             log.info("session_subject_changed")
             previous = None
         client_ip = self.client_ip(request)
-        if previous is not None:
-            session = previous.with_proof(
-                proof,
-                sub=claims.sub,
-                email=claims.email,
-                name=claims.name,
-                provider_sid=claims.sid,
-                id_token=id_token,
-                now=now,
-                ip=client_ip,
-                binding=approved,
-            )
-        else:
-            session = Session.start(
-                proof,
-                sub=claims.sub,
-                email=claims.email,
-                name=claims.name,
-                provider_sid=claims.sid,
-                id_token=id_token,
-                now=now,
-                ip=client_ip,
-                binding=approved,
-            )
+        # The same subject steps up in place; anyone else starts a new session.
+        record: Callable[..., Session] = (
+            previous.with_proof if previous is not None else Session.start
+        )
+        session = record(
+            proof,
+            sub=claims.sub,
+            email=claims.email,
+            name=claims.name,
+            provider_sid=claims.sid,
+            id_token=id_token,
+            now=now,
+            ip=client_ip,
+            binding=approved,
+        )
         value = await self.store.save(
             session, now, rotate=True, previous=previous_cookie if previous else None
         )

@@ -232,18 +232,7 @@ class RuleSet:
         matches a request without one. Check :meth:`method_known` first: a rule
         without methods matches any method.
         """
-        if not path.startswith("/"):
-            return None
-        segments = path[1:].split("/")
-        request_host = host.lower() if host is not None else None
-        for candidate in self._candidates(segments):
-            if candidate.methods is not None and method not in candidate.methods:
-                continue
-            if candidate.host is not None and candidate.host != request_host:
-                continue
-            if _match_segments(candidate.glob.tokens, segments):
-                return candidate.rule
-        return None
+        return next(self.candidates_for(method, host, path), None)
 
     def candidates_for(self, method: str, host: str | None, path: str) -> Iterator[model.Rule]:
         """Every rule that matches, in first-match order (lazily).
