@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.demo import factors, start_demo_stack
+from gateway.demo import approvals, factors, start_demo_stack
 from gateway.demo import main as demo_main
 from gateway.demo.bank import DemoBank, parse_amount, verify_assertion
 from gateway.demo.factors import (
@@ -417,6 +417,7 @@ async def test_discovery_and_jwks(idp: IdentityProvider) -> None:
         assert meta["authorization_response_iss_parameter_supported"] is True
         assert meta["acr_values_supported"] == [ACR_PHISHING_RESISTANT, ACR_MFA, ACR_PASSWORD]
         assert meta["claims_parameter_supported"] is True
+        assert meta["authorization_details_types_supported"] == ["payment_initiation"]
         assert meta["backchannel_logout_supported"] is True
         assert meta["backchannel_logout_session_supported"] is True  # logout tokens carry sid
         assert meta["code_challenge_methods_supported"] == ["S256"]
@@ -829,6 +830,131 @@ async def test_forms_need_their_csrf_token(
     assert reply.status == 403
 
 
+# --- approvals: authorization_details and binding_message --------------------------------
+
+
+PAYMENT = [
+    {"type": "payment_initiation", "amount": "250.00", "currency": "EUR", "payee": "ACME Ltd"}
+]
+
+
+def approval_of(page: Page) -> str:
+    match = re.search(r'<p id="approval-text" class="approval-text">([^<]*)</p>', page.html)
+    assert match, "no approval on the page"
+    return unescape(match.group(1))
+
+
+async def test_approved_details_come_back_in_the_id_token(
+    idp: IdentityProvider, browser: aiohttp.ClientSession, clock: Clock
+) -> None:
+    # Signed in with a one-time code already: the approval still asks for the code.
+    first = Flow.new(idp, acr_values=ACR_MFA)
+    page = await open_page(browser, idp, await continue_to_page(browser, idp, first))
+    reply = await submit(browser, idp, page, "/totp", totp=totp_now(clock))
+    plain = await first.id_token(browser, await continue_to(browser, idp, reply))
+    assert "authorization_details" not in plain  # nothing asked, nothing echoed
+    clock.advance(factors.TOTP_STEP_S)
+    flow = Flow.new(
+        idp,
+        acr_values=ACR_MFA,
+        authorization_details=json.dumps(PAYMENT),
+        binding_message="Approve: amount 250.00, currency EUR, payee ACME Ltd",
+    )
+    page = await open_page(browser, idp, await flow.start(browser))  # no silent sign-on
+    assert page.has("totp") and not page.has("password")
+    assert approval_of(page) == "Approve transfer of 250.00 EUR to ACME Ltd"
+    assert "confirm it again even if you are signed in" in page.html
+    reply = await submit(browser, idp, page, "/totp", totp=totp_now(clock))
+    claims = await flow.id_token(browser, await continue_to(browser, idp, reply))
+    assert claims["acr"] == ACR_MFA and claims["auth_time"] == int(clock())
+    assert claims["authorization_details"] == PAYMENT
+
+
+async def test_the_passkey_page_shows_what_is_approved(
+    idp: IdentityProvider, browser: aiohttp.ClientSession, clock: Clock
+) -> None:
+    authenticator = SoftAuthenticator()
+    await _enrolled_passkey_page(idp, browser, clock, authenticator)
+    clock.advance(60)
+    details = [{**PAYMENT[0], "payee": "<b>Mallory</b> & Co", "amount": "9000.00"}]
+    flow = Flow.new(
+        idp,
+        acr_values=ACR_PHISHING_RESISTANT,
+        max_age="0",
+        prompt="login",
+        authorization_details=json.dumps(details),
+    )
+    use = await open_page(browser, idp, await flow.start(browser))
+    assert use.data("ceremony") == "get"
+    assert approval_of(use) == "Approve transfer of 9000.00 EUR to <b>Mallory</b> & Co"
+    assert "<b>Mallory</b>" not in use.html  # escaped, never markup
+    status, body = await passkey_ceremony(browser, idp, use, authenticator)
+    assert status == 200, body
+    response = await browser.get(idp.issuer + body["next"], allow_redirects=False)
+    claims = await flow.id_token(browser, response)
+    assert claims["acr"] == ACR_PHISHING_RESISTANT
+    assert claims["authorization_details"] == details
+
+
+async def test_other_details_are_shown_by_their_binding_message(
+    idp: IdentityProvider, browser: aiohttp.ClientSession
+) -> None:
+    details = [{"type": "payment_initiation", "amount": "250.00", "payee": "ACME"}]  # no currency
+    flow = Flow.new(
+        idp,
+        authorization_details=json.dumps(details),
+        binding_message="Approve: amount 250.00, payee ACME",
+    )
+    page = await open_page(browser, idp, await flow.start(browser))
+    assert approval_of(page) == "Approve: amount 250.00, payee ACME"
+    message_only = Flow.new(idp, binding_message="Delete tenant acme-prod")
+    page = await open_page(browser, idp, await message_only.start(browser))
+    assert approval_of(page) == "Delete tenant acme-prod"
+
+
+async def test_an_approval_is_never_given_without_the_user(
+    idp: IdentityProvider, browser: aiohttp.ClientSession
+) -> None:
+    first = Flow.new(idp)
+    await first.id_token(browser, await sign_in_with_password(browser, idp, first))
+    flow = Flow.new(idp, prompt="none", authorization_details=json.dumps(PAYMENT))
+    assert flow.callback(await flow.start(browser))["error"] == "login_required"
+
+
+@pytest.mark.parametrize(
+    ("details", "why"),
+    [
+        ("{not json", "not JSON"),
+        (json.dumps(PAYMENT[0]), "an object, not an array"),
+        ("[]", "empty"),
+        ('["payment"]', "an entry that is not an object"),
+        (json.dumps([{"amount": "1"}]), "no type"),
+        (json.dumps([{"type": "account_information"}]), "a type this provider does not show"),
+        (
+            '[{"type": "payment_initiation", "amount": "1", "amount": "9000"}]',
+            "a key given twice",
+        ),
+        (json.dumps([{**PAYMENT[0], "payee": "ACME \u202eLtd"}]), "a right-to-left override"),
+        (json.dumps(PAYMENT * 6), "too many objects"),
+        (json.dumps([{**PAYMENT[0], "note": "x" * 5000}]), "too long"),
+    ],
+)
+async def test_unusable_authorization_details_are_refused(
+    idp: IdentityProvider, browser: aiohttp.ClientSession, details: str, why: str
+) -> None:
+    flow = Flow.new(idp, authorization_details=details)
+    query = flow.callback(await flow.start(browser))
+    assert query["error"] == "invalid_authorization_details", why
+    assert "code" not in query
+
+
+async def test_an_overlong_binding_message_is_refused(
+    idp: IdentityProvider, browser: aiohttp.ClientSession
+) -> None:
+    flow = Flow.new(idp, binding_message="x" * 201)
+    assert flow.callback(await flow.start(browser))["error"] == "invalid_request"
+
+
 # --- bad requests ------------------------------------------------------------------------
 
 
@@ -1224,16 +1350,43 @@ MFA = Authentication(ACR_MFA, ("pwd", "otp"), START)
 
 
 @pytest.mark.parametrize(
-    ("acr", "factors_", "session", "ceremony", "force", "max_age", "step"),
+    ("acr", "factors_", "session", "ceremony", "force", "max_age", "step", "approval"),
     [
-        (ACR_PASSWORD, None, [], [], False, None, Step.PASSWORD),
-        (ACR_PASSWORD, Factors(totp=False, passkey=False), [PWD], [], False, None, Step.DONE),
-        (ACR_PASSWORD, Factors(totp=False, passkey=False), [PWD], [], True, None, Step.PASSWORD),
-        (ACR_PASSWORD, Factors(totp=False, passkey=False), [PWD], [], False, 10, Step.PASSWORD),
-        (ACR_PASSWORD, Factors(totp=False, passkey=False), [], [PWD], True, 0, Step.DONE),
-        (ACR_MFA, Factors(totp=True, passkey=False), [PWD], [], False, None, Step.TOTP),
-        (ACR_MFA, Factors(totp=True, passkey=False), [MFA], [], False, None, Step.DONE),
-        (ACR_MFA, Factors(totp=False, passkey=False), [PWD], [], False, None, Step.UNMET),
+        (ACR_PASSWORD, None, [], [], False, None, Step.PASSWORD, False),
+        (
+            ACR_PASSWORD,
+            Factors(totp=False, passkey=False),
+            [PWD],
+            [],
+            False,
+            None,
+            Step.DONE,
+            False,
+        ),
+        (
+            ACR_PASSWORD,
+            Factors(totp=False, passkey=False),
+            [PWD],
+            [],
+            True,
+            None,
+            Step.PASSWORD,
+            False,
+        ),
+        (
+            ACR_PASSWORD,
+            Factors(totp=False, passkey=False),
+            [PWD],
+            [],
+            False,
+            10,
+            Step.PASSWORD,
+            False,
+        ),
+        (ACR_PASSWORD, Factors(totp=False, passkey=False), [], [PWD], True, 0, Step.DONE, False),
+        (ACR_MFA, Factors(totp=True, passkey=False), [PWD], [], False, None, Step.TOTP, False),
+        (ACR_MFA, Factors(totp=True, passkey=False), [MFA], [], False, None, Step.DONE, False),
+        (ACR_MFA, Factors(totp=False, passkey=False), [PWD], [], False, None, Step.UNMET, False),
         (
             ACR_PHISHING_RESISTANT,
             Factors(totp=True, passkey=False),
@@ -1242,6 +1395,7 @@ MFA = Authentication(ACR_MFA, ("pwd", "otp"), START)
             False,
             None,
             Step.TOTP,
+            False,
         ),
         (
             ACR_PHISHING_RESISTANT,
@@ -1251,6 +1405,7 @@ MFA = Authentication(ACR_MFA, ("pwd", "otp"), START)
             False,
             None,
             Step.ENROL_PASSKEY,
+            False,
         ),
         (
             ACR_PHISHING_RESISTANT,
@@ -1260,6 +1415,20 @@ MFA = Authentication(ACR_MFA, ("pwd", "otp"), START)
             True,
             None,
             Step.PASSKEY,
+            False,
+        ),
+        # An approval: the session vouches for the password, never for the approving factor.
+        (ACR_MFA, Factors(totp=True, passkey=False), [MFA], [], False, None, Step.TOTP, True),
+        (ACR_MFA, Factors(totp=True, passkey=False), [PWD], [MFA], False, None, Step.DONE, True),
+        (
+            ACR_PASSWORD,
+            Factors(totp=False, passkey=False),
+            [PWD],
+            [],
+            False,
+            None,
+            Step.PASSWORD,
+            True,
         ),
     ],
 )
@@ -1271,6 +1440,7 @@ def test_next_step(
     force: bool,
     max_age: int | None,
     step: Step,
+    approval: bool,
 ) -> None:
     decision = factors.next_step(
         AcrRequest((acr,)),
@@ -1280,6 +1450,7 @@ def test_next_step(
         force_login=force,
         max_age_s=max_age,
         now=START + 60,
+        approval=approval,
     )
     assert decision.step is step
 
@@ -1338,3 +1509,44 @@ def test_bank_amounts(text: str, amount: str | None) -> None:
 def test_only_loopback_without_the_override(host: str, allowed: bool, refused: bool) -> None:
     assert (refuse_public_bind(host, allowed) is not None) is refused
     assert is_loopback(host) is (host in ("127.0.0.1", "::1", "localhost"))
+
+
+@pytest.mark.parametrize(
+    ("details", "message", "text"),
+    [
+        (PAYMENT, None, "Approve transfer of 250.00 EUR to ACME Ltd"),
+        (PAYMENT, "Approve: amount 250.00", "Approve transfer of 250.00 EUR to ACME Ltd"),
+        (
+            [{**PAYMENT[0], "frequency": "monthly"}],
+            None,
+            "Approve transfer of 250.00 EUR to ACME Ltd, monthly",
+        ),
+        (
+            [PAYMENT[0], {**PAYMENT[0], "payee": "City Power", "amount": "5"}],
+            None,
+            "Approve transfer of 250.00 EUR to ACME Ltd; and transfer of 5 EUR to City Power",
+        ),
+        # Not a payment this provider can put in words: the relying party's message ...
+        ([{"type": "payment_initiation", "amount": 250}], "Pay 250", "Pay 250"),
+        # ... or, without one, the details as they are.
+        ([{"type": "payment_initiation", "amount": 250}], None, "Approve: amount 250"),
+        (None, "Delete tenant acme-prod", "Delete tenant acme-prod"),
+        (None, None, None),
+    ],
+)
+def test_approval_text(
+    details: list[dict[str, Any]] | None, message: str | None, text: str | None
+) -> None:
+    assert approvals.approval_text(details, message) == text
+
+
+@given(st.text(max_size=300))
+def test_authorization_details_parser_gives_objects_or_an_error(text: str) -> None:
+    try:
+        details = approvals.parse_authorization_details(text)
+    except approvals.ApprovalError as exc:
+        assert exc.error == "invalid_authorization_details"
+        return
+    assert details is None or all(
+        isinstance(d, dict) and d["type"] == "payment_initiation" for d in details
+    )

@@ -292,6 +292,7 @@ def next_step(
     force_login: bool,
     max_age_s: int | None,
     now: float,
+    approval: bool = False,
 ) -> Decision:
     """What the sign-in needs next.
 
@@ -301,6 +302,9 @@ def next_step(
     ignores the session, and ``max_age_s`` limits how old a session's authentication
     may be; what this sign-in proved counts as fresh (else ``max_age=0`` could never
     be met). ``auth_time`` of a level is when its last factor was proven.
+    ``approval`` (the request asks the user to approve something, such as a payment):
+    the target level's factor must be performed in this sign-in, on a page that shows
+    what is approved; the session may still vouch for the password on the way.
     """
     if factors is None:
         return Decision(Step.PASSWORD)
@@ -309,7 +313,7 @@ def next_step(
         return Decision(Step.UNMET)
     earlier = [] if force_login else list(session)
     fresh = [a for a in earlier if max_age_s is None or now - a.auth_time <= max_age_s]
-    done = strongest([*fresh, *ceremony], target)
+    done = strongest(ceremony if approval else [*fresh, *ceremony], target)
     if done is not None:
         return Decision(Step.DONE, target, done)
     has_password = any(AMR_PASSWORD in auth.amr for auth in [*earlier, *ceremony])

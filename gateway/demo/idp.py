@@ -19,6 +19,12 @@ strongest requested level the user can reach, or answering
 already meets a request signs the user in without a prompt. A user without a
 passkey may create one only after a one-time code in the same sign-in.
 
+A request with RFC 9396 ``authorization_details`` or a ``binding_message`` asks the
+user to approve something: every page of that sign-in says what ("Approve transfer
+of 250.00 EUR to ACME Ltd"), the requested factor is asked for again even when the
+session holds it, and the ID token echoes the approved ``authorization_details``
+(:mod:`gateway.demo.approvals`).
+
 The OAuth/OIDC protocol work is authlib's (see :mod:`gateway.demo.oauth`); the
 sign-in decisions are pure functions in :mod:`gateway.demo.factors`; passkeys are
 :mod:`gateway.demo.passkeys`. This module holds the state and the aiohttp handlers.
@@ -52,6 +58,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet
 
 from gateway.demo import pages
+from gateway.demo.approvals import SUPPORTED_TYPES, Approval, ApprovalError, approval_from_request
 from gateway.demo.backchannel import BackchannelLogoutSender
 from gateway.demo.factors import (
     ACR_MFA,
@@ -82,6 +89,7 @@ from gateway.demo.oauth import (
     DemoAuthorizationServer,
     DemoClient,
     GrantedUser,
+    InvalidAuthorizationDetails,
     OAuthResponse,
     OAuthStore,
     UnmetAuthenticationRequirements,
@@ -168,6 +176,7 @@ class SignIn:
     username: str | None
     username_hint: str | None
     created_at: float
+    approval: Approval | None = None  # what the user is asked to approve, if anything
     completed: list[Authentication] = field(default_factory=list)
     failures: int = 0
     challenge: PendingChallenge | None = None
@@ -271,6 +280,8 @@ class IdentityProvider:
             "prompt_values_supported": ["none", "login"],
             "request_parameter_supported": False,
             "request_uri_parameter_supported": False,
+            # RFC 9396 10: the authorization_details this provider shows and echoes.
+            "authorization_details_types_supported": list(SUPPORTED_TYPES),
             "authorization_response_iss_parameter_supported": True,
             # Back-Channel Logout 1.0 2.1; every logout token carries sid.
             "backchannel_logout_supported": self.logout_notifier.supported,
@@ -370,6 +381,7 @@ class IdentityProvider:
             force_login=sign_in.force_login,
             max_age_s=sign_in.max_age_s,
             now=self.clock(),
+            approval=sign_in.approval is not None,
         )
 
     def _record(self, sign_in: SignIn, user: DemoUser, auth: Authentication) -> ProviderSession:
@@ -421,6 +433,8 @@ class IdentityProvider:
             text = f"{client} asks you to sign in with your password."
         if sign_in.force_login:
             text += " It asks you to sign in again even if you are signed in."
+        elif sign_in.approval is not None:
+            text += " To approve, confirm it again even if you are signed in."
         elif sign_in.max_age_s is not None:
             text += f" It accepts a sign-in from the last {_duration(sign_in.max_age_s)} only."
         return text
@@ -446,9 +460,20 @@ class IdentityProvider:
         try:
             acr_request = parse_acr_request(params.get("acr_values"), params.get("claims"))
             max_age_s = _parse_max_age(params.get("max_age"))
+            approval = approval_from_request(
+                params.get("authorization_details"), params.get("binding_message")
+            )
         except RequestError as exc:
             invalid = InvalidRequestError(str(exc), redirect_uri=redirect_uri, state=state)
             return self._authorization_error(oauth_request, invalid)
+        except ApprovalError as exc:
+            error_class = (
+                InvalidAuthorizationDetails
+                if exc.error == InvalidAuthorizationDetails.error
+                else InvalidRequestError
+            )
+            refused = error_class(exc.description, redirect_uri=redirect_uri, state=state)
+            return self._authorization_error(oauth_request, refused)
         prompts = set((params.get("prompt") or "").split())
         hinted = self._id_token_hint_subject(params.get("id_token_hint")) or self._user_for_hint(
             params.get("login_hint")
@@ -468,12 +493,15 @@ class IdentityProvider:
             username=username,
             username_hint=hinted or params.get("login_hint"),
             created_at=self.clock(),
+            approval=approval,
         )
         decision = self._decide(sign_in)
         if decision.step is Step.DONE and decision.result is not None and session is not None:
             user = self.users[sign_in.username or ""]
             log.info("idp_single_sign_on", user=user.username, acr=decision.result.acr)
-            response = self._issue_code(oauth_request, grant, user, decision.result, session)
+            response = self._issue_code(
+                oauth_request, grant, user, decision.result, session, sign_in.approval
+            )
         elif decision.step is Step.UNMET:
             response = self._unmet(oauth_request, redirect_uri, state, sign_in)
         elif "none" in prompts:
@@ -530,8 +558,14 @@ class IdentityProvider:
         user: DemoUser,
         auth: Authentication,
         session: ProviderSession,
+        approval: Approval | None = None,
     ) -> web.StreamResponse:
-        granted = GrantedUser(user=user, authentication=auth, sid=session.sid)
+        granted = GrantedUser(
+            user=user,
+            authentication=auth,
+            sid=session.sid,
+            authorization_details=approval.details_json if approval is not None else None,
+        )
         response: OAuthResponse = self.server.create_authorization_response(
             oauth_request, grant_user=granted, grant=grant
         )
@@ -542,6 +576,7 @@ class IdentityProvider:
             client_id=oauth_request.client.client_id,
             acr=auth.acr,
             amr=list(auth.amr),
+            approved=approval is not None,
         )
         return response.to_web()
 
@@ -583,7 +618,9 @@ class IdentityProvider:
         if decision.step is Step.DONE and decision.result and user:
             if session is None:  # signed out in another tab meanwhile
                 return self._expired_page()
-            response = self._issue_code(oauth_request, grant, user, decision.result, session)
+            response = self._issue_code(
+                oauth_request, grant, user, decision.result, session, sign_in.approval
+            )
         else:
             state = oauth_request.payload.state
             response = self._unmet(oauth_request, grant.redirect_uri, state, sign_in)
@@ -601,6 +638,7 @@ class IdentityProvider:
         base = f"/login/{sign_in.id}"
         csrf = self._csrf_token(sign_in.browser_id, sign_in.id)
         reason = self._reason(sign_in, decision)
+        approve = sign_in.approval.text if sign_in.approval is not None else None
         cancel = f"{base}/cancel"
         if decision.step is Step.PASSWORD:
             body = pages.password_page(
@@ -610,6 +648,7 @@ class IdentityProvider:
                 reason=reason,
                 username=typed or sign_in.username or sign_in.username_hint,
                 error=error,
+                approval=approve,
             )
         elif decision.step is Step.TOTP:
             body = pages.totp_page(
@@ -619,6 +658,7 @@ class IdentityProvider:
                 reason=reason,
                 username=sign_in.username or "",
                 error=error,
+                approval=approve,
             )
         else:
             create = decision.step is Step.ENROL_PASSKEY
@@ -632,6 +672,7 @@ class IdentityProvider:
                 csrf_token=csrf,
                 reason=reason,
                 username=sign_in.username or "",
+                approval=approve,
             )
         response = _html(body)
         self._set_browser_cookie(response, sign_in.browser_id)

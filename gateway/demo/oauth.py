@@ -233,6 +233,8 @@ class GrantedUser:
     user: DemoUser
     authentication: Authentication
     sid: str
+    # RFC 9396: the authorization_details the user approved in this sign-in (JSON text).
+    authorization_details: str | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,7 @@ class AuthorizationCode(AuthorizationCodeMixin):  # type: ignore[misc]
     code_challenge: str | None
     code_challenge_method: str | None
     expires_at: float
+    authorization_details: str | None = None  # JSON text, echoed in the ID token
 
     def get_redirect_uri(self) -> str:
         return self.redirect_uri
@@ -385,6 +388,7 @@ class DemoAuthorizationCodeGrant(AuthorizationCodeGrant):  # type: ignore[misc]
                 code_challenge=data.get("code_challenge"),
                 code_challenge_method=data.get("code_challenge_method"),
                 expires_at=self.store.clock() + CODE_TTL_S,
+                authorization_details=granted.authorization_details,
             )
         )
 
@@ -464,6 +468,10 @@ class DemoOpenIDCode(OpenIDCode):  # type: ignore[misc]
     ) -> dict[str, Any]:
         claims: dict[str, Any] = super().get_authorization_code_claims(authorization_code)
         claims["sid"] = authorization_code.sid  # OIDC Front/Back-Channel Logout: session id
+        if authorization_code.authorization_details is not None:
+            # RFC 9396 7.1 puts them in the token response; in the ID token too, so a
+            # relying party that only reads the ID token can check what was approved.
+            claims["authorization_details"] = json.loads(authorization_code.authorization_details)
         return claims
 
 
@@ -648,3 +656,9 @@ class UnmetAuthenticationRequirements(OAuth2Error):  # type: ignore[misc]
     """OpenID Connect Core Unmet Authentication Requirements 1.0, §2."""
 
     error = "unmet_authentication_requirements"
+
+
+class InvalidAuthorizationDetails(OAuth2Error):  # type: ignore[misc]
+    """RFC 9396 5: malformed or unsupported ``authorization_details``."""
+
+    error = "invalid_authorization_details"

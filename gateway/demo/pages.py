@@ -4,7 +4,8 @@ Plain, accessible HTML: one ``<h1>`` per page, a label for every field, errors
 announced with ``role="alert"``, no script except the passkey ceremony (served from
 this package). Element ids are stable so browser tests can drive the pages:
 ``#username``, ``#password``, ``#totp``, ``#passkey-button``, ``#reason``,
-``#error``; buttons read "Sign in", "Verify", "Use passkey", "Create passkey".
+``#error``, ``#approval``; buttons read "Sign in", "Verify", "Use passkey", "Create
+passkey".
 Every interpolated value goes through :func:`esc`.
 """
 
@@ -48,6 +49,18 @@ def _reason(reason: str) -> str:
     return f'<p id="reason" class="reason">{esc(reason)}</p>'
 
 
+def _approval(text: str | None) -> str:
+    """What the sign-in approves (a payment, say), above everything else on the page."""
+    if not text:
+        return ""
+    return (
+        '<section id="approval" class="approval" aria-labelledby="approval-text">'
+        f'<p id="approval-text" class="approval-text">{esc(text)}</p>'
+        '<p class="help">Check the amount and the payee. Completing this step approves'
+        " exactly this, and nothing else.</p></section>"
+    )
+
+
 def _error(error: str | None) -> str:
     return f'<p id="error" class="error" role="alert">{esc(error)}</p>' if error else ""
 
@@ -67,12 +80,13 @@ def password_page(
     reason: str,
     username: str | None,
     error: str | None = None,
+    approval: str | None = None,
 ) -> str:
     described = ' aria-describedby="error"' if error else ""
     autofocus_user = "" if username else " autofocus"
     autofocus_password = " autofocus" if username else ""
     body = (
-        f"{_reason(reason)}{_error(error)}"
+        f"{_approval(approval)}{_reason(reason)}{_error(error)}"
         f'<form method="post" action="{esc(action)}">{_hidden("csrf_token", csrf_token)}'
         '<p><label for="username">User name</label>'
         f'<input id="username" name="username" autocomplete="username" required'
@@ -94,10 +108,11 @@ def totp_page(
     reason: str,
     username: str,
     error: str | None = None,
+    approval: str | None = None,
 ) -> str:
     described = "totp-help error" if error else "totp-help"
     body = (
-        f"{_reason(reason)}{_error(error)}"
+        f"{_approval(approval)}{_reason(reason)}{_error(error)}"
         f'<form method="post" action="{esc(action)}">{_hidden("csrf_token", csrf_token)}'
         f"<p>Signed in as <strong>{esc(username)}</strong>.</p>"
         '<p><label for="totp">One-time code</label>'
@@ -121,6 +136,7 @@ def passkey_page(
     csrf_token: str,
     reason: str,
     username: str,
+    approval: str | None = None,
 ) -> str:
     """The WebAuthn ceremony page: ``passkey.js`` runs it when the button is pressed."""
     label = "Create passkey" if create else "Use passkey"
@@ -132,7 +148,8 @@ def passkey_page(
         else "Your browser will ask you to unlock your passkey (fingerprint, face or PIN)."
     )
     body = (
-        f"{_reason(reason)}<p>Signed in as <strong>{esc(username)}</strong>. {esc(explain)}</p>"
+        f"{_approval(approval)}{_reason(reason)}"
+        f"<p>Signed in as <strong>{esc(username)}</strong>. {esc(explain)}</p>"
         # Without JavaScript the button just reloads this page, which then says why.
         f'<form id="passkey-form" method="get" action="{esc(fallback_url)}"'
         f' data-ceremony="{"create" if create else "get"}" data-options-url="{esc(options_url)}"'
