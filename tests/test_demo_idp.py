@@ -20,6 +20,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from html import unescape
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -35,8 +36,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.demo import approvals, factors, start_demo_stack
+from gateway.demo import DemoStack, approvals, factors, start_demo_stack
 from gateway.demo import main as demo_main
+from gateway.demo import risk as demo_risk
 from gateway.demo.bank import DemoBank, parse_amount, verify_assertion
 from gateway.demo.factors import (
     ACR_MFA,
@@ -1133,7 +1135,7 @@ async def test_bank_rejects_a_forged_assertion(bank: Bank, forge: Callable[[Bank
         reply = await http.post(
             f"{bank.url}/transfers",
             headers=auth_headers(forge(bank)),
-            data={"form_token": token.group(1), "payee": "landlord", "amount": "10"},
+            data={"form_token": token.group(1), "payee": "Landlord Ltd", "amount": "10"},
         )
         assert reply.status == 403
         ledger = await (
@@ -1151,19 +1153,125 @@ async def test_bank_transfer_confirms_what_the_gateway_asserted(bank: Bank) -> N
         reply = await http.post(
             f"{bank.url}/transfers",
             headers=headers,
-            data={"form_token": token.group(1), "payee": "landlord", "amount": "25.50"},
+            data={
+                "form_token": token.group(1),
+                "payee": "Landlord Ltd",
+                "amount": "25.50",
+                "currency": "EUR",
+            },
         )
         html = await reply.text()
         assert reply.status == 200, html
+        assert "Sent EUR 25.50 to Landlord Ltd." in html
         assert "acr=phr" in html and "amr=hwk" in html
         bad_token = await http.post(
             f"{bank.url}/transfers",
             headers=headers,
-            data={"form_token": "x", "payee": "landlord", "amount": "1"},
+            data={"form_token": "x", "payee": "Landlord Ltd", "amount": "1", "currency": "EUR"},
         )
         assert bad_token.status == 403
         public = await (await http.get(f"{bank.url}/public/about")).text()
         assert "no X-Auth-Assertion header" in public
+
+
+async def form_token(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> str:
+    token = re.search(
+        r"name='form_token' value='([^']+)'", await (await http.get(url, headers=headers)).text()
+    )
+    assert token
+    return token.group(1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"payee": "Mallory", "amount": "10", "currency": "EUR"}, "Choose one of your payees."),
+        ({"payee": "ACME Ltd", "amount": "10", "currency": "USD"}, "Choose a currency: EUR."),
+        ({"payee": "ACME Ltd", "amount": "10000.01", "currency": "EUR"}, "Enter an amount"),
+    ],
+)
+async def test_bank_refuses_a_transfer_it_cannot_make(
+    bank: Bank, fields: dict[str, str], problem: str
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        headers = auth_headers(bank.assertion())
+        token = await form_token(http, f"{bank.url}/transfers/new", headers)
+        reply = await http.post(
+            f"{bank.url}/transfers", headers=headers, data={"form_token": token, **fields}
+        )
+        assert reply.status == 400 and problem in await reply.text()
+        ledger = await (await http.get(f"{bank.url}/transfers", headers=headers)).text()
+    assert "No transfers yet" in ledger
+
+
+@pytest.mark.parametrize(
+    ("amount", "assertion", "moved"),
+    [
+        ("1000.00", {"acr": "urn:stepup:loa:1", "amr": ["pwd"]}, True),
+        ("1500.00", {"acr": "urn:stepup:loa:1", "amr": ["pwd"]}, False),
+        ("1500.00", {"acr": "phr", "auth_time": "recent"}, True),
+        ("1500.00", {"acr": "phr", "auth_time": "stale"}, False),
+    ],
+)
+async def test_bank_asks_for_a_passkey_itself_above_1000(
+    bank: Bank, amount: str, assertion: dict[str, Any], moved: bool
+) -> None:
+    now = int(time.time())
+    ages = {"recent": now - 60, "stale": now - 6 * 60}
+    claims = {**assertion, "auth_time": ages.get(assertion.get("auth_time", ""), now - 30)}
+    async with aiohttp.ClientSession() as http:
+        headers = auth_headers(bank.assertion(**claims))
+        token = await form_token(http, f"{bank.url}/savings", headers)
+        reply = await http.post(
+            f"{bank.url}/savings", headers=headers, data={"form_token": token, "amount": amount}
+        )
+        html = await reply.text()
+    if moved:
+        assert reply.status == 200 and f"Moved EUR {Decimal(amount):,.2f} to savings." in html
+    else:
+        assert reply.status == 401
+        challenge = reply.headers["WWW-Authenticate"]
+        assert challenge.startswith('Bearer error="insufficient_user_authentication"')
+        assert 'acr_values="phr"' in challenge and challenge.endswith("max_age=300")
+        assert "was not moved" in html
+
+
+async def test_bank_keeps_standing_orders(bank: Bank) -> None:
+    async with aiohttp.ClientSession() as http:
+        headers = auth_headers(bank.assertion(acr="urn:stepup:loa:2", amr=["pwd", "otp"]))
+        token = await form_token(http, f"{bank.url}/standing-orders", headers)
+        fields = {
+            "payee": "City Power",
+            "amount": "45.00",
+            "currency": "EUR",
+            "frequency": "monthly",
+        }
+        reply = await http.post(
+            f"{bank.url}/standing-orders", headers=headers, data={"form_token": token, **fields}
+        )
+        assert reply.status == 200
+        assert "Standing order set up: EUR 45.00 to City Power, monthly." in await reply.text()
+        listed = await (await http.get(f"{bank.url}/standing-orders", headers=headers)).text()
+    assert listed.count("class='standing-order'") == 1 and "acr=urn:stepup:loa:2" in listed
+
+
+async def test_bank_payee_names_stay_unique(bank: Bank) -> None:
+    """Payments name a payee by name (that is what an approval shows): one name, one payee."""
+    async with aiohttp.ClientSession() as http:
+        headers = auth_headers(bank.assertion())
+        token = await form_token(http, f"{bank.url}/payees", headers)
+        fields = {"payee": "new", "name": "ACME Ltd", "iban": "DE89370400440532013000"}
+        reply = await http.post(
+            f"{bank.url}/payees", headers=headers, data={"form_token": token, **fields}
+        )
+        assert reply.status == 400 and "has that name already" in await reply.text()
+
+
+async def test_bank_lets_form_posts_go_on_to_the_provider() -> None:
+    bank = DemoBank(
+        jwks_url="http://127.0.0.1:9/jwks.json", issuer=GATEWAY, form_targets=("http://idp.test",)
+    )
+    assert "form-action 'self' http://idp.test;" in bank.csp
 
 
 @dataclass
@@ -1230,9 +1338,12 @@ async def test_demo_stack_starts_with_a_gateway_config_that_fits() -> None:
         rules = RuleSet(config.rules)
         expected = {
             ("POST", "/transfers"): ("transfer", "phishing-resistant", 300),
-            ("GET", "/transfers/new"): ("transfer-form", "phishing-resistant", 300),
+            ("GET", "/transfers/new"): ("signed-in", "password", None),  # the form opens
             ("GET", "/transfers"): ("signed-in", "password", None),
+            ("POST", "/standing-orders"): ("standing-order", "mfa", None),
+            ("POST", "/savings"): ("savings", "password", None),
             ("POST", "/payees"): ("payees", "mfa", None),
+            ("GET", "/payees"): ("signed-in", "password", None),
             ("GET", "/public/about"): ("public", None, None),
             ("GET", "/admin"): ("signed-in", "password", None),
         }
@@ -1244,75 +1355,156 @@ async def test_demo_stack_starts_with_a_gateway_config_that_fits() -> None:
                 level,
                 max_age_s,
             )
+        transfer = rules.match("POST", None, "/transfers")
+        assert transfer is not None and transfer.require.once
+        assert transfer.require.bind == ("amount", "currency", "payee")
+        standing_order = rules.match("POST", None, "/standing-orders")
+        assert standing_order is not None and standing_order.risk is not None
+        assert standing_order.risk.url == stack.risk_url
+        savings = rules.match("POST", None, "/savings")
+        assert savings is not None and savings.upstream_challenge
         async with aiohttp.ClientSession() as http:
             meta_url = f"{stack.idp_url}/.well-known/openid-configuration"
             assert (await (await http.get(meta_url)).json())["issuer"] == stack.idp_url
             assert (await http.get(f"{stack.bank_url}/public/about")).status == 200
+            facts = {"rule": "standing-order", "fields": {"amount": "1500.00"}}
+            answer = await (await http.post(stack.risk_url, json=facts)).json()
+            assert answer == {"require": "phishing-resistant"}
     finally:
         await stack.close()
 
 
-async def test_demo_end_to_end_through_the_gateway() -> None:
-    """The whole demo over HTTP: sign in, step up to a passkey, move money."""
+@dataclass
+class DemoGateway:
+    """The demo stack with the gateway serving, for tests over plain HTTP."""
+
+    stack: DemoStack
+    browser: aiohttp.ClientSession
+
+    @property
+    def url(self) -> str:
+        return self.stack.gateway_url
+
+    async def page(self, method: str, url: str, **kwargs: Any) -> Page:
+        """A browser navigation (or form post): redirects followed, as a browser does."""
+        headers = {"Accept": "text/html", **kwargs.pop("headers", {})}
+        reply = await self.browser.request(method, url, headers=headers, **kwargs)
+        return Page(str(reply.url), await reply.text())
+
+    async def form_token(self, path: str) -> str:
+        token = re.search(
+            r"name='form_token' value='([^']+)'", (await self.page("GET", self.url + path)).html
+        )
+        assert token
+        return token.group(1)
+
+    async def sign_in(self) -> None:
+        page = await self.page("GET", f"{self.url}/")  # -> gateway -> provider
+        assert page.url.startswith(self.stack.idp.issuer + "/login/")
+        accounts = await self.page(
+            "POST",
+            self.stack.idp.issuer + page.action("/password"),
+            data={
+                "csrf_token": page.csrf(),
+                "username": "alice",
+                "password": "alice-demo-password",
+            },
+        )
+        assert accounts.url == f"{self.url}/" and "assertion verified" in accounts.html
+        assert ACR_PASSWORD in accounts.html
+
+
+@pytest.fixture
+async def demo_gateway() -> AsyncIterator[DemoGateway]:
     from gateway.server import run_gateway
 
     stack = await start_demo_stack()
     stop, ready = asyncio.Event(), asyncio.Event()
     serving = asyncio.create_task(run_gateway(stack.config, stop, on_ready=lambda _: ready.set()))
-    idp, bank = stack.idp, stack.gateway_url
-    html = {"Accept": "text/html"}
     try:
         await asyncio.wait_for(ready.wait(), 10)
         async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
-            reply = await browser.get(f"{bank}/", headers=html)  # -> gateway -> provider
-            page = Page(str(reply.url), await reply.text())
-            assert str(reply.url).startswith(idp.issuer + "/login/")
-            reply = await browser.post(
-                idp.issuer + page.action("/password"),
-                data={
-                    "csrf_token": page.csrf(),
-                    "username": "alice",
-                    "password": "alice-demo-password",
-                },
-                headers=html,
-            )
-            accounts = await reply.text()
-            assert str(reply.url) == f"{bank}/" and "assertion verified" in accounts
-            assert ACR_PASSWORD in accounts
-            reply = await browser.get(f"{bank}/transfers/new", headers=html)  # step-up
-            page = Page(str(reply.url), await reply.text())
-            assert "Demo Bank asks for a passkey to continue" in page.html
-            code = factors.totp_code(ALICE_SECRET, time.time())
-            reply = await browser.post(
-                idp.issuer + page.action("/totp"),
-                data={"csrf_token": page.csrf(), "totp": code},
-                headers=html,
-            )
-            authenticator = SoftAuthenticator()
-            status, body = await passkey_ceremony(
-                browser, idp, Page(str(reply.url), await reply.text()), authenticator
-            )
-            assert status == 200, body
-            use = await page_at(browser, idp, body["next"])
-            status, body = await passkey_ceremony(browser, idp, use, authenticator)
-            assert status == 200, body
-            reply = await browser.get(idp.issuer + body["next"], headers=html)
-            form = await reply.text()
-            assert str(reply.url) == f"{bank}/transfers/new" and "assertion verified" in form
-            token = re.search(r"name='form_token' value='([^']+)'", form)
-            assert token
-            reply = await browser.post(
-                f"{bank}/transfers",
-                data={"form_token": token.group(1), "payee": "landlord", "amount": "12.34"},
-                headers=html | {"Origin": bank},
-            )
-            confirmation = await reply.text()
-            assert reply.status == 200, confirmation
-            assert "acr=phr amr=hwk" in confirmation
+            yield DemoGateway(stack, browser)
     finally:
         stop.set()
         await serving
         await stack.close()
+
+
+async def test_demo_end_to_end_through_the_gateway(demo_gateway: DemoGateway) -> None:
+    """The whole demo over HTTP: sign in, open the transfer form, approve it, once."""
+    demo, idp = demo_gateway, demo_gateway.stack.idp
+    await demo.sign_in()
+    form = await demo.page("GET", f"{demo.url}/transfers/new")  # a password is enough to look
+    assert form.url == f"{demo.url}/transfers/new" and "assertion verified" in form.html
+    token = await demo.form_token("/transfers/new")
+    fields = {"form_token": token, "payee": "ACME Ltd", "amount": "250.00", "currency": "EUR"}
+    # The post is kept; the provider asks alice to approve it (a new sign-in: once).
+    page = await demo.page("POST", f"{demo.url}/transfers", data=fields)
+    assert "Approve transfer of 250.00 EUR to ACME Ltd" in page.html and page.has("password")
+    page = await demo.page(
+        "POST",
+        idp.issuer + page.action("/password"),
+        data={"csrf_token": page.csrf(), "username": "alice", "password": "alice-demo-password"},
+    )
+    assert "Approve transfer of 250.00 EUR to ACME Ltd" in page.html and page.has("totp")
+    code = factors.totp_code(ALICE_SECRET, time.time())
+    page = await demo.page(
+        "POST", idp.issuer + page.action("/totp"), data={"csrf_token": page.csrf(), "totp": code}
+    )
+    authenticator = SoftAuthenticator()
+    status, body = await passkey_ceremony(demo.browser, idp, page, authenticator)
+    assert status == 200, body
+    use = await page_at(demo.browser, idp, body["next"])
+    assert "Approve transfer of 250.00 EUR to ACME Ltd" in use.html
+    status, body = await passkey_ceremony(demo.browser, idp, use, authenticator)
+    assert status == 200, body
+    sent = await demo.page("GET", idp.issuer + body["next"])  # callback -> resume -> bank
+    assert sent.url.startswith(f"{demo.url}/_gateway/resume?r=")
+    assert "Sent EUR 250.00 to ACME Ltd." in sent.html and "acr=phr amr=hwk" in sent.html
+    again = await demo.browser.get(sent.url, headers={"Accept": "text/html"})
+    assert again.status == 410  # the kept post went once, and only once
+    ledger = await demo.page("GET", f"{demo.url}/transfers")
+    assert ledger.html.count("class='transfer'") == 1
+
+
+@pytest.mark.parametrize(
+    ("amount", "acr_values"),
+    [("50.00", "urn:stepup:loa:2"), ("1500.00", "phr")],
+)
+async def test_demo_risk_service_picks_the_standing_order_step_up(
+    demo_gateway: DemoGateway, amount: str, acr_values: str
+) -> None:
+    demo = demo_gateway
+    await demo.sign_in()
+    token = await demo.form_token("/standing-orders")
+    fields = {
+        "form_token": token,
+        "payee": "City Power",
+        "amount": amount,
+        "currency": "EUR",
+        "frequency": "monthly",
+    }
+    reply = await demo.browser.post(
+        f"{demo.url}/standing-orders",
+        data=fields,
+        headers={"Accept": "text/html"},
+        allow_redirects=False,
+    )
+    assert reply.status == 302
+    query = {k: v[0] for k, v in parse_qs(urlsplit(reply.headers["Location"]).query).items()}
+    assert query["acr_values"] == acr_values
+    assert json.loads(query["authorization_details"]) == [
+        {
+            "type": "payment_initiation",
+            "amount": amount,
+            "currency": "EUR",
+            "frequency": "monthly",
+            "payee": "City Power",
+        }
+    ]
+    page = await demo.page("GET", reply.headers["Location"])
+    assert f"Approve transfer of {amount} EUR to City Power, monthly" in page.html
 
 
 def test_demo_refuses_a_public_address_without_the_override(
@@ -1550,3 +1742,19 @@ def test_authorization_details_parser_gives_objects_or_an_error(text: str) -> No
     assert details is None or all(
         isinstance(d, dict) and d["type"] == "payment_initiation" for d in details
     )
+
+
+@pytest.mark.parametrize(
+    ("fields", "require"),
+    [
+        ({"amount": "50.00"}, "allow"),
+        ({"amount": "1000"}, "allow"),
+        ({"amount": "1000.01"}, "phishing-resistant"),
+        ({"amount": "9000"}, "phishing-resistant"),
+        ({"amount": "lots"}, "phishing-resistant"),  # unknown risk is high risk
+        ({"amount": None}, "phishing-resistant"),
+        ({}, "phishing-resistant"),
+    ],
+)
+def test_risk_service_answers(fields: dict[str, Any], require: str) -> None:
+    assert demo_risk.assess({"rule": "standing-order", "fields": fields}) == {"require": require}

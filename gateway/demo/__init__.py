@@ -1,8 +1,9 @@
 """``stepup-gateway demo``: the gateway, a development identity provider and Demo Bank.
 
-Everything runs in one process on loopback: the provider (:mod:`gateway.demo.idp`)
-and Demo Bank (:mod:`gateway.demo.bank`) on free ports, the gateway in front of the
-bank with ``demo.yaml``, filled in with those ports and fresh random secrets.
+Everything runs in one process on loopback: the provider (:mod:`gateway.demo.idp`),
+Demo Bank (:mod:`gateway.demo.bank`) and a small risk service
+(:mod:`gateway.demo.risk`) on free ports, the gateway in front of the bank with
+``demo.yaml``, filled in with those ports and fresh random secrets.
 DEVELOPMENT ONLY: the demo users' passwords and TOTP secrets are public.
 """
 
@@ -52,6 +53,7 @@ class DemoStack:
     gateway_url: str
     idp_url: str
     bank_url: str
+    risk_url: str  # the risk service's assess endpoint
     idp: IdentityProvider
     bank: DemoBank
     config_text: str  # demo.yaml as shipped
@@ -123,6 +125,7 @@ async def start_demo_stack(
     from gateway.demo.idp import IdentityProvider
     from gateway.demo.oauth import DemoClient
     from gateway.demo.passkeys import PasskeyStore
+    from gateway.demo.risk import risk_app
 
     url_host = _url_host(host)
     if gateway_port:
@@ -132,9 +135,12 @@ async def start_demo_stack(
         gateway_port = _free_port(host)
     gateway_url = f"http://{url_host}:{gateway_port}"
     idp_sock, bank_sock = _bound_socket(host), _bound_socket(host)
+    # The risk service answers the gateway only: loopback whatever the demo's host.
+    risk_sock = _bound_socket("127.0.0.1")
     idp_url = f"http://{url_host}:{idp_sock.getsockname()[1]}"
     # The bank is reached by the gateway only: a plain loopback address will do.
     bank_url = f"http://{host if ':' not in host else f'[{host}]'}:{bank_sock.getsockname()[1]}"
+    risk_url = f"http://127.0.0.1:{risk_sock.getsockname()[1]}/assess"
     client = DemoClient(
         client_id=CLIENT_ID,
         client_secret=secrets.token_urlsafe(32),
@@ -155,12 +161,15 @@ async def start_demo_stack(
         issuer=gateway_url,
         audience=UPSTREAM_NAME,
         clock=clock,
+        # A step-up redirects a form post on to the provider: let the browser follow it.
+        form_targets=(idp_url,),
     )
     environ = {
         "DEMO_GATEWAY_LISTEN": f"{host if ':' not in host else f'[{host}]'}:{gateway_port}",
         "DEMO_GATEWAY_URL": gateway_url,
         "DEMO_IDP_URL": idp_url,
         "DEMO_BANK_URL": bank_url,
+        "DEMO_RISK_URL": risk_url,
         "DEMO_CLIENT_ID": client.client_id,
         "DEMO_CLIENT_SECRET": client.client_secret,
         "DEMO_SESSION_SECRET": secrets.token_urlsafe(48),
@@ -171,16 +180,18 @@ async def start_demo_stack(
         config = load_config_text(text, "demo.yaml", environ)
         runners.append(await _serve(idp.app(), idp_sock))
         runners.append(await _serve(bank.app(), bank_sock))
+        runners.append(await _serve(risk_app(), risk_sock))
     except BaseException:
         for runner in reversed(runners):
             await runner.cleanup()
-        idp_sock.close()
-        bank_sock.close()
+        for sock in (idp_sock, bank_sock, risk_sock):
+            sock.close()
         raise
     return DemoStack(
         gateway_url=gateway_url,
         idp_url=idp_url,
         bank_url=bank_url,
+        risk_url=risk_url,
         idp=idp,
         bank=bank,
         config_text=text,
@@ -199,8 +210,10 @@ def print_welcome(stack: DemoStack, out: TextIO | None = None) -> None:
         f"  identity provider: {stack.idp_url}   (Demo Bank itself: {stack.bank_url})\n\n"
         "Demo users (add a TOTP secret to an authenticator app, or import the otpauth URI):\n"
         f"{describe_users(stack.idp.users, TOTP_ISSUER_LABEL)}\n\n"
-        "Try: the accounts page (password), /payees (password + one-time code),\n"
-        "/transfers/new (a passkey: alice creates one after a one-time code; bob cannot).\n"
+        "Try: a transfer (alice approves it with a passkey, created after a one-time code\n"
+        "the first time; bob cannot), a standing order (a one-time code; a passkey above\n"
+        "1,000, says the risk service), savings (above 1,000 Demo Bank itself asks for a\n"
+        "passkey), payees (password + one-time code).\n"
         "Press Ctrl-C to stop.\n",
         file=out,
         flush=True,

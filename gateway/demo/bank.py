@@ -6,7 +6,14 @@ signed copy of them) with a few lines of pyjwt: :func:`verify_assertion`. Money
 moves and payees change only when that check passes.
 
 Pages: ``/`` accounts, ``/transfers/new`` + ``POST /transfers``, ``/transfers``
-ledger, ``/payees`` (+ ``POST``), ``/admin``, ``/public/about`` (no sign-in).
+ledger, ``/standing-orders`` (+ ``POST``), ``/savings`` (+ ``POST``), ``/payees``
+(+ ``POST``), ``/admin``, ``/public/about`` (no sign-in).
+
+Moving money to savings shows an app with a step-up policy of its own: above
+1,000 Demo Bank itself asks for a passkey, with the RFC 9470 challenge
+(``401``, ``WWW-Authenticate: Bearer error="insufficient_user_authentication",
+acr_values="phr", max_age=300``). The gateway, told to (``upstream_challenge``),
+runs that step-up for the browser and sends the form again.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -43,11 +50,29 @@ SHOWN_HEADERS = (
 )
 ASSERTION_HEADER = "X-Auth-Assertion"
 MAX_TRANSFER = Decimal("10000.00")
+CURRENCIES = ("EUR",)  # the demo's accounts hold euros only
+FREQUENCIES = ("monthly", "weekly")
 IBAN = re.compile(r"[A-Z]{2}[0-9]{2}[A-Z0-9]{11,30}")  # ISO 13616 shape, not its checksum
-CSP = (
-    "default-src 'none'; style-src 'self'; form-action 'self'; base-uri 'none';"
-    " frame-ancestors 'none'"
-)
+# Demo Bank's own rule for moving money to savings: above this, a passkey (acr phr)
+# proven within the last five minutes, asked for with an RFC 9470 challenge.
+SAVINGS_STEP_UP_ABOVE = Decimal("1000.00")
+SAVINGS_STEP_UP_ACR = "phr"
+SAVINGS_STEP_UP_MAX_AGE_S = 5 * 60
+
+
+def content_security_policy(form_targets: tuple[str, ...] = ()) -> str:
+    """No scripts, no framing. ``form_targets``: origins a form post may be redirected to.
+
+    The gateway in front may answer a form post with a redirect to the identity
+    provider (a step-up; the post is kept and sent after it). Chrome checks
+    ``form-action`` on every redirect of a form submission, so without the
+    provider's origin here the browser would stop at the first hop.
+    """
+    targets = " ".join(("'self'", *form_targets))
+    return (
+        f"default-src 'none'; style-src 'self'; form-action {targets}; base-uri 'none';"
+        " frame-ancestors 'none'"
+    )
 
 
 # The gateway signs what it asserts (ES256, keys at {gateway}/_gateway/jwks.json).
@@ -102,18 +127,38 @@ class Transfer:
     amount: Decimal
     acr: str
     amr: str
+    currency: str = "EUR"
+
+
+@dataclass(frozen=True, slots=True)
+class StandingOrder:
+    at: float
+    payee: str
+    amount: Decimal
+    currency: str
+    frequency: str
+    acr: str
+    amr: str
 
 
 @dataclass
 class Customer:
-    balance: Decimal = Decimal("2500.00")
+    balance: Decimal = Decimal("12500.00")
+    savings: Decimal = Decimal("0.00")
     payees: dict[str, Payee] = field(
         default_factory=lambda: {
+            "acme": Payee("ACME Ltd", "FR7630006000011234567890189"),
             "landlord": Payee("Landlord Ltd", "GB82WEST12345698765432"),
             "power": Payee("City Power", "DE89370400440532013000"),
         }
     )
     ledger: list[Transfer] = field(default_factory=list)
+    standing_orders: list[StandingOrder] = field(default_factory=list)
+    savings_moves: list[Transfer] = field(default_factory=list)
+
+    def payee_named(self, name: object) -> Payee | None:
+        """Forms name payees by name: that is what the provider shows for approval."""
+        return next((p for p in self.payees.values() if p.name == name), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,27 +182,42 @@ class DemoBank:
         issuer: str,
         audience: str = "bank",
         clock: Callable[[], float] = time.time,
+        form_targets: tuple[str, ...] = (),
     ) -> None:
         # PyJWKClient caches the key set and refetches it when it meets a new kid.
         self.jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, timeout=5)
         self.issuer = issuer
         self.audience = audience
         self.clock = clock
+        self.csp = content_security_policy(form_targets)
         self.customers: dict[str, Customer] = {}
         self._form_key = secrets.token_bytes(32)
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._security_headers])
         app.router.add_get("/", self.accounts)
         app.router.add_get("/transfers/new", self.transfer_form)
         app.router.add_post("/transfers", self.make_transfer)
         app.router.add_get("/transfers", self.ledger)
+        app.router.add_get("/standing-orders", self.standing_orders)
+        app.router.add_post("/standing-orders", self.add_standing_order)
+        app.router.add_get("/savings", self.savings)
+        app.router.add_post("/savings", self.move_to_savings)
         app.router.add_get("/payees", self.payees)
         app.router.add_post("/payees", self.change_payee)
         app.router.add_get("/admin", self.admin)
         app.router.add_get("/public/about", self.about)
         app.router.add_get("/public/demo.css", self.stylesheet)
         return app
+
+    @web.middleware
+    async def _security_headers(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        response = await handler(request)
+        if response.content_type == "text/html":
+            response.headers["Content-Security-Policy"] = self.csp
+        return response
 
     async def seen(self, request: web.Request) -> Seen:
         headers = {name: request.headers[name] for name in SHOWN_HEADERS if name in request.headers}
@@ -205,8 +265,14 @@ class DemoBank:
             "<table><caption>Your accounts</caption>"
             "<tr><th scope='col'>Account</th><th scope='col'>Balance</th></tr>"
             f"<tr><td>Current account</td><td id='balance'>EUR {customer.balance:,.2f}</td></tr>"
-            "</table><p><a href='/transfers/new'>Make a transfer</a>"
-            " (asks for a passkey: phishing-resistant sign-in within 5 minutes)</p>"
+            f"<tr><td>Savings</td><td id='savings'>EUR {customer.savings:,.2f}</td></tr>"
+            "</table><ul>"
+            "<li><a href='/transfers/new'>Make a transfer</a> (you approve each one with a"
+            " passkey)</li>"
+            "<li><a href='/standing-orders'>Set up a standing order</a> (a one-time code; a"
+            " passkey above 1,000)</li>"
+            "<li><a href='/savings'>Move money to savings</a> (above 1,000 Demo Bank itself"
+            " asks for a passkey)</li></ul>"
         )
         return page("Accounts", body, seen)
 
@@ -214,22 +280,48 @@ class DemoBank:
         seen = await self.seen(request)
         return page("New transfer", self._transfer_form(seen), seen)
 
-    def _transfer_form(self, seen: Seen, *, error: str | None = None, amount: str = "") -> str:
-        customer = self.customer(seen)
+    def _payment_fields(self, seen: Seen, amount: str) -> str:
+        """Payee (by name), amount and currency: the fields a payment's approval shows."""
         options = "".join(
-            f"<option value='{esc(key)}'>{esc(p.name)} ({esc(p.iban)})</option>"
-            for key, p in customer.payees.items()
+            f"<option value='{esc(p.name)}'>{esc(p.name)} ({esc(p.iban)})</option>"
+            for p in self.customer(seen).payees.values()
         )
+        currencies = "".join(f"<option value='{c}'>{c}</option>" for c in CURRENCIES)
+        return (
+            "<p><label for='payee'>Payee</label>"
+            f"<select id='payee' name='payee'>{options}</select></p>"
+            "<p><label for='amount'>Amount</label><input id='amount' name='amount'"
+            f" inputmode='decimal' required value='{esc(amount)}'></p>"
+            "<p><label for='currency'>Currency</label>"
+            f"<select id='currency' name='currency'>{currencies}</select></p>"
+        )
+
+    def _transfer_form(self, seen: Seen, *, error: str | None = None, amount: str = "") -> str:
         return (
             (f"<p id='error' class='error' role='alert'>{esc(error)}</p>" if error else "")
             + "<form method='post' action='/transfers'>"
             f"<input type='hidden' name='form_token' value='{self.form_token(seen, 'transfer')}'>"
-            "<p><label for='payee'>Payee</label>"
-            f"<select id='payee' name='payee'>{options}</select></p>"
-            "<p><label for='amount'>Amount (EUR)</label><input id='amount' name='amount'"
-            f" inputmode='decimal' required value='{esc(amount)}'></p>"
+            f"{self._payment_fields(seen, amount)}"
             "<p><button type='submit' id='send'>Send money</button></p></form>"
         )
+
+    def _payment(
+        self, customer: Customer, form: Mapping[str, object], *, limit: Decimal
+    ) -> tuple[Payee, Decimal, str] | str:
+        """(payee, amount, currency) from a payment form, or what is wrong with it."""
+        raw_amount = form.get("amount")
+        amount = parse_amount(raw_amount if isinstance(raw_amount, str) else "")
+        payee = customer.payee_named(form.get("payee"))
+        currency = form.get("currency")
+        if payee is None:
+            return "Choose one of your payees."
+        if not isinstance(currency, str) or currency not in CURRENCIES:
+            return f"Choose a currency: {', '.join(CURRENCIES)}."
+        if amount is None:
+            return f"Enter an amount between 0.01 and {MAX_TRANSFER:,.2f}, like 25.50."
+        if amount > limit:
+            return "That is more than your balance."
+        return payee, amount, currency
 
     async def make_transfer(self, request: web.Request) -> web.Response:
         seen = await self.seen(request)
@@ -239,27 +331,20 @@ class DemoBank:
         if not self.form_token_ok(seen, "transfer", form.get("form_token")):
             return page("Form expired", "<p>Reload the transfer form and try again.</p>", seen, 403)
         customer = self.customer(seen)
-        raw_amount = form.get("amount")
-        amount_text = raw_amount if isinstance(raw_amount, str) else ""
-        payee_key = form.get("payee")
-        amount = parse_amount(amount_text)
-        problem = None
-        if not isinstance(payee_key, str) or payee_key not in customer.payees:
-            problem = "Choose one of your payees."
-        elif amount is None:
-            problem = f"Enter an amount between 0.01 and {MAX_TRANSFER:,.2f}, like 25.50."
-        elif amount > customer.balance:
-            problem = "That is more than your balance."
-        if problem is not None or amount is None or not isinstance(payee_key, str):
-            body = self._transfer_form(seen, error=problem, amount=amount_text)
+        payment = self._payment(customer, form, limit=customer.balance)
+        if isinstance(payment, str):
+            typed = form.get("amount")
+            body = self._transfer_form(
+                seen, error=payment, amount=typed if isinstance(typed, str) else ""
+            )
             return page("New transfer", body, seen, 400)
+        payee, amount, currency = payment
         acr, amr = asserted(seen)
-        payee = customer.payees[payee_key]
         customer.balance -= amount
-        customer.ledger.append(Transfer(self.clock(), payee.name, amount, acr, amr))
+        customer.ledger.append(Transfer(self.clock(), payee.name, amount, acr, amr, currency))
         log.info("bank_transfer", sub=seen.claims["sub"] if seen.claims else None, acr=acr)
         body = (
-            f"<p class='ok' role='status'>Sent EUR {amount:,.2f} to {esc(payee.name)}.</p>"
+            f"<p class='ok' role='status'>Sent {currency} {amount:,.2f} to {esc(payee.name)}.</p>"
             f"<p id='authorised-by'>The gateway asserted acr={esc(acr)} amr={esc(amr)}"
             f" (level {esc(seen.claims.get('level', '') if seen.claims else '')}).</p>"
             "<p><a href='/transfers'>See the ledger</a></p>"
@@ -269,7 +354,8 @@ class DemoBank:
     async def ledger(self, request: web.Request) -> web.Response:
         seen = await self.seen(request)
         rows = "".join(
-            f"<tr><td>{esc(_when(t.at))}</td><td>{esc(t.payee)}</td><td>EUR {t.amount:,.2f}</td>"
+            f"<tr class='transfer'><td>{esc(_when(t.at))}</td><td>{esc(t.payee)}</td>"
+            f"<td>{esc(t.currency)} {t.amount:,.2f}</td>"
             f"<td>acr={esc(t.acr)} amr={esc(t.amr)}</td></tr>"
             for t in reversed(self.customer(seen).ledger)
         )
@@ -280,6 +366,128 @@ class DemoBank:
             f"{rows or '<tr><td colspan=4>No transfers yet.</td></tr>'}</table>"
         )
         return page("Ledger", body, seen)
+
+    async def standing_orders(self, request: web.Request) -> web.Response:
+        seen = await self.seen(request)
+        return page("Standing orders", self._standing_orders(seen), seen)
+
+    def _standing_orders(self, seen: Seen, *, error: str | None = None, amount: str = "") -> str:
+        rows = "".join(
+            f"<tr class='standing-order'><td>{esc(o.payee)}</td>"
+            f"<td>{esc(o.currency)} {o.amount:,.2f}</td><td>{esc(o.frequency)}</td>"
+            f"<td>acr={esc(o.acr)} amr={esc(o.amr)}</td></tr>"
+            for o in self.customer(seen).standing_orders
+        )
+        frequencies = "".join(f"<option value='{f}'>{f}</option>" for f in FREQUENCIES)
+        token = self.form_token(seen, "standing-order")
+        return (
+            "<table id='standing-orders'><caption>Your standing orders</caption><tr>"
+            "<th scope='col'>Payee</th><th scope='col'>Amount</th><th scope='col'>Every</th>"
+            "<th scope='col'>Authorised with</th></tr>"
+            f"{rows or '<tr><td colspan=4>No standing orders yet.</td></tr>'}</table>"
+            "<h2>New standing order</h2>"
+            "<p>You approve it with a one-time code; the risk service asks for a passkey"
+            " above 1,000.</p>"
+            + (f"<p id='error' class='error' role='alert'>{esc(error)}</p>" if error else "")
+            + "<form method='post' action='/standing-orders'>"
+            f"<input type='hidden' name='form_token' value='{token}'>"
+            f"{self._payment_fields(seen, amount)}"
+            "<p><label for='frequency'>Every</label>"
+            f"<select id='frequency' name='frequency'>{frequencies}</select></p>"
+            "<p><button type='submit' id='save-standing-order'>Set up</button></p></form>"
+        )
+
+    async def add_standing_order(self, request: web.Request) -> web.Response:
+        seen = await self.seen(request)
+        form = await request.post()
+        if not seen.verified:
+            return refused(seen)
+        if not self.form_token_ok(seen, "standing-order", form.get("form_token")):
+            return page("Form expired", "<p>Reload the form and try again.</p>", seen, 403)
+        customer = self.customer(seen)
+        payment = self._payment(customer, form, limit=MAX_TRANSFER)
+        frequency = form.get("frequency")
+        if not isinstance(payment, str) and frequency not in FREQUENCIES:
+            payment = "Choose how often."
+        if isinstance(payment, str) or not isinstance(frequency, str):
+            typed = form.get("amount")
+            body = self._standing_orders(
+                seen, error=str(payment), amount=typed if isinstance(typed, str) else ""
+            )
+            return page("Standing orders", body, seen, 400)
+        payee, amount, currency = payment
+        acr, amr = asserted(seen)
+        order = StandingOrder(self.clock(), payee.name, amount, currency, frequency, acr, amr)
+        customer.standing_orders.append(order)
+        body = (
+            f"<p class='ok' role='status'>Standing order set up: {currency} {amount:,.2f}"
+            f" to {esc(payee.name)}, {esc(frequency)}.</p>"
+            f"<p id='authorised-by'>The gateway asserted acr={esc(acr)} amr={esc(amr)}.</p>"
+            "<p><a href='/standing-orders'>Back to standing orders</a></p>"
+        )
+        return page("Standing order set up", body, seen)
+
+    async def savings(self, request: web.Request) -> web.Response:
+        seen = await self.seen(request)
+        return page("Savings", self._savings_form(seen), seen)
+
+    def _savings_form(self, seen: Seen, *, error: str | None = None, amount: str = "") -> str:
+        customer = self.customer(seen)
+        return (
+            f"<p>Current account: EUR {customer.balance:,.2f}."
+            f" Savings: <span id='savings'>EUR {customer.savings:,.2f}</span>.</p>"
+            f"<p>Moving more than {SAVINGS_STEP_UP_ABOVE:,.2f} needs a passkey from the last"
+            " five minutes: Demo Bank asks for it itself.</p>"
+            + (f"<p id='error' class='error' role='alert'>{esc(error)}</p>" if error else "")
+            + "<form method='post' action='/savings'>"
+            f"<input type='hidden' name='form_token' value='{self.form_token(seen, 'savings')}'>"
+            "<p><label for='amount'>Amount (EUR)</label><input id='amount' name='amount'"
+            f" inputmode='decimal' required value='{esc(amount)}'></p>"
+            "<p><button type='submit' id='move'>Move to savings</button></p></form>"
+        )
+
+    def strong_enough(self, seen: Seen) -> bool:
+        """Demo Bank's own rule for large moves: a passkey, recently (from the assertion)."""
+        claims = seen.claims or {}
+        auth_time = claims.get("auth_time")
+        return (
+            claims.get("acr") == SAVINGS_STEP_UP_ACR
+            and isinstance(auth_time, int)
+            and self.clock() - auth_time <= SAVINGS_STEP_UP_MAX_AGE_S
+        )
+
+    async def move_to_savings(self, request: web.Request) -> web.Response:
+        seen = await self.seen(request)
+        form = await request.post()
+        if not seen.verified:
+            return refused(seen)
+        if not self.form_token_ok(seen, "savings", form.get("form_token")):
+            return page("Form expired", "<p>Reload the savings form and try again.</p>", seen, 403)
+        customer = self.customer(seen)
+        typed = form.get("amount")
+        amount_text = typed if isinstance(typed, str) else ""
+        amount = parse_amount(amount_text)
+        if amount is None or amount > customer.balance:
+            problem = (
+                "That is more than your balance."
+                if amount is not None
+                else f"Enter an amount between 0.01 and {MAX_TRANSFER:,.2f}, like 25.50."
+            )
+            body = self._savings_form(seen, error=problem, amount=amount_text)
+            return page("Savings", body, seen, 400)
+        if amount > SAVINGS_STEP_UP_ABOVE and not self.strong_enough(seen):
+            log.info("bank_step_up_asked", amount=str(amount), acr=asserted(seen)[0])
+            return step_up_needed(seen, amount)
+        acr, amr = asserted(seen)
+        customer.balance -= amount
+        customer.savings += amount
+        customer.savings_moves.append(Transfer(self.clock(), "Savings", amount, acr, amr))
+        body = (
+            f"<p class='ok' role='status'>Moved EUR {amount:,.2f} to savings.</p>"
+            f"<p id='authorised-by'>The gateway asserted acr={esc(acr)} amr={esc(amr)}.</p>"
+            "<p><a href='/savings'>Back to savings</a></p>"
+        )
+        return page("Moved to savings", body, seen)
 
     async def payees(self, request: web.Request) -> web.Response:
         seen = await self.seen(request)
@@ -324,6 +532,9 @@ class DemoBank:
             problem = "Enter the payee's name (up to 70 characters)."
         elif not IBAN.fullmatch(iban_text):
             problem = "Enter an IBAN: two letters, two digits, then 11 to 30 letters or digits."
+        elif any(p.name == name.strip() for k, p in customer.payees.items() if k != key):
+            # Payments name their payee by name (that is what an approval shows): unique.
+            problem = "Another payee has that name already."
         else:
             problem = None
         if problem is not None or not isinstance(key, str) or not isinstance(name, str):
@@ -419,6 +630,7 @@ def page(title: str, body: str, seen: Seen, status: int = 200) -> web.Response:
         "<link rel='stylesheet' href='/public/demo.css'>\n</head>\n<body>\n"
         "<header><nav aria-label='Demo Bank'><a href='/'>Accounts</a>"
         "<a href='/transfers/new'>New transfer</a><a href='/transfers'>Ledger</a>"
+        "<a href='/standing-orders'>Standing orders</a><a href='/savings'>Savings</a>"
         "<a href='/payees'>Payees</a><a href='/admin'>Admin</a>"
         "<a href='/public/about'>About</a><a href='/_gateway/logout'>Sign out</a></nav></header>\n"
         f"<main>\n<h1>{esc(title)}</h1>\n{body}\n"
@@ -426,16 +638,38 @@ def page(title: str, body: str, seen: Seen, status: int = 200) -> web.Response:
         f" Demo Bank</h2>{status_line}<table id='auth-headers'>{rows}</table></section>\n"
         "</main>\n</body>\n</html>\n"
     )
+    # The Content-Security-Policy header is DemoBank._security_headers' (it knows the
+    # provider's origin).
     return web.Response(
-        text=html,
-        status=status,
-        content_type="text/html",
-        headers={"Cache-Control": "no-store", "Content-Security-Policy": CSP},
+        text=html, status=status, content_type="text/html", headers={"Cache-Control": "no-store"}
     )
 
 
+def step_up_needed(seen: Seen, amount: Decimal) -> web.Response:
+    """RFC 9470 3: "this needs a stronger (and fresher) sign-in", with a page for people."""
+    description = f"Moving more than {SAVINGS_STEP_UP_ABOVE:,.2f} needs a passkey"
+    body = (
+        f"<p class='error' role='alert'>{esc(description)}: EUR {amount:,.2f} was not moved."
+        " Sign in with a passkey and send the form again.</p>"
+    )
+    response = page("A passkey is needed", body, seen, 401)
+    response.headers["WWW-Authenticate"] = (
+        f'Bearer error="insufficient_user_authentication", error_description="{description}",'
+        f' acr_values="{SAVINGS_STEP_UP_ACR}", max_age={SAVINGS_STEP_UP_MAX_AGE_S}'
+    )
+    return response
+
+
 def create_bank_app(
-    *, jwks_url: str, issuer: str, audience: str = "bank", clock: Callable[[], float] = time.time
+    *,
+    jwks_url: str,
+    issuer: str,
+    audience: str = "bank",
+    clock: Callable[[], float] = time.time,
+    form_targets: tuple[str, ...] = (),
 ) -> web.Application:
     """Demo Bank's aiohttp app; ``jwks_url`` is ``{gateway}/_gateway/jwks.json``."""
-    return DemoBank(jwks_url=jwks_url, issuer=issuer, audience=audience, clock=clock).app()
+    bank = DemoBank(
+        jwks_url=jwks_url, issuer=issuer, audience=audience, clock=clock, form_targets=form_targets
+    )
+    return bank.app()
