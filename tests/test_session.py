@@ -968,3 +968,63 @@ async def test_cookie_attributes_on_the_wire(aiohttp_client: AiohttpClient) -> N
     deleted = attributes(headers["__Host-old"])
     assert {"max-age=0", "path=/", "secure"} <= deleted
     assert not any(a.startswith("domain") for h in headers.values() for a in attributes(h))
+
+
+# ----------------------------------------------------- CookieStore: opened sessions kept
+
+
+class _CountingSealer:
+    def __init__(self, sealer: Sealer) -> None:
+        self.sealer = sealer
+        self.opened = 0
+
+    def open(self, token: str) -> dict[str, object] | None:
+        self.opened += 1
+        return self.sealer.open(token)
+
+    def seal(self, payload: Any) -> str:
+        return self.sealer.seal(payload)
+
+
+def counting_cookie_store() -> tuple[CookieStore, _CountingSealer]:
+    store = cookie_store()
+    counting = _CountingSealer(store._sealer)
+    store._sealer = counting  # type: ignore[assignment]
+    return store, counting
+
+
+async def test_cookie_store_opens_a_value_once_and_still_checks_expiry() -> None:
+    store, counting = counting_cookie_store()
+    value = await store.save(make_session(), NOW)
+
+    assert await store.load(value, NOW + 1) == make_session()
+    assert await store.load(value, NOW + IDLE_S - 1) == make_session()
+    assert counting.opened == 1
+    assert await store.load(value, NOW + IDLE_S) is None  # the idle timeout still holds
+    assert await store.load(value, NOW + 1) == make_session()  # forgotten, opened again
+    assert counting.opened == 2
+
+
+async def test_cookie_store_keeps_only_values_that_opened() -> None:
+    store, counting = counting_cookie_store()
+    value = await store.save(make_session(), NOW)
+    flipped = value[:20] + ("A" if value[20] != "A" else "B") + value[21:]
+
+    for _ in range(3):
+        assert await store.load(flipped, NOW) is None
+    assert counting.opened == 3
+    assert store._opened == {}
+
+
+async def test_cookie_store_keeps_a_bounded_number_of_sessions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("gateway.session.stores.OPENED_CACHE_SIZE", 3)
+    store, counting = counting_cookie_store()
+    values = [await store.save(make_session(), NOW) for _ in range(5)]  # fresh nonce each
+
+    for value in values:
+        assert await store.load(value, NOW) is not None
+    assert list(store._opened) == values[2:]  # the oldest went first
+    assert await store.load(values[0], NOW) is not None
+    assert counting.opened == 6
