@@ -45,16 +45,16 @@ async def test_alice_steps_up_to_a_security_key_and_sends_money(
     assert await auth_header(page, "X-Auth-Level") == "password"  # the form opens as it is
     await shots.take(page, "transfer-form")
 
-    await fill_transfer(page, "Landlord Ltd", "12.34")
+    await fill_transfer(page, "ACME Ltd", "250.00")
     # The post waits at the gateway; the provider asks for a new sign-in, then a passkey.
     await heading(page, "Sign in")
     reason = page.locator("#reason")
     await expect(reason).to_contain_text("Demo Bank asks for a passkey to continue")
     await expect(reason).to_contain_text("It asks you to sign in again")
     await approve_first_transfer(
-        tab, demo, shots, approve="Approve transfer of 12.34 EUR to Landlord Ltd"
+        tab, demo, shots, approve="Approve transfer of 250.00 EUR to ACME Ltd"
     )
-    await transfer_sent(page, demo, "Sent EUR 12.34 to Landlord Ltd.")
+    await transfer_sent(page, demo, "Sent EUR 250.00 to ACME Ltd.")
     await expect(page.locator("#authorised-by")).to_have_text(
         "The gateway asserted acr=phr amr=hwk (level phishing-resistant)."
     )

@@ -69,7 +69,7 @@ async def test_a_kept_transfer_lands_once(demo: Demo, tab: Tab, shots: Screensho
     page = tab.page
     await first_transfer(tab, demo, shots)
     resume_url = page.url
-    await shots.take(page, "transfer-sent-after-approval", docs_name="transfer-approved")
+    await shots.take(page, "transfer-sent-after-approval")
     assert [t.amount for t in demo.customer("alice").ledger] == [250]
 
     # Reload the answer: the gateway sent the kept post once and will not again.
@@ -196,6 +196,6 @@ async def test_the_banks_own_challenge_runs_the_step_up(
     await expect(page.locator("#authorised-by")).to_have_text(
         "The gateway asserted acr=phr amr=hwk."
     )
-    await shots.take(page, "moved-after-the-banks-challenge", docs_name="savings-step-up")
+    await shots.take(page, "moved-after-the-banks-challenge")
     assert tab.visits(authorize) == 2
     assert [m.amount for m in demo.customer("alice").savings_moves] == [500, 1500]
