@@ -51,13 +51,6 @@ class Approval:
     details_json: str | None  # canonical JSON of the authorization_details, if any
     text: str  # e.g. "Approve transfer of 250.00 EUR to ACME Ltd"
 
-    @property
-    def details(self) -> list[dict[str, Any]] | None:
-        if self.details_json is None:
-            return None
-        parsed: list[dict[str, Any]] = json.loads(self.details_json)
-        return parsed
-
 
 def _invalid_details(description: str) -> ApprovalError:
     return ApprovalError("invalid_authorization_details", description)
