@@ -776,10 +776,11 @@ class Gateway:
                 message = "Sign-in required"
                 error = "unauthorized"
             else:
-                value = responses.www_authenticate(
-                    decision.required, decision.max_age_s, acr_values
-                )
-                message = responses.describe_need(decision.required, decision.max_age_s)
+                # A one-time rule needs a new authentication: max_age=0, as the gateway
+                # itself asks the provider for browsers.
+                max_age_s = 0 if rule.require.once else decision.max_age_s
+                value = responses.www_authenticate(decision.required, max_age_s, acr_values)
+                message = responses.describe_need(decision.required, max_age_s)
                 error = "insufficient_user_authentication"
             return web.Response(
                 status=401,

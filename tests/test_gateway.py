@@ -671,3 +671,23 @@ async def test_no_token_cookie_or_secret_is_ever_logged(stack, browser):
     assert events.count("step_up_challenge") == 2 and events.count("step_up_success") == 2
     success = [e for e in logs if e["event"] == "step_up_success"][-1]
     assert success["acr"] == "phr" and success["amr"] == ["hwk"]
+
+
+async def test_the_readme_verification_snippet_works(stack, browser):
+    """The ten lines the README gives upstream developers, run as written."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("**Verify the assertion**") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = code.replace('"https://bank.example.com"', repr(stack.url))
+    record = await sign_in(stack, browser)
+    token = upstream_saw(record, "X-Auth-Assertion")[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    claims = await asyncio.to_thread(namespace["verified_user"], {"X-Auth-Assertion": token})
+    assert claims["sub"] == "user-1" and claims["level"] == "password"
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    with pytest.raises(jwt.InvalidSignatureError):
+        await asyncio.to_thread(namespace["verified_user"], {"X-Auth-Assertion": forged})

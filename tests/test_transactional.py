@@ -124,6 +124,7 @@ async def test_one_time_proof_authorises_exactly_one_request(tstack, browser):
     async with browser.http.post(f"{tstack.url}/api/delete-tenant") as resp:
         assert resp.status == 401  # used up: the next one needs its own step-up
         assert "insufficient_user_authentication" in resp.headers["WWW-Authenticate"]
+        assert resp.headers["WWW-Authenticate"].endswith("max_age=0")  # a new sign-in
     assert len(posts(tstack, "/api/delete-tenant")) == 1
 
 
