@@ -40,8 +40,8 @@ async def test_alice_steps_up_to_a_security_key_and_sends_money(
 ) -> None:
     await open_accounts(tab, demo, shots, "alice")
     page = tab.page
-    await page.get_by_role("link", name="Make a transfer").click()
-    await heading(page, "New transfer")
+    await page.get_by_role("link", name="Transfer money").first.click()
+    await heading(page, "Transfer money")
     assert await auth_header(page, "X-Auth-Level") == "password"  # the form opens as it is
     await shots.take(page, "transfer-form")
 

@@ -267,7 +267,7 @@ class DemoBank:
             f"<tr><td>Current account</td><td id='balance'>EUR {customer.balance:,.2f}</td></tr>"
             f"<tr><td>Savings</td><td id='savings'>EUR {customer.savings:,.2f}</td></tr>"
             "</table><ul>"
-            "<li><a href='/transfers/new'>Make a transfer</a> (you approve each one with a"
+            "<li><a href='/transfers/new'>Transfer money</a> (you approve each one with a"
             " passkey)</li>"
             "<li><a href='/standing-orders'>Set up a standing order</a> (a one-time code; a"
             " passkey above 1,000)</li>"
@@ -278,7 +278,7 @@ class DemoBank:
 
     async def transfer_form(self, request: web.Request) -> web.Response:
         seen = await self.seen(request)
-        return page("New transfer", self._transfer_form(seen), seen)
+        return page("Transfer money", self._transfer_form(seen), seen)
 
     def _payment_fields(self, seen: Seen, amount: str) -> str:
         """Payee (by name), amount and currency: the fields a payment's approval shows."""
@@ -337,7 +337,7 @@ class DemoBank:
             body = self._transfer_form(
                 seen, error=payment, amount=typed if isinstance(typed, str) else ""
             )
-            return page("New transfer", body, seen, 400)
+            return page("Transfer money", body, seen, 400)
         payee, amount, currency = payment
         acr, amr = asserted(seen)
         customer.balance -= amount
@@ -629,7 +629,7 @@ def page(title: str, body: str, seen: Seen, status: int = 200) -> web.Response:
         f"<title>{esc(title)} - Demo Bank</title>\n"
         "<link rel='stylesheet' href='/public/demo.css'>\n</head>\n<body>\n"
         "<header><nav aria-label='Demo Bank'><a href='/'>Accounts</a>"
-        "<a href='/transfers/new'>New transfer</a><a href='/transfers'>Ledger</a>"
+        "<a href='/transfers/new'>Transfer money</a><a href='/transfers'>Ledger</a>"
         "<a href='/standing-orders'>Standing orders</a><a href='/savings'>Savings</a>"
         "<a href='/payees'>Payees</a><a href='/admin'>Admin</a>"
         "<a href='/public/about'>About</a><a href='/_gateway/logout'>Sign out</a></nav></header>\n"

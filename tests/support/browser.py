@@ -257,7 +257,7 @@ async def open_accounts(tab: Tab, demo: Demo, shots: Screenshots, username: str)
 async def open_transfer_form(page: Page, demo: Demo) -> None:
     """The transfer form opens with whatever the session holds: a password will do."""
     await page.goto(f"{demo.url}/transfers/new")
-    await heading(page, "New transfer")
+    await heading(page, "Transfer money")
     await expect(page.locator("#assertion-status")).to_have_text("assertion verified")
 
 
