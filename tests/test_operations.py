@@ -82,7 +82,14 @@ class GatewayProcess:
 
 
 def write_config(
-    path: Path, *, port: int, issuer: str, upstream: str, rules: str, extra: str = ""
+    path: Path,
+    *,
+    port: int,
+    issuer: str,
+    upstream: str,
+    rules: str,
+    extra: str = "",
+    session_extra: str = "",
 ) -> None:
     path.write_text(
         textwrap.dedent(f"""\
@@ -102,6 +109,9 @@ def write_config(
         session:
           secret: {SESSION_SECRET}
           cookie_secure: false
+        """)
+        + textwrap.indent(session_extra, "  ")
+        + textwrap.dedent("""\
         assurance:
           levels:
             - name: password
@@ -131,7 +141,7 @@ async def slow_upstream(aiohttp_server: Any) -> Any:
         return web.json_response({"path": request.path, "slept": delay})
 
     app = web.Application()
-    app.router.add_get("/{tail:.*}", handler)
+    app.router.add_route("*", "/{tail:.*}", handler)
     return await aiohttp_server(app)
 
 
@@ -139,11 +149,21 @@ async def slow_upstream(aiohttp_server: Any) -> Any:
 async def gateway_process(tmp_path: Path, op: Any, slow_upstream: Any):
     started: list[GatewayProcess] = []
 
-    async def start(rules: str = PUBLIC_RULES, extra: str = "") -> tuple[GatewayProcess, str, Path]:
+    async def start(
+        rules: str = PUBLIC_RULES, extra: str = "", session_extra: str = ""
+    ) -> tuple[GatewayProcess, str, Path]:
         port = free_port()
         path = tmp_path / f"gateway-{port}.yaml"
         upstream = str(slow_upstream.make_url("")).rstrip("/")
-        write_config(path, port=port, issuer=op.issuer, upstream=upstream, rules=rules, extra=extra)
+        write_config(
+            path,
+            port=port,
+            issuer=op.issuer,
+            upstream=upstream,
+            rules=rules,
+            extra=extra,
+            session_extra=session_extra,
+        )
         op.clients["gateway"].redirect_uris.append(f"http://127.0.0.1:{port}/_gateway/callback")
         process = GatewayProcess(path)
         started.append(process)
@@ -392,3 +412,52 @@ def test_workers_auto_means_one_per_core(tmp_path):
         extra="workers: auto\n",
     )
     assert load_config(str(path)).server.workers == (os.cpu_count() or 1)
+
+
+async def test_one_time_proof_is_used_once_across_two_workers(gateway_process, browser):
+    import secrets
+
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url("redis://127.0.0.1:6379/13")
+    try:
+        await client.ping()
+    except Exception as exc:
+        pytest.fail(f"Redis must run on 127.0.0.1:6379 for this test ({exc})")
+    prefix = f"test-{secrets.token_hex(4)}:"
+    rules = """\
+rules:
+  - name: one-shot
+    match: {path: /one-shot, methods: [POST]}
+    require: {level: password, once: true}
+  - name: signed-in
+    match: {path: /**}
+    require: {level: password}
+"""
+    redis_process, url, _ = await gateway_process(
+        rules=rules,
+        extra="workers: 2\n",
+        session_extra=f"store: redis\nredis_url: redis://127.0.0.1:6379/13\n"
+        f"redis_prefix: '{prefix}'\n",
+    )
+    try:
+        final = await browser.follow(f"{url}/app/x")
+        assert final.status == 200, final.body
+        cookies = {m.key: m.value for m in browser.http.cookie_jar}
+        connector = aiohttp.TCPConnector(force_close=True)  # spread over both workers
+        async with aiohttp.ClientSession(connector=connector, cookies=cookies) as http:
+
+            async def one() -> int:
+                async with http.post(f"{url}/one-shot") as resp:
+                    return resp.status
+
+            statuses = await asyncio.gather(*(one() for _ in range(50)))
+        assert statuses.count(200) == 1 and statuses.count(401) == 49
+        served = {e["pid"] for e in redis_process.events("request") if e.get("rule") == "one-shot"}
+        assert len(served) == 2  # both workers answered some of them
+    finally:
+        redis_process.stop()
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()

@@ -46,9 +46,33 @@ rules:
 """
 
 
-@pytest.fixture
-async def tstack(make_stack: Any) -> Stack:
-    return await make_stack(rules=RULES)
+@pytest.fixture(params=["cookie", "memory", "redis", "cookie+redis"])
+async def tstack(request: Any, make_stack: Any) -> Any:
+    """Every test runs with each store: kept requests and one-time claims live in the
+    process (cookie, memory) or in Redis (shared by workers and replicas), also when
+    the sessions themselves are cookies (cookie+redis)."""
+    if "redis" not in request.param:
+        yield await make_stack(rules=RULES, store=request.param)
+        return
+    import secrets
+
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url("redis://127.0.0.1:6379/13")
+    try:
+        await client.ping()
+    except Exception as exc:
+        pytest.fail(f"Redis must run on 127.0.0.1:6379 for these tests ({exc})")
+    prefix = f"test-{secrets.token_hex(4)}:"
+    yield await make_stack(
+        rules=RULES,
+        store=request.param.split("+")[0],
+        session_extra=f"redis_url: redis://127.0.0.1:6379/13\nredis_prefix: '{prefix}'\n",
+    )
+    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
 
 
 async def post_form(browser: Browser, url: str, data: str) -> Any:
