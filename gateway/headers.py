@@ -15,6 +15,7 @@ forwarded; aiohttp's own parser refuses most of them first (see its docstring).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterable
 
 from multidict import CIMultiDict
@@ -99,6 +100,9 @@ _DROP_ALWAYS_REQUEST = HOP_BY_HOP | _GATEWAY_SET | _REQUEST_DROP
 _DROP_METHOD_OVERRIDE = frozenset(METHOD_OVERRIDE_HEADERS)
 _DROP_WEBSOCKET = WEBSOCKET_HANDSHAKE_HEADERS
 
+# RFC 9110 5.6.2 tchar, less the characters RFC 7239 4 leaves to quoted-strings.
+_FORWARDED_TOKEN = re.compile(r"[A-Za-z0-9!$&'*+\-.^_`|~]+")
+
 
 class FramingError(errors.BadRequest):
     """The request's body length is ambiguous (a request-smuggling shape), or its
@@ -158,7 +162,7 @@ def _forwarded_node(address: str) -> str:
 
 def _forwarded_value(value: str) -> str:
     # RFC 7239 4: value = token / quoted-string; a host with a port needs quotes.
-    if value.isascii() and value and all(c.isalnum() or c in "-._~!$&'*+^`|" for c in value):
+    if _FORWARDED_TOKEN.fullmatch(value):
         return value
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
@@ -241,18 +245,19 @@ def upstream_request_headers(
         # RFC 6265 5.4: one Cookie header; pairs joined with "; ".
         remaining = strip_cookie_header("; ".join(cookies), strip_cookies, strip_cookie_prefixes)
         if remaining:
-            out["Cookie"] = remaining
+            out.add("Cookie", remaining)
 
-    out["Host"] = upstream_host
+    # add(), not assignment: the loop above let no client copy of these through.
+    out.add("Host", upstream_host)
     forwarded_for.append(client_ip)
-    out["X-Forwarded-For"] = ", ".join(forwarded_for)
-    out["X-Forwarded-Proto"] = scheme
-    out["X-Forwarded-Host"] = host
+    out.add("X-Forwarded-For", ", ".join(forwarded_for))
+    out.add("X-Forwarded-Proto", scheme)
+    out.add("X-Forwarded-Host", host)
     forwarded.append(
         f"for={_forwarded_node(client_ip)};host={_forwarded_value(host)};proto={scheme}"
     )
-    out["Forwarded"] = ", ".join(forwarded)
-    out["X-Request-Id"] = request_id
+    out.add("Forwarded", ", ".join(forwarded))
+    out.add("X-Request-Id", request_id)
     return out
 
 
