@@ -76,7 +76,12 @@ class AssertionSigner:
 
     def sign(self, claims: dict[str, Any], *, audience: str, now: float) -> str:
         """Sign ``claims`` for ``audience``; reuse a recent identical token."""
-        cache_key = (audience, *sorted((k, _freeze(v)) for k, v in claims.items()))
+        # Each value with its type (True, 1 and 1.0 sign differently); claims are
+        # str, int, None or lists of str. The order is app.py's, always the same.
+        cache_key = (
+            audience,
+            *[(k, v.__class__, tuple(v) if v.__class__ is list else v) for k, v in claims.items()],
+        )
         cached = self._cache.get(cache_key)
         if cached is not None and now < cached.reuse_until:
             self._cache.move_to_end(cache_key)
@@ -94,9 +99,3 @@ class AssertionSigner:
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
         return token
-
-
-def _freeze(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return tuple(value)
-    return value
