@@ -2,11 +2,73 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Callable
+from typing import Any, Self, TypeVar
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 # Upstream latency buckets: a proxy's added latency lives in the 1-50 ms range; the
 # upper buckets catch slow upstreams up to the default 60 s timeout.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+_Child = TypeVar("_Child")
+
+
+def _child(
+    metric: object,
+    make: Callable[..., _Child],
+    labelvalues: tuple[Any, ...],
+    labelkwargs: dict[str, Any],
+) -> _Child:
+    """``metric.labels(...)``, remembering the child for each tuple of label values.
+
+    prometheus_client checks and converts the values and takes a lock on every
+    call; the gateway asks for the same few children on every request.
+    """
+    if labelkwargs:
+        return make(*labelvalues, **labelkwargs)
+    children: dict[tuple[Any, ...], _Child] | None = getattr(metric, "_children_by_values", None)
+    if children is None:
+        children = {}
+        setattr(metric, "_children_by_values", children)  # noqa: B010
+    child = children.get(labelvalues)
+    if child is None:
+        child = children[labelvalues] = make(*labelvalues)
+    return child
+
+
+def _forget_children(metric: object) -> None:
+    children: dict[tuple[Any, ...], Any] | None = getattr(metric, "_children_by_values", None)
+    if children is not None:
+        children.clear()
+
+
+class Counter(prometheus_client.Counter):
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> Self:
+        return _child(self, super().labels, labelvalues, labelkwargs)
+
+    def remove(self, *labelvalues: Any) -> None:
+        _forget_children(self)
+        super().remove(*labelvalues)
+
+    def clear(self) -> None:
+        _forget_children(self)
+        super().clear()
+
+
+class Histogram(prometheus_client.Histogram):
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> Self:
+        return _child(self, super().labels, labelvalues, labelkwargs)
+
+    def remove(self, *labelvalues: Any) -> None:
+        _forget_children(self)
+        super().remove(*labelvalues)
+
+    def clear(self) -> None:
+        _forget_children(self)
+        super().clear()
 
 
 class Metrics:
