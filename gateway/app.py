@@ -97,6 +97,10 @@ audit = structlog.get_logger("gateway.audit")
 # Several tabs may each have a sign-in in flight; beyond this, the oldest is dropped
 # so a page that loops cannot grow the Cookie header without bound.
 MAX_TRANSACTIONS_IN_FLIGHT = 5
+# Before sending a browser to the provider: is it there? A healthy provider answers its
+# discovery document in milliseconds; while it answers, ask again at most every 10 s.
+PROVIDER_PROBE_TIMEOUT_S = 2.0
+PROVIDER_PROBE_TTL_S = 10.0
 # A logout token is a few hundred bytes; anything far larger is not one.
 MAX_LOGOUT_REQUEST_BYTES = 64 * 1024
 # Bodies read for their fields; others (uploads, binaries) are never buffered for a rule.
@@ -212,6 +216,7 @@ class Gateway:
         self.upstreams = self._make_upstreams(config)
         self._http: aiohttp.ClientSession | None = None
         self._provider: ProviderClient | None = None
+        self._provider_ok_until = 0.0
         self.aux: AuxStore = LocalAux(clock=clock)  # replaced in start()
         self._aux_redis: RedisStore | None = None
         self._internal: dict[str, Callable[[web.BaseRequest], Any]] = {
@@ -856,6 +861,13 @@ class Gateway:
                 "Try again shortly.",
                 reason=exc.reason,
             ) from exc
+        if not await self.provider_reachable():
+            self.metrics.challenges.labels("failed", level.name).inc()
+            raise ProviderUnavailable(
+                "The identity provider is not answering, so a sign-in cannot start. "
+                "Try again shortly.",
+                reason="provider_unreachable",
+            )
         now = self.clock()
         verifier, challenge = new_pkce()
         tx = Transaction(
@@ -925,6 +937,33 @@ class Gateway:
             once=fresh,
         )
         return response
+
+    async def provider_reachable(self) -> bool:
+        """Whether the provider answers now (cached briefly), before sending a browser there.
+
+        Metadata and keys come from the cache, so a provider outage would otherwise
+        show up as a browser error page at the provider's address instead of a clear
+        503 here. Checked at most every PROVIDER_PROBE_TTL_S while it answers.
+        """
+        now = self.clock()
+        if now < self._provider_ok_until:
+            return True
+        assert self._http is not None
+        url = f"{self.config.oidc.issuer.rstrip('/')}/.well-known/openid-configuration"
+        try:
+            async with self._http.get(
+                url,
+                timeout=aiohttp.ClientTimeout(total=PROVIDER_PROBE_TIMEOUT_S),
+                allow_redirects=False,
+            ) as resp:
+                ok = resp.status < 500
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            ok = False
+        if ok:
+            self._provider_ok_until = now + PROVIDER_PROBE_TTL_S
+        else:
+            self.metrics.provider_errors.labels("probe_unreachable").inc()
+        return ok
 
     # -- internal endpoints ------------------------------------------------------
 

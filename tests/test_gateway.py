@@ -691,3 +691,14 @@ async def test_the_readme_verification_snippet_works(stack, browser):
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     with pytest.raises(jwt.InvalidSignatureError):
         await asyncio.to_thread(namespace["verified_user"], {"X-Auth-Assertion": forged})
+
+
+async def test_provider_down_after_sign_in_keeps_sessions_working(stack, browser):
+    """Metadata and keys come from the cache: satisfied rules still pass; step-ups 503."""
+    await sign_in(stack, browser)
+    await stack.op.server.close()
+    hop = await browser.get(f"{stack.url}/app/x")
+    assert hop.status == 200
+    stack.clock.advance(11)  # past the last successful probe's 10 s
+    hop = await browser.get(f"{stack.url}/transfers/new")
+    assert hop.status == 503 and "not answering" in hop.body

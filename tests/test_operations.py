@@ -461,3 +461,15 @@ rules:
         if keys:
             await client.delete(*keys)
         await client.aclose()
+
+
+async def test_a_sign_in_in_flight_survives_a_reload(make_stack, browser):
+    from gateway.config import load_config_text
+
+    stack = await make_stack()
+    hop = await browser.get(f"{stack.url}/app/x")
+    at_op = await browser.get(hop.headers["Location"])
+    text = stack.config_text.replace("path: /public/**", "path: /open/**")
+    await stack.gateway.reload(load_config_text(text, "reloaded.yaml"))
+    back = await browser.get(at_op.headers["Location"])
+    assert back.status == 303 and back.headers["Location"] == "/app/x"
