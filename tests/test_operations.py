@@ -275,20 +275,48 @@ async def test_two_workers_share_the_port_and_a_dead_worker_is_replaced(gateway_
     assert process.proc.returncode == 0
 
 
-async def test_sign_in_across_two_workers(gateway_process, browser, op):
-    _, url, _ = await gateway_process(extra="workers: 2\n")
-    # Every hop on a new connection: the callback may land on the other worker.
-    hop = await browser.get(f"{url}/app/x")
-    assert hop.status == 302
-    final = await browser.follow(f"{url}/app/x")
-    assert final.status == 200, final.body
-    jwks = set()
-    connector = aiohttp.TCPConnector(force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as http:
-        for _ in range(20):
-            async with http.get(f"{url}/_gateway/jwks.json") as resp:
-                jwks.add(json.dumps(await resp.json(), sort_keys=True))
-    assert len(jwks) == 1  # every worker signs with the same key
+async def test_sign_in_whose_callback_lands_on_the_other_worker(gateway_process, op):
+    import secrets
+
+    import redis.asyncio as aioredis
+
+    from tests.conftest import Browser
+
+    prefix = f"test-{secrets.token_hex(4)}:"
+    process, url, _ = await gateway_process(
+        extra="workers: 2\n",
+        session_extra=f"store: redis\nredis_url: redis://127.0.0.1:6379/13\n"
+        f"redis_prefix: '{prefix}'\n",
+    )
+    crossed = False
+    try:
+        for _ in range(20):  # new connections land on either worker
+            connector = aiohttp.TCPConnector(force_close=True)
+            jar = aiohttp.CookieJar(unsafe=True)
+            async with aiohttp.ClientSession(connector=connector, cookie_jar=jar) as http:
+                browser = Browser(http)
+                final = await browser.follow(f"{url}/app/x")
+                assert final.status == 200, final.body
+            started = process.events("step_up_challenge")[-1]["pid"]
+            finished = process.events("step_up_success")[-1]["pid"]
+            if started != finished:
+                crossed = True
+                break
+        assert crossed, "every callback landed on the worker that started the sign-in"
+        # Every worker publishes the same assertion key.
+        jwks = set()
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            for _ in range(20):
+                async with http.get(f"{url}/_gateway/jwks.json") as resp:
+                    jwks.add(json.dumps(await resp.json(), sort_keys=True))
+        assert len(jwks) == 1
+    finally:
+        client = aioredis.from_url("redis://127.0.0.1:6379/13")
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
 
 
 # -- back-channel logout (in process) ----------------------------------------------
