@@ -426,3 +426,41 @@ async def test_small_and_chunked_answers_arrive_whole(
     )
     status, headers, body, _ = await forward_once(aiohttp_raw_server, url, "/chunked")
     assert (status, body, headers["Transfer-Encoding"]) == (200, b"abcde", "chunked")
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"], ids=["pooled", "client-session"])
+async def test_an_upstream_base_path_prefixes_the_target_either_way(
+    aiohttp_raw_server: Callable[..., Awaitable[object]],
+    raw_upstream: Callable[[Answer], Awaitable[RawUpstream]],
+    method: str,
+) -> None:
+    upstream = await raw_upstream(lambda n, head: ok(b"fine"))
+    upstreams = Upstreams(
+        {"app": UpstreamConfig("app", f"http://127.0.0.1:{upstream.port}/base/")},
+        connect_timeout_s=1.0,
+        timeout_s=1.0,
+    )
+    await upstreams.start()
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        return await upstreams.forward(
+            request,
+            "app",
+            path_qs=request.raw_path,
+            headers=CIMultiDict({"Host": "upstream.test"}),
+        )
+
+    server = await aiohttp_raw_server(handle)
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(
+                method,
+                server.make_url("/x/y?q=1"),  # type: ignore[attr-defined]
+                data=None if method == "GET" else b"",
+            ) as response,
+        ):
+            assert (response.status, await response.read()) == (200, b"fine")
+    finally:
+        await upstreams.close()
+    assert upstream.heads[0].startswith(f"{method} /base/x/y?q=1 HTTP/1.1\r\n".encode())
