@@ -7,6 +7,7 @@ Rows (each measured with wrk after a warm-up, all on loopback):
     gateway            the gateway in front of it, a valid session, 10 rules
     gateway-1k-rules   the same with 1,000 rules before the one that matches
     gateway-10k-rules  the same with 10,000 rules
+    gateway-2w-redis   2 worker processes sharing the Redis session store (same core)
 
 The load generator runs on CPU 0 and every server on CPU 1, so one gateway process
 gets one core, as nginx does with ``worker_processes 1``.
@@ -57,7 +58,18 @@ BAR_RATIO = 0.15
 BAR_P99_MS = 15.0
 BAR_RULES_COST_PCT = 10.0
 
-GATEWAY_ROWS = {"gateway": 10, "gateway-1k-rules": 1_000, "gateway-10k-rules": 10_000}
+GATEWAY_ROWS = {
+    "gateway": 10,
+    "gateway-1k-rules": 1_000,
+    "gateway-10k-rules": 10_000,
+    "gateway-2w-redis": 10,
+}
+# The scale-out row: two worker processes sharing the Redis session store (the one on
+# 127.0.0.1:6379, database 14, a key prefix of this run's). Pinned to the same single
+# server core as the other rows, so it shows what Redis and a second process cost,
+# not what a second core buys.
+SCALE_OUT = {"gateway-2w-redis": (2, "redis")}
+REDIS_BENCH_URL = "redis://127.0.0.1:6379/14"
 ALL_ROWS = ("upstream", "nginx-proxy", *GATEWAY_ROWS)
 
 # Every connection stays open for the whole run in every row: nginx's default of
@@ -455,12 +467,27 @@ def rules_yaml(count: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def gateway_yaml(*, port: int, upstream_port: int, issuer: str, key_file: Path, rules: int) -> str:
+def gateway_yaml(
+    *,
+    port: int,
+    upstream_port: int,
+    issuer: str,
+    key_file: Path,
+    rules: int,
+    workers: int = 1,
+    store: str = "cookie",
+) -> str:
+    redis = (
+        f"  redis_url: {REDIS_BENCH_URL}\n  redis_prefix: 'bench-{port}:'\n"
+        if store == "redis"
+        else ""
+    )
     return (
         f"""\
 server:
   listen: 127.0.0.1:{port}
   public_url: http://127.0.0.1:{port}
+  workers: {workers}
   access_log: true
   log_level: info
 upstreams:
@@ -471,8 +498,8 @@ oidc:
   client_secret: ${{OIDC_CLIENT_SECRET}}
 session:
   secret: ${{GATEWAY_SESSION_SECRET}}
-  store: cookie
-  cookie_secure: false
+  store: {store}
+{redis}  cookie_secure: false
   idle_timeout: 1h
   lifetime: 12h
 assertion:
@@ -538,6 +565,8 @@ def measure_gateway(
             issuer=issuer,
             key_file=tmp / "assertion-key.pem",
             rules=rules,
+            workers=SCALE_OUT.get(row, (1, "cookie"))[0],
+            store=SCALE_OUT.get(row, (1, "cookie"))[1],
         )
     )
     proc = processes.start(
@@ -698,6 +727,14 @@ def table(results: Sequence[Row]) -> Iterator[str]:
     cost = rules_cost_pct(results)
     if cost is not None:
         yield f"10k rules vs 10 rules: {cost:+.1f}% throughput cost"
+    by_row = {r.row: r for r in results}
+    one, scaled = by_row.get("gateway"), by_row.get("gateway-2w-redis")
+    if one is not None and scaled is not None and one.requests_per_s > 0:
+        yield (
+            f"2 workers + Redis store vs 1 worker + cookie store (same core): "
+            f"{scaled.requests_per_s / one.requests_per_s:.2f}x throughput, "
+            f"p99 {scaled.p99_ms:.2f} ms vs {one.p99_ms:.2f} ms"
+        )
     if any((r.other_load_pct or 0) > OTHER_LOAD_WARN_PCT for r in results):
         yield (
             f"! other processes used more than {OTHER_LOAD_WARN_PCT:g}% of CPUs "

@@ -563,7 +563,7 @@ class Gateway:
         return peer
 
     async def load_session(self, request: web.BaseRequest) -> Session | None:
-        value = request.cookies.get(self.session_cookie)
+        value = cookie_value(request, self.session_cookie)
         if not value:
             return None
         try:
@@ -611,7 +611,7 @@ class Gateway:
         now = self.clock()
         if session is not None and session.touch_due(now):
             refreshed = await self.store.save(
-                session.touched(now), now, previous=request.cookies.get(self.session_cookie)
+                session.touched(now), now, previous=cookie_value(request, self.session_cookie)
             )
         if is_websocket(request):
             return await self.upstreams.forward_websocket(
@@ -1533,6 +1533,20 @@ class Gateway:
 
 
 DECISION_LABEL: dict[type, str] = {Allow: "allow", Challenge: "challenge", Deny: "deny"}
+
+
+def cookie_value(request: web.BaseRequest, name: str) -> str | None:
+    """Cookie ``name`` (the last one, as ``request.cookies`` gives it), without parsing
+    every cookie in the header: this runs on every request."""
+    prefix = name + "="
+    found = None
+    for header in request.headers.getall("Cookie", ()):
+        if prefix in header:
+            for pair in header.split(";"):
+                pair = pair.strip(" \t")
+                if pair.startswith(prefix):
+                    found = pair[len(prefix) :]
+    return found
 
 
 def request_id_of() -> str:

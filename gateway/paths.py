@@ -24,6 +24,7 @@ The result is idempotent: ``normalize_path(normalize_path(p)) == normalize_path(
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import string
@@ -208,6 +209,7 @@ def _check_raw_char(char: str) -> None:
         raise _refuse("The request target contains a fragment ('#').", "fragment")
 
 
+@functools.lru_cache(maxsize=1024)  # pure; a few hosts per deployment; errors not cached
 def canonical_host(host: str | None, scheme: str) -> str | None:
     """Canonical form of a request's Host: lower case, no trailing dot, no default port.
 
