@@ -19,7 +19,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 RUN python -m venv /opt/venv
 # Only what the wheel is built from; see .dockerignore.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY gateway ./gateway
 # pip compiles every module to .pyc while installing, so the read-only runtime image
 # never needs to write bytecode.
