@@ -637,8 +637,8 @@ class Gateway:
                     await body.read()
                 except PayloadTooLarge:
                     log.info("upstream_challenge_body_too_large", rule=rule.name)
-            if body is not None and body.data is not None:
-                data = body.data
+            if body is not None and body.data is not None and request.body_exists:
+                data = body.data  # the bytes the rule engine read, sent as they came
         intercept = None
         if (
             kept is None
