@@ -22,6 +22,8 @@ def restart_needed(old: model.Config, new: model.Config) -> list[str]:
             ("server.metrics_listen", old.server.metrics_listen, new.server.metrics_listen),
             ("server.workers", old.server.workers, new.server.workers),
             ("session.store", old.session.store, new.session.store),
+            # One-time claims and kept requests may live there, also with cookies.
+            ("session.redis_url", old.session.redis_url, new.session.redis_url),
         )
         if before != after
     ]
