@@ -132,6 +132,7 @@ class RequestBody:
         self._request = request
         self._limit = limit
         self.data: bytes | None = None
+        self.consumed = False  # part of the stream was read: it can no longer be forwarded
         self._fields: dict[str, object] | None = None
 
     @property
@@ -153,6 +154,7 @@ class RequestBody:
             )
         chunks: list[bytes] = []
         size = 0
+        self.consumed = True
         async for chunk in request.content.iter_chunked(64 * 1024):
             size += len(chunk)
             if size > self._limit:
@@ -169,13 +171,19 @@ class RequestBody:
         """Form, JSON or multipart text fields, then the query's (see extract_fields)."""
         if self._fields is None:
             kind = media_type(self.content_type)
-            if (self._request.content_length or 0) > self._limit and self.data is None:
-                # Too large to read for a condition: nothing is known, so conditions
-                # fail closed (the stricter rule applies) and the body still streams.
+            request = self._request
+            if kind not in FIELD_TYPES and request.body_exists:
+                # A body of another type may carry the same names (an upstream may parse
+                # it anyway): nothing is known, so conditions fail closed and the
+                # stricter rule applies; the query alone must not decide.
+                self._fields = {}
+            elif (request.content_length or 0) > self._limit and self.data is None:
+                # Too large to read for a condition: nothing is known either, and the
+                # body still streams to the upstream untouched.
                 self._fields = {}
             else:
                 body = await self.read() if kind in FIELD_TYPES else b""
-                self._fields = extract_fields(self.content_type, body, self._request.query)
+                self._fields = extract_fields(self.content_type, body, request.query)
         return self._fields
 
 
@@ -626,29 +634,26 @@ class Gateway:
             method, data = kept.method, kept.body
             upstream_headers["Content-Type"] = kept.content_type
             upstream_headers["Content-Length"] = str(len(kept.body))
-        else:
-            browser = responses.is_navigation(request.method, request.headers) or is_form_post(
-                request.method, request.headers
-            )
-            if rule.upstream_challenge and browser and body is not None:
+        intercept = None
+        if kept is None:
+            navigation = responses.is_navigation(request.method, request.headers)
+            form = is_form_post(request.method, request.headers)
+            if rule.upstream_challenge and form and body is not None:
                 # Keep a copy of the form so the request can be replayed after a step-up
-                # the upstream asks for; too large a body streams without that option.
+                # the upstream asks for; a body over the limit streams without that option.
                 try:
                     await body.read()
                 except PayloadTooLarge:
+                    if body.consumed:
+                        raise  # part of it is read: forwarding the rest would cut it
                     log.info("upstream_challenge_body_too_large", rule=rule.name)
             if body is not None and body.data is not None and request.body_exists:
                 data = body.data  # the bytes the rule engine read, sent as they came
-        intercept = None
-        if (
-            kept is None
-            and rule.upstream_challenge
-            and (
-                responses.is_navigation(request.method, request.headers)
-                or (body is not None and body.data is not None)
-            )
-        ):
-            intercept = self.upstream_asks_step_up
+            # Only browsers are stepped up for the upstream; API clients get its
+            # challenge unchanged, even when a rule had to read their body.
+            replayable = form and data is not None
+            if rule.upstream_challenge and (navigation or replayable):
+                intercept = self.upstream_asks_step_up
         started = time.perf_counter()
         try:
             return await self.upstreams.forward(
@@ -1090,7 +1095,7 @@ class Gateway:
                     )
                 )
         proof = Proof(acr=claims.acr, amr=claims.amr, auth_time=auth_time)
-        previous_cookie = request.cookies.get(self.session_cookie)
+        previous_cookie = cookie_value(request, self.session_cookie)
         previous = await self.load_session(request)
         if previous is not None and previous.sub != claims.sub:
             # A different person signed in at the provider: never merge proofs across
@@ -1279,7 +1284,7 @@ class Gateway:
     ) -> web.StreamResponse:
         self.metrics.challenges.labels("failed", level_name).inc()
         audit.info("step_up_failure", rule=tx.rule, need=level_name, reason=reason)
-        signed_in = bool(request.cookies.get(self.session_cookie))
+        signed_in = bool(cookie_value(request, self.session_cookie))
         too_weak = reason == "provider_unmet_authentication_requirements"
         title = "A stronger sign-in is needed" if too_weak else "Sign-in did not complete"
         paragraphs = [text]
@@ -1404,7 +1409,7 @@ class Gateway:
         if origin is not None and origin != "null" and origin != self.public_origin():
             raise BadRequest("Cross-site logout refused", reason="logout_origin")
         session = await self.load_session(request)
-        value = request.cookies.get(self.session_cookie)
+        value = cookie_value(request, self.session_cookie)
         if value:
             await self.store.delete(value)
         location = f"{self.config.server.public_url}{self.prefix}/logged-out"

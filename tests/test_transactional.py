@@ -397,3 +397,38 @@ async def test_step_up_endpoint_takes_the_acr_values_of_a_challenge(tstack, brow
     assert query_of(hop.headers["Location"])["acr_values"] == "phr phrh"
     hop = await browser.get(f"{tstack.url}/_gateway/step-up?acr_values=unknown")
     assert hop.status == 400
+
+
+async def test_a_body_of_another_type_leaves_the_fields_unknown(tstack, browser):
+    """The query must not decide when the body may carry the same names."""
+    await sign_in(tstack, browser)
+    async with browser.http.post(
+        f"{tstack.url}/payments?amount=1",
+        data=b"amount=5000",
+        headers={"Content-Type": "text/plain"},
+    ) as resp:
+        assert resp.status == 401  # nothing known: the stricter rule applies
+    async with browser.http.post(f"{tstack.url}/payments?amount=1") as resp:
+        assert resp.status == 200  # no body: the query is all there is
+
+
+async def test_api_client_gets_the_upstream_challenge_even_when_its_body_was_read(
+    make_stack, picky_upstream, browser
+):
+    rules = """\
+rules:
+  - name: legacy-scored
+    match: {path: /legacy/**, methods: [POST]}
+    when: "amount > 10"
+    require: {level: password}
+    upstream_challenge: true
+  - name: signed-in
+    match: {path: /**}
+    require: {level: password}
+"""
+    stack = await make_stack(rules=rules, upstream_url=str(picky_upstream.make_url("")).rstrip("/"))
+    await sign_in(stack, browser, "/legacy/home")
+    async with browser.http.post(f"{stack.url}/legacy/pay", data={"amount": "5000"}) as resp:
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"].endswith("max_age=300")
+        assert 'error_description="large amount"' in resp.headers["WWW-Authenticate"]

@@ -177,11 +177,9 @@ class ProviderClient:
     ) -> IdTokenClaims:
         """Verify an ID token: pick the key by its header, then run every check
         (``require_auth_time`` when the request carried ``max_age``)."""
-        header = unverified_header(id_token)
-        key = await self.key_for(header.get("kid"), header["alg"])
         return verify_id_token(
             id_token,
-            key,
+            await self._key_of(id_token),
             issuer=self._cfg.issuer,
             client_id=self._cfg.client_id,
             nonce=nonce,
@@ -191,13 +189,16 @@ class ProviderClient:
             require_auth_time=require_auth_time,
         )
 
+    async def _key_of(self, token: str) -> jwt.PyJWK:
+        """The provider key a signed token names in its header (nothing trusted yet)."""
+        header = unverified_header(token)
+        return await self.key_for(header.get("kid"), header["alg"])
+
     async def verify_logout(self, logout_token: str, *, now: float) -> LogoutClaims:
         """Verify a back-channel logout token with the provider's keys."""
-        header = unverified_header(logout_token)
-        key = await self.key_for(header.get("kid"), header["alg"])
         return verify_logout_token(
             logout_token,
-            key,
+            await self._key_of(logout_token),
             issuer=self._cfg.issuer,
             client_id=self._cfg.client_id,
             now=now,
