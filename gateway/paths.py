@@ -78,6 +78,12 @@ def split_request_target(target: str) -> tuple[str, str | None]:
     return path, (query if sep else None)
 
 
+# Recent results of normalize_path for paths up to this long: most requests repeat
+# a path seen shortly before, and the function is pure (refusals are not kept).
+_CACHED_PATH_MAX = 256
+_PATH_CACHE_SIZE = 4096
+
+
 def normalize_path(raw_path: str) -> str:
     """Return the canonical form of a raw (percent-encoded, query-less) request path.
 
@@ -87,6 +93,12 @@ def normalize_path(raw_path: str) -> str:
     ``not_origin_form``, ``query_in_path``, ``fragment``) when the path has no
     safe canonical form.
     """
+    if len(raw_path) <= _CACHED_PATH_MAX:
+        return _normalize_cached(raw_path)
+    return _normalize(raw_path)
+
+
+def _normalize(raw_path: str) -> str:
     if not raw_path.startswith("/"):
         # Also absolute-form ("http://x/") and asterisk-form ("*") targets:
         # the gateway only routes origin-form requests.
@@ -110,6 +122,9 @@ def normalize_path(raw_path: str) -> str:
     if not kept:
         return "/"
     return "/" + "/".join(kept) + ("/" if trailing_slash else "")
+
+
+_normalize_cached = functools.lru_cache(maxsize=_PATH_CACHE_SIZE)(_normalize)
 
 
 def _refuse(message: str, reason: str) -> BadRequest:

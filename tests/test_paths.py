@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
 import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
+from gateway import paths as paths_module
 from gateway.errors import BadRequest
 from gateway.paths import (
     STANDARD_METHODS,
@@ -382,3 +384,21 @@ def test_standard_methods() -> None:
 )
 def test_is_method_token(method: str, valid: bool) -> None:
     assert is_method_token(method) is valid
+
+
+def _outcome(normalize: Callable[[str], str], raw: str) -> str:
+    try:
+        return "ok " + normalize(raw)
+    except BadRequest as exc:
+        return "refused " + exc.reason
+
+
+@given(st.one_of(tricky_paths, any_text.map(lambda text: "/" + text)), st.booleans())
+@example("/a/%2e%2e/admin", False)
+@example("/a/./b/../c/", True)
+def test_remembered_and_long_paths_normalise_as_the_function_does(raw: str, long: bool) -> None:
+    if long:  # past the length normalize_path remembers results for
+        raw = "/" + "x" * 300 + raw
+    expected = _outcome(paths_module._normalize, raw)
+    assert _outcome(normalize_path, raw) == expected
+    assert _outcome(normalize_path, raw) == expected  # asked again: the same answer
