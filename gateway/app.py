@@ -13,8 +13,8 @@ import dataclasses
 import html
 import ipaddress
 import json
+import random
 import re
-import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,9 +27,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod
 from aiohttp.web_protocol import RequestHandler
 from cryptography.hazmat.primitives.asymmetric import ec
-from multidict import MultiDict
+from multidict import CIMultiDict, MultiDict
 
-from gateway import assurance, headers, responses
+from gateway import assurance, headers, logs, responses
 from gateway.assertion import AssertionKeyError, AssertionSigner, load_or_generate_key
 from gateway.conditions import Facts, binding_digest, binding_values, extract_fields
 from gateway.errors import (
@@ -44,6 +44,7 @@ from gateway.errors import (
     ProviderUnavailable,
     StoreUnavailable,
 )
+from gateway.memo import HEADER_MEMO_BYTES, HEADER_MEMO_ENTRIES, Memo
 from gateway.metrics import Metrics
 from gateway.model import Config, Level, Rule
 from gateway.oidc.flow import (
@@ -97,6 +98,7 @@ audit = structlog.get_logger("gateway.audit")
 # Several tabs may each have a sign-in in flight; beyond this, the oldest is dropped
 # so a page that loops cannot grow the Cookie header without bound.
 MAX_TRANSACTIONS_IN_FLIGHT = 5
+ASSURANCE_CACHE_SIZE = 4096
 # Before sending a browser to the provider: is it there? A healthy provider answers its
 # discovery document in milliseconds; while it answers, ask again at most every 10 s.
 PROVIDER_PROBE_TIMEOUT_S = 2.0
@@ -256,6 +258,16 @@ class Gateway:
         self.signer = AssertionSigner(
             self._assertion_key, config.server.public_url, config.assertion.ttl_s
         )
+        # What the assurance headers are made of -> those headers, while their signed
+        # assertion may be reused (the signer's own cache, one level up: building the
+        # claims and their key costs more than this lookup).
+        self._assurance_cache: dict[tuple[object, ...], tuple[float, dict[str, str]]] = {}
+        self._request_headers: Memo[tuple[object, ...], CIMultiDict[str]] = Memo(
+            max_entries=HEADER_MEMO_ENTRIES, max_bytes=HEADER_MEMO_BYTES
+        )
+        self._framing_passed: Memo[tuple[object, ...], bool] = Memo(
+            max_entries=HEADER_MEMO_ENTRIES, max_bytes=HEADER_MEMO_BYTES
+        )
         base = config.session.cookie_name
         # Both spellings: an upstream must neither see nor set the gateway's cookies.
         self.gateway_cookies = frozenset({base, cookie_name(base, True)})
@@ -391,14 +403,13 @@ class Gateway:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         inbound_id = request.headers.get("X-Request-Id", "")
-        request_id = inbound_id if REQUEST_ID_RE.fullmatch(inbound_id) else secrets.token_hex(8)
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        request_id = inbound_id if REQUEST_ID_RE.fullmatch(inbound_id) else new_request_id()
+        logs.bind_request_id(request_id)
         started = time.perf_counter()
         rule_name: str | None = None
         path = "-"
         try:
-            headers.check_framing(request.raw_headers, http_version=request.version)
+            self.check_framing(request)
             raw_path, query = split_request_target(request.raw_path)
             path = normalize_path(raw_path)
             if path == self.prefix or path.startswith(self.prefix + "/"):
@@ -414,13 +425,12 @@ class Gateway:
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
         if self.config.server.access_log and path not in self.quiet_paths:
-            log.info(
-                "request",
-                method=request.method,
-                path=path,  # normalised, never the query (it may carry codes or tokens)
-                status=response.status,
-                rule=rule_name,
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            logs.access(
+                request.method,
+                path,  # normalised, never the query (it may carry codes or tokens)
+                response.status,
+                rule_name,
+                round((time.perf_counter() - started) * 1000, 2),
             )
         return response
 
@@ -441,7 +451,10 @@ class Gateway:
             session, store_down = None, exc
         now = self.clock()
         body = RequestBody(request, config.step_up.max_body_bytes)
-        rule = await self.choose_rule(request, rules, host, path, session, body, now)
+        # The common case, the first matching rule has no condition, without a coroutine.
+        rule = next(rules.candidates_for(request.method, host, path), None)
+        if rule is not None and rule.when is not None:
+            rule = await self.choose_rule(request, rules, host, path, session, body, now)
         rule_name = rule.name if rule is not None else None
         if store_down is not None and (rule is None or rule.require.level is not None):
             raise store_down
@@ -597,24 +610,10 @@ class Gateway:
     ) -> web.StreamResponse:
         """Send the request (or a ``kept`` one, replayed) upstream with assurance headers."""
         rule = decision.rule
-        peer = request.remote or ""
-        upstream_headers = headers.upstream_request_headers(
-            request.headers.items(),
-            prefix=self.header_prefix,
-            allow_method_override=rule.allow_method_override,
-            strip_cookies=self.gateway_cookies,
-            strip_cookie_prefixes=self.gateway_cookie_prefixes,
-            client_ip=peer,
-            peer_trusted=self.peer_trusted(peer),
-            scheme=self.scheme,
-            host=request.headers.get("Host", ""),
-            request_id=request_id,
-            upstream_host=self.upstreams.host_of(rule.upstream),
-            websocket=is_websocket(request),
-        )
+        upstream_headers = self.upstream_request_headers(request, rule, request_id)
         if session is not None:
-            for name, value in self.assurance_headers(session, decision.level, rule).items():
-                upstream_headers[name] = value
+            # update() replaces: none of these came from the client (prefix stripped).
+            upstream_headers.update(self.assurance_headers(session, decision.level, rule))
         refreshed: str | None = None
         now = self.clock()
         if session is not None and session.touch_due(now):
@@ -672,6 +671,49 @@ class Gateway:
         except UpstreamIntercepted as asked:
             return await self.upstream_step_up(request, rule, session, path_qs, body, asked)
 
+    def check_framing(self, request: web.BaseRequest) -> None:
+        """:func:`gateway.headers.check_framing`, remembering header sets that passed."""
+        raw = request.raw_headers
+        key = (raw, request.version)
+        if self._framing_passed.get(key) is None:
+            headers.check_framing(raw, http_version=request.version)
+            self._framing_passed.put(key, True, sum(len(n) + len(v) for n, v in raw))
+
+    def upstream_request_headers(
+        self, request: web.BaseRequest, rule: Rule, request_id: str
+    ) -> CIMultiDict[str]:
+        """:func:`gateway.headers.upstream_request_headers` for ``request``, remembered.
+
+        The result depends on the client's headers, its address and the rule's
+        upstream and method-override setting (the rest is this configuration's),
+        so it is kept under exactly those; only the request id differs.
+        """
+        raw = request.raw_headers
+        peer = request.remote or ""
+        key = (raw, peer, rule.allow_method_override, rule.upstream)
+        built = self._request_headers.get(key)
+        if built is None:
+            built = headers.upstream_request_headers(
+                request.headers.items(),
+                prefix=self.header_prefix,
+                allow_method_override=rule.allow_method_override,
+                strip_cookies=self.gateway_cookies,
+                strip_cookie_prefixes=self.gateway_cookie_prefixes,
+                client_ip=peer,
+                peer_trusted=self.peer_trusted(peer),
+                scheme=self.scheme,
+                host=request.headers.get("Host", ""),
+                request_id="",
+                upstream_host=self.upstreams.host_of(rule.upstream),
+                websocket=is_websocket(request),
+            )
+            # The key's bytes and about as many again in the result.
+            size = 2 * sum(len(name) + len(value) for name, value in raw) + len(peer)
+            self._request_headers.put(key, built, size)
+        out = built.copy()
+        out["X-Request-Id"] = request_id
+        return out
+
     def upstream_asks_step_up(self, response: aiohttp.ClientResponse) -> bool:
         return response.status == 401 and any(
             parse_bearer_challenge(value) is not None
@@ -724,6 +766,21 @@ class Gateway:
     def assurance_headers(
         self, session: Session, level: Level | None, rule: Rule
     ) -> dict[str, str]:
+        """The contract's assurance headers for ``session`` on ``rule`` (do not modify)."""
+        now = self.clock()
+        key = (
+            session.sub,
+            session.acr,
+            session.amr,
+            session.auth_time,
+            session.email,
+            level.name if level is not None else None,
+            rule.name,
+            rule.upstream,
+        )
+        cached = self._assurance_cache.get(key)
+        if cached is not None and now < cached[0]:
+            return cached[1]
         p = self.header_prefix
         out = {
             f"{p}Subject": session.sub,
@@ -745,7 +802,12 @@ class Gateway:
         }
         if session.email:
             claims["email"] = session.email
-        out[f"{p}Assertion"] = self.signer.sign(claims, audience=rule.upstream, now=self.clock())
+        out[f"{p}Assertion"], reuse_until = self.signer.sign_reusable(
+            claims, audience=rule.upstream, now=now
+        )
+        if len(self._assurance_cache) >= ASSURANCE_CACHE_SIZE:
+            self._assurance_cache.clear()
+        self._assurance_cache[key] = (reuse_until, out)
         return out
 
     def peer_trusted(self, peer: str) -> bool:
@@ -1555,8 +1617,17 @@ def cookie_value(request: web.BaseRequest, name: str) -> str | None:
 
 
 def request_id_of() -> str:
-    value = structlog.contextvars.get_contextvars().get("request_id", "")
-    return str(value)
+    return logs.request_id()
+
+
+def new_request_id() -> str:
+    """16 hex digits for a request that brought no id of its own.
+
+    An id only correlates log lines and answers: it needs to be unique, not
+    secret, so it comes from ``random`` (reseeded in every forked worker), not
+    from the operating system's generator, which costs a system call each.
+    """
+    return f"{random.getrandbits(64):016x}"
 
 
 def is_websocket(request: web.BaseRequest) -> bool:
@@ -1586,8 +1657,7 @@ class _RequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; closing the connection")
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=secrets.token_hex(8))
+        logs.bind_request_id(new_request_id())
         error: GatewayError
         if isinstance(exc, BadHttpMethod):
             # RFC 9110 9.1: methods are case-sensitive; `post` is not POST.

@@ -76,6 +76,12 @@ class AssertionSigner:
 
     def sign(self, claims: dict[str, Any], *, audience: str, now: float) -> str:
         """Sign ``claims`` for ``audience``; reuse a recent identical token."""
+        return self.sign_reusable(claims, audience=audience, now=now)[0]
+
+    def sign_reusable(
+        self, claims: dict[str, Any], *, audience: str, now: float
+    ) -> tuple[str, float]:
+        """:meth:`sign`, and until when the same token may be sent again."""
         # Each value with its type (True, 1 and 1.0 sign differently); claims are
         # str, int, None or lists of str. The order is app.py's, always the same.
         cache_key = (
@@ -85,7 +91,7 @@ class AssertionSigner:
         cached = self._cache.get(cache_key)
         if cached is not None and now < cached.reuse_until:
             self._cache.move_to_end(cache_key)
-            return cached.token
+            return cached.token, cached.reuse_until
         iat = int(now)
         payload = {
             **claims,
@@ -95,7 +101,8 @@ class AssertionSigner:
             "exp": iat + self._ttl_s,
         }
         token = jwt.encode(payload, self._key, algorithm="ES256", headers={"kid": self.kid})
-        self._cache[cache_key] = _Cached(token, iat + self._ttl_s * REUSE_WHILE_LEFT)
+        reuse_until = iat + self._ttl_s * REUSE_WHILE_LEFT
+        self._cache[cache_key] = _Cached(token, reuse_until)
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
-        return token
+        return token, reuse_until

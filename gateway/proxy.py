@@ -32,6 +32,7 @@ from gateway.headers import (
     upstream_response_headers,
     websocket_protocols,
 )
+from gateway.memo import HEADER_MEMO_BYTES, HEADER_MEMO_ENTRIES, Memo
 from gateway.model import UpstreamConfig
 from gateway.upstream_pool import PooledResponse, UpstreamConnectError, UpstreamPool
 
@@ -150,6 +151,11 @@ class Upstreams:
         self._pool_limit = pool_limit
         self._gateway_cookies = frozenset(gateway_cookies)
         self._gateway_cookie_prefixes = tuple(gateway_cookie_prefixes)
+        # Upstreams answer with the same headers for a while (Date changes once a
+        # second): the filtered set is kept under the raw one it came from.
+        self._relayed_headers: Memo[tuple[tuple[bytes, bytes], ...], CIMultiDict[str]] = Memo(
+            max_entries=HEADER_MEMO_ENTRIES, max_bytes=HEADER_MEMO_BYTES
+        )
         self._body_idle_timeout_s = body_idle_timeout_s
         self._closed = False
         self._upstreams: dict[str, _Upstream] = {}
@@ -326,7 +332,7 @@ class Upstreams:
         upstream_response: aiohttp.ClientResponse,
         extra_response_headers: Iterable[tuple[str, str]],
     ) -> web.StreamResponse:
-        response_headers = self._response_headers(upstream_response.headers.items())
+        response_headers = self._relayed(upstream_response.raw_headers, upstream_response.headers)
         for name, value in extra_response_headers:
             response_headers.add(name, value)
         try:
@@ -382,7 +388,7 @@ class Upstreams:
             # RFC 9110 15.2.2: no protocol switch unless the request asked for one.
             pooled.close()
             raise _bad_response(upstream, "unrequested_101")
-        response_headers = self._response_headers(message.headers.items())
+        response_headers = self._relayed(message.raw_headers, message.headers)
         for name, value in extra_response_headers:
             response_headers.add(name, value)
         length = response_headers.get("Content-Length")  # digits: llhttp checked it
@@ -390,7 +396,9 @@ class Upstreams:
         truncated = False
         if length is not None and int(length) <= BUFFERED_BODY_MAX_BYTES:
             try:
-                body = await pooled.payload.read()
+                payload = pooled.payload
+                # Usually the whole body came with the head: take it without waiting.
+                body = payload.read_nowait() if payload.is_eof() else await payload.read()
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 pooled.close()
                 log.warning(
@@ -488,6 +496,21 @@ class Upstreams:
             raise
         await _relay_websocket(client_ws, upstream_ws, upstream)
         return client_ws
+
+    def _relayed(
+        self, raw: tuple[tuple[bytes, bytes], ...], parsed: Mapping[str, str]
+    ) -> CIMultiDict[str]:
+        """The upstream's response headers to relay (a copy the caller may change).
+
+        ``parsed`` is ``raw`` as aiohttp decoded it; the result depends on nothing
+        else but this gateway's cookie names.
+        """
+        filtered = self._relayed_headers.get(raw)
+        if filtered is None:
+            filtered = self._response_headers(parsed.items())
+            size = 2 * sum(len(name) + len(value) for name, value in raw)
+            self._relayed_headers.put(raw, filtered, size)
+        return filtered.copy()
 
     def _response_headers(self, items: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
         return upstream_response_headers(

@@ -127,10 +127,30 @@ class UpstreamPool:
         breaks the exchange.
         """
         retry = method in IDEMPOTENT_METHODS
+        loop = asyncio.get_running_loop()
         while True:
-            protocol, reused = await self._acquire()
+            # An idle connection is the common case: taken without a coroutine.
+            protocol = self._take_idle()
+            reused = True
+            if protocol is None:
+                protocol, reused = await self._acquire()
             try:
-                return await self._exchange(protocol, method, target, headers)
+                protocol.set_response_params(
+                    skip_payload=method == "HEAD",
+                    read_until_eof=True,
+                    auto_decompress=False,
+                    read_timeout=self._read_timeout_s,
+                    read_bufsize=self._read_bufsize,
+                )
+                writer = StreamWriter(protocol, loop)
+                await writer.write_headers(f"{method} {target} HTTP/1.1", headers)
+                protocol.start_timeout()
+                writer.set_eof()
+                while True:
+                    message, payload = await protocol.read()
+                    # 1xx interim answers (100 Continue, 103 Early Hints) precede the real one.
+                    if not 100 <= message.code < 200 or message.code == 101:
+                        return PooledResponse(self, protocol, message, payload)
             except (ClientConnectionError, ConnectionError) as exc:
                 self.release(protocol, reusable=False)
                 # A kept-alive connection the upstream closed meanwhile: nothing was
@@ -142,38 +162,11 @@ class UpstreamPool:
                 self.release(protocol, reusable=False)
                 raise
 
-    async def _exchange(
-        self,
-        protocol: ResponseHandler,
-        method: str,
-        target: str,
-        headers: CIMultiDict[str],
-    ) -> PooledResponse:
-        loop = asyncio.get_running_loop()
-        protocol.set_response_params(
-            skip_payload=method == "HEAD",
-            read_until_eof=True,
-            auto_decompress=False,
-            read_timeout=self._read_timeout_s,
-            read_bufsize=self._read_bufsize,
-        )
-        writer = StreamWriter(protocol, loop)
-        await writer.write_headers(f"{method} {target} HTTP/1.1", headers)
-        protocol.start_timeout()
-        writer.set_eof()
-        while True:
-            message, payload = await protocol.read()
-            # 1xx interim answers (100 Continue, 103 Early Hints) precede the real one.
-            if not 100 <= message.code < 200 or message.code == 101:
-                break
-        return PooledResponse(self, protocol, message, payload)
-
     # -- the pool ---------------------------------------------------------------------
 
     async def _acquire(self) -> tuple[ResponseHandler, bool]:
-        protocol = self._take_idle()
-        if protocol is not None:  # the common case: no timer needed
-            return protocol, True
+        """A connection when none was idle: wait for a slot, then reuse one (True)
+        or open one (False)."""
         async with asyncio.timeout(self._connect_timeout_s):
             while self._in_use >= self._limit:
                 await self._wait_for_slot()

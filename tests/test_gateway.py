@@ -702,3 +702,96 @@ async def test_provider_down_after_sign_in_keeps_sessions_working(stack, browser
     stack.clock.advance(11)  # past the last successful probe's 10 s
     hop = await browser.get(f"{stack.url}/transfers/new")
     assert hop.status == 503 and "not answering" in hop.body
+
+
+# -- remembered computations: identical requests, never a stale answer -------------------
+# The gateway keeps recent results of pure steps (framing check, the upstream's copy of
+# the client's headers, the relayed response headers, the assurance headers); these
+# tests repeat byte-identical requests where a result kept too broadly would show.
+
+
+async def test_identical_requests_each_get_their_own_request_id(stack, api):
+    ids = []
+    for _ in range(3):
+        async with api.get(f"{stack.url}/public/x") as resp:
+            record = await resp.json()
+            [sent] = upstream_saw(record, "X-Request-Id")
+            ids.append(sent)
+    assert len(set(ids)) == 3
+
+
+async def test_identical_headers_after_logout_carry_no_assurance(make_stack, browser, api):
+    stack = await make_stack(store="memory")
+    await sign_in(stack, browser)
+    value = browser.cookie(COOKIE)
+    same = {"Cookie": f"{COOKIE}={value}", "Accept": "application/json"}
+    async with api.get(f"{stack.url}/public/x", headers=same) as resp:
+        assert upstream_saw(await resp.json(), "X-Auth-Subject") == ["user-1"]
+    async with browser.http.post(f"{stack.url}/_gateway/logout", allow_redirects=False) as resp:
+        assert resp.status == 303
+
+    async with api.get(f"{stack.url}/public/x", headers=same) as resp:
+        record = await resp.json()
+    assert [name for name, _ in record["headers"] if name.lower().startswith("x-auth-")] == []
+    assert upstream_saw(record, "Cookie") == []  # still the gateway's own cookie: removed
+
+
+async def test_identical_headers_over_http_1_0_are_checked_again(stack):
+    head = b"Host: gateway.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    body = b"5\r\nhello\r\n0\r\n\r\n"
+    ok = await raw_request(stack.url, b"POST /public/x HTTP/1.1\r\n" + head + body)
+    assert ok.startswith(b"HTTP/1.1 200"), ok[:200]
+
+    refused = await raw_request(stack.url, b"POST /public/x HTTP/1.0\r\n" + head + body)
+    assert refused.startswith(b"HTTP/1.0 400") or refused.startswith(b"HTTP/1.1 400"), refused
+    assert b"te_http10" in refused or b"Transfer-Encoding" in refused
+
+
+async def test_a_refreshed_cookie_is_not_repeated_on_identical_responses(
+    make_stack, aiohttp_server, browser
+):
+    from aiohttp import web
+
+    async def fixed(request):  # the same head every time, Date included
+        return web.Response(
+            text="same", headers={"Date": "Sat, 01 Jan 2033 00:00:00 GMT", "X-Fixed": "1"}
+        )
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", fixed)
+    server = await aiohttp_server(app)
+    stack = await make_stack(upstream_url=str(server.make_url("")).rstrip("/"))
+    assert (await browser.follow(f"{stack.url}/app/x")).body == "same"
+
+    stack.clock.advance(61)  # the session's last_seen is due to be saved again
+    refreshed = await browser.get(f"{stack.url}/app/x")
+    again = await browser.get(f"{stack.url}/app/x")
+
+    assert refreshed.status == again.status == 200
+    assert COOKIE in refreshed.headers.get("Set-Cookie", "")
+    assert "Set-Cookie" not in again.headers
+    assert refreshed.headers["X-Fixed"] == again.headers["X-Fixed"] == "1"
+
+
+async def test_assurance_headers_follow_a_step_up_and_the_assertion_is_renewed(stack, browser):
+    first = await sign_in(stack, browser, "/app/x")
+    async with browser.http.get(f"{stack.url}/app/x") as resp:
+        same = await resp.json()
+    assert upstream_saw(same, "X-Auth-Assertion") == upstream_saw(first, "X-Auth-Assertion")
+
+    stack.clock.advance(31)  # past half the assertion's 60 s: signed anew
+    async with browser.http.get(f"{stack.url}/app/x") as resp:
+        later = await resp.json()
+    assert upstream_saw(later, "X-Auth-Assertion") != upstream_saw(first, "X-Auth-Assertion")
+
+    stack.op.behaviour.user = PHR_USER
+    stepped = await sign_in(stack, browser, "/transfers/new")
+    assert upstream_saw(stepped, "X-Auth-Acr") == ["phr"]
+    async with browser.http.get(f"{stack.url}/app/x") as resp:
+        after = await resp.json()
+    assert upstream_saw(after, "X-Auth-Acr") == ["phr"]
+    assert upstream_saw(after, "X-Auth-Level") == ["phishing-resistant"]
+    claims = jwt.decode(
+        upstream_saw(after, "X-Auth-Assertion")[0], options={"verify_signature": False}
+    )
+    assert claims["acr"] == "phr" and claims["rule"] == "signed-in"

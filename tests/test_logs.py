@@ -26,8 +26,8 @@ class Custom:
         return "custom-form"
 
 
-def emit(log: Any) -> None:
-    structlog.contextvars.bind_contextvars(request_id="abc123")
+def emit(log: Any, bind: Callable[[str | None], None]) -> None:
+    bind("abc123")
     log.info("request", method="GET", path="/a", status=200, rule=None, duration_ms=1.5)
     log.warning("odd", value=Opaque(), custom=Custom(), text='é\n"')
     log.warn("old_alias")
@@ -36,8 +36,15 @@ def emit(log: Any) -> None:
         raise ValueError("boom")
     except ValueError:
         log.exception("failed", reason="x")
-    structlog.contextvars.clear_contextvars()
+    bind(None)
     log.error("no_context")
+    log.info("request", method="HEAD", path="/b", status=404, rule="r", duration_ms=0.25)
+
+
+def stock_bind(value: str | None) -> None:
+    structlog.contextvars.clear_contextvars()
+    if value is not None:
+        structlog.contextvars.bind_contextvars(request_id=value)
 
 
 def stock_configure(stream: io.StringIO) -> None:
@@ -69,20 +76,23 @@ def restore_structlog() -> Iterator[None]:
     yield
     structlog.configure(**saved)
     structlog.contextvars.clear_contextvars()
+    logs.bind_request_id(None)
 
 
-def lines(configure: Callable[[io.StringIO], None]) -> list[dict[str, Any]]:
+def lines(
+    configure: Callable[[io.StringIO], None], bind: Callable[[str | None], None]
+) -> list[dict[str, Any]]:
     stream = io.StringIO()
     configure(stream)
-    emit(structlog.get_logger("gateway.test"))
+    emit(structlog.get_logger("gateway.test"), bind)
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
 def test_lines_are_what_the_stock_processors_write(restore_structlog: None) -> None:
-    ours = lines(lambda stream: logs.configure("info", stream))
-    stock = lines(stock_configure)
+    ours = lines(lambda stream: logs.configure("info", stream), logs.bind_request_id)
+    stock = lines(stock_configure, stock_bind)
 
-    assert len(ours) == len(stock) == 6
+    assert len(ours) == len(stock) == 7
     for mine, theirs in zip(ours, stock, strict=True):
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", mine["timestamp"])
         assert list(mine) == list(theirs)  # the same keys, in the same order
@@ -97,5 +107,37 @@ def test_the_level_filters(restore_structlog: None) -> None:
     logs.configure("warning", stream)
     log = structlog.get_logger("gateway.test")
     log.info("hidden")
+    logs.access("GET", "/", 200, None, 1.0)  # the access line is at info: hidden too
     log.warning("shown")
     assert [json.loads(line)["event"] for line in stream.getvalue().splitlines()] == ["shown"]
+
+
+@pytest.mark.parametrize(
+    ("request_id", "path", "rule", "duration_ms"),
+    [
+        ("abc123", "/a b", None, 1.5),
+        (None, '/q"uo\\te/\u00e9/\u2603/\x7f', "r\u00e9gle", 0.1),
+        ("x", "/", "app", 1234567.25),
+    ],
+)
+def test_the_access_line_is_what_log_info_writes(
+    restore_structlog: None,
+    request_id: str | None,
+    path: str,
+    rule: str | None,
+    duration_ms: float,
+) -> None:
+    stream = io.StringIO()
+    logs.configure("info", stream)
+    logs.bind_request_id(request_id)
+    structlog.get_logger("gateway").info(
+        "request", method="GET", path=path, status=200, rule=rule, duration_ms=duration_ms
+    )
+    logs.access("GET", path, 200, rule, duration_ms)
+    slow_line, fast_line = stream.getvalue().splitlines()
+    # Byte for byte, but for the time.
+    assert slow_line.rsplit('"timestamp"', 1)[0] == fast_line.rsplit('"timestamp"', 1)[0]
+    slow, fast = json.loads(slow_line), json.loads(fast_line)
+    assert list(fast) == list(slow)
+    assert {**fast, "timestamp": ""} == {**slow, "timestamp": ""}
+    assert fast.get("request_id") == request_id
