@@ -354,12 +354,26 @@ async def test_unknown_and_tampered_handles_load_as_none(store: RedisStore) -> N
 async def test_sealed_data_is_bound_to_its_key(store: RedisStore, client: Redis) -> None:
     victim = await store.save(make_session(sub="admin"), NOW)
     attacker = await store.save(make_session(sub="mallory"), NOW)
+    # Opened once first, so the store has the admin's sealed data in its memo.
+    assert (await store.load(victim, NOW) or make_session()).sub == "admin"
     # Somebody with write access to Redis copies the admin's data onto their own key.
     data = await client.hget(store.session_key_of(victim), "d")
     assert data is not None
     await client.hset(store.session_key_of(attacker), "d", data)
     assert await store.load(attacker, NOW) is None
     assert (await store.load(victim, NOW) or make_session()).sub == "admin"
+
+
+async def test_a_session_changed_in_redis_is_not_served_from_memory(store: RedisStore) -> None:
+    handle = await store.save(make_session(), NOW)
+    first = await store.load(handle, NOW)
+    assert first is not None and first.last_seen == NOW
+    # A refresh (here or on another replica) writes new sealed data under the same key.
+    assert await store.save(first.touched(NOW + 100), NOW + 100, previous=handle) == handle
+    refreshed = await store.load(handle, NOW + 100)
+    assert refreshed is not None and refreshed.last_seen == NOW + 100
+    await store.delete(handle)
+    assert await store.load(handle, NOW + 100) is None  # gone from Redis: gone here
 
 
 async def test_data_sealed_with_an_unknown_secret_loads_as_none(

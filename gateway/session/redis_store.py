@@ -51,6 +51,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway import errors
+from gateway.memo import Memo
 from gateway.session.crypto import Sealer, derive_key
 from gateway.session.model import Session, expired
 from gateway.session.redis_url import is_sentinel_url, parse_sentinel_url
@@ -73,6 +74,9 @@ CONNECT_TIMEOUT_S = 0.5
 # error, and bounds a failing call at about 2 x 0.5 s. redis-py's default (three
 # retries with exponential backoff up to 10 s) would hold requests for seconds.
 RETRIES = 1
+# Sessions opened from the sealed bytes Redis returned: one decryption per change.
+OPENED_MEMO_ENTRIES = 4096
+OPENED_MEMO_BYTES = 16 * 1024 * 1024
 
 _HANDLE = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(HANDLE_BYTES)
 _JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False)
@@ -204,6 +208,10 @@ class RedisStore:
         self._sealer = Sealer(secrets, REDIS_SESSION_PURPOSE)
         self._tx_sealer = Sealer(secrets, REDIS_TX_PURPOSE)
         self._blob_sealer = Sealer(secrets, REDIS_BLOB_PURPOSE)
+        # (sealed bytes, key member) -> the session they opened to: see _open.
+        self._opened: Memo[tuple[bytes | str, str], Session] = Memo(
+            max_entries=OPENED_MEMO_ENTRIES, max_bytes=OPENED_MEMO_BYTES
+        )
         # The first key names index sets for new writes; all of them are searched
         # by delete_by, so sessions written before a secret rotation are still found.
         info = REDIS_INDEX_PURPOSE.encode()
@@ -424,6 +432,17 @@ class RedisStore:
         return max(math.ceil(min(idle_left, lifetime_left)), 1)
 
     def _open(self, raw: bytes | str, member: str) -> Session | None:
+        """The session sealed in ``raw`` for ``member``; remembered, as the same sealed
+        bytes under the same key always open to the same (immutable) session."""
+        opened = self._opened.get((raw, member))
+        if opened is not None:
+            return opened
+        session = self._open_sealed(raw, member)
+        if session is not None:
+            self._opened.put((raw, member), session, 2 * len(raw) + len(member))
+        return session
+
+    def _open_sealed(self, raw: bytes | str, member: str) -> Session | None:
         payload = self._sealer.open(_text(raw))
         # "k" binds the sealed data to its key: a blob copied onto another
         # session's key (by somebody with write access to Redis) does not open.
