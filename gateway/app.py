@@ -402,8 +402,11 @@ class Gateway:
     # -- the request -------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        inbound_id = request.headers.get("X-Request-Id", "")
-        request_id = inbound_id if REQUEST_ID_RE.fullmatch(inbound_id) else new_request_id()
+        inbound_id = request.headers.get("X-Request-Id")
+        if inbound_id is not None and REQUEST_ID_RE.fullmatch(inbound_id):
+            request_id = inbound_id
+        else:
+            request_id = new_request_id()
         logs.bind_request_id(request_id)
         started = time.perf_counter()
         rule_name: str | None = None
@@ -635,9 +638,8 @@ class Gateway:
             upstream_headers["Content-Length"] = str(len(kept.body))
         intercept = None
         if kept is None:
-            navigation = responses.is_navigation(request.method, request.headers)
-            form = is_form_post(request.method, request.headers)
-            if rule.upstream_challenge and form and body is not None:
+            form = rule.upstream_challenge and is_form_post(request.method, request.headers)
+            if form and body is not None:
                 # Keep a copy of the form so the request can be replayed after a step-up
                 # the upstream asks for; a body over the limit streams without that option.
                 try:
@@ -650,9 +652,12 @@ class Gateway:
                 data = body.data  # the bytes the rule engine read, sent as they came
             # Only browsers are stepped up for the upstream; API clients get its
             # challenge unchanged, even when a rule had to read their body.
-            replayable = form and data is not None
-            if rule.upstream_challenge and (navigation or replayable):
+            if rule.upstream_challenge and (
+                (form and data is not None)
+                or responses.is_navigation(request.method, request.headers)
+            ):
                 intercept = self.upstream_asks_step_up
+        latency = self.metrics.upstream_latency.labels(rule.upstream)
         started = time.perf_counter()
         try:
             return await self.upstreams.forward(
@@ -661,9 +666,7 @@ class Gateway:
                 path_qs=path_qs,
                 headers=upstream_headers,
                 extra_response_headers=extra,
-                on_headers=lambda: self.metrics.upstream_latency.labels(rule.upstream).observe(
-                    time.perf_counter() - started
-                ),
+                on_headers=lambda: latency.observe(time.perf_counter() - started),
                 method=method,
                 body=data,
                 intercept=intercept,

@@ -25,6 +25,8 @@ from typing import Any
 
 import structlog
 
+from gateway.memo import Memo
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -75,17 +77,25 @@ def access(method: str, path: str, status: int, rule: str | None, duration_ms: f
     logger = _Access.logger
     if logger is None:
         return
+    key = (method, path, status, rule)
+    head = _heads.get(key)
+    if head is None:
+        head = (
+            f'{{"method": {_str(method)}, "path": {_str(path)}, "status": {status!r}, '
+            f'"rule": {"null" if rule is None else _str(rule)}, "duration_ms": '
+        )
+        _heads.put(key, head, 2 * len(head))
     request_id = _REQUEST_ID.get()
     logger.msg(
-        f'{{"method": {_str(method)}, "path": {_str(path)}, "status": {status!r}, '
-        f'"rule": {"null" if rule is None else _str(rule)}, '
-        f'"duration_ms": {duration_ms!r}, "event": "request", '
+        f'{head}{duration_ms!r}, "event": "request", '
         + ("" if request_id is None else f'"request_id": {_str(request_id)}, ')
         + f'"pid": {_Access.pid}, "level": "info", "timestamp": "{_timestamp()}"}}'
     )
 
 
 _str = json.encoder.encode_basestring_ascii
+# The start of recent access lines, up to the duration: requests repeat these four.
+_heads: Memo[tuple[str, str, int, str | None], str] = Memo(max_entries=4096, max_bytes=1 << 20)
 
 
 class _Second:

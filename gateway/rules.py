@@ -36,7 +36,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from gateway import errors, model
+from gateway.memo import Memo
 from gateway.paths import STANDARD_METHODS, normalize_path
+
+# Recent requests' matches: most requests repeat a method, host and path seen shortly
+# before; a flood of distinct paths only clears the memo.
+MATCH_MEMO_ENTRIES = 4096
+MATCH_MEMO_BYTES = 1024 * 1024
 
 
 class _AnySegments:
@@ -204,6 +210,10 @@ class RuleSet:
         self._named_methods = frozenset(
             method for rule in self._rules for method in (rule.match.methods or ())
         )
+        # (method, host, path) -> the rules that match, for requests that repeat.
+        self._matched: Memo[tuple[str, str | None, str], tuple[model.Rule, ...]] = Memo(
+            max_entries=MATCH_MEMO_ENTRIES, max_bytes=MATCH_MEMO_BYTES
+        )
 
     @property
     def rules(self) -> tuple[model.Rule, ...]:
@@ -235,11 +245,19 @@ class RuleSet:
         return next(self.candidates_for(method, host, path), None)
 
     def candidates_for(self, method: str, host: str | None, path: str) -> Iterator[model.Rule]:
-        """Every rule that matches, in first-match order (lazily).
+        """Every rule that matches, in first-match order (remembered for recent requests).
 
         :meth:`match` is the first of these. A rule with ``when`` applies only when
         its condition holds, so the caller walks on to the next one otherwise.
         """
+        key = (method, host, path)
+        matched = self._matched.get(key)
+        if matched is None:
+            matched = tuple(self._matching(method, host, path))
+            self._matched.put(key, matched, len(method) + len(host or "") + len(path))
+        return iter(matched)
+
+    def _matching(self, method: str, host: str | None, path: str) -> Iterator[model.Rule]:
         if not path.startswith("/"):
             return
         segments = path[1:].split("/")

@@ -129,15 +129,17 @@ def test_the_access_line_is_what_log_info_writes(
 ) -> None:
     stream = io.StringIO()
     logs.configure("info", stream)
-    logs.bind_request_id(request_id)
-    structlog.get_logger("gateway").info(
-        "request", method="GET", path=path, status=200, rule=rule, duration_ms=duration_ms
-    )
-    logs.access("GET", path, 200, rule, duration_ms)
-    slow_line, fast_line = stream.getvalue().splitlines()
-    # Byte for byte, but for the time.
-    assert slow_line.rsplit('"timestamp"', 1)[0] == fast_line.rsplit('"timestamp"', 1)[0]
-    slow, fast = json.loads(slow_line), json.loads(fast_line)
-    assert list(fast) == list(slow)
-    assert {**fast, "timestamp": ""} == {**slow, "timestamp": ""}
-    assert fast.get("request_id") == request_id
+    # Twice: the second line reuses the remembered start, with its own duration and id.
+    for took, request in ((duration_ms, request_id), (duration_ms * 3 + 0.01, "second")):
+        logs.bind_request_id(request)
+        structlog.get_logger("gateway").info(
+            "request", method="GET", path=path, status=200, rule=rule, duration_ms=took
+        )
+        logs.access("GET", path, 200, rule, took)
+        slow_line, fast_line = stream.getvalue().splitlines()[-2:]
+        # Byte for byte, but for the time.
+        assert slow_line.rsplit('"timestamp"', 1)[0] == fast_line.rsplit('"timestamp"', 1)[0]
+        slow, fast = json.loads(slow_line), json.loads(fast_line)
+        assert list(fast) == list(slow)
+        assert {**fast, "timestamp": ""} == {**slow, "timestamp": ""}
+        assert fast.get("request_id") == request and fast["duration_ms"] == took
