@@ -44,7 +44,7 @@ from gateway.errors import (
     ProviderUnavailable,
     StoreUnavailable,
 )
-from gateway.memo import HEADER_MEMO_BYTES, HEADER_MEMO_ENTRIES, Memo
+from gateway.memo import HEADER_MEMO_BYTES, HEADER_MEMO_ENTRIES, Memo, header_set_size
 from gateway.metrics import Metrics
 from gateway.model import Config, Level, Rule
 from gateway.oidc.flow import (
@@ -680,7 +680,7 @@ class Gateway:
         key = (raw, request.version)
         if self._framing_passed.get(key) is None:
             headers.check_framing(raw, http_version=request.version)
-            self._framing_passed.put(key, True, sum(len(n) + len(v) for n, v in raw))
+            self._framing_passed.put(key, True, header_set_size(raw) // 2)
 
     def upstream_request_headers(
         self, request: web.BaseRequest, rule: Rule, request_id: str
@@ -710,9 +710,7 @@ class Gateway:
                 upstream_host=self.upstreams.host_of(rule.upstream),
                 websocket=is_websocket(request),
             )
-            # The key's bytes and about as many again in the result.
-            size = 2 * sum(len(name) + len(value) for name, value in raw) + len(peer)
-            self._request_headers.put(key, built, size)
+            self._request_headers.put(key, built, header_set_size(raw) + len(peer))
         out = built.copy()
         out["X-Request-Id"] = request_id
         return out

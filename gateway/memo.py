@@ -20,6 +20,10 @@ from typing import Generic, TypeVar
 HEADER_MEMO_ENTRIES = 1024
 HEADER_MEMO_BYTES = 4 * 1024 * 1024
 
+# What one header takes in memory beyond its name and value, about (two bytes objects
+# and their tuple in the key, two strings and a slot in the filtered copy).
+HEADER_OVERHEAD_BYTES = 320
+
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -46,3 +50,8 @@ class Memo(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def header_set_size(raw: tuple[tuple[bytes, bytes], ...]) -> int:
+    """About what remembering ``raw`` and a filtered copy of it takes, in bytes."""
+    return sum(2 * (len(name) + len(value)) + HEADER_OVERHEAD_BYTES for name, value in raw)

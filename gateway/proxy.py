@@ -32,7 +32,7 @@ from gateway.headers import (
     upstream_response_headers,
     websocket_protocols,
 )
-from gateway.memo import HEADER_MEMO_BYTES, HEADER_MEMO_ENTRIES, Memo
+from gateway.memo import HEADER_MEMO_BYTES, HEADER_MEMO_ENTRIES, Memo, header_set_size
 from gateway.model import UpstreamConfig
 from gateway.upstream_pool import PooledResponse, UpstreamConnectError, UpstreamPool
 
@@ -508,8 +508,7 @@ class Upstreams:
         filtered = self._relayed_headers.get(raw)
         if filtered is None:
             filtered = self._response_headers(parsed.items())
-            size = 2 * sum(len(name) + len(value) for name, value in raw)
-            self._relayed_headers.put(raw, filtered, size)
+            self._relayed_headers.put(raw, filtered, header_set_size(raw))
         return filtered.copy()
 
     def _response_headers(self, items: Iterable[tuple[str, str]]) -> CIMultiDict[str]:

@@ -76,7 +76,7 @@ CONNECT_TIMEOUT_S = 0.5
 RETRIES = 1
 # Sessions opened from the sealed bytes Redis returned: one decryption per change.
 OPENED_MEMO_ENTRIES = 4096
-OPENED_MEMO_BYTES = 16 * 1024 * 1024
+OPENED_MEMO_BYTES = 8 * 1024 * 1024
 
 _HANDLE = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(HANDLE_BYTES)
 _JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False)
