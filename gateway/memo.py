@@ -6,10 +6,12 @@ second at a time. Filtering those headers is pure (the same input gives the
 same output), so the gateway keeps recent results, keyed by everything they
 are computed from.
 
-The memo is bounded both in entries and in the bytes its keys hold (as the
-caller counts them), and it is cleared when either bound is reached: clearing
-is O(1) per entry over the memo's life, and a flood of distinct inputs costs one
-insertion each, never more memory.
+The memo is bounded both in entries and in the bytes its entries take (as the
+caller estimates them: :func:`header_set_size` for header sets), and it is
+cleared when either bound would be passed: clearing costs O(1) per entry over
+the memo's life, and a flood of distinct inputs costs one insertion each, never
+more memory. Every user keys it by all that its result depends on, and hands
+out copies of mutable results.
 """
 
 from __future__ import annotations
