@@ -967,8 +967,7 @@ class Gateway:
             nonce=tx.nonce,
             code_challenge=challenge,
             acr_values=assurance.acr_values_for(level),
-            # A one-time proof must be a new authentication: max_age=0 asks for it.
-            max_age_s=0 if fresh else max_age_s,
+            max_age_s=tx.requested_max_age_s,
             extra=extra or None,
         )
         response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
@@ -1112,7 +1111,10 @@ class Gateway:
             if not isinstance(id_token, str):
                 raise ProviderError("no id_token in the token response", reason="no_id_token")
             claims = await self.provider.verify(
-                id_token, nonce=tx.nonce, now=now, require_auth_time=tx.max_age_s is not None
+                id_token,
+                nonce=tx.nonce,
+                now=now,
+                require_auth_time=tx.requested_max_age_s is not None,
             )
         except IdTokenError as exc:
             return finish(self.step_up_failed(request, tx, level_name, f"id_token_{exc.reason}"))

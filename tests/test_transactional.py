@@ -432,3 +432,26 @@ rules:
         assert resp.status == 401
         assert resp.headers["WWW-Authenticate"].endswith("max_age=300")
         assert 'error_description="large amount"' in resp.headers["WWW-Authenticate"]
+
+
+async def test_a_once_rule_without_max_age_still_needs_auth_time(make_stack, browser):
+    # max_age=0 went out, so the ID token must say when the user authenticated: iat
+    # (always "now") would make any silent single sign-on look like a new sign-in.
+    rules = """\
+rules:
+  - name: one-shot
+    match: {path: /api/delete-tenant, methods: [POST]}
+    require: {level: phishing-resistant, once: true}
+  - name: signed-in
+    match: {path: /**}
+    require: {level: password}
+"""
+    stack = await make_stack(rules=rules, store="memory")
+    await sign_in(stack, browser)
+    stack.op.behaviour.user = PHR_USER
+    stack.op.behaviour.omit_auth_time = True
+    hop = await post_form(browser, f"{stack.url}/api/delete-tenant", "confirm=yes")
+    assert query_of(hop.headers["Location"])["max_age"] == "0"
+    back = await finish_round_trip(browser, hop)
+    assert back.status == 400, back.body
+    assert posts(stack, "/api/delete-tenant") == []

@@ -52,6 +52,13 @@ class Transaction:
     binding: str | None = None  # digest of the bound request fields the user approves
     fresh: bool = False  # the provider must authenticate during this transaction (once)
 
+    @property
+    def requested_max_age_s(self) -> int | None:
+        """The ``max_age`` the authorization request carried: 0 for a one-time proof
+        (a new authentication), else the rule's. With any ``max_age`` the ID token
+        must carry ``auth_time`` (OIDC Core 3.1.2.1)."""
+        return 0 if self.fresh else self.max_age_s
+
     def to_dict(self) -> dict[str, object]:
         data: dict[str, object] = {
             "s": self.state,
