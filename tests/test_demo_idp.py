@@ -1144,6 +1144,31 @@ async def test_bank_rejects_a_forged_assertion(bank: Bank, forge: Callable[[Bank
     assert "No transfers yet" in ledger
 
 
+async def test_bank_admin_needs_a_verified_assertion(bank: Bank) -> None:
+    async with aiohttp.ClientSession() as http:
+        forged = await http.get(
+            f"{bank.url}/admin", headers=auth_headers(bank.assertion(aud="admin"))
+        )
+        bare = await http.get(f"{bank.url}/admin")
+        real = await http.get(f"{bank.url}/admin", headers=auth_headers(bank.assertion()))
+    assert forged.status == bare.status == 403
+    assert real.status == 200 and "Customers seen since start" in await real.text()
+
+
+async def test_the_bank_listens_on_loopback_whatever_the_demo_host() -> None:
+    # Only the gateway may reach the bank: a demo opened to a LAN must not open the bank.
+    stack = await start_demo_stack(host="127.0.0.2")
+    try:
+        assert stack.bank_url.startswith("http://127.0.0.1:")
+        assert stack.config.upstreams["bank"].url == stack.bank_url
+        port = int(stack.bank_url.rsplit(":", 1)[1])
+        with pytest.raises(OSError):
+            _, writer = await asyncio.open_connection("127.0.0.2", port)
+            writer.close()
+    finally:
+        await stack.close()
+
+
 async def test_bank_transfer_confirms_what_the_gateway_asserted(bank: Bank) -> None:
     async with aiohttp.ClientSession() as http:
         headers = auth_headers(bank.assertion())

@@ -134,12 +134,12 @@ async def start_demo_stack(
     else:
         gateway_port = _free_port(host)
     gateway_url = f"http://{url_host}:{gateway_port}"
-    idp_sock, bank_sock = _bound_socket(host), _bound_socket(host)
-    # The risk service answers the gateway only: loopback whatever the demo's host.
-    risk_sock = _bound_socket("127.0.0.1")
+    idp_sock = _bound_socket(host)
+    # The bank and the risk service answer the gateway only: loopback whatever the
+    # demo's host, so nobody can reach the bank around the gateway (and its checks).
+    bank_sock, risk_sock = _bound_socket("127.0.0.1"), _bound_socket("127.0.0.1")
     idp_url = f"http://{url_host}:{idp_sock.getsockname()[1]}"
-    # The bank is reached by the gateway only: a plain loopback address will do.
-    bank_url = f"http://{host if ':' not in host else f'[{host}]'}:{bank_sock.getsockname()[1]}"
+    bank_url = f"http://127.0.0.1:{bank_sock.getsockname()[1]}"
     risk_url = f"http://127.0.0.1:{risk_sock.getsockname()[1]}/assess"
     client = DemoClient(
         client_id=CLIENT_ID,
