@@ -613,7 +613,8 @@ class Gateway:
     ) -> web.StreamResponse:
         """Send the request (or a ``kept`` one, replayed) upstream with assurance headers."""
         rule = decision.rule
-        upstream_headers = self.upstream_request_headers(request, rule, request_id)
+        websocket = is_websocket(request)
+        upstream_headers = self.upstream_request_headers(request, rule, request_id, websocket)
         if session is not None:
             # update() replaces: none of these came from the client (prefix stripped).
             upstream_headers.update(self.assurance_headers(session, decision.level, rule))
@@ -623,13 +624,17 @@ class Gateway:
             refreshed = await self.store.save(
                 session.touched(now), now, previous=cookie_value(request, self.session_cookie)
             )
-        if is_websocket(request):
-            return await self.upstreams.forward_websocket(
-                request, rule.upstream, path_qs=path_qs, headers=upstream_headers
-            )
         extra: list[tuple[str, str]] = []
         if refreshed is not None:
             extra.append(("Set-Cookie", self.session_set_cookie(refreshed)))
+        if websocket:
+            return await self.upstreams.forward_websocket(
+                request,
+                rule.upstream,
+                path_qs=path_qs,
+                headers=upstream_headers,
+                extra_response_headers=extra,
+            )
         method: str | None = None
         data: bytes | None = None
         if kept is not None:
@@ -683,7 +688,7 @@ class Gateway:
             self._framing_passed.put(key, True, header_set_size(raw) // 2)
 
     def upstream_request_headers(
-        self, request: web.BaseRequest, rule: Rule, request_id: str
+        self, request: web.BaseRequest, rule: Rule, request_id: str, websocket: bool
     ) -> CIMultiDict[str]:
         """:func:`gateway.headers.upstream_request_headers` for ``request``, remembered.
 
@@ -708,17 +713,24 @@ class Gateway:
                 host=request.headers.get("Host", ""),
                 request_id="",
                 upstream_host=self.upstreams.host_of(rule.upstream),
-                websocket=is_websocket(request),
+                websocket=websocket,  # from the same headers: covered by the key
             )
             self._request_headers.put(key, built, header_set_size(raw) + len(peer))
         out = built.copy()
         out["X-Request-Id"] = request_id
         return out
 
-    def upstream_asks_step_up(self, response: aiohttp.ClientResponse) -> bool:
-        return response.status == 401 and any(
-            parse_bearer_challenge(value) is not None
-            for value in response.headers.getall("WWW-Authenticate", [])
+    def upstream_asks_step_up(self, response: aiohttp.ClientResponse) -> str | None:
+        """The upstream's RFC 9470 challenge, when its answer is one (the first, of several)."""
+        if response.status != 401:
+            return None
+        return next(
+            (
+                value
+                for value in response.headers.getall("WWW-Authenticate", [])
+                if parse_bearer_challenge(value) is not None
+            ),
+            None,
         )
 
     async def upstream_step_up(
@@ -731,7 +743,7 @@ class Gateway:
         asked: UpstreamIntercepted,
     ) -> web.StreamResponse:
         """The upstream answered a browser with an RFC 9470 challenge: step up, then replay."""
-        value = asked.headers.get("WWW-Authenticate", "")
+        value = asked.challenge
         params = parse_bearer_challenge(value) or {}
         level = level_for_acr_values(self.config.assurance.levels, params.get("acr_values", ""))
         max_age_s = max_age_of(params)
@@ -1634,10 +1646,7 @@ def new_request_id() -> str:
 
 
 def is_websocket(request: web.BaseRequest) -> bool:
-    return (
-        request.headers.get("Upgrade", "").lower() == "websocket"
-        and "upgrade" in request.headers.get("Connection", "").lower()
-    )
+    return headers.is_websocket_upgrade(request.headers.items())
 
 
 class _RequestHandler(RequestHandler):

@@ -110,10 +110,10 @@ class _Upstream:
 class UpstreamIntercepted(Exception):
     """The upstream's answer was taken over by the gateway (see ``forward(intercept=)``)."""
 
-    def __init__(self, status: int, headers: Mapping[str, str]) -> None:
+    def __init__(self, status: int, challenge: str) -> None:
         super().__init__(status)
         self.status = status
-        self.headers = dict(headers)
+        self.challenge = challenge  # the WWW-Authenticate value ``intercept`` took over
 
 
 class Upstreams:
@@ -254,15 +254,15 @@ class Upstreams:
         on_headers: Callable[[], None] | None = None,
         method: str | None = None,
         body: bytes | None = None,
-        intercept: Callable[[aiohttp.ClientResponse], bool] | None = None,
+        intercept: Callable[[aiohttp.ClientResponse], str | None] | None = None,
     ) -> web.StreamResponse:
         """Send ``request`` to ``upstream`` at ``path_qs`` and stream the answer back.
 
         ``method`` and ``body`` replace the request's own (a kept request replayed
         after a step-up, or a body the gateway had to read to judge the request);
         ``headers`` must then carry the matching Content-Type and Content-Length.
-        When ``intercept`` returns True for the upstream's response head, nothing is
-        relayed and :class:`UpstreamIntercepted` carries the head to the caller.
+        When ``intercept`` returns a challenge for the upstream's response head,
+        nothing is relayed and :class:`UpstreamIntercepted` carries it to the caller.
 
         ``path_qs`` is the normalized path plus ``?query`` (still percent-encoded),
         ``headers`` what :func:`gateway.headers.upstream_request_headers` built plus
@@ -316,10 +316,11 @@ class Upstreams:
 
         if on_headers is not None:
             on_headers()
-        if intercept is not None and intercept(upstream_response):
-            intercepted = UpstreamIntercepted(upstream_response.status, upstream_response.headers)
-            upstream_response.release()
-            raise intercepted
+        if intercept is not None:
+            challenge = intercept(upstream_response)
+            if challenge is not None:
+                upstream_response.release()
+                raise UpstreamIntercepted(upstream_response.status, challenge)
         try:
             return await self._relay(request, upstream, upstream_response, extra_response_headers)
         finally:
@@ -332,9 +333,14 @@ class Upstreams:
         upstream_response: aiohttp.ClientResponse,
         extra_response_headers: Iterable[tuple[str, str]],
     ) -> web.StreamResponse:
-        response_headers = self._relayed(upstream_response.raw_headers, upstream_response.headers)
-        for name, value in extra_response_headers:
-            response_headers.add(name, value)
+        response_headers = self._head(
+            upstream,
+            upstream_response.status,
+            upstream_response.raw_headers,
+            upstream_response.headers,
+            extra_response_headers,
+            abort=upstream_response.close,
+        )
         try:
             response = web.StreamResponse(
                 status=upstream_response.status,
@@ -384,13 +390,14 @@ class Upstreams:
         extra_response_headers: Iterable[tuple[str, str]],
     ) -> web.StreamResponse:
         message = pooled.message
-        if message.code == 101:
-            # RFC 9110 15.2.2: no protocol switch unless the request asked for one.
-            pooled.close()
-            raise _bad_response(upstream, "unrequested_101")
-        response_headers = self._relayed(message.raw_headers, message.headers)
-        for name, value in extra_response_headers:
-            response_headers.add(name, value)
+        response_headers = self._head(
+            upstream,
+            message.code,
+            message.raw_headers,
+            message.headers,
+            extra_response_headers,
+            abort=pooled.close,
+        )
         length = response_headers.get("Content-Length")  # digits: llhttp checked it
         body: bytes | None = None
         truncated = False
@@ -445,10 +452,13 @@ class Upstreams:
         *,
         path_qs: str,
         headers: CIMultiDict[str],
+        extra_response_headers: Iterable[tuple[str, str]] = (),
     ) -> web.StreamResponse:
         """Relay a WebSocket: open it upstream first, then accept the client's.
 
-        ``headers`` must come from ``upstream_request_headers(..., websocket=True)``.
+        ``headers`` must come from ``upstream_request_headers(..., websocket=True)``;
+        ``extra_response_headers`` go on the client's handshake answer (the gateway's
+        own Set-Cookie).
         Text, binary and close frames (with their codes) pass both ways. When the
         upstream refuses the upgrade, its status goes back as a plain response.
         """
@@ -489,6 +499,8 @@ class Upstreams:
             max_msg_size=WS_MAX_MESSAGE_BYTES,
             timeout=WS_CLOSE_TIMEOUT_S,
         )
+        for name, value in extra_response_headers:
+            client_ws.headers.add(name, value)
         try:
             await client_ws.prepare(request)
         except BaseException:
@@ -496,6 +508,28 @@ class Upstreams:
             raise
         await _relay_websocket(client_ws, upstream_ws, upstream)
         return client_ws
+
+    def _head(
+        self,
+        upstream: str,
+        status: int,
+        raw: tuple[tuple[bytes, bytes], ...],
+        parsed: Mapping[str, str],
+        extra: Iterable[tuple[str, str]],
+        *,
+        abort: Callable[[], None],
+    ) -> CIMultiDict[str]:
+        """The headers to answer the client with, for either relay; ``abort`` drops
+        the upstream connection when the answer cannot be relayed at all."""
+        if status == 101:
+            # RFC 9110 15.2.2: no protocol switch unless the request asked for one
+            # (WebSockets go through forward_websocket, never here).
+            abort()
+            raise _bad_response(upstream, "unrequested_101")
+        response_headers = self._relayed(raw, parsed)
+        for name, value in extra:
+            response_headers.add(name, value)
+        return response_headers
 
     def _relayed(
         self, raw: tuple[tuple[bytes, bytes], ...], parsed: Mapping[str, str]

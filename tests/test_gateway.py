@@ -578,6 +578,16 @@ async def test_websocket_is_proxied_when_the_rule_allows(stack, api):
         assert (await ws.receive()).data == "echo:hello"
 
 
+async def test_a_websocket_handshake_carries_the_refreshed_session_cookie(stack, browser):
+    await sign_in(stack, browser)
+    stack.clock.advance(61)  # the session's last_seen is due to be saved again
+    before = browser.cookie(COOKIE)
+    async with browser.http.ws_connect(f"{stack.url}/app/ws") as ws:
+        assert browser.cookie(COOKIE) not in (None, before)  # set on the 101 answer
+        await ws.send_str("hello")
+        assert (await ws.receive()).data == "echo:hello"
+
+
 async def test_websocket_needs_the_rule_too(stack, api):
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
         async with api.ws_connect(f"{stack.url}/app/ws"):

@@ -338,8 +338,12 @@ async def test_cancelled_while_waiting_for_the_answer_frees_the_slot(
 
 
 async def forward_once(
-    aiohttp_raw_server: Callable[..., Awaitable[object]], upstream_url: str, path: str
+    aiohttp_raw_server: Callable[..., Awaitable[object]],
+    upstream_url: str,
+    path: str,
+    body: bytes | None = None,
 ) -> tuple[int, dict[str, str], bytes, list[dict[str, object]]]:
+    """GET ``path`` through Upstreams.forward (the pool), or POST ``body`` (ClientSession)."""
     upstreams = Upstreams(
         {"app": UpstreamConfig("app", upstream_url)}, connect_timeout_s=1.0, timeout_s=1.0
     )
@@ -361,7 +365,11 @@ async def forward_once(
         with structlog.testing.capture_logs() as logs:
             async with (
                 aiohttp.ClientSession() as http,
-                http.get(server.make_url(path)) as response,  # type: ignore[attr-defined]
+                http.request(
+                    "GET" if body is None else "POST",
+                    server.make_url(path),  # type: ignore[attr-defined]
+                    data=body,
+                ) as response,
             ):
                 return response.status, dict(response.headers), await response.read(), logs
     finally:
@@ -390,16 +398,18 @@ async def forward_once(
     ],
     ids=["unrequested-101", "two-lengths", "length-and-chunked", "not-http"],
 )
+@pytest.mark.parametrize("sent", [None, b"a body"], ids=["pooled-get", "client-session-post"])
 async def test_invalid_answers_are_a_502(
     aiohttp_raw_server: Callable[..., Awaitable[object]],
     raw_upstream: Callable[[Answer], Awaitable[RawUpstream]],
     answer: bytes,
     status: int,
     reason: str,
+    sent: bytes | None,
 ) -> None:
     upstream = await raw_upstream(lambda n, head: answer)
     got_status, _, body, logs = await forward_once(
-        aiohttp_raw_server, f"http://127.0.0.1:{upstream.port}", "/x"
+        aiohttp_raw_server, f"http://127.0.0.1:{upstream.port}", "/x", sent
     )
     assert (got_status, body) == (status, b'{"error": "%s"}' % reason.encode())
     assert [entry["event"] for entry in logs] == [reason]
