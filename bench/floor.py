@@ -26,6 +26,7 @@ from multidict import CIMultiDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gateway.proxy import CHUNK_SIZE, KEEPALIVE_TIMEOUT_S, POOL_LIMIT
 from gateway.upstream_pool import UpstreamPool
 
 
@@ -42,12 +43,12 @@ async def serve(mode: str, port: int, upstream_port: int | None) -> None:
         pool = UpstreamPool(
             "127.0.0.1",
             upstream_port,
-            limit=100,
+            limit=POOL_LIMIT,  # the gateway's own pool settings
             connect_timeout_s=5,
             sock_connect_timeout_s=5,
             read_timeout_s=30,
-            keepalive_timeout_s=60,
-            read_bufsize=2**16,
+            keepalive_timeout_s=KEEPALIVE_TIMEOUT_S,
+            read_bufsize=CHUNK_SIZE,
         )
         host = f"127.0.0.1:{upstream_port}"
 

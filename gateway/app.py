@@ -31,7 +31,13 @@ from multidict import CIMultiDict, MultiDict
 
 from gateway import assurance, headers, logs, responses
 from gateway.assertion import AssertionKeyError, AssertionSigner, load_or_generate_key
-from gateway.conditions import Facts, binding_digest, binding_values, extract_fields
+from gateway.conditions import (
+    Facts,
+    binding_digest,
+    binding_values,
+    extract_fields,
+    media_type,
+)
 from gateway.errors import (
     BadRequest,
     Forbidden,
@@ -44,7 +50,13 @@ from gateway.errors import (
     ProviderUnavailable,
     StoreUnavailable,
 )
-from gateway.memo import HEADER_MEMO_BYTES, HEADER_MEMO_ENTRIES, Memo, header_set_size
+from gateway.memo import (
+    HEADER_MEMO_BYTES,
+    HEADER_MEMO_ENTRIES,
+    HEADER_OVERHEAD_BYTES,
+    Memo,
+    header_set_size,
+)
 from gateway.metrics import Metrics
 from gateway.model import Config, Level, Rule
 from gateway.oidc.flow import (
@@ -87,7 +99,6 @@ from gateway.transactional import (
     is_form_post,
     level_for_acr_values,
     max_age_of,
-    media_type,
     parse_bearer_challenge,
     popup_page,
 )
@@ -98,7 +109,10 @@ audit = structlog.get_logger("gateway.audit")
 # Several tabs may each have a sign-in in flight; beyond this, the oldest is dropped
 # so a page that loops cannot grow the Cookie header without bound.
 MAX_TRANSACTIONS_IN_FLIGHT = 5
-ASSURANCE_CACHE_SIZE = 4096
+# Header sets built for recent (session, level, rule) triples, while their assertion
+# may be reused: at most this many (each a signed token and a few short values).
+ASSURANCE_MEMO_ENTRIES = 4096
+ASSURANCE_MEMO_BYTES = 8 * 1024 * 1024
 # Before sending a browser to the provider: is it there? A healthy provider answers its
 # discovery document in milliseconds; while it answers, ask again at most every 10 s.
 PROVIDER_PROBE_TIMEOUT_S = 2.0
@@ -261,7 +275,9 @@ class Gateway:
         # What the assurance headers are made of -> those headers, while their signed
         # assertion may be reused (the signer's own cache, one level up: building the
         # claims and their key costs more than this lookup).
-        self._assurance_cache: dict[tuple[object, ...], tuple[float, dict[str, str]]] = {}
+        self._assurance_headers: Memo[
+            tuple[object, ...], tuple[float, tuple[tuple[str, str], ...]]
+        ] = Memo(max_entries=ASSURANCE_MEMO_ENTRIES, max_bytes=ASSURANCE_MEMO_BYTES)
         self._request_headers: Memo[tuple[object, ...], CIMultiDict[str]] = Memo(
             max_entries=HEADER_MEMO_ENTRIES, max_bytes=HEADER_MEMO_BYTES
         )
@@ -442,8 +458,7 @@ class Gateway:
     ) -> tuple[str | None, web.StreamResponse]:
         """A request for the upstreams: choose the rule, decide, act. (rule name, response)"""
         rules, config = self.rules, self.config  # one consistent view across a reload
-        if not rules.method_known(request.method):
-            raise MethodNotAllowed("This method is not allowed here.", reason="unknown_method")
+        rules.require_known_method(request.method)
         host = canonical_host(request.headers.get("Host"), self.scheme)
         store_down: StoreUnavailable | None = None
         try:
@@ -455,7 +470,7 @@ class Gateway:
         now = self.clock()
         body = RequestBody(request, config.step_up.max_body_bytes)
         # The common case, the first matching rule has no condition, without a coroutine.
-        rule = next(rules.candidates_for(request.method, host, path), None)
+        rule = rules.match(request.method, host, path)
         if rule is not None and rule.when is not None:
             rule = await self.choose_rule(request, rules, host, path, session, body, now)
         rule_name = rule.name if rule is not None else None
@@ -503,13 +518,14 @@ class Gateway:
         method: str | None = None,
     ) -> Rule | None:
         """The first matching rule whose ``when`` holds (or that has none)."""
+        client_ip = self.client_ip(request)
         for candidate in rules.candidates_for(method or request.method, host, path):
             condition = candidate.when
             if condition is None:
                 return candidate
             facts = Facts(
                 fields=await body.fields() if condition.fields() else {},
-                client_ip=self.client_ip(request),
+                client_ip=client_ip,
                 proven_ip=session.ip if session is not None else None,
                 auth_age_s=now - session.auth_time if session is not None else None,
             )
@@ -778,8 +794,8 @@ class Gateway:
 
     def assurance_headers(
         self, session: Session, level: Level | None, rule: Rule
-    ) -> dict[str, str]:
-        """The contract's assurance headers for ``session`` on ``rule`` (do not modify)."""
+    ) -> tuple[tuple[str, str], ...]:
+        """The contract's assurance headers for ``session`` on ``rule``, as (name, value)."""
         now = self.clock()
         key = (
             session.sub,
@@ -791,7 +807,7 @@ class Gateway:
             rule.name,
             rule.upstream,
         )
-        cached = self._assurance_cache.get(key)
+        cached = self._assurance_headers.get(key)
         if cached is not None and now < cached[0]:
             return cached[1]
         p = self.header_prefix
@@ -818,10 +834,10 @@ class Gateway:
         out[f"{p}Assertion"], reuse_until = self.signer.sign_reusable(
             claims, audience=rule.upstream, now=now
         )
-        if len(self._assurance_cache) >= ASSURANCE_CACHE_SIZE:
-            self._assurance_cache.clear()
-        self._assurance_cache[key] = (reuse_until, out)
-        return out
+        pairs = tuple(out.items())
+        size = sum(HEADER_OVERHEAD_BYTES + len(name) + len(value) for name, value in pairs)
+        self._assurance_headers.put(key, (reuse_until, pairs), size)
+        return pairs
 
     def peer_trusted(self, peer: str) -> bool:
         trusted = self.config.server.trusted_proxies

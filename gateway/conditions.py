@@ -77,7 +77,6 @@ MAX_JSON_DEPTH = 32
 # Form and multipart fields read from one body (the body's size is bounded by the caller).
 MAX_FIELDS = 10_000
 
-FACTS = ("client_ip", "client_ip_changed", "auth_age")
 ORDER_OPS = (">", ">=", "<", "<=")
 EQUALITY_OPS = ("==", "!=")
 
@@ -680,7 +679,7 @@ def _network(text: str, token: _Token) -> IPNetwork:
 
 
 def parse_duration_s(text: str) -> int | None:
-    """``"300"``, ``"90s"``, ``"10m"``, ``"1h30m"`` -> seconds; anything else -> None."""
+    """``"300"``, ``"90s"``, ``"10m"``, ``"12h"``, ``"1d"``, ``"1h30m"`` -> seconds; else None."""
     if _SECONDS.fullmatch(text):
         return int(text)
     if not _DURATION.fullmatch(text):
@@ -747,19 +746,18 @@ def _comparable(value: object) -> tuple[str, str]:
     return ("text", text) if text is not None else ("json", _canonical(value))
 
 
-def _media_type(content_type: str) -> str:
+def media_type(content_type: str) -> str:
+    """The media type of a Content-Type value, lower case, without parameters."""
     return content_type.partition(";")[0].strip().lower()
 
 
 def _body_fields(content_type: str, body: bytes) -> list[tuple[str, object]]:
-    media_type = _media_type(content_type)
-    if media_type == _FORM:
+    kind = media_type(content_type)
+    if kind == _FORM:
         return _form_fields(body)
-    if media_type == "application/json" or (
-        media_type.startswith("application/") and media_type.endswith("+json")
-    ):
+    if kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json")):
         return _json_fields(body)
-    if media_type == _MULTIPART:
+    if kind == _MULTIPART:
         return _multipart_fields(content_type, body)
     if body.strip():
         raise _BadBody("a body the gateway cannot read")

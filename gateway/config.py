@@ -32,7 +32,12 @@ from yaml.resolver import Resolver
 
 from gateway import model
 from gateway.conditions import MAX_DEPTH as MAX_CONDITION_DEPTH
-from gateway.conditions import ConditionError, is_field_name, parse_condition
+from gateway.conditions import (
+    ConditionError,
+    is_field_name,
+    parse_condition,
+    parse_duration_s,
+)
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.paths import canonical_rule_host
 from gateway.rules import compile_glob
@@ -143,9 +148,6 @@ _NAME_HINT = "letters, digits, '.', '_' and '-', starting with a letter or digit
 # RFC 7230 3.2.6 token: methods and cookie names.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SECONDS = re.compile(r"[0-9]+")
-_DURATION = re.compile(r"(?:[0-9]+[smhd])+")
-_DURATION_PART = re.compile(r"([0-9]+)([smhd])")
-_UNIT_S = {"s": 1, "m": 60, "h": 60 * 60, "d": 24 * 60 * 60}
 _INTERPOLATION = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
 _VARIABLE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
 _HOSTNAME = re.compile(
@@ -203,15 +205,6 @@ def load_config_text(
     if problems or config is None:
         raise ConfigError(problems or [ConfigProblem("(top level)", "invalid", source)])
     return config
-
-
-def parse_duration_s(text: str) -> int | None:
-    """``"90s"``, ``"5m"``, ``"12h"``, ``"1d"``, ``"1h30m"`` or ``"300"`` -> seconds; else None."""
-    if _SECONDS.fullmatch(text):  # not str.isdigit(): that also takes "٣" and "²"
-        return int(text)
-    if not _DURATION.fullmatch(text):
-        return None
-    return sum(int(n) * _UNIT_S[unit] for n, unit in _DURATION_PART.findall(text))
 
 
 def _suggest(word: str, known: Sequence[str]) -> str:

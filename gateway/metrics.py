@@ -7,6 +7,7 @@ from typing import Any, Self, TypeVar
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 # Upstream latency buckets: a proxy's added latency lives in the 1-50 ms range; the
 # upper buckets catch slow upstreams up to the default 60 s timeout.
@@ -45,7 +46,9 @@ def _forget_children(metric: object) -> None:
         children.clear()
 
 
-class Counter(prometheus_client.Counter):
+class _RememberedChildren(MetricWrapperBase):
+    """``labels()`` through :func:`_child`; ``remove()`` and ``clear()`` forget them."""
+
     def labels(self, *labelvalues: Any, **labelkwargs: Any) -> Self:
         return _child(self, super().labels, labelvalues, labelkwargs)
 
@@ -58,17 +61,12 @@ class Counter(prometheus_client.Counter):
         super().clear()
 
 
-class Histogram(prometheus_client.Histogram):
-    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> Self:
-        return _child(self, super().labels, labelvalues, labelkwargs)
+class Counter(_RememberedChildren, prometheus_client.Counter):
+    pass
 
-    def remove(self, *labelvalues: Any) -> None:
-        _forget_children(self)
-        super().remove(*labelvalues)
 
-    def clear(self) -> None:
-        _forget_children(self)
-        super().clear()
+class Histogram(_RememberedChildren, prometheus_client.Histogram):
+    pass
 
 
 class Metrics:

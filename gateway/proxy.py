@@ -167,6 +167,7 @@ class Upstreams:
             origin = str(url.origin())
             ws_origin = ("wss" if url.scheme == "https" else "ws") + origin[len(url.scheme) :]
             pool = None
+            # yarl gives the default port when none is written: the port test only narrows.
             if url.scheme == "http" and url.port is not None:
                 pool = UpstreamPool(
                     url.host,

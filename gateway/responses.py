@@ -27,7 +27,7 @@ def is_navigation(method: str, headers: Mapping[str, str]) -> bool:
         return False
     if headers.get("Sec-Fetch-Mode", "").lower() == "navigate":
         return True
-    return "text/html" in headers.get("Accept", "").lower()
+    return wants_html(headers)
 
 
 def wants_html(headers: Mapping[str, str]) -> bool:

@@ -231,7 +231,7 @@ class RuleSet:
         """Raise :class:`gateway.errors.MethodNotAllowed` unless :meth:`method_known`."""
         if not self.method_known(method):
             raise errors.MethodNotAllowed(
-                "This request method is not allowed.", reason="unknown_method"
+                "This method is not allowed here.", reason="unknown_method"
             )
 
     def match(self, method: str, host: str | None, path: str) -> model.Rule | None:
@@ -273,7 +273,7 @@ class RuleSet:
     def candidates(self, path: str) -> tuple[model.Rule, ...]:
         """The rules the index leaves to test for ``path``, in first-match order.
 
-        For ``explain`` output and for checking that the index narrows the search.
+        For checking that the index narrows the search.
         """
         if not path.startswith("/"):
             return ()

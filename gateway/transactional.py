@@ -17,17 +17,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.conditions import binding_digest
+from gateway.conditions import binding_digest, media_type
 from gateway.model import Level
+from gateway.responses import wants_html
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 KEPT_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # A binding message is shown on the provider's approval page; keep it readable.
 MAX_BINDING_MESSAGE_CHARS = 200
-
-
-def media_type(content_type: str) -> str:
-    return content_type.split(";", 1)[0].strip().lower()
 
 
 def is_form_post(method: str, headers: Mapping[str, str]) -> bool:
@@ -43,7 +40,7 @@ def is_form_post(method: str, headers: Mapping[str, str]) -> bool:
     mode = headers.get("Sec-Fetch-Mode", "").lower()
     if mode:
         return mode == "navigate"
-    return "text/html" in headers.get("Accept", "").lower()
+    return wants_html(headers)
 
 
 @dataclass(frozen=True, slots=True)

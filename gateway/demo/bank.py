@@ -28,14 +28,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from html import escape
 from typing import Any
 
 import jwt
 import structlog
 from aiohttp import web
 
-from gateway.demo.pages import static_file
+from gateway.demo.pages import esc, static_file
 
 log = structlog.get_logger("gateway.demo.bank")
 
@@ -596,10 +595,6 @@ def asserted(seen: Seen) -> tuple[str, str]:
     return str(claims.get("acr") or ""), ",".join(str(v) for v in amr)
 
 
-def esc(value: object) -> str:
-    return escape(str(value), quote=True)
-
-
 def _when(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -660,18 +655,3 @@ def step_up_needed(seen: Seen, amount: Decimal) -> web.Response:
         f' acr_values="{SAVINGS_STEP_UP_ACR}", max_age={SAVINGS_STEP_UP_MAX_AGE_S}'
     )
     return response
-
-
-def create_bank_app(
-    *,
-    jwks_url: str,
-    issuer: str,
-    audience: str = "bank",
-    clock: Callable[[], float] = time.time,
-    form_targets: tuple[str, ...] = (),
-) -> web.Application:
-    """Demo Bank's aiohttp app; ``jwks_url`` is ``{gateway}/_gateway/jwks.json``."""
-    bank = DemoBank(
-        jwks_url=jwks_url, issuer=issuer, audience=audience, clock=clock, form_targets=form_targets
-    )
-    return bank.app()

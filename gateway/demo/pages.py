@@ -162,13 +162,8 @@ def passkey_page(
     return layout(title, body, script="passkey.js")
 
 
-def message_page(
-    title: str, paragraphs: Iterable[str], *, link: tuple[str, str] | None = None
-) -> str:
-    body = "".join(f"<p>{esc(p)}</p>" for p in paragraphs)
-    if link is not None:
-        body += f'<p><a href="{esc(link[0])}">{esc(link[1])}</a></p>'
-    return layout(title, body)
+def message_page(title: str, paragraphs: Iterable[str]) -> str:
+    return layout(title, "".join(f"<p>{esc(p)}</p>" for p in paragraphs))
 
 
 def end_session_page(*, action: str, csrf_token: str, params: Iterable[tuple[str, str]]) -> str:

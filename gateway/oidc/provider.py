@@ -34,7 +34,7 @@ from gateway.oidc.flow import (
     verify_logout_token,
 )
 
-__all__ = ["ERROR_KINDS", "ProviderClient", "ProviderMetadata"]
+__all__ = ["ProviderClient", "ProviderMetadata"]
 
 log = structlog.get_logger(__name__)
 
@@ -56,20 +56,13 @@ RETRY_AFTER_FAILURE_S = 10
 # hostile provider from filling our memory.
 MAX_RESPONSE_BYTES = 1024 * 1024
 
-# What ``on_error`` receives: "{endpoint}_{problem}". Fixed so metrics labels stay few.
-ERROR_KINDS = frozenset(
-    f"{endpoint}_{problem}"
-    for endpoint in ("discovery", "jwks", "token")
-    for problem in ("unreachable", "timeout", "status", "invalid", "rejected")
-)
-
 
 class ProviderClient:
     """Cached view of one OpenID Provider, plus the token request.
 
     ``clock`` only times the caches (monotonic); token checks take ``now`` from
     the caller. ``on_error(kind)`` is called once per provider failure, with a
-    kind from :data:`ERROR_KINDS`, for metrics.
+    short ``{endpoint}_{problem}`` kind (``jwks_timeout``), for metrics.
     """
 
     def __init__(
