@@ -357,7 +357,7 @@ class Gateway:
             except ProviderError as exc:
                 raise ReloadRefused(f"the new provider cannot be loaded ({exc.reason})") from exc
         store = self.store
-        if new.session != old.session:
+        if new.session.store_settings != old.session.store_settings:
             store = make_store(new.session)  # cookie store only (see restart_needed)
         key = self._assertion_key
         if new.assertion.key_file != old.assertion.key_file and new.assertion.key_file:

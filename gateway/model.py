@@ -60,6 +60,21 @@ class SessionConfig:
     lifetime_s: int = 12 * 60 * 60
     transaction_ttl_s: int = 10 * 60
 
+    @property
+    def store_settings(self) -> tuple[object, ...]:
+        """What the session store is built from (``stores.make_store``): a reload
+        needs a new store object exactly when this changes."""
+        if self.store == "memory":
+            return ("memory", self.idle_timeout_s, self.lifetime_s)
+        return (
+            self.store,
+            self.secrets,
+            self.idle_timeout_s,
+            self.lifetime_s,
+            self.redis_url,
+            self.redis_prefix,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Level:

@@ -9,7 +9,9 @@ def restart_needed(old: model.Config, new: model.Config) -> list[str]:
     """The keys whose change a live reload cannot apply (empty: reload is possible).
 
     Listeners and the worker count belong to the process; a server-side session
-    store holds sessions that a new store object would lose.
+    store holds sessions that a new store object would lose, so what it is built
+    from (``SessionConfig.store_settings``) stays; the rest of ``session`` (cookie
+    and sign-in settings) may change.
     """
     blockers = [
         name
@@ -27,6 +29,7 @@ def restart_needed(old: model.Config, new: model.Config) -> list[str]:
         )
         if before != after
     ]
-    if old.session.store != "cookie" and old.session != new.session and not blockers:
-        blockers.append("session (with a server-side store)")
+    changed_store = old.session.store_settings != new.session.store_settings
+    if old.session.store != "cookie" and changed_store and not blockers:
+        blockers.append("session store settings (with a server-side store)")
     return blockers

@@ -403,6 +403,25 @@ async def test_reload_in_process_reevaluates_levels(make_stack, browser):
     assert browser.cookie(COOKIE)
 
 
+async def test_a_memory_store_keeps_its_sessions_across_a_reload_of_other_session_keys(
+    make_stack, browser
+):
+    from gateway.app import ReloadRefused
+    from gateway.config import load_config_text
+
+    stack = await make_stack(store="memory", session_extra="transaction_ttl: 10m\n")
+    await sign_in(stack, browser)
+    # A sign-in setting may change: the store object and its sessions stay.
+    text = stack.config_text.replace("transaction_ttl: 10m", "transaction_ttl: 5m")
+    await stack.gateway.reload(load_config_text(text, "reloaded.yaml"))
+    assert (await browser.get(f"{stack.url}/app/x")).status == 200
+    # What the store is built from may not: its sessions would be lost.
+    shorter_idle = text.replace("transaction_ttl: 5m", "transaction_ttl: 5m\n  idle_timeout: 5m")
+    with pytest.raises(ReloadRefused, match="session store settings"):
+        await stack.gateway.reload(load_config_text(shorter_idle, "reloaded.yaml"))
+    assert (await browser.get(f"{stack.url}/app/x")).status == 200
+
+
 def test_check_refuses_several_workers_with_the_memory_store(tmp_path):
     path = tmp_path / "c.yaml"
     write_config(

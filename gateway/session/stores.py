@@ -287,7 +287,7 @@ class MemoryStore:
 
 
 def make_store(cfg: model.SessionConfig) -> SessionStore:
-    """The store the config asks for."""
+    """The store the config asks for, built from ``cfg.store_settings`` alone."""
     if cfg.store == "cookie":
         return CookieStore(
             cfg.secrets, idle_timeout_s=cfg.idle_timeout_s, lifetime_s=cfg.lifetime_s
