@@ -34,7 +34,7 @@ HTTP call and the cache.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import hashlib
 import json
 import math
@@ -130,9 +130,7 @@ def outcome_from_answer(
     rule_max_age_s: int | None,
 ) -> RiskOutcome:
     """Decide from the engine's HTTP answer; anything unusable gives the on_error outcome."""
-
-    def failed(reason: str) -> RiskOutcome:
-        return on_error_outcome(risk, assurance, rule_max_age_s, reason)
+    failed = functools.partial(on_error_outcome, risk, assurance, rule_max_age_s)
 
     if status != 200:
         return failed(f"status_{status}")
@@ -230,8 +228,8 @@ class RiskClient:
         are never cached, so a recovered engine is asked again at once.
         """
         risk = rule.risk
-        if risk is None:
-            return RiskOutcome(ALLOW)
+        if risk is None:  # never "allow" by default: the caller checks rule.risk first
+            raise ValueError(f"rule {rule.name!r} has no risk engine")
         key = cache_key(session_id, facts) if session_id is not None and risk.cache_s > 0 else None
         if key is not None:
             cached = self._cache.get(key)
@@ -254,20 +252,18 @@ class RiskClient:
         assurance: AssuranceConfig,
         rule_max_age_s: int | None,
     ) -> RiskOutcome:
-        def failed(reason: str) -> RiskOutcome:
-            return on_error_outcome(risk, assurance, rule_max_age_s, reason)
-
+        failed = functools.partial(on_error_outcome, risk, assurance, rule_max_age_s)
         try:
-            async with asyncio.timeout(risk.timeout_s):
-                async with self._http.post(
-                    risk.url,
-                    json=facts.to_json(),
-                    headers={"Accept": "application/json"},
-                    allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=risk.timeout_s),
-                ) as response:
-                    body = await _read_limited(response.content, MAX_ANSWER_BYTES)
-                    status = response.status
+            # One deadline (aiohttp's total) for connecting, sending and reading it all.
+            async with self._http.post(
+                risk.url,
+                json=facts.to_json(),
+                headers={"Accept": "application/json"},
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=risk.timeout_s),
+            ) as response:
+                body = await _read_limited(response.content, MAX_ANSWER_BYTES)
+                status = response.status
         except TimeoutError:
             return failed("timeout")
         except (aiohttp.ClientError, OSError):

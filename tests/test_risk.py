@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import time
@@ -366,3 +367,11 @@ async def test_the_cache_is_bounded(engine: Engine, http: aiohttp.ClientSession)
     # expired entries go first
     await assess(client, cached_rule, session_id="d", now=5000.0)
     assert len(client) == 1
+
+
+async def test_a_rule_without_an_engine_is_never_allowed_by_default(
+    http: aiohttp.ClientSession,
+) -> None:
+    no_engine = dataclasses.replace(rule("http://127.0.0.1:9/"), risk=None)
+    with pytest.raises(ValueError, match="no risk engine"):
+        await assess(RiskClient(http), no_engine)
