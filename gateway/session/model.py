@@ -202,22 +202,22 @@ class Session:
             return None
         try:
             return cls(
-                id=_required_str(data.get("i")),
-                sub=_required_str(data.get("s")),
-                email=_optional_str(data.get("e")),
-                name=_optional_str(data.get("n")),
-                provider_sid=_optional_str(data.get("p")),
-                id_token=_optional_str(data.get("t")),
-                acr=_optional_str(data.get("a")),
+                id=required_str(data.get("i")),
+                sub=required_str(data.get("s")),
+                email=optional_str(data.get("e")),
+                name=optional_str(data.get("n")),
+                provider_sid=optional_str(data.get("p")),
+                id_token=optional_str(data.get("t")),
+                acr=optional_str(data.get("a")),
                 amr=_str_tuple(data.get("m")),
-                auth_time=_time(data.get("at")),
+                auth_time=finite_time(data.get("at")),
                 proofs=_proofs(data.get("pr")),
-                created_at=_time(data.get("c")),
-                last_seen=_time(data.get("l")),
-                ip=_optional_str(data.get("ip")),
+                created_at=finite_time(data.get("c")),
+                last_seen=finite_time(data.get("l")),
+                ip=optional_str(data.get("ip")),
                 bindings=_bindings(data.get("b")),
             )
-        except _Malformed:
+        except Malformed:
             return None
 
 
@@ -253,12 +253,12 @@ def _bindings(value: object) -> tuple[tuple[str, float], ...]:
     if value is None:
         return ()
     if not isinstance(value, list) or len(value) > MAX_BINDINGS:
-        raise _Malformed
+        raise Malformed
     out = []
     for item in value:
         if not isinstance(item, list) or len(item) != 2:
-            raise _Malformed
-        out.append((_required_str(item[0]), _time(item[1])))
+            raise Malformed
+        out.append((required_str(item[0]), finite_time(item[1])))
     return tuple(out)
 
 
@@ -276,29 +276,29 @@ def _auth_time(proof: Proof) -> float:
     return proof.auth_time
 
 
-class _Malformed(Exception):
-    """Internal: a serialised field has the wrong shape."""
+class Malformed(Exception):
+    """A serialised field has the wrong shape (raised by the readers below)."""
 
 
-def _required_str(value: object) -> str:
+def required_str(value: object) -> str:
     if not isinstance(value, str) or not value:
-        raise _Malformed
+        raise Malformed
     return value
 
 
-def _optional_str(value: object) -> str | None:
+def optional_str(value: object) -> str | None:
     if value is not None and not isinstance(value, str):
-        raise _Malformed
+        raise Malformed
     return value
 
 
-def _time(value: object) -> float:
+def finite_time(value: object) -> float:
     # bool is an int subclass; True is not a time.
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _Malformed
+        raise Malformed
     as_float = float(value)
     if not math.isfinite(as_float):
-        raise _Malformed
+        raise Malformed
     return as_float
 
 
@@ -309,19 +309,19 @@ def _compact_time(value: float) -> float | int:
 
 def _str_tuple(value: object) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _Malformed
+        raise Malformed
     return tuple(value)
 
 
 def _proofs(value: object) -> tuple[Proof, ...]:
     if not isinstance(value, list) or len(value) > MAX_PROOFS:
-        raise _Malformed
+        raise Malformed
     proofs: list[Proof] = []
     for item in value:
         if not isinstance(item, list) or len(item) != 3:
-            raise _Malformed
+            raise Malformed
         acr, amr, auth_time = item
         proofs.append(
-            Proof(acr=_optional_str(acr), amr=_str_tuple(amr), auth_time=_time(auth_time))
+            Proof(acr=optional_str(acr), amr=_str_tuple(amr), auth_time=finite_time(auth_time))
         )
     return tuple(proofs)

@@ -38,7 +38,6 @@ import hashlib
 import hmac
 import json
 import math
-import re
 import secrets
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -55,8 +54,8 @@ from gateway.memo import Memo
 from gateway.session.crypto import Sealer, derive_key
 from gateway.session.model import Session, expired
 from gateway.session.redis_url import is_sentinel_url, parse_sentinel_url
-from gateway.session.stores import HANDLE_BYTES
-from gateway.session.transaction import Transaction
+from gateway.session.stores import HANDLE_BYTES, is_handle
+from gateway.session.transaction import Transaction, same_state
 
 REDIS_SESSION_PURPOSE = "stepup-gateway redis session v1"
 REDIS_TX_PURPOSE = "stepup-gateway redis tx v1"
@@ -78,7 +77,6 @@ RETRIES = 1
 OPENED_MEMO_ENTRIES = 4096
 OPENED_MEMO_BYTES = 8 * 1024 * 1024
 
-_HANDLE = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(HANDLE_BYTES)
 _JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False)
 _DOWN = (RedisError, OSError)  # OSError covers ConnectionError and TimeoutError
 _UNAVAILABLE = "The session store is not answering; try again shortly."
@@ -247,7 +245,7 @@ class RedisStore:
     # -- SessionStore ------------------------------------------------------------
 
     async def load(self, cookie_value: str, now: float) -> Session | None:
-        if not _is_handle(cookie_value):
+        if not is_handle(cookie_value):
             return None  # garbage never reaches Redis
         member = _digest(cookie_value)
         key = self.session_key(member)
@@ -278,7 +276,7 @@ class RedisStore:
         """
         handle = secrets.token_urlsafe(HANDLE_BYTES)
         member = _digest(handle)
-        prev_member = _digest(previous) if previous is not None and _is_handle(previous) else None
+        prev_member = _digest(previous) if previous is not None and is_handle(previous) else None
         fingerprint = self._fingerprint(session)
         session_data = session.to_dict()
         keys = [self.session_key(member), self.session_key(prev_member or member)]
@@ -309,7 +307,7 @@ class RedisStore:
         return handle
 
     async def delete(self, cookie_value: str) -> None:
-        if not _is_handle(cookie_value):
+        if not is_handle(cookie_value):
             return
         member = _digest(cookie_value)
         await self._run(
@@ -386,7 +384,7 @@ class RedisStore:
         if raw is None:
             return None
         tx = Transaction.from_dict(self._tx_sealer.open(_text(raw)))
-        if tx is None or not hmac.compare_digest(_utf8(tx.state), _utf8(state)):
+        if tx is None or not same_state(tx.state, state):
             return None
         return tx
 
@@ -487,10 +485,6 @@ def connect(url: str) -> tuple[Redis, tuple[Redis, ...]]:
     )
     client: Redis = sentinel.master_for(target.service_name)
     return client, tuple(sentinel.sentinels)
-
-
-def _is_handle(value: object) -> bool:
-    return isinstance(value, str) and _HANDLE.fullmatch(value) is not None
 
 
 def _digest(value: str) -> str:

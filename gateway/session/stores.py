@@ -53,7 +53,13 @@ OPENED_CACHE_SIZE = 4096
 # with the rate sessions are created, cheap enough to do on every save.
 SWEEP_PER_SAVE = 16
 
-_HANDLE = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
+_HANDLE = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(HANDLE_BYTES)
+
+
+def is_handle(value: object) -> bool:
+    """A server-side store's cookie value: ``secrets.token_urlsafe(HANDLE_BYTES)``."""
+    return isinstance(value, str) and _HANDLE.fullmatch(value) is not None
+
 
 log = structlog.get_logger(__name__)
 
@@ -209,7 +215,7 @@ class MemoryStore:
         return cookie_value in self._sessions
 
     async def load(self, cookie_value: str, now: float) -> Session | None:
-        if not isinstance(cookie_value, str) or not _HANDLE.fullmatch(cookie_value):
+        if not is_handle(cookie_value):
             return None
         session = self._sessions.get(cookie_value)
         if session is None:

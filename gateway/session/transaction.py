@@ -16,13 +16,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway.session.cookies import cookie_name
 from gateway.session.crypto import Sealer
+from gateway.session.model import Malformed, finite_time, optional_str, required_str
 
 TX_PURPOSE = "stepup-gateway tx v1"
 TX_COOKIE_BASE = "stepup_tx"
@@ -87,54 +87,28 @@ class Transaction:
         """The transaction in ``data``, or None if malformed. Never raises."""
         if not isinstance(data, Mapping):
             return None
-        state, nonce, verifier = data.get("s"), data.get("n"), data.get("v")
-        return_to, mode = data.get("r"), data.get("o")
-        rule, level = data.get("u"), data.get("l")
-        max_age_s, created_at = data.get("m"), data.get("c")
-        if not (
-            isinstance(state, str)
-            and isinstance(nonce, str)
-            and isinstance(verifier, str)
-            and isinstance(return_to, str)
-            and isinstance(mode, str)
-            and state
-            and nonce
-            and verifier
-            and return_to
-            and mode
-        ):
-            return None
-        if not (rule is None or isinstance(rule, str)):
-            return None
-        if not (level is None or isinstance(level, str)):
-            return None
+        max_age_s, fresh = data.get("m"), data.get("f", False)
         if max_age_s is not None and (type(max_age_s) is not int or max_age_s < 0):
-            return None
-        if isinstance(created_at, bool) or not isinstance(created_at, int | float):
-            return None
-        if not math.isfinite(created_at):
-            return None
-        kept, binding, fresh = data.get("k"), data.get("b"), data.get("f", False)
-        if not (kept is None or isinstance(kept, str)):
-            return None
-        if not (binding is None or isinstance(binding, str)):
             return None
         if not isinstance(fresh, bool):
             return None
-        return cls(
-            state=state,
-            nonce=nonce,
-            code_verifier=verifier,
-            return_to=return_to,
-            rule=rule,
-            level=level,
-            max_age_s=max_age_s,
-            created_at=float(created_at),
-            mode=mode,
-            kept=kept,
-            binding=binding,
-            fresh=fresh,
-        )
+        try:
+            return cls(
+                state=required_str(data.get("s")),
+                nonce=required_str(data.get("n")),
+                code_verifier=required_str(data.get("v")),
+                return_to=required_str(data.get("r")),
+                rule=optional_str(data.get("u")),
+                level=optional_str(data.get("l")),
+                max_age_s=max_age_s,
+                created_at=finite_time(data.get("c")),
+                mode=required_str(data.get("o")),
+                kept=optional_str(data.get("k")),
+                binding=optional_str(data.get("b")),
+                fresh=fresh,
+            )
+        except Malformed:
+            return None
 
 
 class TransactionCodec:
@@ -155,7 +129,7 @@ class TransactionCodec:
         another round trip), ``ttl_s`` old or older, or dated in the future.
         """
         tx = self.peek(value)
-        if tx is None or not _same(tx.state, state):
+        if tx is None or not same_state(tx.state, state):
             return None
         age_s = now - tx.created_at
         if age_s >= ttl_s or age_s < -CLOCK_SKEW_S:
@@ -217,7 +191,8 @@ def _state_bytes(state: str) -> bytes:
     return state.encode("utf-8", "surrogatepass")
 
 
-def _same(expected: str, received: str) -> bool:
+def same_state(expected: str, received: str) -> bool:
+    """Constant-time ``state`` comparison; the received one may hold anything."""
     return hmac.compare_digest(_state_bytes(expected), _state_bytes(received))
 
 
