@@ -33,6 +33,7 @@ from typing import Any
 import jwt
 import structlog
 from aiohttp import web
+from multidict import MultiDictProxy
 
 from gateway.demo.pages import esc, static_file
 
@@ -322,13 +323,23 @@ class DemoBank:
             return "That is more than your balance."
         return payee, amount, currency
 
-    async def make_transfer(self, request: web.Request) -> web.Response:
+    async def checked_post(
+        self, request: web.Request, form_name: str, what: str
+    ) -> tuple[Seen, MultiDictProxy[str | bytes | bytearray | web.FileField]] | web.Response:
+        """A form post's assertion and form token checked: (seen, form), or the refusal."""
         seen = await self.seen(request)
         form = await request.post()
         if not seen.verified:
             return refused(seen)
-        if not self.form_token_ok(seen, "transfer", form.get("form_token")):
-            return page("Form expired", "<p>Reload the transfer form and try again.</p>", seen, 403)
+        if not self.form_token_ok(seen, form_name, form.get("form_token")):
+            return page("Form expired", f"<p>Reload the {what} and try again.</p>", seen, 403)
+        return seen, form
+
+    async def make_transfer(self, request: web.Request) -> web.Response:
+        checked = await self.checked_post(request, "transfer", "transfer form")
+        if isinstance(checked, web.Response):
+            return checked
+        seen, form = checked
         customer = self.customer(seen)
         payment = self._payment(customer, form, limit=customer.balance)
         if isinstance(payment, str):
@@ -397,12 +408,10 @@ class DemoBank:
         )
 
     async def add_standing_order(self, request: web.Request) -> web.Response:
-        seen = await self.seen(request)
-        form = await request.post()
-        if not seen.verified:
-            return refused(seen)
-        if not self.form_token_ok(seen, "standing-order", form.get("form_token")):
-            return page("Form expired", "<p>Reload the form and try again.</p>", seen, 403)
+        checked = await self.checked_post(request, "standing-order", "form")
+        if isinstance(checked, web.Response):
+            return checked
+        seen, form = checked
         customer = self.customer(seen)
         payment = self._payment(customer, form, limit=MAX_TRANSFER)
         frequency = form.get("frequency")
@@ -456,12 +465,10 @@ class DemoBank:
         )
 
     async def move_to_savings(self, request: web.Request) -> web.Response:
-        seen = await self.seen(request)
-        form = await request.post()
-        if not seen.verified:
-            return refused(seen)
-        if not self.form_token_ok(seen, "savings", form.get("form_token")):
-            return page("Form expired", "<p>Reload the savings form and try again.</p>", seen, 403)
+        checked = await self.checked_post(request, "savings", "savings form")
+        if isinstance(checked, web.Response):
+            return checked
+        seen, form = checked
         customer = self.customer(seen)
         typed = form.get("amount")
         amount_text = typed if isinstance(typed, str) else ""
@@ -516,12 +523,10 @@ class DemoBank:
         )
 
     async def change_payee(self, request: web.Request) -> web.Response:
-        seen = await self.seen(request)
-        form = await request.post()
-        if not seen.verified:
-            return refused(seen)
-        if not self.form_token_ok(seen, "payee", form.get("form_token")):
-            return page("Form expired", "<p>Reload the payee form and try again.</p>", seen, 403)
+        checked = await self.checked_post(request, "payee", "payee form")
+        if isinstance(checked, web.Response):
+            return checked
+        seen, form = checked
         customer = self.customer(seen)
         key, name, iban = (form.get(k) for k in ("payee", "name", "iban"))
         iban_text = iban.replace(" ", "").upper() if isinstance(iban, str) else ""

@@ -838,16 +838,26 @@ class IdentityProvider:
         )
         return _json_text(options)
 
-    async def handle_passkey_verify(self, request: web.Request) -> web.StreamResponse:
-        checked = await self._json_step(request, Step.PASSKEY)
+    async def _ceremony(
+        self, request: web.Request, step: Step, kind: str
+    ) -> tuple[SignIn, DemoUser, bytes, dict[str, Any]] | web.StreamResponse:
+        """A passkey answer for ``step``: (sign-in, user, the challenge it must sign,
+        the credential), or the error to answer with. The challenge is used up."""
+        checked = await self._json_step(request, step)
         if isinstance(checked, web.StreamResponse):
             return checked
         sign_in, body = checked
-        challenge = self._take_challenge(sign_in, "authenticate")
+        challenge = self._take_challenge(sign_in, kind)
         credential = body.get("credential")
         if challenge is None or not isinstance(credential, dict):
             return _json_error(400, "Start again: press the button once more.")
-        user = self.users[sign_in.username or ""]
+        return sign_in, self.users[sign_in.username or ""], challenge, credential
+
+    async def handle_passkey_verify(self, request: web.Request) -> web.StreamResponse:
+        ceremony = await self._ceremony(request, Step.PASSKEY, "authenticate")
+        if isinstance(ceremony, web.StreamResponse):
+            return ceremony
+        sign_in, user, challenge, credential = ceremony
         try:
             verified = verify_authentication(
                 credential,
@@ -887,15 +897,10 @@ class IdentityProvider:
         return _json_text(options)
 
     async def handle_enrol_verify(self, request: web.Request) -> web.StreamResponse:
-        checked = await self._json_step(request, Step.ENROL_PASSKEY)
-        if isinstance(checked, web.StreamResponse):
-            return checked
-        sign_in, body = checked
-        challenge = self._take_challenge(sign_in, "register")
-        credential = body.get("credential")
-        if challenge is None or not isinstance(credential, dict):
-            return _json_error(400, "Start again: press the button once more.")
-        user = self.users[sign_in.username or ""]
+        ceremony = await self._ceremony(request, Step.ENROL_PASSKEY, "register")
+        if isinstance(ceremony, web.StreamResponse):
+            return ceremony
+        sign_in, user, challenge, credential = ceremony
         try:
             passkey = verify_registration(
                 credential,
