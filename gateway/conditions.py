@@ -366,10 +366,22 @@ class AuthAge(Condition):
 
 
 @dataclass(frozen=True, slots=True)
-class AllOf(Condition):
-    """Every condition holds. ``listed``: written as a plain YAML list."""
+class _Group(Condition):
+    """Conditions combined: they read the fields and miss the facts of all of them."""
 
     conditions: tuple[Condition, ...]
+
+    def fields(self) -> frozenset[str]:
+        return frozenset[str]().union(*(condition.fields() for condition in self.conditions))
+
+    def unknowns(self, facts: Facts) -> frozenset[str]:
+        return frozenset[str]().union(*(condition.unknowns(facts) for condition in self.conditions))
+
+
+@dataclass(frozen=True, slots=True)
+class AllOf(_Group):
+    """Every condition holds. ``listed``: written as a plain YAML list."""
+
     listed: bool = True
 
     def evaluate(self, facts: Facts) -> bool | None:
@@ -378,34 +390,20 @@ class AllOf(Condition):
             return False
         return None if None in results else True
 
-    def fields(self) -> frozenset[str]:
-        return frozenset[str]().union(*(condition.fields() for condition in self.conditions))
-
-    def unknowns(self, facts: Facts) -> frozenset[str]:
-        return frozenset[str]().union(*(condition.unknowns(facts) for condition in self.conditions))
-
     def describe(self) -> Description:
         described = [condition.describe() for condition in self.conditions]
         return described if self.listed else {"all": described}
 
 
 @dataclass(frozen=True, slots=True)
-class AnyOf(Condition):
+class AnyOf(_Group):
     """At least one condition holds."""
-
-    conditions: tuple[Condition, ...]
 
     def evaluate(self, facts: Facts) -> bool | None:
         results = [condition.evaluate(facts) for condition in self.conditions]
         if True in results:
             return True
         return None if None in results else False
-
-    def fields(self) -> frozenset[str]:
-        return frozenset[str]().union(*(condition.fields() for condition in self.conditions))
-
-    def unknowns(self, facts: Facts) -> frozenset[str]:
-        return frozenset[str]().union(*(condition.unknowns(facts) for condition in self.conditions))
 
     def describe(self) -> Description:
         return {"any": [condition.describe() for condition in self.conditions]}
