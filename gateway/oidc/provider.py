@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import jwt
@@ -35,6 +35,8 @@ from gateway.oidc.flow import (
 )
 
 __all__ = ["ProviderClient", "ProviderMetadata"]
+
+T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
 
@@ -199,6 +201,17 @@ class ProviderClient:
             allowed_algs=self._cfg.algorithms,
         )
 
+    async def _fetch(self, endpoint: str, url: str, parse: Callable[[object], T]) -> T:
+        """GET ``url`` and parse its 200 JSON answer; failures are reported and raised."""
+        status, body = await self._request(endpoint, "GET", url)
+        if status != 200:
+            raise self._status_error(endpoint, status)
+        try:
+            return parse(body)
+        except errors.ProviderError as exc:
+            self._report(endpoint, "invalid", exc)
+            raise
+
     # -------------------------------------------------------------------- metadata
 
     async def _refresh_metadata(self, *, force: bool) -> None:
@@ -213,14 +226,9 @@ class ProviderClient:
                 return
             url = self._cfg.issuer.rstrip("/") + "/.well-known/openid-configuration"
             try:
-                status, body = await self._request("discovery", "GET", url)
-                if status != 200:
-                    raise self._status_error("discovery", status)
-                try:
-                    meta = parse_metadata(body, issuer=self._cfg.issuer)
-                except errors.ProviderError as exc:
-                    self._report("discovery", "invalid", exc)
-                    raise
+                meta = await self._fetch(
+                    "discovery", url, lambda body: parse_metadata(body, issuer=self._cfg.issuer)
+                )
             except errors.ProviderError as exc:
                 self._meta_next_fetch = self._clock() + RETRY_AFTER_FAILURE_S
                 self._meta_error = exc
@@ -258,14 +266,7 @@ class ProviderClient:
         self._jwks_last_attempt = self._clock()
         try:
             meta = await self.metadata()
-            status, body = await self._request("jwks", "GET", meta.jwks_uri)
-            if status != 200:
-                raise self._status_error("jwks", status)
-            try:
-                keys = _parse_jwks(body)
-            except errors.ProviderError as exc:
-                self._report("jwks", "invalid", exc)
-                raise
+            keys = await self._fetch("jwks", meta.jwks_uri, _parse_jwks)
         except errors.ProviderError as exc:
             self._jwks_next_fetch = self._clock() + RETRY_AFTER_FAILURE_S
             self._jwks_error = exc
