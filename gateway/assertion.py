@@ -19,7 +19,9 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-MAX_TTL_S = 60  # contract: exp within 60 s
+from gateway.model import MAX_ASSERTION_TTL_S
+
+MAX_TTL_S = MAX_ASSERTION_TTL_S
 # A token is reused while at least this share of its lifetime is left, so that signing
 # (an ECDSA operation, the costliest step of a forwarded request) happens about once
 # per session and rule per half-TTL instead of on every request.

@@ -39,8 +39,10 @@ from gateway.conditions import (
     parse_duration_s,
 )
 from gateway.errors import ConfigError, ConfigProblem
+from gateway.model import MAX_ASSERTION_TTL_S
 from gateway.paths import canonical_rule_host
 from gateway.rules import compile_glob
+from gateway.session.crypto import MIN_SECRET_BYTES
 from gateway.session.redis_url import REDIS_SCHEMES, is_sentinel_url, parse_sentinel_url, scheme_of
 
 T = TypeVar("T")
@@ -106,10 +108,8 @@ DEFAULT_AUTHORIZATION_DETAILS_TYPE = "payment_initiation"
 
 # --- Limits --------------------------------------------------------------------------
 
-MIN_SECRET_BYTES = 32  # AES-256 / HKDF input: 256 bits
 # A skew larger than this would keep accepting expired id tokens for too long.
 MAX_CLOCK_SKEW_S = 5 * 60
-MAX_ASSERTION_TTL_S = 60  # contract
 MAX_PORT = 65535
 # Past this, a slow engine holds connections long enough to look like an outage.
 MAX_RISK_TIMEOUT_S = 10.0

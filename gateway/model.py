@@ -10,6 +10,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
+MAX_ASSERTION_TTL_S = 60  # contract: an X-Auth-Assertion expires within 60 s
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -143,7 +145,7 @@ class Rule:
 @dataclass(frozen=True, slots=True)
 class AssertionConfig:
     key_file: str | None = None
-    ttl_s: int = 60
+    ttl_s: int = MAX_ASSERTION_TTL_S
     header_prefix: str = "X-Auth-"
 
 

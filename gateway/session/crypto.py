@@ -30,7 +30,7 @@ KEY_BYTES = 32  # AES-256
 # of traffic for a large site, and rotating the secret resets the count.
 NONCE_BYTES = 12
 TAG_BYTES = 16  # AESGCM's full 128-bit tag
-MIN_SECRET_BYTES = 32  # as much entropy as the AES-256 key it feeds (config requires the same)
+MIN_SECRET_BYTES = 32  # as much entropy as the AES-256 key it feeds (config checks this)
 # Nothing we seal comes near this; refusing larger input early bounds the work an
 # attacker can make us do per request (a whole Cookie header is ~8 KB in most servers).
 MAX_TOKEN_CHARS = 16_384
