@@ -19,12 +19,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 RUN python -m venv /opt/venv
 # Only what the wheel is built from; see .dockerignore.
-COPY pyproject.toml README.md LICENSE ./
+COPY pyproject.toml README.md LICENSE requirements.lock ./
+# Every dependency from the hashed lock (scripts/lock refreshes it), before the source,
+# so this layer is reused while only the code changes.
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes -r requirements.lock
 COPY gateway ./gateway
 # pip compiles every module to .pyc while installing, so the read-only runtime image
-# never needs to write bytecode.
-RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
-    && /opt/venv/bin/pip install --no-cache-dir /wheels/*.whl
+# never needs to write bytecode. --no-deps: nothing is resolved beyond the lock.
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation .
 
 FROM ${PYTHON_IMAGE} AS runtime
 # uid/gid 10001: above the range distributions hand out to system and login users,

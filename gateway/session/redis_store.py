@@ -474,7 +474,7 @@ def connect(url: str) -> tuple[Redis, tuple[Redis, ...]]:
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
         "ssl": target.ssl,
     }
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+    sentinel = Sentinel(
         list(target.sentinels),
         sentinel_kwargs=sentinel_options,
         username=target.username,
