@@ -10,6 +10,7 @@ Rows (each measured with wrk after a warm-up, all on loopback):
     gateway-1k-rules   the same with 1,000 rules before the one that matches
     gateway-10k-rules  the same with 10,000 rules
     gateway-2w-redis   2 worker processes sharing the Redis session store (same core)
+    apache-openidc     the peer: Apache httpd + mod_auth_openidc doing the gateway's job
 
 The load generator runs on CPU 0 and every server on CPU 1, so one gateway process
 gets one core, as nginx does with ``worker_processes 1``.
@@ -49,7 +50,7 @@ from yarl import URL
 
 REPO = Path(__file__).resolve().parent.parent
 LOAD_CPU = 0  # wrk
-SERVER_CPU = 1  # nginx (both), the gateway and the test provider
+SERVER_CPU = 1  # nginx (both), the gateway, Apache and the test provider
 HIT_PATH = "/app/bench"  # matched by the last rule, "/app/**"
 START_TIMEOUT_S = 120.0  # 10,000 rules are parsed and compiled before the gateway listens
 STOP_TIMEOUT_S = 10.0
@@ -59,6 +60,9 @@ WRK_GRACE_S = 30.0  # beyond -d, before wrk is considered hung
 BAR_RATIO = 0.15
 BAR_P99_MS = 15.0
 BAR_RULES_COST_PCT = 10.0
+# ... and against the peer users would pick instead: Apache httpd + mod_auth_openidc.
+BAR_PEER_RATIO = 1.5
+BAR_PEER_P99_MS = 10.0
 
 GATEWAY_ROWS = {
     "gateway": 10,
@@ -74,7 +78,8 @@ SCALE_OUT = {"gateway-2w-redis": (2, "redis")}
 REDIS_BENCH_URL = "redis://127.0.0.1:6379/14"
 # What the gateway is built on, doing none of the gateway's work (bench/floor.py).
 FLOOR_ROWS = {"aiohttp-alone": "alone", "aiohttp-proxy": "proxy"}
-ALL_ROWS = ("upstream", "nginx-proxy", *FLOOR_ROWS, *GATEWAY_ROWS)
+PEER_ROW = "apache-openidc"
+ALL_ROWS = ("upstream", "nginx-proxy", *FLOOR_ROWS, *GATEWAY_ROWS, PEER_ROW)
 
 # Every connection stays open for the whole run in every row: nginx's default of
 # 1,000 requests per connection would make the nginx rows pay reconnects that the
@@ -271,12 +276,27 @@ def wait_for_http(
 # -- tools --------------------------------------------------------------------------
 
 
-def ensure_tools() -> None:
-    """Install wrk and nginx from Debian if either is missing."""
-    missing = [tool for tool in ("wrk", "nginx", "taskset") if shutil.which(tool) is None]
+# Apache and its modules where Debian puts them. apache2-bin holds the server and every
+# module mod_auth_openidc needs; the "apache2" package would add a system service that
+# starts listening on port 80 as soon as it is installed.
+APACHE = Path("/usr/sbin/apache2")
+APACHE_MODULES = Path("/usr/lib/apache2/modules")
+
+
+def ensure_tools(*, apache: bool) -> None:
+    """Install wrk and nginx (and Apache with mod_auth_openidc) from Debian if missing."""
+    wanted = {"wrk": "wrk", "nginx": "nginx", "taskset": "util-linux"}
+    if apache:
+        wanted[str(APACHE)] = "apache2-bin"
+        wanted[str(APACHE_MODULES / "mod_auth_openidc.so")] = "libapache2-mod-auth-openidc"
+
+    def present(tool: str) -> bool:
+        return Path(tool).exists() if tool.startswith("/") else shutil.which(tool) is not None
+
+    missing = [tool for tool in wanted if not present(tool)]
     if not missing:
         return
-    packages = sorted({"taskset": "util-linux"}.get(tool, tool) for tool in missing)
+    packages = sorted({wanted[tool] for tool in missing})
     sudo = [] if os.geteuid() == 0 else ["sudo"]
     print(f"installing {', '.join(packages)} with apt-get", file=sys.stderr)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -284,7 +304,7 @@ def ensure_tools() -> None:
     subprocess.run(
         [*sudo, "apt-get", "install", "-y", "-q", *packages], check=True, env=env, timeout=600
     )
-    still = [tool for tool in missing if shutil.which(tool) is None]
+    still = [tool for tool in missing if not present(tool)]
     if still:
         raise BenchError(f"still missing after apt-get: {', '.join(still)}")
 
@@ -405,9 +425,11 @@ def run_wrk(
         wrk_s = _children_cpu_s() - children_before_s
         result = parse_wrk(stdout, row)
         if result.non_2xx_3xx or result.socket_errors:
+            kinds = re.search(r"Socket errors:.*", stdout)
             raise BenchError(
                 f"{row}: {result.non_2xx_3xx} non-2xx/3xx answers and "
-                f"{result.socket_errors} socket errors; the numbers would mean nothing"
+                f"{result.socket_errors} socket errors{f' ({kinds.group(0)})' if kinds else ''}; "
+                "the numbers would mean nothing"
             )
         result.server_cpu_us_per_request = servers_s / max(result.requests, 1) * 1e6
         other_s = busy_s - servers_s - wrk_s
@@ -514,12 +536,16 @@ assertion:
     )
 
 
-async def sign_in(gateway_url: str, cookie_name: str) -> str:
-    """Walk a real sign-in: gateway -> provider -> callback; return the session cookie."""
+async def sign_in(server_url: str, cookie_name: str) -> str:
+    """Walk a real sign-in: server -> provider -> callback; return the session cookie.
+
+    ``server_url`` is the gateway or Apache; each redirects a browser to the provider,
+    takes the answer on its own callback and sends the browser back to ``HIT_PATH``.
+    """
     jar = aiohttp.CookieJar(unsafe=True)  # loopback IPs
     timeout = aiohttp.ClientTimeout(total=SIGN_IN_TIMEOUT_S)
     async with aiohttp.ClientSession(cookie_jar=jar, timeout=timeout) as http:
-        url = gateway_url + HIT_PATH
+        url = server_url + HIT_PATH
         hops: list[str] = []
         for _ in range(10):
             async with http.get(
@@ -542,10 +568,10 @@ async def sign_in(gateway_url: str, cookie_name: str) -> str:
         # What wrk will send: the cookie alone, no Accept (an API-style request).
         async with (
             aiohttp.ClientSession(timeout=timeout) as plain,
-            plain.get(gateway_url + HIT_PATH, headers={"Cookie": f"{cookie_name}={value}"}) as resp,
+            plain.get(server_url + HIT_PATH, headers={"Cookie": f"{cookie_name}={value}"}) as resp,
         ):
             if resp.status != 200 or await resp.text() != "ok":
-                raise BenchError(f"the session cookie does not pass the gateway: {resp.status}")
+                raise BenchError(f"the session cookie does not pass {server_url}: {resp.status}")
         return value
 
 
@@ -623,13 +649,248 @@ def measure_floor(
         processes.stop(proc)
 
 
+# -- the peer: Apache httpd + mod_auth_openidc ----------------------------------------
+
+APACHE_CALLBACK_PATH = "/_oidc/callback"  # mod_auth_openidc's OIDCRedirectURI
+APACHE_COOKIE = "mod_auth_openidc_session"  # its default session cookie name
+# A location that needs an acr the test provider does not assert (it says loa:1): the
+# session must be refused there, or the claim check on HIT_PATH proves nothing.
+APACHE_STRONGER_PATH = "/mfa/bench"
+
+# One Apache process doing the gateway row's job: a keep-alive reverse proxy in front of
+# the same upstream, letting a request through only with a valid OpenID Connect session
+# whose ID token says acr urn:example:loa:1 (the gateway's "password" level, LEVELS_YAML).
+#
+# Workers: the event MPM with one child (ServerLimit 1) of twice as many threads as wrk
+# has connections. mod_auth_openidc and mod_proxy_http hold a thread for the whole of a
+# request, so at least one thread per connection is needed not to queue requests behind
+# a thread limit, which nginx's single event loop does not do. Exactly one per
+# connection is not enough: when a request arrives on a kept-alive connection and no
+# thread is idle at that instant (the one that answered the last request is still
+# finishing it), the event MPM closes the connection so that the client may reconnect
+# to another process (event.c, "If we don't get a worker immediately ... we close the
+# connection"), and when all threads were busy it closes every idle kept-alive one;
+# with one process that only costs reconnects, and wrk counts each as a read error.
+# Idle threads cost nothing but memory. Every thread shares CPU 1 (taskset), so this is
+# one core, as nginx's worker_processes 1 and the gateway get.
+# MaxKeepAliveRequests 0 keeps every connection open, as KEEPALIVE_REQUESTS does in nginx.
+#
+# Sessions: OIDCSessionType server-cache (mod_auth_openidc's default, and what a single
+# server runs) in OIDCCacheType shm (its default cache: shared memory in this process
+# tree); the cookie is an opaque session id. Timeouts as in gateway_yaml: idle 1 h,
+# lifetime 12 h. Claims reach the upstream as OIDC_CLAIM_* headers (its default,
+# OIDCPassClaimsAs both), as the gateway sends X-Auth-*.
+#
+# The upstream: ProxyPass workers keep their connections to the backend open and reuse
+# them (mod_proxy's default; one pooled connection per thread at most).
+#
+# Secrets come from the environment (Apache's own ${NAME} syntax), not the file.
+APACHE_CONF = """\
+ServerRoot {root}
+ServerName 127.0.0.1
+Listen 127.0.0.1:{port}
+PidFile {root}/httpd.pid
+DefaultRuntimeDir {root}
+ErrorLog {root}/error.log
+LogLevel warn
+{user}
+LoadModule mpm_event_module {modules}/mod_mpm_event.so
+LoadModule authn_core_module {modules}/mod_authn_core.so
+LoadModule authz_core_module {modules}/mod_authz_core.so
+LoadModule authz_user_module {modules}/mod_authz_user.so
+LoadModule proxy_module {modules}/mod_proxy.so
+LoadModule proxy_http_module {modules}/mod_proxy_http.so
+LoadModule auth_openidc_module {modules}/mod_auth_openidc.so
+
+StartServers 1
+ServerLimit 1
+ThreadLimit {threads}
+ThreadsPerChild {threads}
+MaxRequestWorkers {threads}
+MinSpareThreads 1
+MaxSpareThreads {threads}
+MaxConnectionsPerChild 0
+KeepAlive On
+MaxKeepAliveRequests 0
+
+# An access log line per request, written and dropped, as the gateway row does.
+LogFormat "%h %l %u %t \\"%r\\" %>s %b \\"%{{User-Agent}}i\\"" common
+CustomLog /dev/null common
+
+OIDCProviderMetadataURL {issuer}/.well-known/openid-configuration
+OIDCClientID gateway
+OIDCClientSecret ${{OIDC_CLIENT_SECRET}}
+OIDCCryptoPassphrase ${{APACHE_OIDC_PASSPHRASE}}
+OIDCRedirectURI http://127.0.0.1:{port}{callback}
+OIDCProviderTokenEndpointAuth client_secret_basic
+OIDCPKCEMethod S256
+OIDCScope "openid email profile"
+OIDCSessionType server-cache
+OIDCCacheType shm
+OIDCSessionInactivityTimeout 3600
+OIDCSessionMaxDuration 43200
+
+<Location {callback}>
+    AuthType openid-connect
+    Require valid-user
+</Location>
+# RequireAll: a bare list of Require lines means "any of them", and valid-user alone
+# would then let every signed-in user through.
+<Location /app/>
+    AuthType openid-connect
+    <RequireAll>
+        Require valid-user
+        Require claim acr:urn:example:loa:1
+    </RequireAll>
+</Location>
+<Location /mfa/>
+    AuthType openid-connect
+    <RequireAll>
+        Require valid-user
+        Require claim acr:urn:example:loa:2
+    </RequireAll>
+</Location>
+ProxyPass /app/ http://127.0.0.1:{upstream_port}/app/
+ProxyPass /mfa/ http://127.0.0.1:{upstream_port}/mfa/
+"""
+
+
+def start_apache(
+    processes: Processes,
+    *,
+    port: int,
+    upstream_port: int,
+    issuer: str,
+    threads: int,
+    env: dict[str, str],
+) -> subprocess.Popen[bytes]:
+    root = processes.tmp / PEER_ROW
+    root.mkdir()
+    # As root, Apache serves from an unprivileged user (it refuses to run its workers as
+    # root); anyone else stays who they are and Apache ignores the line.
+    user = "User www-data\nGroup www-data\n" if os.geteuid() == 0 else ""
+    conf = root / "httpd.conf"
+    conf.write_text(
+        APACHE_CONF.format(
+            root=root,
+            port=port,
+            upstream_port=upstream_port,
+            issuer=issuer,
+            threads=threads,
+            user=user,
+            modules=APACHE_MODULES,
+            callback=APACHE_CALLBACK_PATH,
+        )
+    )
+    proc = processes.start(
+        PEER_ROW,
+        [str(APACHE), "-d", str(root), "-f", str(conf), "-DFOREGROUND"],
+        cpu=SERVER_CPU,
+        env=env,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/", proc, PEER_ROW, processes, 15.0)
+    except BenchError as exc:
+        raise BenchError(f"{exc}\n{apache_error_log(processes)}") from exc
+    return proc
+
+
+def apache_error_log(processes: Processes, lines: int = 20) -> str:
+    path = processes.tmp / PEER_ROW / "error.log"
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+async def check_guard(server_url: str, cookie_name: str, cookie: str, issuer: str) -> None:
+    """Fail unless ``server_url`` lets the session through, and only the session.
+
+    Requests carry only the headers named here (wrk sends no Accept or User-Agent):
+    the session as wrk will send it gets ``200 ok``; no session or a made-up one sends
+    a browser to the provider; no session from an API client (mod_auth_openidc tells
+    one by a missing Accept) gets no 2xx; the session gets no 2xx at a location that
+    needs an acr the provider did not assert.
+    """
+    session = {"Cookie": f"{cookie_name}={cookie}"}
+    forged = {"Cookie": f"{cookie_name}={secrets.token_urlsafe(20)}"}
+    browser = {"Accept": "text/html"}
+    checks = [
+        ("the session, as wrk sends it", HIT_PATH, session, "ok"),
+        ("no session, a browser", HIT_PATH, browser, "provider"),
+        ("a made-up session, a browser", HIT_PATH, {**browser, **forged}, "provider"),
+        ("no session, an API client", HIT_PATH, {}, "refused"),
+        ("a made-up session, an API client", HIT_PATH, forged, "refused"),
+        ("the session where acr loa:2 is required", APACHE_STRONGER_PATH, session, "refused"),
+    ]
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=SIGN_IN_TIMEOUT_S),
+        cookie_jar=aiohttp.DummyCookieJar(),  # each request carries only its own cookie
+        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
+    ) as http:
+        for what, path, headers, expected in checks:
+            async with http.get(server_url + path, headers=headers, allow_redirects=False) as resp:
+                body = await resp.text(errors="replace")
+                location = resp.headers.get("Location", "")
+            ok = {
+                "ok": resp.status == 200 and body == "ok",
+                "provider": resp.status == 302 and location.startswith(issuer + "/authorize?"),
+                "refused": not 200 <= resp.status < 400,
+            }[expected]
+            if not ok:
+                raise BenchError(
+                    f"{server_url}{path}, {what}: {resp.status} {location[:60]!r} "
+                    f"{body[:60]!r}, expected {expected}"
+                )
+
+
+def measure_apache(
+    processes: Processes,
+    args: argparse.Namespace,
+    *,
+    port: int,
+    upstream_port: int,
+    issuer: str,
+    env: dict[str, str],
+) -> Row:
+    env = {**env, "APACHE_OIDC_PASSPHRASE": secrets.token_urlsafe(32)}
+    proc = start_apache(
+        processes,
+        port=port,
+        upstream_port=upstream_port,
+        issuer=issuer,
+        threads=2 * args.connections,  # see APACHE_CONF
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            cookie = asyncio.run(sign_in(url, APACHE_COOKIE))
+            asyncio.run(check_guard(url, APACHE_COOKIE, cookie, issuer))
+        except BenchError as exc:
+            raise BenchError(f"{exc}\n{apache_error_log(processes)}") from exc
+        result = run_wrk(
+            url + HIT_PATH,
+            row=PEER_ROW,
+            args=args,
+            processes=processes,
+            headers=[f"Cookie: {APACHE_COOKIE}={cookie}"],
+        )
+    finally:
+        processes.stop(proc)
+    if proc.returncode not in (0, -signal.SIGTERM):
+        raise BenchError(
+            f"{PEER_ROW} exited with {proc.returncode}:\n{apache_error_log(processes)}"
+        )
+    return result
+
+
 # -- the run ------------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    ensure_tools()
-    check_cpus()
     rows_wanted = set(args.rows or ALL_ROWS)
+    ensure_tools(apache=PEER_ROW in rows_wanted)
+    check_cpus()
     results: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="stepup-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -675,15 +936,10 @@ def run(args: argparse.Namespace) -> list[Row]:
                     report(results[-1])
 
             gateway_rows = [(r, n) for r, n in GATEWAY_ROWS.items() if r in rows_wanted]
-            if gateway_rows:
-                key = ec.generate_private_key(ec.SECP256R1())
-                (tmp / "assertion-key.pem").write_bytes(
-                    key.private_bytes(
-                        serialization.Encoding.PEM,
-                        serialization.PrivateFormat.PKCS8,
-                        serialization.NoEncryption(),
-                    )
-                )
+            peer = PEER_ROW in rows_wanted
+            if gateway_rows or peer:
+                # One provider for every row that signs in; its one client ("gateway")
+                # has each server's callback registered.
                 client_secret = secrets.token_urlsafe(24)
                 env = {
                     **os.environ,
@@ -693,14 +949,29 @@ def run(args: argparse.Namespace) -> list[Row]:
                     "PYTHONPATH": str(REPO),
                 }
                 ports = {row: free_port() for row, _ in gateway_rows}
+                peer_port = free_port()
                 op_port = free_port()
                 issuer = f"http://127.0.0.1:{op_port}"
                 op_argv = [sys.executable, "-m", "tests.support.op", "--port", str(op_port)]
                 for port in ports.values():
                     op_argv += ["--redirect-uri", f"http://127.0.0.1:{port}/_gateway/callback"]
+                if peer:
+                    op_argv += [
+                        "--redirect-uri",
+                        f"http://127.0.0.1:{peer_port}{APACHE_CALLBACK_PATH}",
+                    ]
                 op = processes.start("provider", op_argv, cpu=SERVER_CPU, env=env)
                 wait_for_http(
                     issuer + "/.well-known/openid-configuration", op, "provider", processes, 30.0
+                )
+            if gateway_rows:
+                key = ec.generate_private_key(ec.SECP256R1())
+                (tmp / "assertion-key.pem").write_bytes(
+                    key.private_bytes(
+                        serialization.Encoding.PEM,
+                        serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption(),
+                    )
                 )
                 for row, rules in gateway_rows:
                     results.append(
@@ -716,6 +987,18 @@ def run(args: argparse.Namespace) -> list[Row]:
                         )
                     )
                     report(results[-1])
+            if peer:
+                results.append(
+                    measure_apache(
+                        processes,
+                        args,
+                        port=peer_port,
+                        upstream_port=upstream_port,
+                        issuer=issuer,
+                        env=env,
+                    )
+                )
+                report(results[-1])
         finally:
             processes.stop_all()
     baseline = next((r for r in results if r.row == "nginx-proxy"), None)
@@ -740,6 +1023,15 @@ def rules_cost_pct(results: Sequence[Row]) -> float | None:
     if few is None or many is None or few.requests_per_s <= 0:
         return None
     return (few.requests_per_s - many.requests_per_s) / few.requests_per_s * 100
+
+
+def peer_ratio(results: Sequence[Row]) -> float | None:
+    """The gateway's requests per second over Apache + mod_auth_openidc's."""
+    by_row = {r.row: r for r in results}
+    gateway, peer = by_row.get("gateway"), by_row.get(PEER_ROW)
+    if gateway is None or peer is None or peer.requests_per_s <= 0:
+        return None
+    return gateway.requests_per_s / peer.requests_per_s
 
 
 def table(results: Sequence[Row]) -> Iterator[str]:
@@ -769,6 +1061,12 @@ def table(results: Sequence[Row]) -> Iterator[str]:
             f"{scaled.requests_per_s / one.requests_per_s:.2f}x throughput, "
             f"p99 {scaled.p99_ms:.2f} ms vs {one.p99_ms:.2f} ms"
         )
+    ratio = peer_ratio(results)
+    if one is not None and ratio is not None:
+        yield (
+            f"gateway vs {PEER_ROW}: {ratio:.2f}x throughput, "
+            f"p99 {one.p99_ms:.2f} ms vs {by_row[PEER_ROW].p99_ms:.2f} ms"
+        )
     if any((r.other_load_pct or 0) > OTHER_LOAD_WARN_PCT for r in results):
         yield (
             f"! other processes used more than {OTHER_LOAD_WARN_PCT:g}% of CPUs "
@@ -780,7 +1078,8 @@ def bar(results: Sequence[Row]) -> Iterator[str]:
     """The product's bar, checked on the one-process gateway rows.
 
     The scale-out row (two workers sharing one core and Redis) is for reading
-    what Redis and a second process cost; the bar is for one process.
+    what Redis and a second process cost; the bar is for one process. Against the
+    peer (Apache + mod_auth_openidc) the target is for the ``gateway`` row.
     """
     for r in results:
         if not r.row.startswith("gateway") or r.row in SCALE_OUT:
@@ -795,6 +1094,16 @@ def bar(results: Sequence[Row]) -> Iterator[str]:
     if cost is not None:
         ok = cost < BAR_RULES_COST_PCT
         yield f"{'ok  ' if ok else 'MISS'} 10k rules cost {cost:.1f}% < {BAR_RULES_COST_PCT:g}%"
+    ratio = peer_ratio(results)
+    if ratio is not None:
+        gateway = next(r for r in results if r.row == "gateway")
+        ok = ratio >= BAR_PEER_RATIO
+        yield f"{'ok  ' if ok else 'MISS'} gateway: {ratio:.2f}x >= {BAR_PEER_RATIO:g}x {PEER_ROW}"
+        ok = gateway.p99_ms <= BAR_PEER_P99_MS
+        yield (
+            f"{'ok  ' if ok else 'MISS'} gateway: p99 {gateway.p99_ms:.2f} ms "
+            f"<= {BAR_PEER_P99_MS:g} ms (with the {PEER_ROW} target)"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -839,6 +1148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "load": command,
                     "rows": [asdict(r) for r in results],
                     "rules_cost_pct": rules_cost_pct(results),
+                    "gateway_vs_apache_openidc": peer_ratio(results),
                 },
                 indent=2,
             )
