@@ -36,11 +36,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.demo import DemoStack, approvals, factors, start_demo_stack
-from gateway.demo import main as demo_main
-from gateway.demo import risk as demo_risk
-from gateway.demo.bank import DemoBank, parse_amount, verify_assertion
-from gateway.demo.factors import (
+from gateway.rules import RuleSet
+from stepup_demo import DemoStack, approvals, factors, start_demo_stack
+from stepup_demo import main as demo_main
+from stepup_demo import risk as demo_risk
+from stepup_demo.bank import DemoBank, parse_amount, verify_assertion
+from stepup_demo.factors import (
     ACR_MFA,
     ACR_PASSWORD,
     ACR_PHISHING_RESISTANT,
@@ -49,9 +50,8 @@ from gateway.demo.factors import (
     Factors,
     Step,
 )
-from gateway.demo.idp import IdentityProvider, is_loopback, refuse_public_bind
-from gateway.demo.oauth import DemoClient
-from gateway.rules import RuleSet
+from stepup_demo.idp import IdentityProvider, is_loopback, refuse_public_bind
+from stepup_demo.oauth import DemoClient
 
 Server = Callable[..., Awaitable[TestServer]]
 

@@ -42,8 +42,8 @@ from playwright.async_api import (
 )
 
 from gateway.app import Gateway, make_server
-from gateway.demo import DemoStack, start_demo_stack
-from gateway.demo.bank import Customer
+from stepup_demo import DemoStack, start_demo_stack
+from stepup_demo.bank import Customer
 from tests.conftest import Clock
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -62,7 +62,7 @@ ARTIFACTS = ROOT / "tests" / "artifacts" / "browser"
 DOCS_SCREENSHOTS = ROOT / "docs" / "screenshots"
 STEP_TIMEOUT_MS = 10_000  # one page or ceremony; a hang fails in seconds, not minutes
 # A USB security key: roaming ("cross-platform") and device-bound (not backup
-# eligible), so the provider reports amr "hwk" (gateway.demo.factors.passkey_amr).
+# eligible), so the provider reports amr "hwk" (stepup_demo.factors.passkey_amr).
 SECURITY_KEY = {
     "protocol": "ctap2",
     "transport": "usb",
@@ -76,7 +76,7 @@ SECURITY_KEY = {
 
 def demo_users() -> dict[str, dict[str, str]]:
     """The shipped users.yaml: names, passwords and TOTP secrets are public by design."""
-    text = resources.files("gateway.demo").joinpath("users.yaml").read_text(encoding="utf-8")
+    text = resources.files("stepup_demo").joinpath("users.yaml").read_text(encoding="utf-8")
     users: dict[str, dict[str, str]] = yaml.safe_load(text)["users"]
     return users
 
