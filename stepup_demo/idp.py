@@ -16,8 +16,10 @@ It honours ``acr_values`` and the ``claims`` parameter's ``acr`` (prompting for 
 strongest requested level the user can reach, or answering
 ``unmet_authentication_requirements``), ``max_age``, ``prompt=login``/``none``,
 ``login_hint`` and ``id_token_hint``; a provider session (its own cookie) that
-already meets a request signs the user in without a prompt. A user without a
-passkey may create one only after a one-time code in the same sign-in.
+already meets a request signs the user in without a prompt, and a step-up asks only
+for what the session lacks: a signed-in user asked for ``phr`` is asked for a passkey
+and nothing else, since a user-verified passkey is a whole sign-in on its own. A user
+without a passkey may create one only after a one-time code in the same sign-in.
 
 A request with RFC 9396 ``authorization_details`` or a ``binding_message`` asks the
 user to approve something: every page of that sign-in says what ("Approve transfer
