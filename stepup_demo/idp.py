@@ -408,7 +408,9 @@ class IdentityProvider:
                 text += " First, sign in with your password."
         else:
             text = f"{client} asks you to sign in with your password."
-        if sign_in.force_login:
+        if sign_in.force_login and target == ACR_PHISHING_RESISTANT and step is not Step.PASSWORD:
+            text += " It asks for a new sign-in even if you are signed in: your passkey is one."
+        elif sign_in.force_login:
             text += " It asks you to sign in again even if you are signed in."
         elif sign_in.approval is not None:
             text += " To approve, confirm it again even if you are signed in."

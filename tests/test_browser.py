@@ -53,6 +53,7 @@ async def test_alice_steps_up_to_a_security_key_and_sends_money(
     reason = page.locator("#reason")
     await expect(reason).to_contain_text("Demo Bank asks for a passkey to continue")
     await expect(reason).not_to_contain_text("sign in with your password")
+    await expect(reason).to_contain_text("a new sign-in even if you are signed in")
     await approve_first_transfer(
         tab, demo, shots, approve="Approve transfer of 250.00 EUR to ACME Ltd"
     )

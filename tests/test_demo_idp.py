@@ -788,6 +788,7 @@ async def test_a_signed_in_user_stepping_up_is_asked_only_for_what_is_missing(
     assert page.has("totp") and not page.has("password")
     assert "First, sign in with your password" not in page.html
     assert "You have no passkey yet" in page.html
+    assert "a new sign-in even if you are signed in: your passkey is one" in page.html
     enrol = await open_page(
         browser, idp, await submit(browser, idp, page, "/totp", totp=totp_now(clock))
     )
