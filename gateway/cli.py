@@ -1,7 +1,8 @@
 """The ``stepup-gateway`` command line: ``run``, ``check``, ``explain`` and ``demo``.
 
-Exit status: 0 success, 1 invalid configuration, 2 usage error (or, for ``explain``,
-a request the gateway would refuse before any rule is consulted).
+Exit status: 0 success, 1 invalid configuration (or, for ``demo``, the demo is not
+installed or cannot start), 2 usage error (or, for ``explain``, a request the gateway
+would refuse before any rule is consulted).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ EXIT_OK = 0
 EXIT_CONFIG = 1
 EXIT_USAGE = 2
 EXIT_REFUSED = 2
+EXIT_DEMO_UNAVAILABLE = 1  # demo: the stepup_demo package is missing or cannot start
+DEMO_PACKAGE = "stepup_demo"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 UNKNOWN_NOTE = (
     "conditions on what is unknown count as true (fail closed); explain has no session, "
@@ -184,13 +187,27 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    # Imported here: the demo's identity provider pulls in authlib and webauthn.
+    # The demo is its own package (stepup_demo), found only here and only when asked
+    # for: nothing in gateway/ imports it, so the gateway runs without it (the container
+    # image does not ship it), and its provider's imports (authlib, webauthn) stay out
+    # of run, check and explain.
     try:
-        demo = importlib.import_module("gateway.demo")
-        demo_main: Callable[[argparse.Namespace], int] = demo.main
-    except (ImportError, AttributeError) as exc:
-        print(f"error: the demo is not available: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        demo = importlib.import_module(DEMO_PACKAGE)
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == DEMO_PACKAGE:
+            print(
+                f"error: the demo is not installed (no package {DEMO_PACKAGE!r}): it comes with"
+                " 'pip install .' from the source tree (or scripts/demo there); the container"
+                " image leaves it out",
+                file=sys.stderr,
+            )
+        else:  # installed, but something it needs is missing or broken
+            print(f"error: the demo cannot start: {exc}", file=sys.stderr)
+        return EXIT_DEMO_UNAVAILABLE
+    demo_main: Callable[[argparse.Namespace], int] | None = getattr(demo, "main", None)
+    if demo_main is None:
+        print(f"error: {DEMO_PACKAGE} has no main(): not the demo", file=sys.stderr)
+        return EXIT_DEMO_UNAVAILABLE
     return demo_main(args)
 
 
