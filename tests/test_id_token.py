@@ -13,7 +13,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.oidc.flow import IdTokenError, verify_id_token
+from gateway.oidc.flow import (
+    BACKCHANNEL_LOGOUT_EVENT,
+    IdTokenError,
+    verify_id_token,
+    verify_logout_token,
+)
 from tests.support.op import ID_TOKEN_MISBEHAVIOURS, MISSING_AUTH_TIME, OpenIdProvider, new_key
 
 ISSUER = "https://op.example"
@@ -141,6 +146,10 @@ CLAIM_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("iat_future_beyond_skew", {"iat": NOW + SKEW + 1}, "iat"),
     ("iat_older_than_10_min", {"iat": NOW - MAX_AGE - SKEW - 1}, "iat"),
     ("auth_time_future_beyond_skew", {"auth_time": NOW + SKEW + 1}, "auth_time"),
+    ("nbf_future_beyond_skew", {"nbf": NOW + SKEW + 1}, "nbf"),
+    ("nbf_far_future", {"nbf": NOW + 86_400}, "nbf"),
+    ("iat_far_future", {"iat": NOW + 365 * 86_400, "exp": NOW + 366 * 86_400}, "iat"),
+    ("auth_time_far_future", {"auth_time": NOW + 86_400}, "auth_time"),
     ("nonce_other", {"nonce": "other"}, "nonce"),
     ("nonce_missing", {"nonce": _DROP}, "nonce"),
     ("nonce_prefix", {"nonce": NONCE[:-1]}, "nonce"),
@@ -155,6 +164,16 @@ CLAIM_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("exp_string", {"exp": "tomorrow"}, "malformed"),
     ("exp_bool", {"exp": True}, "malformed"),
     ("iat_missing", {"iat": _DROP}, "malformed"),
+    ("iat_bool", {"iat": True}, "malformed"),
+    ("iat_string", {"iat": str(NOW)}, "malformed"),
+    ("iat_null", {"iat": None}, "malformed"),
+    ("nbf_string", {"nbf": "yesterday"}, "malformed"),
+    ("nbf_bool", {"nbf": False}, "malformed"),
+    ("nbf_list", {"nbf": [NOW]}, "malformed"),
+    ("auth_time_bool", {"auth_time": True}, "malformed"),
+    ("exp_huge", {"exp": 2**60}, "malformed"),
+    ("exp_nan", {"exp": float("nan")}, "malformed"),  # Python's JSON reads NaN
+    ("exp_infinity", {"exp": float("inf")}, "malformed"),
     ("auth_time_string", {"auth_time": "now"}, "malformed"),
     ("amr_string", {"amr": "pwd"}, "malformed"),
     ("amr_numbers", {"amr": ["pwd", 1]}, "malformed"),
@@ -190,6 +209,9 @@ PASSING_EDGES: list[tuple[str, dict[str, Any]]] = [
     ("aud_several_with_our_azp", {"aud": [CLIENT_ID, "other-rp"], "azp": CLIENT_ID}),
     ("aud_single_with_our_azp", {"azp": CLIENT_ID}),
     ("fractional_times", {"exp": NOW + 300.5, "iat": NOW + 0.25}),
+    ("nbf_past", {"nbf": NOW - 3600}),
+    ("nbf_now", {"nbf": NOW}),
+    ("nbf_future_within_skew", {"nbf": NOW + SKEW}),
 ]
 
 
@@ -354,3 +376,66 @@ def test_missing_auth_time_misbehaviour() -> None:
     for name, value in knobs.items():
         setattr(op.behaviour, name, value)
     assert reason_of(op.make_id_token(nonce=NONCE), require_auth_time=True) == reason
+
+
+# ------------------------------------------------------- back-channel logout tokens
+
+
+def logout_claims(**changes: Any) -> dict[str, Any]:
+    claims: dict[str, Any] = {
+        "iss": ISSUER,
+        "aud": CLIENT_ID,
+        "iat": NOW,
+        "jti": "j-1",
+        "sub": "user-1",
+        "events": {BACKCHANNEL_LOGOUT_EVENT: {}},
+    }
+    claims.update(changes)
+    return claims
+
+
+def logout_reason(claims: dict[str, Any]) -> str:
+    with pytest.raises(IdTokenError) as caught:
+        verify_logout_token(
+            sign(claims),
+            jwk(RSA_KEY),
+            issuer=ISSUER,
+            client_id=CLIENT_ID,
+            now=NOW,
+            skew_s=SKEW,
+            allowed_algs=ALGS,
+        )
+    return caught.value.reason
+
+
+LOGOUT_TIME_CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("nbf_future_beyond_skew", {"nbf": NOW + SKEW + 1}, "nbf"),
+    ("nbf_string", {"nbf": "later"}, "malformed"),
+    ("exp_nan", {"exp": float("nan")}, "malformed"),  # NaN <= now is False: never expired
+    ("exp_bool", {"exp": True}, "malformed"),
+    ("exp_past", {"exp": NOW - SKEW}, "exp"),
+    ("iat_bool", {"iat": True}, "malformed"),
+    ("iat_future_beyond_skew", {"iat": NOW + SKEW + 1}, "iat"),
+]
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [c[1:] for c in LOGOUT_TIME_CASES],
+    ids=[c[0] for c in LOGOUT_TIME_CASES],
+)
+def test_logout_token_times_are_checked(changes: dict[str, Any], reason: str) -> None:
+    assert logout_reason(logout_claims(**changes)) == reason
+
+
+def test_logout_token_with_past_nbf_and_fractional_iat_passes() -> None:
+    claims = verify_logout_token(
+        sign(logout_claims(nbf=NOW - 5, iat=NOW + 0.5, exp=NOW + 120)),
+        jwk(RSA_KEY),
+        issuer=ISSUER,
+        client_id=CLIENT_ID,
+        now=NOW,
+        skew_s=SKEW,
+        allowed_algs=ALGS,
+    )
+    assert (claims.sub, claims.iat) == ("user-1", NOW)

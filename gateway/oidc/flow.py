@@ -59,7 +59,7 @@ class IdTokenError(Exception):
 
     ``reason`` is a short machine code for logs and metrics: ``malformed``,
     ``alg``, ``key_type``, ``bad_signature``, ``iss``, ``aud``, ``azp``, ``exp``,
-    ``iat``, ``auth_time``, ``nonce``, ``kid``, ``sub``. For ``malformed`` the
+    ``nbf``, ``iat``, ``auth_time``, ``nonce``, ``kid``, ``sub``. For ``malformed`` the
     offending claim, if any, is in ``claim``. Never carries token contents.
     """
 
@@ -391,6 +391,7 @@ class IdTokenClaims:
     email: str | None
     name: str | None
     azp: str | None
+    nbf: int | None = None
 
 
 def unverified_header(token: str) -> dict[str, Any]:
@@ -506,15 +507,7 @@ def _read_claims(payload: Mapping[str, object]) -> IdTokenClaims:
         return value
 
     def number(name: str, *, required: bool = False) -> int | None:
-        value = payload.get(name)
-        if value is None and not required:
-            return None
-        # RFC 7519 2: NumericDate may be fractional; bool is an int in Python, not here.
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise IdTokenError("malformed", claim=name)
-        if value != value or abs(value) > 2**53:  # NaN, or beyond JSON's exact range
-            raise IdTokenError("malformed", claim=name)
-        return int(value)
+        return numeric_date(payload, name, required=required)
 
     aud_value = payload.get("aud")
     if isinstance(aud_value, str):
@@ -553,7 +546,26 @@ def _read_claims(payload: Mapping[str, object]) -> IdTokenClaims:
         email=string("email"),
         name=string("name"),
         azp=string("azp"),
+        nbf=number("nbf"),
     )
+
+
+def numeric_date(payload: Mapping[str, object], name: str, *, required: bool = False) -> int | None:
+    """A NumericDate claim (RFC 7519 2) as whole seconds, or None when absent and optional.
+
+    Anything else is ``malformed``: a string, ``true`` (bool is an int in Python),
+    NaN or infinity (Python's JSON parser accepts both), a number beyond JSON's exact
+    integer range.
+    """
+    value = payload.get(name)
+    if value is None and not required:
+        return None
+    # RFC 7519 2: NumericDate may be fractional; bool is an int in Python, not here.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise IdTokenError("malformed", claim=name)
+    if value != value or abs(value) > 2**53:  # NaN, or beyond JSON's exact range
+        raise IdTokenError("malformed", claim=name)
+    return int(value)
 
 
 def _check_claims(
@@ -577,6 +589,9 @@ def _check_claims(
         raise IdTokenError("azp")
     if not claims.exp > now - skew_s:
         raise IdTokenError("exp")
+    # RFC 7519 4.1.5: not to be accepted before nbf (with the same leeway as exp).
+    if claims.nbf is not None and claims.nbf > now + skew_s:
+        raise IdTokenError("nbf")
     if claims.iat > now + skew_s or claims.iat < now - ID_TOKEN_MAX_AGE_S - skew_s:
         raise IdTokenError("iat")
     if claims.auth_time is not None and claims.auth_time > now + skew_s:
@@ -627,14 +642,15 @@ def verify_logout_token(
     audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
     if client_id not in audiences:
         raise IdTokenError("aud")
-    iat = payload.get("iat")
-    if not isinstance(iat, int) or isinstance(iat, bool):
-        raise IdTokenError("malformed", claim="iat")
+    iat = numeric_date(payload, "iat", required=True) or 0
     if iat > now + skew_s or iat < now - LOGOUT_TOKEN_MAX_AGE_S - skew_s:
         raise IdTokenError("iat")
-    exp = payload.get("exp")
-    if exp is not None and (not isinstance(exp, int | float) or exp <= now - skew_s):
+    exp = numeric_date(payload, "exp")
+    if exp is not None and exp <= now - skew_s:
         raise IdTokenError("exp")
+    nbf = numeric_date(payload, "nbf")
+    if nbf is not None and nbf > now + skew_s:
+        raise IdTokenError("nbf")
     jti = payload.get("jti")
     if not isinstance(jti, str) or not jti:
         raise IdTokenError("malformed", claim="jti")

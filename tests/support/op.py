@@ -143,6 +143,7 @@ class OpBehaviour:
     azp: str | None = None  # included when set
     exp_delta_s: float = 300
     iat_delta_s: float = 0
+    nbf_delta_s: float | None = None  # nbf is included when set
     auth_time_delta_s: float = 0  # relative to when /authorize ran
     omit_auth_time: bool = False
     clock_offset_s: float = 0  # shifts iat, exp and auth_time together
@@ -176,6 +177,7 @@ ID_TOKEN_MISBEHAVIOURS: dict[str, tuple[dict[str, Any], str]] = {
     "expired": ({"exp_delta_s": -3600}, "exp"),
     "iat_in_future": ({"iat_delta_s": 3600}, "iat"),
     "iat_too_old": ({"iat_delta_s": -3600, "exp_delta_s": 300}, "iat"),
+    "nbf_in_future": ({"nbf_delta_s": 3600}, "nbf"),
     "auth_time_in_future": ({"auth_time_delta_s": 3600}, "auth_time"),
     "wrong_nonce": ({"nonce": "not-the-nonce-we-sent"}, "nonce"),
     "unknown_kid": ({"unknown_kid": True}, "kid"),
@@ -319,6 +321,8 @@ class OpenIdProvider:
         }
         if b.azp is not None:
             claims["azp"] = b.azp
+        if b.nbf_delta_s is not None:
+            claims["nbf"] = int(now + b.nbf_delta_s)
         if b.nonce is not None or nonce is not None:
             claims["nonce"] = b.nonce if b.nonce is not None else nonce
         if not b.omit_auth_time:
