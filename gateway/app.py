@@ -13,6 +13,7 @@ import dataclasses
 import html
 import ipaddress
 import json
+import math
 import random
 import re
 import time
@@ -485,14 +486,7 @@ class Gateway:
         binding = None
         if judged is not None and judged.require.bind:
             binding = binding_digest(judged.require.bind, await body.fields())
-        decision = decide(
-            judged,
-            session,
-            config.assurance,
-            now,
-            binding=binding,
-            skew_s=config.oidc.clock_skew_s,
-        )
+        decision = decide(judged, session, config.assurance, now, binding=binding)
         if isinstance(decision, Allow) and judged is not None and judged.require.once:
             decision = await self.consume_proof(decision, session, now)
         self.metrics.requests.labels(rule_name or "", DECISION_LABEL[type(decision)]).inc()
@@ -1157,11 +1151,19 @@ class Gateway:
 
         if claims.auth_time is None:
             log.info("auth_time_missing", fallback="iat", iss=claims.iss)
-        auth_time = float(claims.auth_time if claims.auth_time is not None else claims.iat)
-        skew_s = self.config.oidc.clock_skew_s
-        if tx.fresh and auth_time < tx.created_at - skew_s:
-            # A one-time rule asked for a new authentication (max_age=0); an old one,
-            # already used or not, must not be accepted again.
+        stated = claims.auth_time if claims.auth_time is not None else claims.iat
+        # The skew was allowed for by the token checks; from here on the proof is
+        # dated no later than its arrival, and max_age is compared without leeway.
+        auth_time = assurance.proven_at(float(stated), now)
+        if tx.requested_max_age_s == 0 and stated < math.floor(tx.created_at):
+            # max_age=0 (a one-time rule, or a challenge asking for it) wants a new
+            # authentication, after this request. auth_time has whole seconds, hence
+            # the floor; no leeway beyond it, or an earlier sign-in would pass as new.
+            log.info(
+                "not_reauthenticated",
+                auth_time=stated,
+                requested_at=round(tx.created_at, 3),
+            )
             return finish(
                 self.step_up_failed(
                     request,
@@ -1215,10 +1217,14 @@ class Gateway:
             session, now, rotate=True, previous=previous_cookie if previous else None
         )
         proven = assurance.level_of(self.config.assurance.levels, claims.acr, claims.amr)
-        window_s = None if tx.max_age_s is None else tx.max_age_s + skew_s
+        # Did the provider honour max_age? Measured now, with no leeway, as every later
+        # request will be: a proof that passes here but is stale on the way back would
+        # send the browser round again. max_age 0 was checked above, against the request.
+        max_age_s = tx.max_age_s or None
         if level is not None and not assurance.satisfies(
-            self.config.assurance.levels, [proof], level, window_s, now
+            self.config.assurance.levels, [proof], level, max_age_s, now
         ):
+            too_old = assurance.satisfies(self.config.assurance.levels, [proof], level, None, now)
             self.metrics.challenges.labels("failed", level_name).inc()
             audit.info(
                 "step_up_failure",
@@ -1228,7 +1234,8 @@ class Gateway:
                 acr=claims.acr,
                 amr=list(claims.amr),
                 sub=claims.sub,
-                reason="too_weak",
+                reason="too_old" if too_old else "too_weak",
+                age_s=round(now - auth_time, 3),
             )
             paragraphs = [
                 f"This action needs the level '{level_name}'"
@@ -1345,9 +1352,7 @@ class Gateway:
         binding = None
         if rule is not None and rule.require.bind:
             binding = binding_digest(rule.require.bind, await body.fields())
-        decision = decide(
-            rule, session, config.assurance, now, binding=binding, skew_s=config.oidc.clock_skew_s
-        )
+        decision = decide(rule, session, config.assurance, now, binding=binding)
         if isinstance(decision, Allow) and rule is not None and rule.require.once:
             decision = await self.consume_proof(decision, session, now)
         self.metrics.requests.labels(

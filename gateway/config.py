@@ -1247,10 +1247,23 @@ class _Validator:
             self.once_nodes.append((m.child("once"), once_node))
         return model.Requirement(
             level=level,
-            max_age_s=self.optional(m, "max_age", self.duration_s, None),
+            max_age_s=self.optional(m, "max_age", self.max_age, None),
             once=once,
             bind=self.optional(m, "bind", self.field_names, ()),
         )
+
+    def max_age(self, node: Node, path: str) -> int:
+        seconds = self.duration_s(node, path)
+        if seconds == 0:
+            # max_age is measured without leeway, and a proof is always the provider's
+            # round trip old when the browser is back: 0 could never be met.
+            raise self.fail(
+                path,
+                "0 can never be met (a sign-in is always some seconds old when it "
+                "arrives); use once: true for a new sign-in before each request",
+                node,
+            )
+        return seconds
 
     def field_names(self, node: Node, path: str) -> tuple[str, ...]:
         names: list[str] = []

@@ -122,6 +122,8 @@ BAD = [
      "rules[0].require.max_age", "invalid duration '-5'"),
     ("duration-unit", [(R0, "    require: {level: mfa, max_age: 5 minutes}")], 24,
      "rules[0].require.max_age", "invalid duration"),
+    ("max-age-zero", [(R0, "    require: {level: mfa, max_age: 0}")], 24,
+     "rules[0].require.max_age", "use once: true for a new sign-in before each request"),
     ("max-age-without-level", [(R0, "    require: {max_age: 5m}")], 24,
      "rules[0].require.level", "max_age needs a level"),
     ("require-empty", [(R0, "    require: {}")], 24,
@@ -446,7 +448,7 @@ def test_parse_duration_sums_units(d: int, h: int, m: int, s: int) -> None:
 
 @pytest.mark.parametrize(
     ("written", "seconds"),
-    [("90", 90), ("'90'", 90), ("90s", 90), ("5m", 300), ("1d", 86400), ("0", 0)],
+    [("90", 90), ("'90'", 90), ("90s", 90), ("5m", 300), ("1d", 86400), ("1", 1)],
 )
 def test_max_age_values(written: str, seconds: int) -> None:
     config = load(edited((R0, f"    require: {{level: mfa, max_age: {written}}}")))

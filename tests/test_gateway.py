@@ -152,13 +152,60 @@ async def test_stale_step_up_is_asked_for_again(stack, browser):
     await sign_in(stack, browser)
     stack.op.behaviour.user = PHR_USER
     await browser.follow(f"{stack.url}/transfers/new")
-    # max_age 300 s, with oidc.clock_skew (60 s) of leeway for the provider's clock.
-    stack.clock.advance(359)
+    # max_age 300 s, measured from auth_time (whole seconds: at most 1 s earlier than
+    # the clock) with no clock-skew leeway on top.
+    stack.clock.advance(299)
     hop = await browser.get(f"{stack.url}/transfers/new")
     assert hop.status == 200
     stack.clock.advance(2)
     hop = await browser.get(f"{stack.url}/transfers/new")
     assert hop.status == 302 and query_of(hop.headers["Location"])["max_age"] == "300"
+
+
+FIVE_SECONDS = """\
+rules:
+  - name: quick
+    match: {path: /quick/**}
+    require: {level: password, max_age: 5s}
+  - name: signed-in
+    match: {path: /**}
+    require: {level: password}
+"""
+
+
+@pytest.mark.parametrize("provider_clock_ahead_s", [0, 50], ids=["same_clock", "op_ahead_50s"])
+async def test_max_age_has_no_skew_leeway_on_top(make_stack, browser, provider_clock_ahead_s):
+    # max_age: 5s once accepted a sign-in 65 s old (the 60 s skew added on top), and a
+    # provider clock 50 s ahead added 50 s more. Skew is allowed when the token arrives
+    # (auth_time in the future within oidc.clock_skew passes); the proof is then dated
+    # no later than its arrival, and 5 s means 5 s.
+    stack = await make_stack(rules=FIVE_SECONDS)
+    stack.op.behaviour.clock_offset_s = provider_clock_ahead_s
+    record = await sign_in(stack, browser, "/quick/a")
+    assert record["path_qs"] == "/quick/a"
+    assert int(upstream_saw(record, "X-Auth-Time")[0]) <= stack.clock.now
+    stack.clock.advance(4)
+    assert (await browser.get(f"{stack.url}/quick/b")).status == 200
+    stack.clock.advance(2)
+    hop = await browser.get(f"{stack.url}/quick/c")
+    assert hop.status == 302 and query_of(hop.headers["Location"])["max_age"] == "5"
+    assert (await browser.get(f"{stack.url}/app/x")).status == 200  # still signed in
+
+
+async def test_a_provider_ignoring_max_age_is_caught_at_the_callback(make_stack, browser):
+    # The provider answers max_age=5 with a sign-in 30 s old (single sign-on that did
+    # not re-authenticate). Within max_age + skew that used to pass.
+    stack = await make_stack(rules=FIVE_SECONDS)
+    await sign_in(stack, browser, "/app/x")
+    stack.clock.advance(30)
+    stack.op.behaviour.auth_time_delta_s = -30
+    with capture_logs() as logs:
+        final = await browser.follow(f"{stack.url}/quick/a")
+    assert final.status == 403, final.body
+    assert "proven within 5 s" in final.body
+    failure = next(e for e in logs if e["event"] == "step_up_failure")
+    assert failure["reason"] == "too_old" and failure["age_s"] >= 30
+    assert [r["path_qs"] for r in stack.seen] == ["/app/x"]
 
 
 async def test_amr_alone_can_prove_a_level(stack, browser):
@@ -167,11 +214,11 @@ async def test_amr_alone_can_prove_a_level(stack, browser):
     assert upstream_saw(record, "X-Auth-Level") == ["mfa"]
 
 
-async def test_max_age_zero_forces_prompt_login(make_stack, browser):
+async def test_once_forces_prompt_login(make_stack, browser):
     stack = await make_stack(
         rules=(
             "rules:\n  - name: fresh\n    match: {path: /**}\n"
-            "    require: {level: password, max_age: 0}\n"
+            "    require: {level: password, once: true}\n"
         )
     )
     hop = await browser.get(f"{stack.url}/x")
