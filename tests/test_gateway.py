@@ -260,6 +260,17 @@ async def test_every_id_token_check_refuses_a_token_failing_it(stack, browser, n
     assert failures and failures[0]["reason"] == f"id_token_{reason}"
 
 
+async def test_a_key_rotation_right_after_start_up_does_not_fail_sign_ins(stack, browser):
+    # The gateway fetched the keys at start-up, a moment ago; the provider now rotates
+    # and signs with a new key. The sign-in waits (at most a few seconds) for one
+    # refetch instead of failing with an unknown kid for half a minute.
+    fetches = stack.op.hits["jwks"]
+    stack.op.rotate_keys("RSA", retire_old=True)
+    record = await sign_in(stack, browser)
+    assert upstream_saw(record, "X-Auth-Subject") == ["user-1"]
+    assert stack.op.hits["jwks"] == fetches + 1
+
+
 async def test_missing_auth_time_is_refused_when_max_age_was_asked(stack, browser):
     await sign_in(stack, browser)
     stack.op.behaviour.user = PHR_USER
