@@ -67,6 +67,7 @@ from gateway.oidc.flow import (
     end_session_url,
     new_pkce,
     parse_callback,
+    verified_email,
 )
 from gateway.oidc.flow import random_token as new_random
 from gateway.oidc.provider import ProviderClient
@@ -1190,6 +1191,11 @@ class Gateway:
                     )
                 )
         proof = Proof(acr=claims.acr, amr=claims.amr, auth_time=auth_time)
+        # The session keeps only an address the provider vouched for, so X-Auth-Email
+        # and the assertion's email are never one the user merely typed.
+        email = verified_email(claims, assume_verified=self.config.oidc.assume_email_verified)
+        if claims.email is not None and email is None:
+            log.info("email_not_forwarded", email_verified=claims.email_verified)
         previous_cookie = cookie_value(request, self.session_cookie)
         previous = await self.load_session(request)
         if previous is not None and previous.sub != claims.sub:
@@ -1205,7 +1211,7 @@ class Gateway:
         session = record(
             proof,
             sub=claims.sub,
-            email=claims.email,
+            email=email,
             name=claims.name,
             provider_sid=claims.sid,
             id_token=id_token,

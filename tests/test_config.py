@@ -205,6 +205,9 @@ BAD = [
      "oidc.scopes", "must include 'openid'"),
     ("client-auth", [("client_secret: s3cret", "client_secret: s3cret\n  client_auth: basic")], 10,
      "oidc.client_auth", "unknown value 'basic' (known: client_secret_basic, client_secret_post)"),
+    ("email-verified-not-bool",
+     [("client_secret: s3cret", "client_secret: s3cret\n  assume_email_verified: yes please")],
+     10, "oidc.assume_email_verified", "expected true or false"),
     ("alg-none", [("client_secret: s3cret", "client_secret: s3cret\n  algorithms: [RS256, none]")],
      10, "oidc.algorithms[1]", "'none' would accept unsigned id tokens"),
     ("alg-hmac", [("client_secret: s3cret", "client_secret: s3cret\n  algorithms: [HS256]")], 10,
@@ -529,6 +532,7 @@ def test_defaults() -> None:
                 "scopes": cfg.DEFAULT_SCOPES,
                 "client_auth": cfg.DEFAULT_CLIENT_AUTH,
                 "essential_acr": cfg.DEFAULT_ESSENTIAL_ACR,
+                "assume_email_verified": cfg.DEFAULT_ASSUME_EMAIL_VERIFIED,
                 "clock_skew_s": cfg.DEFAULT_CLOCK_SKEW_S,
                 "algorithms": cfg.DEFAULT_ALGORITHMS,
                 "http_timeout_s": cfg.DEFAULT_HTTP_TIMEOUT_S,
@@ -581,6 +585,7 @@ oidc:
   scopes: [openid, email]
   client_auth: client_secret_post
   essential_acr: true
+  assume_email_verified: true
   clock_skew: 30s
   algorithms: [ES256]
   http_timeout: 3s
@@ -641,6 +646,7 @@ rules:
         scopes=("openid", "email"),
         client_auth="client_secret_post",
         essential_acr=True,
+        assume_email_verified=True,
         clock_skew_s=30,
         algorithms=("ES256",),
         http_timeout_s=3.0,

@@ -95,6 +95,36 @@ async def test_assertion_verifies_against_the_published_jwks(stack, browser, api
         jwt.decode(token, key, algorithms=["ES256"], audience="other-app")
 
 
+@pytest.mark.parametrize(
+    ("email_verified", "oidc_extra", "forwarded"),
+    [
+        (True, "", True),
+        (False, "", False),
+        (False, "assume_email_verified: true\n", False),  # the provider said no
+        (None, "", False),  # not said (Entra ID never says)
+        (None, "assume_email_verified: true\n", True),
+    ],
+    ids=["verified", "unverified", "unverified_assumed", "not_said", "not_said_assumed"],
+)
+async def test_only_a_verified_email_reaches_the_upstream(
+    make_stack, browser, email_verified, oidc_extra, forwarded
+):
+    stack = await make_stack(oidc_extra=oidc_extra)
+    stack.op.behaviour.user = OpUser(email="ceo@bank.example", email_verified=email_verified)
+    with capture_logs() as logs:
+        record = await sign_in(stack, browser)
+    token = upstream_saw(record, "X-Auth-Assertion")[0]
+    claims = jwt.decode(token, options={"verify_signature": False})
+    if forwarded:
+        assert upstream_saw(record, "X-Auth-Email") == ["ceo@bank.example"]
+        assert claims["email"] == "ceo@bank.example"
+    else:
+        assert upstream_saw(record, "X-Auth-Email") == []
+        assert "email" not in claims
+        assert any(e["event"] == "email_not_forwarded" for e in logs)
+    assert upstream_saw(record, "X-Auth-Subject") == ["user-1"]
+
+
 async def test_api_call_without_session_gets_plain_bearer_challenge(stack, api):
     async with api.post(f"{stack.url}/api/transfers/1", json={"amount": 5}) as resp:
         assert resp.status == 401

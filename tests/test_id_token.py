@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from gateway.oidc.flow import (
     BACKCHANNEL_LOGOUT_EVENT,
     IdTokenError,
+    verified_email,
     verify_id_token,
     verify_logout_token,
 )
@@ -439,3 +440,32 @@ def test_logout_token_with_past_nbf_and_fractional_iat_passes() -> None:
         allowed_algs=ALGS,
     )
     assert (claims.sub, claims.iat) == ("user-1", NOW)
+
+
+# ------------------------------------------------------------- email_verified
+
+EMAIL_CASES: list[tuple[str, dict[str, Any], bool, str | None]] = [
+    # (id, claim changes, assume_email_verified, the email the gateway forwards)
+    ("verified", {"email_verified": True}, False, "alice@example.com"),
+    ("unverified", {"email_verified": False}, False, None),
+    ("unverified_even_when_assuming", {"email_verified": False}, True, None),
+    ("not_said", {}, False, None),
+    ("not_said_assumed", {}, True, "alice@example.com"),
+    ("string_true_is_not_a_boolean", {"email_verified": "true"}, False, None),
+    ("string_true_not_absent_either", {"email_verified": "true"}, True, None),
+    ("number_one", {"email_verified": 1}, True, None),
+    ("null", {"email_verified": None}, True, None),
+    ("no_email", {"email": _DROP, "email_verified": True}, False, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("changes", "assume", "expected"),
+    [c[1:] for c in EMAIL_CASES],
+    ids=[c[0] for c in EMAIL_CASES],
+)
+def test_only_a_verified_email_is_vouched_for(
+    changes: dict[str, Any], assume: bool, expected: str | None
+) -> None:
+    claims = verify(sign(good_claims(**changes)))
+    assert verified_email(claims, assume_verified=assume) == expected

@@ -392,6 +392,9 @@ class IdTokenClaims:
     name: str | None
     azp: str | None
     nbf: int | None = None
+    # OIDC Core 5.1: true, false, or None when the provider did not say. Anything but
+    # a JSON boolean (a string "true", a number) is read as False: not vouched for.
+    email_verified: bool | None = None
 
 
 def unverified_header(token: str) -> dict[str, Any]:
@@ -547,7 +550,24 @@ def _read_claims(payload: Mapping[str, object]) -> IdTokenClaims:
         name=string("name"),
         azp=string("azp"),
         nbf=number("nbf"),
+        email_verified=(
+            None if "email_verified" not in payload else payload["email_verified"] is True
+        ),
     )
+
+
+def verified_email(claims: IdTokenClaims, *, assume_verified: bool) -> str | None:
+    """The ``email`` the gateway may vouch for (``X-Auth-Email``), or None.
+
+    Only with ``email_verified: true`` (OIDC Core 5.1), or when the provider does not
+    send the claim at all and the operator said to assume it (``assume_verified``).
+    An explicit ``false`` is never trusted: the address is then whatever the user typed.
+    """
+    if claims.email is None or claims.email_verified is False:
+        return None
+    if claims.email_verified or assume_verified:
+        return claims.email
+    return None
 
 
 def numeric_date(payload: Mapping[str, object], name: str, *, required: bool = False) -> int | None:

@@ -117,6 +117,7 @@ class OpUser:
 
     sub: str = "user-1"
     email: str | None = "alice@example.com"
+    email_verified: bool | None = True  # None leaves the claim out (as Entra ID does)
     name: str | None = "Alice Example"
     acr: str | None = "urn:example:loa:1"
     amr: list[str] | None = field(default_factory=lambda: ["pwd"])
@@ -337,6 +338,8 @@ class OpenIdProvider:
             claims["amr"] = list(b.user.amr)
         if b.user.email is not None:
             claims["email"] = b.user.email
+            if b.user.email_verified is not None:
+                claims["email_verified"] = b.user.email_verified
         if b.user.name is not None:
             claims["name"] = b.user.name
         for name, value in b.extra_claims.items():
