@@ -806,16 +806,20 @@ class Gateway:
         if cached is not None and now < cached[0]:
             return cached[1]
         p = self.header_prefix
+        # Claims percent-encoded (headers.claim_header_value): whatever a provider
+        # sent, or a session from before the callback refused it, stays one header.
+        # Level and rule names are safe by config validation.
+        encode = headers.claim_header_value
         out = {
-            f"{p}Subject": session.sub,
-            f"{p}Acr": session.acr or "",
-            f"{p}Amr": ",".join(session.amr),
+            f"{p}Subject": encode(session.sub),
+            f"{p}Acr": encode(session.acr or ""),
+            f"{p}Amr": ",".join(encode(value) for value in session.amr),
             f"{p}Time": str(int(session.auth_time)),
             f"{p}Level": level.name if level is not None else "",
             f"{p}Rule": rule.name,
         }
         if session.email:
-            out[f"{p}Email"] = session.email
+            out[f"{p}Email"] = encode(session.email)
         claims: dict[str, Any] = {
             "sub": session.sub,
             "acr": session.acr,
@@ -1140,7 +1144,16 @@ class Gateway:
                 require_auth_time=tx.requested_max_age_s is not None,
             )
         except IdTokenError as exc:
-            return finish(self.step_up_failed(request, tx, level_name, f"id_token_{exc.reason}"))
+            text = "The sign-in answer could not be verified."
+            if exc.reason == "claim_value":
+                log.warning("id_token_claim_refused", claim=exc.claim)
+                text = (
+                    "The sign-in answer could not be verified: the identity provider sent "
+                    "a user identifier, email address or sign-in method that the gateway "
+                    "cannot pass on (control characters, or too long)."
+                )
+            reason = f"id_token_{exc.reason}"
+            return finish(self.step_up_failed(request, tx, level_name, reason, text=text))
         except ProviderError as exc:
             if exc.reason == "invalid_grant":
                 # A code used twice (back button, reload) or bound to another

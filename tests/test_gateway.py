@@ -125,6 +125,104 @@ async def test_only_a_verified_email_reaches_the_upstream(
     assert upstream_saw(record, "X-Auth-Subject") == ["user-1"]
 
 
+async def test_unusual_claims_reach_the_upstream_percent_encoded(stack, browser):
+    # Non-ASCII, spaces, "%" and commas pass the callback; in headers they are UTF-8
+    # percent-encoded (so "a,b" stays one amr value); the assertion keeps them raw.
+    stack.op.behaviour.user = OpUser(
+        sub="Jürgen, 100%", email="zoë@exämple.com", amr=["pwd", "a,b"]
+    )
+    record = await sign_in(stack, browser)
+    assert upstream_saw(record, "X-Auth-Subject") == ["J%C3%BCrgen%2C%20100%25"]
+    assert upstream_saw(record, "X-Auth-Email") == ["zo%C3%AB@ex%C3%A4mple.com"]
+    assert upstream_saw(record, "X-Auth-Amr") == ["pwd,a%2Cb"]
+    assert upstream_saw(record, "X-Auth-Acr") == ["urn:example:loa:1"]
+    claims = jwt.decode(
+        upstream_saw(record, "X-Auth-Assertion")[0], options={"verify_signature": False}
+    )
+    assert (claims["sub"], claims["email"], claims["amr"]) == (
+        "Jürgen, 100%",
+        "zoë@exämple.com",
+        ["pwd", "a,b"],
+    )
+
+
+async def test_a_sub_with_crlf_is_refused_at_the_callback_with_a_clear_page(stack, browser):
+    stack.op.behaviour.user = OpUser(sub="user-1\r\nX-Auth-Level: admin")
+    with capture_logs() as logs:
+        final = await browser.follow(f"{stack.url}/app/home")
+    assert final.status == 400
+    assert "control characters" in final.body and "Sign-in did not complete" in final.body
+    assert browser.cookie(COOKIE) is None and stack.seen == []
+    refused = next(e for e in logs if e["event"] == "id_token_claim_refused")
+    assert refused["claim"] == "sub"
+    assert "X-Auth-Level: admin" not in repr(logs)  # the value itself is never logged
+
+
+async def test_a_stored_session_with_a_control_character_is_forwarded_not_a_500(stack, api):
+    # Sessions sealed before the callback refused such claims: every request used to
+    # fail with 500 (the header could not be written). Now one encoded header each.
+    from gateway.session.model import Proof, Session
+
+    now = stack.clock.now
+    session = Session.start(
+        Proof(acr="urn:example:loa:1", amr=("pwd", "x\r\ny"), auth_time=now),
+        sub="user-1\r\nX-Auth-Level: admin",
+        email="a@example.com\nX-Evil: 1",
+        name=None,
+        provider_sid=None,
+        id_token=None,
+        now=now,
+    )
+    cookie = await stack.gateway.store.save(session, now)
+    async with api.get(
+        f"{stack.url}/app/x", headers={"Cookie": f"{COOKIE}={cookie}", "Accept": "text/html"}
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        record = await resp.json()
+    assert upstream_saw(record, "X-Auth-Subject") == ["user-1%0D%0AX-Auth-Level:%20admin"]
+    assert upstream_saw(record, "X-Auth-Email") == ["a@example.com%0AX-Evil:%201"]
+    assert upstream_saw(record, "X-Auth-Amr") == ["pwd,x%0D%0Ay"]
+    assert upstream_saw(record, "X-Auth-Level") == ["password"]
+    assert upstream_saw(record, "X-Evil") == []
+
+
+@pytest.mark.parametrize(
+    ("char", "limit_bytes"),
+    [("x", 3 * 1024), ("é", 7.5 * 1024), ("😀", 7.5 * 1024)],
+    ids=["ascii", "two_byte_utf8", "four_byte_utf8"],
+)
+async def test_assurance_headers_stay_bounded_at_the_claim_limits(stack, char, limit_bytes):
+    # Every header-bound claim at the longest the callback accepts (flow.MAX_CLAIM_BYTES,
+    # MAX_AMR_VALUES x MAX_AMR_VALUE_BYTES): the X-Auth-* headers, assertion included,
+    # stay under the 8 KiB that Jetty, Tomcat and gunicorn accept for a request.
+    from gateway.oidc.flow import MAX_AMR_VALUE_BYTES, MAX_AMR_VALUES, MAX_CLAIM_BYTES
+    from gateway.session.model import Proof, Session
+
+    def longest(max_bytes: int) -> str:
+        return char * (max_bytes // len(char.encode()))
+
+    now = stack.clock.now
+    session = Session.start(
+        Proof(
+            acr=longest(MAX_CLAIM_BYTES["acr"]),
+            amr=tuple(longest(MAX_AMR_VALUE_BYTES) for _ in range(MAX_AMR_VALUES)),
+            auth_time=now,
+        ),
+        sub=longest(MAX_CLAIM_BYTES["sub"]),
+        email=longest(MAX_CLAIM_BYTES["email"]),
+        name=None,
+        provider_sid=None,
+        id_token=None,
+        now=now,
+    )
+    config = stack.gateway.config
+    rule = max(stack.gateway.rules.rules, key=lambda r: len(r.name))
+    pairs = stack.gateway.assurance_headers(session, config.assurance.levels[-1], rule)
+    size = sum(len(name) + len(value) + 4 for name, value in pairs)  # ": " and CRLF
+    assert size <= limit_bytes
+    assert all(value.isascii() and value.isprintable() for _, value in pairs)
+
+
 async def test_api_call_without_session_gets_plain_bearer_challenge(stack, api):
     async with api.post(f"{stack.url}/api/transfers/1", json={"amount": 5}) as resp:
         assert resp.status == 401

@@ -182,6 +182,28 @@ CLAIM_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("acr_list", {"acr": ["phr"]}, "malformed"),
     ("azp_number", {"azp": 1}, "malformed"),
     ("email_object", {"email": {"a": 1}}, "malformed"),
+    ("email_list", {"email": ["a@b"]}, "malformed"),
+    # Claims that become X-Auth-* headers (sub, email, acr, amr).
+    ("sub_crlf", {"sub": "user-1\r\nX-Auth-Level: admin"}, "claim_value"),
+    ("sub_lf", {"sub": "user-1\n"}, "claim_value"),
+    ("sub_nul", {"sub": "user\x00"}, "claim_value"),
+    ("sub_tab", {"sub": "user\t1"}, "claim_value"),
+    ("sub_del", {"sub": "user\x7f"}, "claim_value"),
+    ("sub_c1_nel", {"sub": "user\x85"}, "claim_value"),
+    ("sub_lone_surrogate", {"sub": "user\ud800"}, "claim_value"),
+    ("sub_256_bytes", {"sub": "u" * 256}, "claim_value"),
+    ("sub_256_utf8_bytes", {"sub": "é" * 128}, "claim_value"),
+    ("email_cr", {"email": "a@example.com\rX: 1"}, "claim_value"),
+    ("email_too_long", {"email": "a" * 249 + "@b.com"}, "claim_value"),
+    ("acr_newline", {"acr": "phr\n"}, "claim_value"),
+    ("acr_paragraph_separator", {"acr": "phr\u2029"}, "claim_value"),
+    ("acr_too_long", {"acr": "urn:" + "x" * 125}, "claim_value"),
+    ("amr_control", {"amr": ["pwd", "otp\x1b"]}, "claim_value"),
+    ("amr_empty_value", {"amr": ["pwd", ""]}, "claim_value"),
+    ("amr_value_too_long", {"amr": ["x" * 33]}, "claim_value"),
+    ("amr_too_many", {"amr": [f"m{i}" for i in range(11)]}, "claim_value"),
+    ("amr_object", {"amr": [{"pwd": 1}]}, "malformed"),
+    ("sid_list", {"sid": ["s"]}, "malformed"),
 ]
 
 
@@ -213,6 +235,17 @@ PASSING_EDGES: list[tuple[str, dict[str, Any]]] = [
     ("nbf_past", {"nbf": NOW - 3600}),
     ("nbf_now", {"nbf": NOW}),
     ("nbf_future_within_skew", {"nbf": NOW + SKEW}),
+    # Non-ASCII, spaces, commas, "%": passed on, percent-encoded in headers.
+    ("sub_utf8_255_bytes", {"sub": "é" * 127 + "x"}),
+    ("sub_255_ascii", {"sub": "u" * 255}),
+    ("sub_space_comma_percent", {"sub": "Ünïcode user, 100%"}),
+    ("email_utf8", {"email": "zoë@exämple.com"}),
+    ("acr_uri", {"acr": "http://schemas.openid.net/pape/policies/2007/06/multi-factor"}),
+    ("amr_comma", {"amr": ["pwd", "a,b"]}),
+    ("amr_ten_of_32_bytes", {"amr": [f"{i}" * 32 for i in range(10)]}),
+    ("email_254_bytes", {"email": "a" * 248 + "@b.com"}),
+    ("acr_128_bytes", {"acr": "urn:" + "x" * 124}),
+    ("name_with_newline_is_not_a_header", {"name": "Alice\nAdams"}),
 ]
 
 
@@ -469,3 +502,10 @@ def test_only_a_verified_email_is_vouched_for(
 ) -> None:
     claims = verify(sign(good_claims(**changes)))
     assert verified_email(claims, assume_verified=assume) == expected
+
+
+def test_claim_value_names_the_claim() -> None:
+    with pytest.raises(IdTokenError) as caught:
+        verify(sign(good_claims(email="a@example.com\r\nX-Evil: 1")))
+    assert (caught.value.reason, caught.value.claim) == ("claim_value", "email")
+    assert "X-Evil" not in str(caught.value)  # never the token's contents

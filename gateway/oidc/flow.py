@@ -46,6 +46,21 @@ _RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
 _OKP_ALGS = frozenset({"EdDSA", "Ed25519", "Ed448"})
 
+# Claims that reach the upstream in X-Auth-* headers, in bytes of UTF-8. OIDC Core 2:
+# sub "MUST NOT exceed 255 ASCII characters"; RFC 5321 4.5.3.1.3 bounds an address
+# at 254 octets; acr is a short URI or name (the longest in common use is ~70).
+# RFC 8176 amr values are a few letters ("pwd", "hwk"), a provider's own are words.
+# Together they bound the X-Auth-* headers, assertion included, to about 3 KiB for
+# ASCII claims and 7.5 KiB at worst (every limit reached in percent-encoded UTF-8),
+# under the 8 KiB that Jetty, Tomcat and gunicorn accept by default.
+MAX_CLAIM_BYTES = {"sub": 255, "email": 254, "acr": 128}
+MAX_AMR_VALUES = 10
+MAX_AMR_VALUE_BYTES = 32
+# Control characters (C0, DEL, C1), lone surrogates (not encodable as UTF-8) and the
+# Unicode line and paragraph separators (line breaks to JavaScript): a value holding
+# one is not an identifier any upstream should have to handle.
+_UNSAFE_CLAIM_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029]")
+
 # RFC 6749 5.2 / A.7: error codes are printable ASCII; we only pass on the
 # conservative subset so a hostile provider cannot put anything odd in our logs.
 _ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -59,8 +74,10 @@ class IdTokenError(Exception):
 
     ``reason`` is a short machine code for logs and metrics: ``malformed``,
     ``alg``, ``key_type``, ``bad_signature``, ``iss``, ``aud``, ``azp``, ``exp``,
-    ``nbf``, ``iat``, ``auth_time``, ``nonce``, ``kid``, ``sub``. For ``malformed`` the
-    offending claim, if any, is in ``claim``. Never carries token contents.
+    ``nbf``, ``iat``, ``auth_time``, ``nonce``, ``kid``, ``sub``, ``claim_value`` (a
+    claim the gateway would pass on holds a control character or is too long). For
+    ``malformed`` and ``claim_value`` the offending claim is in ``claim``. Never
+    carries token contents.
     """
 
     def __init__(self, reason: str, *, claim: str | None = None) -> None:
@@ -535,6 +552,14 @@ def _read_claims(payload: Mapping[str, object]) -> IdTokenClaims:
     sub = string("sub", required=True)
     if not sub:
         raise IdTokenError("sub")
+    for name, max_bytes in MAX_CLAIM_BYTES.items():
+        value = payload.get(name)
+        if isinstance(value, str):
+            check_header_claim(name, value, max_bytes)
+    if len(amr) > MAX_AMR_VALUES:
+        raise IdTokenError("claim_value", claim="amr")
+    for value in amr:
+        check_header_claim("amr", value, MAX_AMR_VALUE_BYTES)
     return IdTokenClaims(
         iss=string("iss", required=True) or "",
         sub=sub,
@@ -568,6 +593,15 @@ def verified_email(claims: IdTokenClaims, *, assume_verified: bool) -> str | Non
     if claims.email_verified or assume_verified:
         return claims.email
     return None
+
+
+def check_header_claim(name: str, value: str, max_bytes: int) -> None:
+    """Refuse a claim the upstream would receive that no identifier should look like:
+    a control character, a lone surrogate, a line separator, empty (``amr``) or over
+    ``max_bytes`` of UTF-8. Raises ``IdTokenError("claim_value", claim=name)``."""
+    too_long = len(value) > max_bytes or len(value.encode("utf-8", "surrogatepass")) > max_bytes
+    if too_long or _UNSAFE_CLAIM_CHARS.search(value) or (name == "amr" and not value):
+        raise IdTokenError("claim_value", claim=name)
 
 
 def numeric_date(payload: Mapping[str, object], name: str, *, required: bool = False) -> int | None:

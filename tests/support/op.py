@@ -183,6 +183,12 @@ ID_TOKEN_MISBEHAVIOURS: dict[str, tuple[dict[str, Any], str]] = {
     "wrong_nonce": ({"nonce": "not-the-nonce-we-sent"}, "nonce"),
     "unknown_kid": ({"unknown_kid": True}, "kid"),
     "clock_ahead_beyond_skew": ({"clock_offset_s": 3600}, "iat"),
+    # Claims that reach the upstream's headers: one header each, nothing smuggled.
+    "sub_with_crlf": ({"user": OpUser(sub="user-1\r\nX-Auth-Level: admin")}, "claim_value"),
+    "email_with_lf": ({"user": OpUser(email="a@example.com\nX-Evil: 1")}, "claim_value"),
+    "amr_with_nul": ({"user": OpUser(amr=["pwd\x00"])}, "claim_value"),
+    "acr_with_line_separator": ({"user": OpUser(acr="phr\u2028x")}, "claim_value"),
+    "sub_too_long": ({"user": OpUser(sub="u" * 256)}, "claim_value"),
 }
 # Needs max_age in the request (auth_time is then REQUIRED, OIDC Core 3.1.2.1).
 MISSING_AUTH_TIME: tuple[dict[str, Any], str] = ({"omit_auth_time": True}, "auth_time")
