@@ -13,6 +13,7 @@ import dataclasses
 import html
 import ipaddress
 import json
+import math
 import random
 import re
 import time
@@ -66,6 +67,7 @@ from gateway.oidc.flow import (
     end_session_url,
     new_pkce,
     parse_callback,
+    verified_email,
 )
 from gateway.oidc.flow import random_token as new_random
 from gateway.oidc.provider import ProviderClient
@@ -485,14 +487,7 @@ class Gateway:
         binding = None
         if judged is not None and judged.require.bind:
             binding = binding_digest(judged.require.bind, await body.fields())
-        decision = decide(
-            judged,
-            session,
-            config.assurance,
-            now,
-            binding=binding,
-            skew_s=config.oidc.clock_skew_s,
-        )
+        decision = decide(judged, session, config.assurance, now, binding=binding)
         if isinstance(decision, Allow) and judged is not None and judged.require.once:
             decision = await self.consume_proof(decision, session, now)
         self.metrics.requests.labels(rule_name or "", DECISION_LABEL[type(decision)]).inc()
@@ -811,16 +806,20 @@ class Gateway:
         if cached is not None and now < cached[0]:
             return cached[1]
         p = self.header_prefix
+        # Claims percent-encoded (headers.claim_header_value): whatever a provider
+        # sent, or a session from before the callback refused it, stays one header.
+        # Level and rule names are safe by config validation.
+        encode = headers.claim_header_value
         out = {
-            f"{p}Subject": session.sub,
-            f"{p}Acr": session.acr or "",
-            f"{p}Amr": ",".join(session.amr),
+            f"{p}Subject": encode(session.sub),
+            f"{p}Acr": encode(session.acr or ""),
+            f"{p}Amr": ",".join(encode(value) for value in session.amr),
             f"{p}Time": str(int(session.auth_time)),
             f"{p}Level": level.name if level is not None else "",
             f"{p}Rule": rule.name,
         }
         if session.email:
-            out[f"{p}Email"] = session.email
+            out[f"{p}Email"] = encode(session.email)
         claims: dict[str, Any] = {
             "sub": session.sub,
             "acr": session.acr,
@@ -1145,7 +1144,16 @@ class Gateway:
                 require_auth_time=tx.requested_max_age_s is not None,
             )
         except IdTokenError as exc:
-            return finish(self.step_up_failed(request, tx, level_name, f"id_token_{exc.reason}"))
+            text = "The sign-in answer could not be verified."
+            if exc.reason == "claim_value":
+                log.warning("id_token_claim_refused", claim=exc.claim)
+                text = (
+                    "The sign-in answer could not be verified: the identity provider sent "
+                    "a user identifier, email address or sign-in method that the gateway "
+                    "cannot pass on (control characters, or too long)."
+                )
+            reason = f"id_token_{exc.reason}"
+            return finish(self.step_up_failed(request, tx, level_name, reason, text=text))
         except ProviderError as exc:
             if exc.reason == "invalid_grant":
                 # A code used twice (back button, reload) or bound to another
@@ -1157,11 +1165,19 @@ class Gateway:
 
         if claims.auth_time is None:
             log.info("auth_time_missing", fallback="iat", iss=claims.iss)
-        auth_time = float(claims.auth_time if claims.auth_time is not None else claims.iat)
-        skew_s = self.config.oidc.clock_skew_s
-        if tx.fresh and auth_time < tx.created_at - skew_s:
-            # A one-time rule asked for a new authentication (max_age=0); an old one,
-            # already used or not, must not be accepted again.
+        stated = claims.auth_time if claims.auth_time is not None else claims.iat
+        # The skew was allowed for by the token checks; from here on the proof is
+        # dated no later than its arrival, and max_age is compared without leeway.
+        auth_time = assurance.proven_at(float(stated), now)
+        if tx.requested_max_age_s == 0 and stated < math.floor(tx.created_at):
+            # max_age=0 (a one-time rule, or a challenge asking for it) wants a new
+            # authentication, after this request. auth_time has whole seconds, hence
+            # the floor; no leeway beyond it, or an earlier sign-in would pass as new.
+            log.info(
+                "not_reauthenticated",
+                auth_time=stated,
+                requested_at=round(tx.created_at, 3),
+            )
             return finish(
                 self.step_up_failed(
                     request,
@@ -1188,6 +1204,11 @@ class Gateway:
                     )
                 )
         proof = Proof(acr=claims.acr, amr=claims.amr, auth_time=auth_time)
+        # The session keeps only an address the provider vouched for, so X-Auth-Email
+        # and the assertion's email are never one the user merely typed.
+        email = verified_email(claims, assume_verified=self.config.oidc.assume_email_verified)
+        if claims.email is not None and email is None:
+            log.info("email_not_forwarded", email_verified=claims.email_verified)
         previous_cookie = cookie_value(request, self.session_cookie)
         previous = await self.load_session(request)
         if previous is not None and previous.sub != claims.sub:
@@ -1203,7 +1224,7 @@ class Gateway:
         session = record(
             proof,
             sub=claims.sub,
-            email=claims.email,
+            email=email,
             name=claims.name,
             provider_sid=claims.sid,
             id_token=id_token,
@@ -1215,10 +1236,14 @@ class Gateway:
             session, now, rotate=True, previous=previous_cookie if previous else None
         )
         proven = assurance.level_of(self.config.assurance.levels, claims.acr, claims.amr)
-        window_s = None if tx.max_age_s is None else tx.max_age_s + skew_s
+        # Did the provider honour max_age? Measured now, with no leeway, as every later
+        # request will be: a proof that passes here but is stale on the way back would
+        # send the browser round again. max_age 0 was checked above, against the request.
+        max_age_s = tx.max_age_s or None
         if level is not None and not assurance.satisfies(
-            self.config.assurance.levels, [proof], level, window_s, now
+            self.config.assurance.levels, [proof], level, max_age_s, now
         ):
+            too_old = assurance.satisfies(self.config.assurance.levels, [proof], level, None, now)
             self.metrics.challenges.labels("failed", level_name).inc()
             audit.info(
                 "step_up_failure",
@@ -1228,7 +1253,8 @@ class Gateway:
                 acr=claims.acr,
                 amr=list(claims.amr),
                 sub=claims.sub,
-                reason="too_weak",
+                reason="too_old" if too_old else "too_weak",
+                age_s=round(now - auth_time, 3),
             )
             paragraphs = [
                 f"This action needs the level '{level_name}'"
@@ -1345,9 +1371,7 @@ class Gateway:
         binding = None
         if rule is not None and rule.require.bind:
             binding = binding_digest(rule.require.bind, await body.fields())
-        decision = decide(
-            rule, session, config.assurance, now, binding=binding, skew_s=config.oidc.clock_skew_s
-        )
+        decision = decide(rule, session, config.assurance, now, binding=binding)
         if isinstance(decision, Allow) and rule is not None and rule.require.once:
             decision = await self.consume_proof(decision, session, now)
         self.metrics.requests.labels(

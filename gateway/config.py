@@ -71,6 +71,9 @@ DEFAULT_CLIENT_AUTH = "client_secret_basic"
 # OIDC Core 5.5.1.1: an essential acr makes some providers fail the login outright instead
 # of doing their best; the gateway checks the acr it gets back either way.
 DEFAULT_ESSENTIAL_ACR = False
+# An email the provider has not verified is whatever the user typed; forwarding it as
+# X-Auth-Email lets anyone claim anyone's address (the "nOAuth" takeovers of 2023).
+DEFAULT_ASSUME_EMAIL_VERIFIED = False
 # OIDC Core 3.1.3.7 asks for "a small leeway" on iat/exp for clock skew.
 DEFAULT_CLOCK_SKEW_S = 60
 # RFC 7518 3.1 asymmetric algorithms (RS256 is mandatory, OIDC Core 15.1). Never "none",
@@ -799,6 +802,7 @@ class _Validator:
                 "scopes",
                 "client_auth",
                 "essential_acr",
+                "assume_email_verified",
                 "clock_skew",
                 "algorithms",
                 "http_timeout",
@@ -816,6 +820,9 @@ class _Validator:
                 DEFAULT_CLIENT_AUTH,
             ),
             essential_acr=self.optional(m, "essential_acr", self.boolean, DEFAULT_ESSENTIAL_ACR),
+            assume_email_verified=self.optional(
+                m, "assume_email_verified", self.boolean, DEFAULT_ASSUME_EMAIL_VERIFIED
+            ),
             clock_skew_s=self.optional(m, "clock_skew", self.clock_skew, DEFAULT_CLOCK_SKEW_S),
             algorithms=self.optional(m, "algorithms", self.algorithms, DEFAULT_ALGORITHMS),
             http_timeout_s=self.optional(m, "http_timeout", self.timeout_s, DEFAULT_HTTP_TIMEOUT_S),
@@ -1247,10 +1254,23 @@ class _Validator:
             self.once_nodes.append((m.child("once"), once_node))
         return model.Requirement(
             level=level,
-            max_age_s=self.optional(m, "max_age", self.duration_s, None),
+            max_age_s=self.optional(m, "max_age", self.max_age, None),
             once=once,
             bind=self.optional(m, "bind", self.field_names, ()),
         )
+
+    def max_age(self, node: Node, path: str) -> int:
+        seconds = self.duration_s(node, path)
+        if seconds == 0:
+            # max_age is measured without leeway, and a proof is always the provider's
+            # round trip old when the browser is back: 0 could never be met.
+            raise self.fail(
+                path,
+                "0 can never be met (a sign-in is always some seconds old when it "
+                "arrives); use once: true for a new sign-in before each request",
+                node,
+            )
+        return seconds
 
     def field_names(self, node: Node, path: str) -> tuple[str, ...]:
         names: list[str] = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable
+from urllib.parse import quote
 
 from multidict import CIMultiDict
 
@@ -385,3 +386,29 @@ def check_framing(
     # coding "chunked" is a length this gateway and the upstream could read differently.
     if transfer_encodings[0].strip(" \t").lower() != "chunked":
         raise FramingError("Unsupported Transfer-Encoding.", reason="bad_transfer_encoding")
+
+
+# ------------------------------------------------------------ claim values as headers
+
+# What a claim value may carry unchanged in an X-Auth-* header: visible ASCII
+# (RFC 9110 5.5 field-vchar, less obs-text), except "%" (the escape itself) and ","
+# (it separates X-Auth-Amr's values, and many servers join or split headers on it).
+_CLAIM_SAFE = re.compile(r"[!-$&-+\--~]*")
+_CLAIM_SAFE_CHARS = "".join(
+    chr(c) for c in range(0x21, 0x7F) if chr(c) not in "%," and not chr(c).isalnum()
+)
+
+
+def claim_header_value(value: str) -> str:
+    """A claim (``sub``, ``email``, ``acr``, one ``amr`` value) as a header value.
+
+    The value's UTF-8 bytes, percent-encoded (RFC 3986 2.1) wherever a byte is not
+    visible ASCII, or is ``%`` or ``,``. So a value of visible ASCII without ``%`` or
+    ``,`` arrives unchanged, and every value decodes back exactly with a percent-decoder
+    (``urllib.parse.unquote``, ``decodeURIComponent``; not form decoding: ``+`` stays).
+    No value can end a header line or smuggle another header, whatever a provider
+    sent. Lone surrogates (JSON allows ``\\ud800``) are kept as their own bytes.
+    """
+    if _CLAIM_SAFE.fullmatch(value):
+        return value
+    return quote(value.encode("utf-8", "surrogatepass"), safe=_CLAIM_SAFE_CHARS)

@@ -45,6 +45,9 @@ class OidcConfig:
     scopes: tuple[str, ...] = ("openid", "profile", "email")
     client_auth: str = "client_secret_basic"  # or "client_secret_post"
     essential_acr: bool = False
+    # OIDC Core 5.1: email_verified false or absent means the provider vouches for no
+    # such thing; true takes an ID token without the claim as verified (see README).
+    assume_email_verified: bool = False
     clock_skew_s: int = 60
     algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "ES384", "RS384", "RS512", "EdDSA")
     http_timeout_s: float = 10.0

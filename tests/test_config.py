@@ -122,6 +122,8 @@ BAD = [
      "rules[0].require.max_age", "invalid duration '-5'"),
     ("duration-unit", [(R0, "    require: {level: mfa, max_age: 5 minutes}")], 24,
      "rules[0].require.max_age", "invalid duration"),
+    ("max-age-zero", [(R0, "    require: {level: mfa, max_age: 0}")], 24,
+     "rules[0].require.max_age", "use once: true for a new sign-in before each request"),
     ("max-age-without-level", [(R0, "    require: {max_age: 5m}")], 24,
      "rules[0].require.level", "max_age needs a level"),
     ("require-empty", [(R0, "    require: {}")], 24,
@@ -203,6 +205,9 @@ BAD = [
      "oidc.scopes", "must include 'openid'"),
     ("client-auth", [("client_secret: s3cret", "client_secret: s3cret\n  client_auth: basic")], 10,
      "oidc.client_auth", "unknown value 'basic' (known: client_secret_basic, client_secret_post)"),
+    ("email-verified-not-bool",
+     [("client_secret: s3cret", "client_secret: s3cret\n  assume_email_verified: yes please")],
+     10, "oidc.assume_email_verified", "expected true or false"),
     ("alg-none", [("client_secret: s3cret", "client_secret: s3cret\n  algorithms: [RS256, none]")],
      10, "oidc.algorithms[1]", "'none' would accept unsigned id tokens"),
     ("alg-hmac", [("client_secret: s3cret", "client_secret: s3cret\n  algorithms: [HS256]")], 10,
@@ -446,7 +451,7 @@ def test_parse_duration_sums_units(d: int, h: int, m: int, s: int) -> None:
 
 @pytest.mark.parametrize(
     ("written", "seconds"),
-    [("90", 90), ("'90'", 90), ("90s", 90), ("5m", 300), ("1d", 86400), ("0", 0)],
+    [("90", 90), ("'90'", 90), ("90s", 90), ("5m", 300), ("1d", 86400), ("1", 1)],
 )
 def test_max_age_values(written: str, seconds: int) -> None:
     config = load(edited((R0, f"    require: {{level: mfa, max_age: {written}}}")))
@@ -527,6 +532,7 @@ def test_defaults() -> None:
                 "scopes": cfg.DEFAULT_SCOPES,
                 "client_auth": cfg.DEFAULT_CLIENT_AUTH,
                 "essential_acr": cfg.DEFAULT_ESSENTIAL_ACR,
+                "assume_email_verified": cfg.DEFAULT_ASSUME_EMAIL_VERIFIED,
                 "clock_skew_s": cfg.DEFAULT_CLOCK_SKEW_S,
                 "algorithms": cfg.DEFAULT_ALGORITHMS,
                 "http_timeout_s": cfg.DEFAULT_HTTP_TIMEOUT_S,
@@ -579,6 +585,7 @@ oidc:
   scopes: [openid, email]
   client_auth: client_secret_post
   essential_acr: true
+  assume_email_verified: true
   clock_skew: 30s
   algorithms: [ES256]
   http_timeout: 3s
@@ -639,6 +646,7 @@ rules:
         scopes=("openid", "email"),
         client_auth="client_secret_post",
         essential_acr=True,
+        assume_email_verified=True,
         clock_skew_s=30,
         algorithms=("ES256",),
         http_timeout_s=3.0,

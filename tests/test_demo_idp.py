@@ -459,6 +459,7 @@ async def test_password_sign_in_gives_loa1(
     assert claims["amr"] == ["pwd"]
     assert claims["auth_time"] == int(clock())
     assert claims["email"] == "alice@example.com" and claims["name"] == "Alice Adams"
+    assert claims["email_verified"] is True  # or the gateway would not forward the email
     assert claims["sid"]
     async with aiohttp.ClientSession() as rp:
         headers = {"Authorization": f"Bearer {tokens['access_token']}"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from urllib.parse import unquote
 
 import pytest
 from hypothesis import given
@@ -544,3 +545,48 @@ def test_cookie_stripping_keeps_exactly_the_others(pairs: list[tuple[str, str]])
     kept = headers.strip_cookie_header(value, GATEWAY_COOKIES, GATEWAY_COOKIE_PREFIXES)
 
     assert kept == "; ".join(f"{n}={v}" for n, v in pairs if n in ("a", "b"))
+
+
+# ------------------------------------------------------ claim values in X-Auth-*
+
+CLAIM_VALUES: list[tuple[str, str]] = [
+    ("alice@example.com", "alice@example.com"),  # the common case arrives unchanged
+    ("user+tag@example.com", "user+tag@example.com"),  # "+" is not a space here
+    ("248289761001", "248289761001"),
+    ("urn:example:loa:2", "urn:example:loa:2"),
+    ("auth0|5f7c8ec7c33c6c004bbafe82", "auth0|5f7c8ec7c33c6c004bbafe82"),
+    ("zoë@exämple.com", "zo%C3%AB@ex%C3%A4mple.com"),  # UTF-8, percent-encoded
+    ("Jürgen Müller", "J%C3%BCrgen%20M%C3%BCller"),
+    ("100%", "100%25"),  # the escape character itself
+    ("a,b", "a%2Cb"),  # X-Auth-Amr's separator
+    (" padded ", "%20padded%20"),  # servers strip header whitespace: keep it
+    ("a\r\nX-Auth-Level: admin", "a%0D%0AX-Auth-Level:%20admin"),
+    ("nul\x00", "nul%00"),
+    ("tab\t", "tab%09"),
+    ("del\x7f", "del%7F"),
+    ("lone\ud800", "lone%ED%A0%80"),
+    ("😀", "%F0%9F%98%80"),
+    ("", ""),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), CLAIM_VALUES, ids=[repr(v) for v, _ in CLAIM_VALUES]
+)
+def test_claim_header_values_are_percent_encoded_utf8(value: str, expected: str) -> None:
+    assert headers.claim_header_value(value) == expected
+
+
+@given(st.text())
+def test_claim_header_values_are_one_visible_ascii_line_that_decodes_back(value: str) -> None:
+    encoded = headers.claim_header_value(value)
+    assert all(0x21 <= ord(c) <= 0x7E for c in encoded)
+    assert "," not in encoded
+    assert unquote(encoded, errors="surrogatepass") == value
+
+
+@given(st.lists(st.text(min_size=1), max_size=5))
+def test_an_amr_header_splits_back_into_its_values(values: list[str]) -> None:
+    joined = ",".join(headers.claim_header_value(v) for v in values)
+    split = [unquote(v, errors="surrogatepass") for v in joined.split(",")] if joined else []
+    assert split == values
