@@ -1250,27 +1250,23 @@ class _Validator:
         level = self.required(m, "level", lambda n, p: self.level_name(n, p, assurance), "")
         once = self.optional(m, "once", self.boolean, False)
         once_node = m.get("once")
+        max_age_s = self.optional(m, "max_age", self.duration_s, None)
+        if max_age_s == 0:
+            # max_age is measured without leeway and a proof is always a round trip old
+            # when the browser is back, so "proven 0 s ago" means what README promised:
+            # a new sign-in for every request, which is exactly a one-time rule.
+            once, max_age_s, once_node = True, None, m.get("max_age")
+            once_path = m.child("max_age")
+        else:
+            once_path = m.child("once")
         if once and once_node is not None:
-            self.once_nodes.append((m.child("once"), once_node))
+            self.once_nodes.append((once_path, once_node))
         return model.Requirement(
             level=level,
-            max_age_s=self.optional(m, "max_age", self.max_age, None),
+            max_age_s=max_age_s,
             once=once,
             bind=self.optional(m, "bind", self.field_names, ()),
         )
-
-    def max_age(self, node: Node, path: str) -> int:
-        seconds = self.duration_s(node, path)
-        if seconds == 0:
-            # max_age is measured without leeway, and a proof is always the provider's
-            # round trip old when the browser is back: 0 could never be met.
-            raise self.fail(
-                path,
-                "0 can never be met (a sign-in is always some seconds old when it "
-                "arrives); use once: true for a new sign-in before each request",
-                node,
-            )
-        return seconds
 
     def field_names(self, node: Node, path: str) -> tuple[str, ...]:
         names: list[str] = []

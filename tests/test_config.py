@@ -122,8 +122,9 @@ BAD = [
      "rules[0].require.max_age", "invalid duration '-5'"),
     ("duration-unit", [(R0, "    require: {level: mfa, max_age: 5 minutes}")], 24,
      "rules[0].require.max_age", "invalid duration"),
-    ("max-age-zero", [(R0, "    require: {level: mfa, max_age: 0}")], 24,
-     "rules[0].require.max_age", "use once: true for a new sign-in before each request"),
+    ("max-age-zero-several-workers", [(R0, "    require: {level: mfa, max_age: 0}"),
+                                      ("gw.example.com\n", "gw.example.com\n  workers: 2\n")],
+     25, "rules[0].require.max_age", "workers: 1"),
     ("max-age-without-level", [(R0, "    require: {max_age: 5m}")], 24,
      "rules[0].require.level", "max_age needs a level"),
     ("require-empty", [(R0, "    require: {}")], 24,
@@ -456,6 +457,14 @@ def test_parse_duration_sums_units(d: int, h: int, m: int, s: int) -> None:
 def test_max_age_values(written: str, seconds: int) -> None:
     config = load(edited((R0, f"    require: {{level: mfa, max_age: {written}}}")))
     assert config.rules[0].require == model.Requirement("mfa", max_age_s=seconds)
+
+
+@pytest.mark.parametrize("written", ["0", "0s", "'0'"])
+def test_max_age_zero_is_a_new_sign_in_for_every_request(written: str) -> None:
+    # Freshness is measured without leeway, so "proven 0 s ago" can only mean a
+    # one-time rule: each request asks for, and consumes, a sign-in of its own.
+    config = load(edited((R0, f"    require: {{level: mfa, max_age: {written}}}")))
+    assert config.rules[0].require == model.Requirement("mfa", max_age_s=None, once=True)
 
 
 def test_fractional_timeouts_are_kept() -> None:
