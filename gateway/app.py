@@ -1089,6 +1089,8 @@ class Gateway:
         # largest one allowed) before a byte of it is read.
         declared = request.content_length
         largest = step_up.max_body_bytes
+        if declared is not None and declared > largest:
+            await body.read()  # 413, before anything is counted or held
         estimate = kept_size_bytes(min(largest if declared is None else declared, largest), path_qs)
         now = self.clock()
         refused = self.kept_ledger.admit(name, estimate, owner, now, ttl_s)

@@ -19,6 +19,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway.conditions import binding_digest, media_type
 from gateway.model import Level
@@ -49,13 +50,33 @@ def same_origin_refusal(headers: Mapping[str, str], public_origin: str) -> str |
     """
     origin = headers.get("Origin")
     site = headers.get("Sec-Fetch-Site")
-    if origin is not None and origin.strip().lower() != public_origin.lower():
-        return "cross_origin"
+    if origin is not None:
+        sent = serialized_origin(origin)
+        if sent is None or sent != serialized_origin(public_origin):
+            return "cross_origin"
     if site is not None and site.strip().lower() != "same-origin":
         return "cross_site"
     if origin is None and site is None:
         return "origin_unknown"
     return None
+
+
+def serialized_origin(url: str) -> str | None:
+    """``scheme://host[:port]`` as RFC 6454 6.1 serialises an origin: lower case, no
+    default port (a public_url written with ``:443`` names the origin browsers send
+    without it). None for ``null`` and anything that is not an http(s) origin."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), parts.hostname
+    default = {"http": 80, "https": 443}.get(scheme)
+    if default is None or not host or parts.path not in ("", "/") or parts.query:
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}" + ("" if port in (None, default) else f":{port}")
 
 
 def client_key(session_id: str | None, client_ip: str | None) -> str:

@@ -151,3 +151,32 @@ async def test_logout_from_this_site_signs_out(make_stack, browser, headers):
     ) as resp:
         assert resp.status == 303
     assert (await browser.get(f"{stack.url}/app/x")).status == 302
+
+
+# -- the check itself ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("public", "headers", "refusal"),
+    [
+        ("https://bank.example.com", {"Origin": "https://bank.example.com"}, None),
+        ("https://Bank.Example.com:443", {"Origin": "https://bank.example.com"}, None),
+        ("http://127.0.0.1:8080", {"Origin": "http://127.0.0.1:8080"}, None),
+        ("https://bank.example.com", {"Sec-Fetch-Site": "same-origin"}, None),
+        ("https://bank.example.com", {"Origin": "https://bank.example.com:8443"}, "cross_origin"),
+        ("https://bank.example.com", {"Origin": "http://bank.example.com"}, "cross_origin"),
+        ("https://bank.example.com", {"Origin": "null"}, "cross_origin"),
+        ("https://bank.example.com", {"Origin": "https://bank.example.com/x"}, "cross_origin"),
+        ("https://bank.example.com", {"Origin": "https://bank.example.com.evil"}, "cross_origin"),
+        ("https://bank.example.com", {"Sec-Fetch-Site": "same-site"}, "cross_site"),
+        ("https://bank.example.com", {"Sec-Fetch-Site": "none"}, "cross_site"),
+        ("https://bank.example.com",
+         {"Origin": "https://bank.example.com", "Sec-Fetch-Site": "cross-site"}, "cross_site"),
+        ("https://bank.example.com", {}, "origin_unknown"),
+        ("https://[::1]:8443", {"Origin": "https://[::1]:8443"}, None),
+    ],
+)  # fmt: skip
+def test_same_origin_refusal(public, headers, refusal):
+    from gateway.transactional import same_origin_refusal
+
+    assert same_origin_refusal(headers, public) == refusal
