@@ -25,7 +25,7 @@ import aiohttp
 import jwt
 import structlog
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMethod
+from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from cryptography.hazmat.primitives.asymmetric import ec
 from multidict import CIMultiDict, MultiDict
@@ -41,6 +41,9 @@ from gateway.conditions import (
 )
 from gateway.errors import (
     BadRequest,
+    Busy,
+    ConfigError,
+    ConfigProblem,
     Forbidden,
     GatewayError,
     Gone,
@@ -84,25 +87,31 @@ from gateway.session.cookies import (
     delete_cookie_kwargs,
     set_cookie_kwargs,
 )
-from gateway.session.model import Proof, Session
-from gateway.session.redis_store import RedisStore
-from gateway.session.stores import SessionStore, make_store
+from gateway.session.model import Proof, Session, new_proof_id
+from gateway.session.redis_store import RedisStore, eviction_problem
+from gateway.session.stores import CookieStore, SessionStore, make_store
 from gateway.session.transaction import (
     Transaction,
     TransactionCodec,
+    bounded_return_to,
+    cookie_pair_bytes,
     tx_cookie_name,
     tx_cookies_to_drop,
 )
 from gateway.transactional import (
+    KeptLedger,
     KeptRequest,
     authorization_details,
     binding_message,
+    client_key,
     echoed_binding,
     is_form_post,
+    kept_size_bytes,
     level_for_acr_values,
     max_age_of,
     parse_bearer_challenge,
     popup_page,
+    same_origin_refusal,
 )
 
 log = structlog.get_logger("gateway")
@@ -121,6 +130,14 @@ PROVIDER_PROBE_TIMEOUT_S = 2.0
 PROVIDER_PROBE_TTL_S = 10.0
 # A logout token is a few hundred bytes; anything far larger is not one.
 MAX_LOGOUT_REQUEST_BYTES = 64 * 1024
+# One header field, at most. aiohttp's default, like nginx's and Apache's, is 8 KB; the
+# gateway's own cookies stay under that (session <= ~3.9 KB, sign-ins in flight <= 3 KB),
+# and twice as much leaves the application's cookies room, so /healthz and /callback
+# still answer when a Cookie header has grown past 8 KB. Upstreams never get the
+# gateway's cookies, so they see a shorter header than this.
+MAX_HEADER_FIELD_BYTES = 16 * 1024
+# Replicas' clocks differ a little; a revocation outlives the session by this much.
+REVOCATION_MARGIN_S = 60
 # Bodies read for their fields; others (uploads, binaries) are never buffered for a rule.
 FIELD_TYPES = frozenset(
     {"application/x-www-form-urlencoded", "multipart/form-data", "application/json"}
@@ -233,6 +250,10 @@ class Gateway:
         self.clock = clock
         self.metrics = Metrics()
         self.store: SessionStore = make_store(config.session)
+        self.kept_ledger = KeptLedger(
+            budget_bytes=config.step_up.keep_budget_bytes,
+            per_client=config.step_up.keep_per_client,
+        )
         if assertion_key is None:
             assertion_key, self.key_generated = load_or_generate_key(config.assertion.key_file)
         else:
@@ -262,6 +283,8 @@ class Gateway:
         """Set ``config`` and everything derived from it, with no await in between."""
         self.config = config
         self.rules = RuleSet(config.rules)
+        self.kept_ledger.budget_bytes = config.step_up.keep_budget_bytes
+        self.kept_ledger.per_client = config.step_up.keep_per_client
         self.tx_codec = TransactionCodec(config.session.secrets)
         secure = config.session.cookie_secure
         self.secure = secure
@@ -320,6 +343,18 @@ class Gateway:
         )
         self.risk = RiskClient(self._http)
         self.aux = self._make_aux()
+        await self.check_redis_eviction()
+        session = self.config.session
+        if (
+            session.store == "cookie"
+            and session.redis_url is None
+            and self.config.server.workers > 1
+        ):
+            log.warning(
+                "session_revocation_per_process",
+                hint="with the cookie store and several workers, a signed-out session is "
+                "refused only by the worker that signed it out; set session.redis_url",
+            )
         try:
             await self._provider.load()
         except ProviderError as exc:
@@ -408,6 +443,33 @@ class Gateway:
             )
             return self._aux_redis
         return LocalAux(clock=self.clock)
+
+    async def check_redis_eviction(self) -> None:
+        """Refuse to start on a Redis that may evict one-time records (see
+        :func:`gateway.session.redis_store.eviction_problem`)."""
+        redis = self.store if isinstance(self.store, RedisStore) else self._aux_redis
+        if redis is None:
+            return
+        try:
+            settings = await redis.eviction_settings()
+        except StoreUnavailable:
+            log.warning("redis_eviction_unchecked", reason="store_down")
+            return
+        if settings is None:
+            # Managed services (ElastiCache, Memorystore, Azure Cache) forbid CONFIG:
+            # the gateway cannot know; it runs, and says what the operator must check.
+            log.warning(
+                "redis_eviction_unchecked",
+                reason="config_refused",
+                hint="make sure maxmemory-policy is noeviction",
+            )
+            return
+        policy, maxmemory = settings
+        problem = eviction_problem(policy, maxmemory)
+        if problem is not None:
+            log.error("redis_eviction_unsafe", policy=policy, maxmemory=maxmemory)
+            raise ConfigError([ConfigProblem("session.redis_url", problem, self.config.source)])
+        log.info("redis_eviction_checked", policy=policy, maxmemory=maxmemory)
 
     @property
     def provider(self) -> ProviderClient:
@@ -576,7 +638,10 @@ class Gateway:
         proof = decision.proof
         if session is None or proof is None:
             return decision
-        name = f"proof:{session.id}:{proof.acr}:{proof.auth_time}"
+        # The step-up that made the proof names it; proofs saved before ids existed
+        # fall back to what they are made of.
+        made_by = proof.id if proof.id is not None else f"{proof.acr}:{proof.auth_time}"
+        name = f"proof:{session.id}:{made_by}"
         if await self.aux.claim_once(name, self.config.session.lifetime_s):
             audit.info("proof_consumed", rule=decision.rule.name, sub=session.sub)
             return decision
@@ -609,7 +674,50 @@ class Gateway:
             ) from exc
         if session is None:
             log.info("session_rejected", reason="invalid_or_expired")
+        elif isinstance(self.store, CookieStore) and await self.revoked(session):
+            log.info("session_rejected", reason="revoked")
+            return None
         return session
+
+    # -- revocation (cookie store) ---------------------------------------------------
+    #
+    # A cookie-store session cannot be deleted: a saved copy of the cookie would
+    # stay valid until it expires (CWE-613). Signing out records the session id, and
+    # a back-channel logout the subject or provider session with its time, beside the
+    # one-time claims (this process, or Redis with session.redis_url), until every
+    # session they name has expired.
+
+    @staticmethod
+    def _revocation_names(session: Session) -> list[str]:
+        names = [f"revoked:id:{session.id}", f"revoked:sub:{session.sub}"]
+        if session.provider_sid is not None:
+            names.append(f"revoked:sid:{session.provider_sid}")
+        return names
+
+    async def revoked(self, session: Session) -> bool:
+        marks = await self.aux.get_records(self._revocation_names(session))
+        if marks[0] is not None:
+            return True
+        # By subject or provider session: every session created up to that moment.
+        return any(at is not None and session.created_at <= at for at in marks[1:])
+
+    async def revoke(
+        self,
+        *,
+        session: Session | None = None,
+        sub: str | None = None,
+        provider_sid: str | None = None,
+    ) -> None:
+        """Record a sign-out until every session it covers has expired anyway."""
+        now = self.clock()
+        lifetime_s = self.config.session.lifetime_s + REVOCATION_MARGIN_S
+        if session is not None:
+            left_s = session.created_at + lifetime_s - now
+            await self.aux.put_record(f"revoked:id:{session.id}", now, max(left_s, 1))
+        if sub is not None and provider_sid is None:
+            await self.aux.put_record(f"revoked:sub:{sub}", now, lifetime_s)
+        if provider_sid is not None:
+            await self.aux.put_record(f"revoked:sid:{provider_sid}", now, lifetime_s)
 
     async def forward(
         self,
@@ -652,6 +760,12 @@ class Gateway:
             method, data = kept.method, kept.body
             upstream_headers["Content-Type"] = kept.content_type
             upstream_headers["Content-Length"] = str(len(kept.body))
+            # As the form was sent, not as the redirect back from the provider was:
+            # an upstream's own CSRF check judges the original request.
+            for name, value in (("Origin", kept.origin), ("Sec-Fetch-Site", kept.fetch_site)):
+                upstream_headers.popall(name, None)
+                if value is not None:
+                    upstream_headers[name] = value
         intercept = None
         if kept is None:
             form = rule.upstream_challenge and is_form_post(request.method, request.headers)
@@ -870,6 +984,23 @@ class Gateway:
         )
         navigation = responses.is_navigation(request.method, request.headers)
         form = is_form_post(request.method, request.headers)
+        if form:
+            # A form the browser sent from another site: keeping it and replaying it
+            # after a silent sign-in at the provider would complete a CSRF for the
+            # other site. Refused, never kept (the same check guards logout).
+            refusal = same_origin_refusal(request.headers, self.public_origin())
+            if refusal is not None:
+                audit.info(
+                    "cross_site_request_refused",
+                    rule=rule.name,
+                    method=request.method,
+                    reason=refusal,
+                )
+                raise Forbidden(
+                    "This form was not sent from a page of this site, so it was not kept "
+                    "and nothing was sent. Open the page on this site and send it again.",
+                    reason="cross_site_form",
+                )
         if not navigation and not form:
             if decision.reason == "no_session":
                 value = responses.www_authenticate(None, None)
@@ -905,33 +1036,99 @@ class Gateway:
         return_to = path_qs
         if form:
             assert body is not None
+            return_to = responses.same_origin_path(
+                request.headers.get("Referer"), self.public_origin()
+            )
+            # Without a session, a form is kept only when its rule makes the step-up
+            # about this very request (once: a new sign-in; bind: the user approves
+            # its values). Otherwise the browser comes back to the form's page after
+            # signing in, and nothing a stranger sends is held.
+            if session is not None or rule.require.once or rule.require.bind:
+                kept_id = await self.keep(request, rule, session, path_qs, body)
+            else:
+                log.info("request_not_kept", rule=rule.name, reason="no_session")
+        try:
+            return await self.start_round_trip(
+                request,
+                return_to=responses.safe_return_to(return_to),
+                rule=rule.name,
+                level=decision.required,
+                max_age_s=decision.max_age_s,
+                kept=kept_id,
+                binding=binding,
+                binding_values=values,
+                fresh=rule.require.once,
+            )
+        except BaseException:
+            if kept_id is not None:  # no round trip: nobody can resume it
+                await self.aux.take_blob(f"kept:{kept_id}")
+                self.kept_ledger.release(f"kept:{kept_id}")
+            raise
+
+    async def keep(
+        self,
+        request: web.BaseRequest,
+        rule: Rule,
+        session: Session | None,
+        path_qs: str,
+        body: RequestBody,
+    ) -> str:
+        """Hold the form across the step-up, within the budget; the id it is kept under.
+
+        Counted against step_up.keep_budget (this process) and keep_per_client (this
+        session, or this client address without one) before its body is read; when
+        either is spent, 503 with Retry-After, and nothing is held.
+        """
+        step_up = self.config.step_up
+        ttl_s = self.config.session.transaction_ttl_s
+        kept_id = new_random()
+        name = f"kept:{kept_id}"
+        owner = client_key(session.id if session is not None else None, self.client_ip(request))
+        # Counted at the size it says it has (a body without Content-Length: at the
+        # largest one allowed) before a byte of it is read.
+        declared = request.content_length
+        largest = step_up.max_body_bytes
+        if declared is not None and declared > largest:
+            await body.read()  # 413, before anything is counted or held
+        estimate = kept_size_bytes(min(largest if declared is None else declared, largest), path_qs)
+        now = self.clock()
+        refused = self.kept_ledger.admit(name, estimate, owner, now, ttl_s)
+        if refused is not None:
+            reason, retry_s = refused
+            log.warning(
+                "request_not_kept",
+                rule=rule.name,
+                reason=reason,
+                held_bytes=self.kept_ledger.total_bytes,
+                held=len(self.kept_ledger),
+            )
+            raise Busy(
+                "Too many requests are waiting for a sign-in right now, so this one was "
+                "not kept and nothing was sent. Try again in a little while.",
+                reason=reason,
+                retry_after_s=int(retry_s) + 1,
+            )
+        try:
+            data = await body.read()
             kept = KeptRequest(
                 method=request.method,
                 path_qs=path_qs,
                 content_type=body.content_type,
-                body=await body.read(),
+                body=data,
                 session_id=session.id if session is not None else None,
                 rule=rule.name,
+                origin=request.headers.get("Origin"),
+                fetch_site=request.headers.get("Sec-Fetch-Site"),
             )
-            kept_id = new_random()
-            await self.aux.put_blob(
-                f"kept:{kept_id}", kept.to_dict(), self.config.session.transaction_ttl_s
-            )
-            audit.info("request_kept", rule=rule.name, method=request.method, bytes=len(kept.body))
-            return_to = responses.same_origin_path(
-                request.headers.get("Referer"), self.public_origin()
-            )
-        return await self.start_round_trip(
-            request,
-            return_to=responses.safe_return_to(return_to),
-            rule=rule.name,
-            level=decision.required,
-            max_age_s=decision.max_age_s,
-            kept=kept_id,
-            binding=binding,
-            binding_values=values,
-            fresh=rule.require.once,
-        )
+            # The estimate was for the declared (or the largest) body: count what it is.
+            self.kept_ledger.release(name)
+            self.kept_ledger.admit(name, kept.size_bytes, owner, now, ttl_s)
+            await self.aux.put_blob(name, kept.to_dict(), ttl_s)
+        except BaseException:
+            self.kept_ledger.release(name)
+            raise
+        audit.info("request_kept", rule=rule.name, method=request.method, bytes=len(kept.body))
+        return kept_id
 
     async def start_round_trip(
         self,
@@ -965,11 +1162,20 @@ class Gateway:
             )
         now = self.clock()
         verifier, challenge = new_pkce()
+        sealed_return_to = bounded_return_to(return_to)
+        if sealed_return_to != return_to:
+            # A longer URL would make a cookie the browser drops (RFC 6265 6.1), and
+            # the sign-in could never finish; the user comes back to its path.
+            log.info(
+                "return_to_shortened",
+                chars=len(return_to),
+                kept="path" if sealed_return_to != "/" else "root",
+            )
         tx = Transaction(
             state=new_random(),
             nonce=new_random(),
             code_verifier=verifier,
-            return_to=return_to,
+            return_to=sealed_return_to,
             rule=rule,
             level=level.name,
             max_age_s=max_age_s,
@@ -999,6 +1205,8 @@ class Gateway:
         )
         response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
         ttl_s = self.config.session.transaction_ttl_s
+        tx_name = tx_cookie_name(self.tx_base, tx.state, self.secure)
+        tx_value = self.tx_codec.seal(tx)
         stale = tx_cookies_to_drop(
             request.cookies,
             self.tx_codec,
@@ -1007,6 +1215,7 @@ class Gateway:
             now=now,
             ttl_s=ttl_s,
             max_in_flight=MAX_TRANSACTIONS_IN_FLIGHT,
+            new_bytes=cookie_pair_bytes(tx_name, tx_value),
         )
         for name in stale:
             response.del_cookie(name, **delete_cookie_kwargs(self.secure))
@@ -1015,11 +1224,7 @@ class Gateway:
             # Server-side too: the callback may land on any worker or replica, and a
             # replayed callback finds nothing (taken once, below).
             await put_tx(tx, ttl_s)
-        response.set_cookie(
-            tx_cookie_name(self.tx_base, tx.state, self.secure),
-            self.tx_codec.seal(tx),
-            **set_cookie_kwargs(self.secure, ttl_s),
-        )
+        response.set_cookie(tx_name, tx_value, **set_cookie_kwargs(self.secure, ttl_s))
         self.metrics.challenges.labels("issued", level.name).inc()
         audit.info(
             "step_up_challenge",
@@ -1203,7 +1408,8 @@ class Gateway:
                         text="What the identity provider approved differs from this request.",
                     )
                 )
-        proof = Proof(acr=claims.acr, amr=claims.amr, auth_time=auth_time)
+        # Named by this step-up, so a one-time rule consumes this proof and no other.
+        proof = Proof(acr=claims.acr, amr=claims.amr, auth_time=auth_time, id=new_proof_id())
         # The session keeps only an address the provider vouched for, so X-Auth-Email
         # and the assertion's email are never one the user merely typed.
         email = verified_email(claims, assume_verified=self.config.oidc.assume_email_verified)
@@ -1325,15 +1531,18 @@ class Gateway:
     async def rekeep(self, kept_id: str, session: Session) -> str:
         """Bind the kept request to the session that just stepped up; where to resume it."""
         data = await self.aux.take_blob(f"kept:{kept_id}")
+        self.kept_ledger.release(f"kept:{kept_id}")
         kept = KeptRequest.from_dict(data)
         if kept is None or kept.session_id not in (None, session.id):
             return f"{self.prefix}/resume?r=expired"
         new_id = new_random()
-        await self.aux.put_blob(
-            f"kept:{new_id}",
-            kept.with_session(session.id).to_dict(),
-            self.config.session.transaction_ttl_s,
-        )
+        bound = kept.with_session(session.id)
+        ttl_s = self.config.session.transaction_ttl_s
+        owner = client_key(session.id, None)
+        if self.kept_ledger.admit(f"kept:{new_id}", bound.size_bytes, owner, self.clock(), ttl_s):
+            log.warning("request_not_kept", rule=kept.rule, reason="keep_per_client")
+            return f"{self.prefix}/resume?r=expired"
+        await self.aux.put_blob(f"kept:{new_id}", bound.to_dict(), ttl_s)
         return f"{self.prefix}/resume?r={new_id}"
 
     def popup_script(self, tx: Transaction, *, ok: bool) -> str:
@@ -1348,6 +1557,7 @@ class Gateway:
             raise MethodNotAllowed("Resume takes GET", reason="resume_method")
         kept_id = request.query.get("r", "")
         data = await self.aux.take_blob(f"kept:{kept_id}") if kept_id else None
+        self.kept_ledger.release(f"kept:{kept_id}")
         kept = KeptRequest.from_dict(data)
         if kept is None:
             audit.info("kept_request_gone")
@@ -1463,11 +1673,15 @@ class Gateway:
         if request.method != "POST":
             raise MethodNotAllowed("Back-channel logout takes POST", reason="bcl_method")
         delete_by = getattr(self.store, "delete_by", None)
-        if delete_by is None:
+        session_cfg = self.config.session
+        if delete_by is None and session_cfg.redis_url is None and self.config.server.workers > 1:
+            # Cookie sessions are refused by revocation records; kept in one worker's
+            # memory they would hold in that worker only. Say so rather than 200.
             return web.json_response(
                 {
                     "error": "not_supported",
-                    "error_description": "back-channel logout needs session.store memory or redis",
+                    "error_description": "back-channel logout with the cookie store and "
+                    "several workers needs session.redis_url",
                 },
                 status=501,
                 headers=no_store,
@@ -1502,7 +1716,11 @@ class Gateway:
                 status=400,
                 headers=no_store,
             )
-        deleted = await delete_by(sub=claims.sub, provider_sid=claims.sid)
+        if delete_by is not None:
+            deleted = await delete_by(sub=claims.sub, provider_sid=claims.sid)
+        else:
+            await self.revoke(sub=claims.sub, provider_sid=claims.sid)
+            deleted = None  # cookie sessions: unknown; every one of them is refused now
         audit.info(
             "backchannel_logout",
             sub=claims.sub,
@@ -1522,13 +1740,22 @@ class Gateway:
             )
         if request.method != "POST":
             raise MethodNotAllowed("Logout takes GET or POST", reason="logout_method")
-        origin = request.headers.get("Origin")
-        if origin is not None and origin != "null" and origin != self.public_origin():
-            raise BadRequest("Cross-site logout refused", reason="logout_origin")
+        # Only the confirm page above (or another page of this site) may sign out:
+        # Origin "null" (a sandboxed frame, a redirect from elsewhere) is another site.
+        refusal = same_origin_refusal(request.headers, self.public_origin())
+        if refusal is not None:
+            audit.info("cross_site_request_refused", rule=None, method="POST", reason=refusal)
+            raise Forbidden(
+                "Sign-out was not asked for by a page of this site; you are still signed in. "
+                f"To sign out, open {self.prefix}/logout on this site.",
+                reason="logout_origin",
+            )
         session = await self.load_session(request)
         value = cookie_value(request, self.session_cookie)
         if value:
             await self.store.delete(value)
+        if session is not None and isinstance(self.store, CookieStore):
+            await self.revoke(session=session)
         location = f"{self.config.server.public_url}{self.prefix}/logged-out"
         try:
             meta = await self.provider.metadata()
@@ -1626,7 +1853,12 @@ class Gateway:
     def error_response(self, request: web.BaseRequest, exc: GatewayError) -> web.StreamResponse:
         log_fn = log.warning if exc.status >= 500 else log.info
         log_fn("request_refused", status=exc.status, reason=exc.reason)
-        return self.page_response(request, exc.status, exc.title, [exc.message], error=exc.reason)
+        response = self.page_response(
+            request, exc.status, exc.title, [exc.message], error=exc.reason
+        )
+        if isinstance(exc, Busy):
+            response.headers["Retry-After"] = str(exc.retry_after_s)  # RFC 9110 10.2.3
+        return response
 
     def page_response(
         self,
@@ -1714,6 +1946,12 @@ class _RequestHandler(RequestHandler):
         if isinstance(exc, BadHttpMethod):
             # RFC 9110 9.1: methods are case-sensitive; `post` is not POST.
             error = MethodNotAllowed("This method is not allowed here.", reason="unknown_method")
+        elif isinstance(exc, LineTooLong):
+            error = HeadersTooLarge(
+                "A request header is too large (often: too many cookies for this site). "
+                "Remove this site's cookies in the browser and try again.",
+                reason="header_too_large",
+            )
         elif status >= 500:
             log.error("internal_error", error=type(exc).__name__ if exc else None, exc_info=exc)
             error = GatewayError("Something went wrong in the gateway.", reason="internal_error")
@@ -1725,9 +1963,16 @@ class _RequestHandler(RequestHandler):
         return response
 
 
+class HeadersTooLarge(GatewayError):
+    status = 431  # RFC 6585 5
+    title = "Request headers too large"
+
+
 class _Server(web.Server):
     def __init__(self, gateway: Gateway) -> None:
-        super().__init__(gateway.handle, handler_cancellation=True)
+        super().__init__(
+            gateway.handle, handler_cancellation=True, max_field_size=MAX_HEADER_FIELD_BYTES
+        )
         self._gateway = gateway
 
     def __call__(self) -> RequestHandler:

@@ -108,6 +108,13 @@ DEFAULT_RISK_CACHE_S = 0
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 # RFC 9396 authorization_details "type" for rules that bind fields (PSD2 payments).
 DEFAULT_AUTHORIZATION_DETAILS_TYPE = "payment_initiation"
+# Requests kept across a step-up, all together, per process: 64 forms at the 1 MiB
+# body limit, thousands of ordinary ones. Past it new ones get 503 + Retry-After.
+DEFAULT_KEEP_BUDGET_BYTES = 64 * 1024 * 1024
+# A user rarely has more than a few step-ups in flight (five transaction cookies at
+# most); eight per session, or per client address without one, leaves room.
+DEFAULT_KEEP_PER_CLIENT = 8
+MAX_KEEP_PER_CLIENT = 1000
 
 # --- Limits --------------------------------------------------------------------------
 
@@ -118,6 +125,8 @@ MAX_PORT = 65535
 MAX_RISK_TIMEOUT_S = 10.0
 # Bodies are held in memory while a rule's conditions and bindings read them.
 MAX_BODY_LIMIT_BYTES = 64 * 1024 * 1024
+# Kept requests, all together, in one process (or in Redis, per process).
+MAX_KEEP_BUDGET_BYTES = 4 * 1024 * 1024 * 1024
 MAX_DETAILS_TYPE_CHARS = 200
 
 STORES = ("cookie", "memory", "redis")
@@ -626,6 +635,8 @@ class _Validator:
         step_up = model.StepUpConfig(
             max_body_bytes=DEFAULT_MAX_BODY_BYTES,
             authorization_details_type=DEFAULT_AUTHORIZATION_DETAILS_TYPE,
+            keep_budget_bytes=DEFAULT_KEEP_BUDGET_BYTES,
+            keep_per_client=DEFAULT_KEEP_PER_CLIENT,
         )
         if top.get("step_up") is not None:
             step_up = self.section(top, "step_up", self.step_up) or step_up
@@ -1365,16 +1376,67 @@ class _Validator:
         return seconds
 
     def step_up(self, node: Node, path: str) -> model.StepUpConfig:
-        m = self.mapping(node, path, ("max_body", "authorization_details_type"))
+        m = self.mapping(
+            node,
+            path,
+            ("max_body", "authorization_details_type", "keep_budget", "keep_per_client"),
+        )
+        max_body = self.optional(m, "max_body", self.size_bytes, DEFAULT_MAX_BODY_BYTES)
+        budget = self.optional(m, "keep_budget", self.keep_budget, DEFAULT_KEEP_BUDGET_BYTES)
+        if budget < max_body:
+            self.note(
+                m.child("keep_budget"),
+                f"is smaller than step_up.max_body ({max_body} bytes): a form at the body "
+                "limit could never be kept",
+                m.get("keep_budget"),
+            )
         return model.StepUpConfig(
-            max_body_bytes=self.optional(m, "max_body", self.size_bytes, DEFAULT_MAX_BODY_BYTES),
+            max_body_bytes=max_body,
             authorization_details_type=self.optional(
                 m,
                 "authorization_details_type",
                 self.details_type,
                 DEFAULT_AUTHORIZATION_DETAILS_TYPE,
             ),
+            keep_budget_bytes=budget,
+            keep_per_client=self.optional(
+                m, "keep_per_client", self.keep_per_client, DEFAULT_KEEP_PER_CLIENT
+            ),
         )
+
+    def keep_budget(self, node: Node, path: str) -> int:
+        scalar = self.scalar(node, path, "a size")
+        value = scalar.value
+        size: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            size = value
+        elif isinstance(value, str):
+            match = _SIZE.fullmatch(value.strip())
+            if match is not None:
+                size = int(match.group(1)) * _SIZE_UNIT[match.group(2)]
+        if size is None or not 1 <= size <= MAX_KEEP_BUDGET_BYTES:
+            raise self.fail(
+                path,
+                f"use a size between 1 byte and 4GiB, in bytes (67108864) or with a unit "
+                f"(64MiB) (got {scalar.text!r})",
+                node,
+            )
+        return size
+
+    def keep_per_client(self, node: Node, path: str) -> int:
+        scalar = self.scalar(node, path, "a number")
+        value = scalar.value
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not 1 <= value <= MAX_KEEP_PER_CLIENT
+        ):
+            raise self.fail(
+                path,
+                f"use a whole number from 1 to {MAX_KEEP_PER_CLIENT} (got {scalar.text!r})",
+                node,
+            )
+        return value
 
     def size_bytes(self, node: Node, path: str) -> int:
         """Bytes as an integer, or a number with a unit: 512KiB, 1MiB, 2MB."""

@@ -11,7 +11,8 @@ into responses (a small HTML page for browsers, JSON for everything else).
     ├── ProviderError            502/503: the OpenID Provider failed or is unreachable
     ├── UpstreamError            502: the upstream could not be reached
     │   └── UpstreamTimeout      504: the upstream did not answer in time
-    └── StoreUnavailable         503: the session store does not answer
+    ├── StoreUnavailable         503: the session store does not answer
+    └── Busy                     503 + Retry-After: a bounded store is full for now
 
     ConfigError                  not an HTTP error: the config file is invalid
 """
@@ -106,3 +107,15 @@ class PayloadTooLarge(GatewayError):
 class Gone(GatewayError):
     status = 410
     title = "Already used"
+
+
+class Busy(GatewayError):
+    """A bounded store is full: refuse new work (503 with ``Retry-After``) rather than
+    forget what it holds (RFC 9110 15.6.4 and 10.2.3)."""
+
+    status = 503
+    title = "Try again shortly"
+
+    def __init__(self, message: str, *, reason: str | None = None, retry_after_s: int) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_after_s = max(int(retry_after_s), 1)

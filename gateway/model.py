@@ -129,6 +129,8 @@ class RiskConfig:
 class StepUpConfig:
     max_body_bytes: int = 1024 * 1024  # form posts kept across a step-up, and bound fields
     authorization_details_type: str = "payment_initiation"  # RFC 9396 type for bind rules
+    keep_budget_bytes: int = 64 * 1024 * 1024  # all requests one process keeps, together
+    keep_per_client: int = 8  # kept requests in flight per session (or client address)
 
 
 @dataclass(frozen=True, slots=True)

@@ -184,6 +184,9 @@ async def _main(
     except AssertionKeyError as exc:
         log.error("assertion_key_error", error=str(exc))
         return 1
+    except ConfigError as exc:  # found at start-up, e.g. a Redis that may evict
+        log.error("startup_refused", problems=[str(p) for p in exc.problems])
+        return 1
     except OSError as exc:
         log.error("listen_failed", error=str(exc))
         return 1

@@ -445,7 +445,9 @@ async def test_signing_out_at_the_gateway_ends_the_other_tab_through_the_provide
     demo: Demo, alice: ThreeSessions
 ) -> None:
     with capture_logs() as logs:
-        hop = await alice.first.request("POST", f"{demo.url}/_gateway/logout")
+        hop = await alice.first.request(
+            "POST", f"{demo.url}/_gateway/logout", headers={"Origin": demo.url}
+        )
         assert hop.status == 303 and hop.headers["Location"].startswith(
             f"{demo.idp_url}/end-session?"
         )

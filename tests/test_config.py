@@ -851,6 +851,8 @@ def test_step_up_defaults() -> None:
             {
                 "max_body_bytes": cfg.DEFAULT_MAX_BODY_BYTES,
                 "authorization_details_type": cfg.DEFAULT_AUTHORIZATION_DETAILS_TYPE,
+                "keep_budget_bytes": cfg.DEFAULT_KEEP_BUDGET_BYTES,
+                "keep_per_client": cfg.DEFAULT_KEEP_PER_CLIENT,
             },
         ),
     ],
@@ -958,6 +960,11 @@ def test_step_up_keys_name_line_and_key(
         ("  authorization_details_type: 'a b'", 32, "step_up.authorization_details_type",
          "no spaces"),
         ("  max_bodies: 1MiB", 32, "step_up.max_bodies", "did you mean 'max_body'?"),
+        ("  keep_budget: lots", 32, "step_up.keep_budget", "between 1 byte and 4GiB"),
+        ("  keep_budget: 8GiB", 32, "step_up.keep_budget", "between 1 byte and 4GiB"),
+        ("  keep_budget: 512KiB", 32, "step_up.keep_budget", "smaller than step_up.max_body"),
+        ("  keep_per_client: 0", 32, "step_up.keep_per_client", "from 1 to 1000"),
+        ("  keep_per_client: many", 32, "step_up.keep_per_client", "from 1 to 1000"),
     ],
 )  # fmt: skip
 def test_step_up_section(
@@ -1028,3 +1035,9 @@ def test_arbitrary_when_text_raises_only_config_error(when: str) -> None:
         load(text)
     except ConfigError as exc:
         assert exc.problems
+
+
+def test_keep_limits_load() -> None:
+    text = BASE + "step_up:\n  keep_budget: 16MiB\n  keep_per_client: 3\n"
+    step_up = load(text).step_up
+    assert (step_up.keep_budget_bytes, step_up.keep_per_client) == (16 * 1024 * 1024, 3)

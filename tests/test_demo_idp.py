@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
+from yarl import URL
 
 from gateway.rules import RuleSet
 from stepup_demo import DemoStack, approvals, factors, start_demo_stack
@@ -1448,8 +1449,13 @@ class DemoGateway:
         return self.stack.gateway_url
 
     async def page(self, method: str, url: str, **kwargs: Any) -> Page:
-        """A browser navigation (or form post): redirects followed, as a browser does."""
+        """A browser navigation (or form post): redirects followed, as a browser does.
+
+        A form post comes from a page of the site it posts to, and says so (Origin)."""
         headers = {"Accept": "text/html", **kwargs.pop("headers", {})}
+        if method != "GET":
+            target = URL(url)
+            headers.setdefault("Origin", f"{target.scheme}://{target.host}:{target.port}")
         reply = await self.browser.request(method, url, headers=headers, **kwargs)
         return Page(str(reply.url), await reply.text())
 
@@ -1554,7 +1560,7 @@ async def test_demo_risk_service_picks_the_standing_order_step_up(
     reply = await demo.browser.post(
         f"{demo.url}/standing-orders",
         data=fields,
-        headers={"Accept": "text/html"},
+        headers={"Accept": "text/html", "Origin": demo.url},  # a form on the bank's page
         allow_redirects=False,
     )
     assert reply.status == 302

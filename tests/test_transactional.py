@@ -18,7 +18,12 @@ from tests.test_gateway import PHR_USER, sign_in
 
 RECORDS = web.AppKey("records", list)
 
-FORM = {"Content-Type": "application/x-www-form-urlencoded", "Sec-Fetch-Mode": "navigate"}
+# What a browser sends with a form from a page of the same site (Fetch Metadata).
+FORM = {
+    "Content-Type": "application/x-www-form-urlencoded",
+    "Sec-Fetch-Mode": "navigate",
+    "Sec-Fetch-Site": "same-origin",
+}
 
 RULES = """\
 rules:

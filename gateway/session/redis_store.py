@@ -17,7 +17,15 @@ Key layout (``{prefix}`` is ``session.redis_prefix``, ``stepup:`` by default)::
     {prefix}sid:{M(sid)}      set   of H(handle), every session of that provider session
                               TTL   the absolute lifetime, reset on each add
     {prefix}tx:{H(state)}     str   sealed Transaction; TTL session.transaction_ttl
-    {prefix}once:{H(name)}    str   "1"; claim_once() markers (logout token jti)
+    {prefix}once:{H(name)}    str   "1"; claim_once() markers (one-time proofs, logout jti)
+    {prefix}rec:{H(name)}     str   a time; put_record() (revoked cookie-store sessions)
+    {prefix}blob:{H(name)}    str   sealed kept request; TTL session.transaction_ttl
+
+Eviction: a ``once`` or ``rec`` key that Redis evicts is a used proof that works
+again or a signed-out session that is back. Every key here has a TTL, so the
+``volatile-*`` policies may evict any of them just as ``allkeys-*`` may; only
+``noeviction`` (Redis then refuses writes when full, and the gateway answers 503)
+keeps them. :func:`eviction_problem` says whether a server's settings are safe.
 
     H = SHA-256, hex.  M = HMAC-SHA256 with a key derived from the session secret.
 
@@ -39,7 +47,7 @@ import hmac
 import json
 import math
 import secrets
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import structlog
@@ -350,6 +358,43 @@ class RedisStore:
         )
         return bool(claimed)
 
+    async def put_record(self, name: str, value: float, ttl_s: float) -> None:
+        """Hold ``value`` under ``name`` for ``ttl_s``, on every replica."""
+        key = f"{self.prefix}rec:{_digest(name)}"
+        await self._run(
+            "put_record", self._redis.set(key, repr(float(value)), ex=max(math.ceil(ttl_s), 1))
+        )
+
+    async def get_records(self, names: Iterable[str]) -> list[float | None]:
+        """The values under ``names`` (None where there is none), in one round trip."""
+        keys = [f"{self.prefix}rec:{_digest(name)}" for name in names]
+        if not keys:
+            return []
+        raw = await self._run("get_records", self._redis.mget(keys))
+        out: list[float | None] = []
+        for value in raw:
+            try:
+                out.append(None if value is None else float(_text(value)))
+            except ValueError:
+                out.append(0.0)  # unreadable: counts as revoked from the start (fail closed)
+        return out
+
+    async def eviction_settings(self) -> tuple[str, int] | None:
+        """(maxmemory-policy, maxmemory) of the server, or None when CONFIG is refused
+        (managed services rename or forbid it). Raises StoreUnavailable when Redis is down."""
+        try:
+            policy = await self._redis.config_get("maxmemory-policy")
+            limit = await self._redis.config_get("maxmemory")
+        except (RedisError, OSError) as exc:
+            if _is_refusal(exc):
+                return None
+            log.warning("session_store_unavailable", operation="config_get", error=str(exc))
+            raise errors.StoreUnavailable(_UNAVAILABLE, reason="store_down") from exc
+        try:
+            return str(policy["maxmemory-policy"]), int(str(limit["maxmemory"]))
+        except (KeyError, ValueError, TypeError):
+            return None
+
     async def put_blob(self, name: str, payload: Mapping[str, Any], ttl_s: float) -> None:
         """Keep ``payload`` sealed under ``name`` for at most ``ttl_s`` (a kept request)."""
         key = f"{self.prefix}blob:{_digest(name)}"
@@ -454,6 +499,32 @@ class RedisStore:
         except _DOWN as exc:
             log.warning("session_store_unavailable", operation=operation, error=str(exc))
             raise errors.StoreUnavailable(_UNAVAILABLE, reason="store_down") from exc
+
+
+def eviction_problem(policy: str, maxmemory_bytes: int) -> str | None:
+    """Why these eviction settings can lose one-time records; None when they cannot.
+
+    With ``maxmemory`` 0 (no limit, the default of a self-run Redis) nothing is ever
+    evicted, whatever the policy. Otherwise only ``noeviction`` is safe: every key the
+    gateway writes has a TTL, so ``volatile-lru``/``-lfu``/``-random``/``-ttl`` choose
+    among exactly the gateway's keys (and ``volatile-ttl`` first among the one-time
+    records that expire soonest), and ``allkeys-*`` among all keys.
+    """
+    if maxmemory_bytes == 0 or policy == "noeviction":
+        return None
+    return (
+        f"maxmemory-policy is {policy} with maxmemory {maxmemory_bytes}: Redis may evict "
+        "one-time records (a used proof would work again, a signed-out session come back); "
+        "set maxmemory-policy noeviction, or maxmemory 0"
+    )
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """CONFIG renamed away or forbidden by an ACL: the server answered, but will not say."""
+    text = str(exc).lower()
+    return isinstance(exc, RedisError) and (
+        "unknown command" in text or "noperm" in text or "no permission" in text
+    )
 
 
 def connect(url: str) -> tuple[Redis, tuple[Redis, ...]]:
