@@ -5,9 +5,18 @@ with the assertion prefix (``X-Auth-*``), method overrides, path overrides and,
 unless the TCP peer is a trusted proxy, the forwarding headers. The gateway's own
 cookies never reach the upstream. Hop-by-hop headers (RFC 9110 7.6.1) stop here.
 
-Header names are compared lower-cased with ``_`` read as ``-``: many servers
-(CGI/WSGI environ keys, PHP, some frameworks) fold both to the same key, so
-``X_Auth_Acr`` would otherwise arrive upstream as ``X-Auth-Acr``.
+Header names are compared the way the most folding upstream reads them
+(:func:`normalize_name`): lower-cased, with every character other than a letter
+or digit read as ``-``. CGI turns a name into an environment key by upper-casing
+it and mapping ``-`` to ``_`` (RFC 3875 4.1.18); Apache's CGI/FastCGI/PHP
+modules map *every* other character to ``_`` as well (``util_script.c``),
+nginx with ``underscores_in_headers on`` or ``ignore_invalid_headers off``
+passes ``_``, ``.`` and the rest through to FastCGI/uWSGI, and Werkzeug, Django
+and Rack read ``HTTP_X_AUTH_SUBJECT`` back as ``X-Auth-Subject``. So
+``X.Auth.Subject``, ``X_Auth_Subject`` and ``x~auth~subject`` all reach a PHP or
+WSGI app as the gateway's own header and are stripped. The names the gateway
+sets itself are also compared with the separators removed altogether
+(``XAuthSubject``), at no cost to anyone.
 
 :func:`check_framing` refuses request-smuggling shapes before anything is
 forwarded; aiohttp's own parser refuses most of them first (see its docstring).
@@ -21,6 +30,20 @@ from collections.abc import Collection, Iterable
 from multidict import CIMultiDict
 
 from gateway import errors
+
+_NOT_ALNUM = re.compile(r"[^a-z0-9]")
+
+
+def normalize_name(name: str) -> str:
+    """``X_Auth.ACR`` -> ``x-auth-acr``: the key under which the most folding servers
+    compare names (every character but a letter or digit read as ``-``)."""
+    return _NOT_ALNUM.sub("-", name.lower())
+
+
+def compact_name(name: str) -> str:
+    """``X-Auth_Acr`` -> ``xauthacr``: the name with case and every separator ignored."""
+    return _NOT_ALNUM.sub("", name.lower())
+
 
 # RFC 9110 7.6.1 (Connection, Proxy-Connection, Keep-Alive, TE, Transfer-Encoding,
 # Upgrade), RFC 9110 11.7 (Proxy-Authenticate/-Authorization are for the next
@@ -95,8 +118,18 @@ _CONNECTION_PROTECTED: frozenset[str] = frozenset({"host", "content-length"})
 # Names whose underscore spelling would alias a framing header on an upstream that
 # folds "_" into "-": two competing lengths is a desync, so refuse the request.
 _FRAMING_NAMES: frozenset[str] = frozenset({"content-length", "transfer-encoding"})
+_COMPACT_FRAMING = frozenset({"contentlength", "transferencoding"})
 
 _DROP_ALWAYS_REQUEST = HOP_BY_HOP | _GATEWAY_SET | _REQUEST_DROP
+# The gateway's own names compared with every separator ignored, so that
+# "XForwardedHost" or "X.Request.Id" cannot pass for one of them either.
+_COMPACT_GATEWAY_SET = frozenset(
+    compact_name(name) for name in _GATEWAY_SET | FORWARDING_HEADERS | _REQUEST_DROP
+)
+_COMPACT_FORWARDING = {compact_name(name): name for name in FORWARDING_HEADERS}
+_COMPACT_XFF = "xforwardedfor"
+# The assurance headers the gateway sets under its prefix (gateway.app).
+ASSURANCE_SUFFIXES = ("Subject", "Email", "Acr", "Amr", "Time", "Level", "Rule", "Assertion")
 _DROP_METHOD_OVERRIDE = frozenset(METHOD_OVERRIDE_HEADERS)
 _DROP_WEBSOCKET = WEBSOCKET_HANDSHAKE_HEADERS
 
@@ -113,9 +146,17 @@ class FramingError(errors.BadRequest):
     """
 
 
-def normalize_name(name: str) -> str:
-    """``X_Auth-ACR`` -> ``x-auth-acr``: the key under which servers compare names."""
-    return name.lower().replace("_", "-")
+def forwarded_for_chain(inbound: Iterable[tuple[str, str]]) -> list[str]:
+    """The addresses of every X-Forwarded-For line (and alias spelling), in order.
+
+    aiohttp's ``headers.get`` gives the first line only; an upstream gets all of
+    them joined with ``,`` (RFC 9110 5.3), so this is what the upstream reads.
+    """
+    chain: list[str] = []
+    for name, value in inbound:
+        if compact_name(name) == _COMPACT_XFF:
+            chain.extend(address for a in value.split(",") if (address := a.strip(" \t")))
+    return chain
 
 
 def is_assurance_header(name: str, prefix: str) -> bool:
@@ -200,6 +241,7 @@ def upstream_request_headers(
     ``Forwarded`` and ``X-Request-Id`` set by the gateway; ``Content-Length`` is
     kept when the client sent it, so the upstream gets a length, not chunks.
     """
+    own = frozenset(compact_name(prefix + suffix) for suffix in ASSURANCE_SUFFIXES)
     prefix = normalize_name(prefix)
     if not prefix:
         raise ValueError("the assertion header prefix must not be empty")
@@ -216,21 +258,25 @@ def upstream_request_headers(
     forwarded_for: list[str] = []
     forwarded: list[str] = []
     for name, value in items:
-        key = name.lower()
-        if "_" in key:
-            key = key.replace("_", "-")
+        key = normalize_name(name)
         if key in _DROP_ALWAYS_REQUEST or key.startswith(prefix):
             continue
         if listed and key in listed:
             continue
-        if key in FORWARDING_HEADERS:
+        compact = compact_name(name)
+        if compact in own:
+            continue
+        forwarding = _COMPACT_FORWARDING.get(compact)
+        if forwarding is not None:
             if peer_trusted:
-                if key == "x-forwarded-for":
-                    forwarded_for.append(value)
-                elif key == "forwarded":
+                if forwarding == "x-forwarded-for":
+                    forwarded_for.extend(forwarded_for_chain(((name, value),)))
+                elif forwarding == "forwarded":
                     forwarded.append(value)
                 else:
                     out.add(name, value)
+            continue
+        if compact in _COMPACT_GATEWAY_SET:
             continue
         if key == "cookie":
             cookies.append(value)
@@ -369,7 +415,8 @@ def check_framing(
                 raise FramingError("Invalid Content-Length.", reason="bad_content_length")
         elif key == "transfer-encoding":
             transfer_encodings.append(value)
-        elif "_" in key and key.replace("_", "-") in _FRAMING_NAMES:
+        elif normalize_name(key) in _FRAMING_NAMES or compact_name(key) in _COMPACT_FRAMING:
+            # "Content_Length", "Content.Length": a length an upstream may also read.
             raise FramingError("Ambiguous framing header name.", reason="framing_alias")
 
     if not transfer_encodings:

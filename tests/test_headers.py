@@ -63,6 +63,9 @@ def passed_through(out: list[tuple[str, str]]) -> list[tuple[str, str]]:
         ("X_Auth_Acr", True),
         ("x_auth-acr", True),
         ("X-Auth-", True),
+        ("X.Auth.Acr", True),  # HTTP_X_AUTH_ACR in PHP/CGI, X-Auth-Acr in Werkzeug
+        ("X~Auth~Acr", True),  # Apache maps every non-alphanumeric to "_"
+        ("x.auth_ACR", True),
         ("X-Auth", False),
         ("X-Authorization", False),
         ("Authorization", False),
@@ -149,6 +152,9 @@ def test_connection_tokens(values_: list[str], tokens: set[str]) -> None:
         [("X_Auth_Level", "high")],
         [("x_auth_assertion", "eyJ...")],
         [("X-Auth-Acr", "a"), ("X-Auth-Acr", "b"), ("x_auth_acr", "c")],
+        [("X.Auth.Subject", "admin")],
+        [("X.Auth-Level", "high"), ("X~Auth~Rule", "transfers"), ("X-Auth.Email", "a@b")],
+        [("X!Auth#Amr", "hwk"), ("X'Auth*Time", "1"), ("X|Auth`Acr", "phr")],
     ],
 )
 def test_assurance_headers_are_removed(spoofed: list[tuple[str, str]]) -> None:
@@ -232,6 +238,76 @@ FORWARDING_IN = [
     ("True-Client-IP", "203.0.113.1"),
     ("X-Forwarded-Port", "80"),
 ]
+
+
+@pytest.mark.parametrize(
+    "alias",
+    [
+        "XAuthSubject",  # separators left out altogether
+        "X-AuthSubject",
+        "XAuth-Assertion",
+        "X.Forwarded.Host",
+        "X_Forwarded_Proto",
+        "XForwardedHost",
+        "X.Request.Id",
+        "X_Real_IP",
+        "X.Original.URL",
+        "X_Rewrite_Url",
+    ],
+)
+def test_aliases_of_the_gateways_own_headers_are_removed(alias: str) -> None:
+    """Equal to one of the gateway's names once case, "-", "_" and "." are ignored."""
+    for peer_trusted in (False, True):
+        out = build([(alias, "forged"), ("Accept", "*/*")], peer_trusted=peer_trusted)
+        forged = [(k, v) for k, v in out if v == "forged"]
+        if peer_trusted and headers.compact_name(alias) == "xrealip":
+            assert forged == [(alias, "forged")]  # a trusted proxy may tell the client's address
+        else:
+            assert forged == []
+        assert values(out, "Accept") == ["*/*"]
+
+
+def test_ordinary_names_with_separators_are_kept() -> None:
+    kept = [("X-Authorization", "t"), ("X.Custom.Thing", "1"), ("X_Trace", "2")]
+    assert passed_through(build(kept)) == kept
+
+
+@pytest.mark.parametrize(
+    ("lines", "chain"),
+    [
+        ([("X-Forwarded-For", "203.0.113.1")], ["203.0.113.1"]),
+        (
+            [("X-Forwarded-For", "203.0.113.1"), ("X-Forwarded-For", "198.51.100.2, 10.0.0.1")],
+            ["203.0.113.1", "198.51.100.2", "10.0.0.1"],
+        ),
+        (
+            [("x-forwarded-for", " a ,, b "), ("Accept", "*/*"), ("X_Forwarded_For", "c")],
+            ["a", "b", "c"],
+        ),
+        ([("X.Forwarded.For", "d")], ["d"]),
+        ([("Forwarded", "for=1.2.3.4")], []),
+    ],
+)
+def test_forwarded_for_chain_reads_every_line(
+    lines: list[tuple[str, str]], chain: list[str]
+) -> None:
+    assert headers.forwarded_for_chain(lines) == chain
+    # ... and it is exactly what the upstream is sent, followed by the peer.
+    out = build(lines, peer_trusted=True)
+    assert values(out, "X-Forwarded-For") == [", ".join([*chain, "192.0.2.10"])]
+
+
+def test_forwarded_host_and_proto_sent_twice_are_replaced() -> None:
+    inbound = [
+        ("X-Forwarded-Host", "evil.example"),
+        ("X-Forwarded-Host", "bank.example.com"),
+        ("X-Forwarded-Proto", "http"),
+        ("X-Forwarded-Proto", "https"),
+    ]
+    for peer_trusted in (False, True):
+        out = build(inbound, peer_trusted=peer_trusted)
+        assert values(out, "X-Forwarded-Host") == ["bank.example.com"]
+        assert values(out, "X-Forwarded-Proto") == ["https"]
 
 
 def test_forwarding_from_an_untrusted_peer() -> None:
@@ -464,6 +540,9 @@ def test_framing_accepts(fields: list[tuple[str, str]]) -> None:
         ([("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")], "duplicate_te"),
         ([("Content-Length", "5"), ("Content_Length", "0")], "framing_alias"),
         ([("Transfer_Encoding", "chunked")], "framing_alias"),
+        ([("Content-Length", "5"), ("Content.Length", "0")], "framing_alias"),
+        ([("Transfer.Encoding", "chunked")], "framing_alias"),
+        ([("ContentLength", "0")], "framing_alias"),
         ([("X-Folded", "a\r\n b")], "header_value_ctl"),
         ([("X-Nul", "a\x00b")], "header_value_ctl"),
         ([("Transfer-Encoding", "chunked\r\nX: y")], "header_value_ctl"),
