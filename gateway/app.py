@@ -606,17 +606,21 @@ class Gateway:
     def client_ip(self, request: web.BaseRequest) -> str | None:
         """The client's address: the TCP peer, or from X-Forwarded-For via a trusted proxy.
 
-        Read from every X-Forwarded-For line (and alias spelling) joined in order,
-        exactly as :func:`gateway.headers.upstream_request_headers` forwards them.
+        The first hop of :func:`gateway.headers.client_chain`: read from every
+        X-Forwarded-For line (or Forwarded), exactly the chain the upstream is sent.
         """
         peer = request.remote or None
-        if peer is None or not self.peer_trusted(peer):
-            return peer
-        chain = headers.forwarded_for_chain(request.headers.items())
-        for address in reversed(chain):
-            if not self.peer_trusted(address):
-                return address
-        return peer
+        if peer is None:
+            return None
+        return self.client_hops(request, peer)[0]
+
+    def client_hops(self, request: web.BaseRequest, peer: str) -> tuple[str, ...]:
+        return headers.client_chain(
+            request.headers.items(),
+            peer=peer,
+            peer_trusted=self.peer_trusted(peer),
+            is_trusted=self.peer_trusted,
+        )
 
     async def load_session(self, request: web.BaseRequest) -> Session | None:
         value = cookie_value(request, self.session_cookie)
@@ -741,6 +745,7 @@ class Gateway:
                 strip_cookie_prefixes=self.gateway_cookie_prefixes,
                 client_ip=peer,
                 peer_trusted=self.peer_trusted(peer),
+                hops=self.client_hops(request, peer),
                 scheme=self.scheme,
                 # The canonical host the rules judged (known, since they judged it).
                 host=canonical_host(request.headers.get("Host"), self.scheme) or "",

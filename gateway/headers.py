@@ -25,7 +25,7 @@ forwarded; aiohttp's own parser refuses most of them first (see its docstring).
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 from multidict import CIMultiDict
 
@@ -128,6 +128,13 @@ _COMPACT_GATEWAY_SET = frozenset(
 )
 _COMPACT_FORWARDING = {compact_name(name): name for name in FORWARDING_HEADERS}
 _COMPACT_XFF = "xforwardedfor"
+# Built by the gateway from the chain it vouches for (client_chain), never passed on.
+_REBUILT = frozenset({"x-forwarded-for", "forwarded"})
+# The client's address as an earlier proxy saw it: passed on from a trusted proxy only
+# when it names the client the gateway judged, or upstreams reading it would act on another.
+_CLIENT_ADDRESS_HEADERS = frozenset(
+    {"x-real-ip", "x-client-ip", "true-client-ip", "x-cluster-client-ip", "cf-connecting-ip"}
+)
 # The assurance headers the gateway sets under its prefix (gateway.app).
 ASSURANCE_SUFFIXES = ("Subject", "Email", "Acr", "Amr", "Time", "Level", "Rule", "Assertion")
 _DROP_METHOD_OVERRIDE = frozenset(METHOD_OVERRIDE_HEADERS)
@@ -157,6 +164,97 @@ def forwarded_for_chain(inbound: Iterable[tuple[str, str]]) -> list[str]:
         if compact_name(name) == _COMPACT_XFF:
             chain.extend(address for a in value.split(",") if (address := a.strip(" \t")))
     return chain
+
+
+def forwarded_nodes(inbound: Iterable[tuple[str, str]]) -> list[str]:
+    """The ``for=`` node of every element of every ``Forwarded`` line (RFC 7239 4), in order.
+
+    An element without ``for=`` counts as ``unknown`` (RFC 7239 6.2): a hop is a hop.
+    """
+    nodes: list[str] = []
+    for name, value in inbound:
+        if compact_name(name) != "forwarded":
+            continue
+        for element in _split_quoted(value, ","):
+            node = "unknown"
+            for pair in _split_quoted(element, ";"):
+                key, _, text = pair.partition("=")
+                if key.strip(" \t").lower() == "for":
+                    node = text.strip(" \t")
+            nodes.append(node)
+    return nodes
+
+
+def _split_quoted(value: str, separator: str) -> list[str]:
+    """``value`` split on ``separator`` outside quoted-strings (RFC 9110 5.6.4)."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    for char in value:
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == separator and not quoted:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return [part.strip(" \t") for part in parts if part.strip(" \t")]
+
+
+def node_address(node: str) -> str:
+    """A hop as an address: quotes, IPv6 brackets and a port removed (``"[::1]:80"`` -> ``::1``)."""
+    text = node.strip(" \t")
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+    if text.startswith("["):
+        return text[1 : text.find("]")] if "]" in text else text
+    if text.count(":") == 1:
+        return text.partition(":")[0]
+    return text
+
+
+def client_chain(
+    inbound: Iterable[tuple[str, str]],
+    *,
+    peer: str,
+    peer_trusted: bool,
+    is_trusted: Callable[[str], bool] = lambda address: False,
+) -> tuple[str, ...]:
+    """The hops the gateway vouches for: the client it judges first, ``peer`` last.
+
+    From an untrusted peer that is ``(peer,)``. From a trusted proxy, the chain it
+    sent (every X-Forwarded-For line, or without one the ``for=`` nodes of
+    Forwarded) is read from the right up to the first address that is not a
+    trusted proxy (``is_trusted``): that is the client. Anything left of it was
+    written by the client itself and is not vouched for; the upstream is sent
+    exactly this chain, so one that reads the leftmost address (Jetty's
+    ForwardedRequestCustomizer, Spring) and one that reads the rightmost
+    untrusted one (Express, Werkzeug's ProxyFix) both act on the client judged.
+
+    Raises :class:`gateway.errors.BadRequest` (``forwarding_mismatch``) when
+    X-Forwarded-For and Forwarded name different chains: the gateway could not
+    know which one the upstream reads.
+    """
+    if not peer_trusted:
+        return (peer,)
+    items = inbound if isinstance(inbound, list | tuple) else list(inbound)
+    by_xff = [node_address(node) for node in forwarded_for_chain(items)]
+    by_forwarded = [node_address(node) for node in forwarded_nodes(items)]
+    if by_xff and by_forwarded and by_xff != by_forwarded:
+        raise errors.BadRequest(
+            "X-Forwarded-For and Forwarded name different clients.", reason="forwarding_mismatch"
+        )
+    hops = [peer]
+    for address in reversed(by_xff or by_forwarded):
+        hops.append(address)
+        if not is_trusted(address):
+            break
+    return tuple(reversed(hops))
 
 
 def is_assurance_header(name: str, prefix: str) -> bool:
@@ -198,7 +296,7 @@ def _forwarded_node(address: str) -> str:
     # RFC 7239 6: an IPv6 node is bracketed and quoted; "unknown" and IPv4 are tokens.
     if ":" in address:
         return f'"[{address}]"'
-    return address
+    return _forwarded_value(address)
 
 
 def _forwarded_value(value: str) -> str:
@@ -223,6 +321,7 @@ def upstream_request_headers(
     upstream_host: str,
     websocket: bool = False,
     strip_cookie_prefixes: tuple[str, ...] = (),
+    hops: Sequence[str] | None = None,
 ) -> CIMultiDict[str]:
     """The headers the upstream gets, before the gateway adds its assurance headers.
 
@@ -235,7 +334,10 @@ def upstream_request_headers(
     ``server.trusted_proxies``. ``scheme`` and ``host`` are what the client used
     (the public URL's, or a trusted proxy's), ``upstream_host`` the upstream's
     ``host[:port]``. With ``websocket`` the client's handshake headers go too:
-    ``ws_connect`` writes its own.
+    ``ws_connect`` writes its own. ``hops`` is :func:`client_chain`'s answer (from
+    the peer alone when not given): X-Forwarded-For and Forwarded are built from
+    it, and a client-address header a trusted proxy sent (``X-Real-IP``...) is
+    kept only when it names the same client.
 
     The result has ``Host``, ``X-Forwarded-For``/``-Proto``/``-Host``,
     ``Forwarded`` and ``X-Request-Id`` set by the gateway; ``Content-Length`` is
@@ -253,10 +355,10 @@ def upstream_request_headers(
     if listed:
         listed = listed - _CONNECTION_PROTECTED
 
+    if hops is None:
+        hops = client_chain(items, peer=client_ip, peer_trusted=peer_trusted)
     out: CIMultiDict[str] = CIMultiDict()
     cookies: list[str] = []
-    forwarded_for: list[str] = []
-    forwarded: list[str] = []
     for name, value in items:
         key = normalize_name(name)
         if key in _DROP_ALWAYS_REQUEST or key.startswith(prefix):
@@ -268,13 +370,11 @@ def upstream_request_headers(
             continue
         forwarding = _COMPACT_FORWARDING.get(compact)
         if forwarding is not None:
-            if peer_trusted:
-                if forwarding == "x-forwarded-for":
-                    forwarded_for.extend(forwarded_for_chain(((name, value),)))
-                elif forwarding == "forwarded":
-                    forwarded.append(value)
-                else:
-                    out.add(name, value)
+            names_client = (
+                forwarding not in _CLIENT_ADDRESS_HEADERS or value.strip(" \t") == hops[0]
+            )
+            if peer_trusted and forwarding not in _REBUILT and names_client:
+                out.add(name, value)
             continue
         if compact in _COMPACT_GATEWAY_SET:
             continue
@@ -295,14 +395,12 @@ def upstream_request_headers(
 
     # add(), not assignment: the loop above let no client copy of these through.
     out.add("Host", upstream_host)
-    forwarded_for.append(client_ip)
-    out.add("X-Forwarded-For", ", ".join(forwarded_for))
+    out.add("X-Forwarded-For", ", ".join(hops))
     out.add("X-Forwarded-Proto", scheme)
     out.add("X-Forwarded-Host", host)
-    forwarded.append(
-        f"for={_forwarded_node(client_ip)};host={_forwarded_value(host)};proto={scheme}"
-    )
-    out.add("Forwarded", ", ".join(forwarded))
+    # Every element says host and proto: some readers (Spring) take them from the first.
+    host_proto = f"host={_forwarded_value(host)};proto={scheme}"
+    out.add("Forwarded", ", ".join(f"for={_forwarded_node(hop)};{host_proto}" for hop in hops))
     out.add("X-Request-Id", request_id)
     return out
 
