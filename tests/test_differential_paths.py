@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 from yarl import URL
 
 from gateway.paths import normalize_path
@@ -192,6 +193,32 @@ async def test_no_spelling_reaches_the_handler_a_strict_rule_protects(
     assert not bypasses, f"{name}: reached the protected handler: {bypasses}"
     assert all(o in ("refused", "strict", "handler:default") for o in outcomes.values()), outcomes
     assert outcomes["/api/transfers/1"] == "strict"
+
+
+@pytest.mark.parametrize(
+    ("spelling", "reason"),
+    [
+        ("/api/transfers;/1", "path_parameter"),
+        ("/api/transfers%3B/1", "path_parameter"),
+        ("/api/transfers./1", "trailing_dot_or_space"),
+        ("/api/transfers%20/1", "trailing_dot_or_space"),
+        ("/api/%2574ransfers/1", "double_encoding"),
+    ],
+)
+async def test_a_refused_spelling_is_a_400_with_a_log_line(
+    make_stack: StackFactory,
+    browser: Browser,
+    jetty_server: RunningServer,
+    spelling: str,
+    reason: str,
+) -> None:
+    stack = await signed_in(make_stack, browser, ("jetty", jetty_server))
+    with capture_logs() as logs:
+        status, _headers, body = await send(browser.http, stack.url + spelling)
+    assert (status, body["error"]) == (400, reason)
+    refused = [e for e in logs if e["event"] == "request_refused"]
+    assert refused and refused[0]["reason"] == reason and refused[0]["status"] == 400
+    assert not any(e["event"] == "upstream_request" for e in logs)
 
 
 @pytest.mark.parametrize(
