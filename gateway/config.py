@@ -269,6 +269,9 @@ class _Validator:
         self.problems: list[ConfigProblem] = []
         # (key path, node) of every require.once: true, checked against the store.
         self.once_nodes: list[tuple[str, Node]] = []
+        # public_url's scheme once read: hosts in rules and server.hosts drop its default
+        # port only (":80" under https is another origin); both 80 and 443 until then.
+        self.public_scheme: str | None = None
         # PyYAML is untyped; this is the implicit-tag resolver SafeLoader uses.
         self._resolve: Callable[[type[Node], str, tuple[bool, bool]], str] = Resolver().resolve
         self._constructor = SafeConstructor()
@@ -741,6 +744,7 @@ class _Validator:
             )
         # Kept as written otherwise: the redirect_uri built from it must match, byte for
         # byte, the one registered at the provider.
+        self.public_scheme = parts.scheme.lower()
         return text.rstrip("/")
 
     def internal_prefix(self, node: Node, path: str) -> str:
@@ -1278,9 +1282,14 @@ class _Validator:
             hint = f" (did you mean {bare!r}?)" if bare else ""
             raise self.fail(path, f"must be a host name, not a URL or a path: {text!r}{hint}", node)
         try:
-            return canonical_rule_host(text)
+            return canonical_rule_host(text, self.public_scheme)
         except ValueError as exc:
-            raise self.fail(path, f"invalid host {text!r}: {exc}", node) from None
+            hint = ""
+            if not text.isascii():
+                # Hosts arrive in their IDNA A-label form; one spelling is compared.
+                with contextlib.suppress(UnicodeError):
+                    hint = f" (did you mean {text.encode('idna').decode('ascii')!r}?)"
+            raise self.fail(path, f"invalid host {text!r}: {exc}{hint}", node) from None
 
     def requirement(
         self, node: Node, path: str, assurance: model.AssuranceConfig | None

@@ -115,6 +115,8 @@ BAD = [
      "(did you mean 'bank.example.com'?)"),
     ("host-with-path", [(M0, "    match: {path: /api/transfers/**, host: bank.example.com/api}")],
      23, "rules[0].match.host", "(did you mean 'bank.example.com'?)"),
+    ("host-u-label", [(M0, "    match: {path: /api/transfers/**, host: bücher.example}")], 23,
+     "rules[0].match.host", "(did you mean 'xn--bcher-kva.example'?)"),
     ("glob-without-slash", [(M0, "    match: {path: api/transfers/**}")], 23,
      "rules[0].match.path", "must start with '/'"),
     ("glob-with-semicolon", [(M0, "    match: {path: /api/transfers;x/**}")], 23,
@@ -1068,3 +1070,34 @@ def test_upstream_as_a_mapping_and_the_path_and_host_options() -> None:
     assert config.server.case_insensitive_paths is True
     assert load(BASE).server.case_insensitive_paths is False
     assert load(BASE).server.hosts == ()
+
+
+@pytest.mark.parametrize(
+    ("public_url", "written", "canonical"),
+    [
+        ("https://gw.example.com", "bank.example.com:443", "bank.example.com"),
+        ("https://gw.example.com", "bank.example.com:80", "bank.example.com:80"),
+        ("http://gw.example.com", "bank.example.com:80", "bank.example.com"),
+        ("http://gw.example.com", "bank.example.com:443", "bank.example.com:443"),
+        ("https://gw.example.com", "XN--BCHER-KVA.Example.", "xn--bcher-kva.example"),
+    ],
+)
+def test_rule_hosts_drop_only_the_public_schemes_default_port(
+    public_url: str, written: str, canonical: str
+) -> None:
+    """A request's Host is canonicalised against public_url's scheme: so are rule hosts."""
+    text = edited(
+        ("  public_url: https://gw.example.com", f"  public_url: {public_url}"),
+        (
+            "    match: {path: /api/transfers/**, methods: [POST]}",
+            f"    match: {{path: /api/transfers/**, methods: [POST], host: '{written}'}}",
+        ),
+        ("  listen: 127.0.0.1:8080", f"  listen: 127.0.0.1:8080\n  hosts: ['{written}']"),
+        (
+            "  secret: 0123456789abcdef0123456789abcdef",
+            "  secret: 0123456789abcdef0123456789abcdef\n  cookie_secure: false",
+        ),
+    )
+    config = load(text)
+    assert config.rules[0].match.host == canonical
+    assert config.server.hosts == (canonical,)
