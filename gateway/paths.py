@@ -33,7 +33,10 @@ single canonical form is right for every upstream:
   ``String.trim`` drops a trailing space or control character;
 * a double encoding, ``%25`` followed by two hex digits (``%252e``): servers
   that decode twice (IIS with double escaping allowed, some application code)
-  read ``%2e`` and then ``.``.
+  read ``%2e`` and then ``.``;
+* characters that Unicode compatibility normalisation (NFKC) changes, such as
+  fullwidth letters or ``%EF%BC%8F`` (fullwidth ``/``): Windows "best fit"
+  mappings and NFKC-normalising frameworks read them as ASCII.
 
 The result is idempotent: ``normalize_path(normalize_path(p)) == normalize_path(p)``.
 """
@@ -44,6 +47,7 @@ import functools
 import ipaddress
 import re
 import string
+import unicodedata
 
 from gateway.errors import BadRequest
 
@@ -107,7 +111,8 @@ def normalize_path(raw_path: str) -> str:
     Raises :class:`BadRequest` with a short ``reason`` (``encoded_slash``,
     ``backslash``, ``nul``, ``control_char``, ``malformed_escape``,
     ``invalid_utf8``, ``encoded_dot_segment``, ``path_parameter``,
-    ``trailing_dot_or_space``, ``double_encoding``, ``not_origin_form``,
+    ``trailing_dot_or_space``, ``double_encoding``, ``unicode_compatibility``,
+    ``not_origin_form``,
     ``query_in_path``, ``fragment``) when the path has no safe canonical form.
     """
     if len(raw_path) <= _CACHED_PATH_MAX:
@@ -172,6 +177,15 @@ def _canonical_segment(raw: str) -> str:
             "A segment of the request path ends in '.' or whitespace, which some "
             "servers trim before choosing a handler.",
             "trailing_dot_or_space",
+        )
+    if not decoded.isascii() and unicodedata.normalize("NFKC", decoded) != decoded:
+        # Windows "best fit" code pages, IIS and NFKC-normalising frameworks read
+        # fullwidth letters (U+FF54 as "t"), ligatures (U+FB01 as "fi") and decomposed
+        # accents (NFC file systems compose them) as other characters.
+        raise _refuse(
+            "The request path contains Unicode compatibility characters, which some "
+            "servers read as other characters.",
+            "unicode_compatibility",
         )
     return text
 

@@ -72,6 +72,8 @@ SPELLINGS = [
     "/api/transfers%5c1",  # backslash
     "/api\\transfers/1",
     "/api/transfers%00/1",  # NUL
+    "/api/%EF%BD%94ransfers/1",  # fullwidth "t": Windows best-fit, NFKC
+    "/api/transfers%EF%BC%8F1",  # fullwidth "/"
     "/api/transfers/",
     "/api/transfers",
 ]
