@@ -48,6 +48,7 @@ from gateway.errors import (
     GatewayError,
     Gone,
     MethodNotAllowed,
+    MisdirectedRequest,
     NotFound,
     PayloadTooLarge,
     ProviderError,
@@ -282,7 +283,7 @@ class Gateway:
     def _apply(self, config: Config) -> None:
         """Set ``config`` and everything derived from it, with no await in between."""
         self.config = config
-        self.rules = RuleSet(config.rules)
+        self.rules = RuleSet.for_config(config)
         self.kept_ledger.budget_bytes = config.step_up.keep_budget_bytes
         self.kept_ledger.per_client = config.step_up.keep_per_client
         self.tx_codec = TransactionCodec(config.session.secrets)
@@ -523,7 +524,7 @@ class Gateway:
         """A request for the upstreams: choose the rule, decide, act. (rule name, response)"""
         rules, config = self.rules, self.config  # one consistent view across a reload
         rules.require_known_method(request.method)
-        host = canonical_host(request.headers.get("Host"), self.scheme)
+        host = self.judged_host(request, rules)
         store_down: StoreUnavailable | None = None
         try:
             session = await self.load_session(request)
@@ -651,16 +652,35 @@ class Gateway:
             decision.rule, required, decision.rule.require.max_age_s, "proof_used", decision.level
         )
 
+    def judged_host(self, request: web.BaseRequest, rules: RuleSet) -> str | None:
+        """The canonical Host the rules judge; refused when host-scoped rules don't know it."""
+        host = canonical_host(request.headers.get("Host"), self.scheme)
+        if not rules.host_known(host):
+            # A spelling the host's rules skip (":8443", an IP, another name) must not
+            # fall through to a weaker catch-all rule.
+            raise MisdirectedRequest(
+                "This gateway does not serve that host.", reason="unknown_host"
+            )
+        return host
+
     def client_ip(self, request: web.BaseRequest) -> str | None:
-        """The client's address: the TCP peer, or from X-Forwarded-For via a trusted proxy."""
+        """The client's address: the TCP peer, or from X-Forwarded-For via a trusted proxy.
+
+        The first hop of :func:`gateway.headers.client_chain`: read from every
+        X-Forwarded-For line (or Forwarded), exactly the chain the upstream is sent.
+        """
         peer = request.remote or None
-        if peer is None or not self.peer_trusted(peer):
-            return peer
-        chain = [a.strip() for a in request.headers.get("X-Forwarded-For", "").split(",")]
-        for address in reversed([a for a in chain if a]):
-            if not self.peer_trusted(address):
-                return address
-        return peer
+        if peer is None:
+            return None
+        return self.client_hops(request, peer)[0]
+
+    def client_hops(self, request: web.BaseRequest, peer: str) -> tuple[str, ...]:
+        return headers.client_chain(
+            request.headers.items(),
+            peer=peer,
+            peer_trusted=self.peer_trusted(peer),
+            is_trusted=self.peer_trusted,
+        )
 
     async def load_session(self, request: web.BaseRequest) -> Session | None:
         value = cookie_value(request, self.session_cookie)
@@ -834,8 +854,10 @@ class Gateway:
                 strip_cookie_prefixes=self.gateway_cookie_prefixes,
                 client_ip=peer,
                 peer_trusted=self.peer_trusted(peer),
+                hops=self.client_hops(request, peer),
                 scheme=self.scheme,
-                host=request.headers.get("Host", ""),
+                # The canonical host the rules judged (known, since they judged it).
+                host=canonical_host(request.headers.get("Host"), self.scheme) or "",
                 request_id="",
                 upstream_host=self.upstreams.host_of(rule.upstream),
                 websocket=websocket,  # from the same headers: covered by the key
@@ -1573,7 +1595,7 @@ class Gateway:
         now = self.clock()
         config = self.config
         path = kept.path_qs.partition("?")[0]
-        host = canonical_host(request.headers.get("Host"), self.scheme)
+        host = self.judged_host(request, self.rules)
         body = KeptBody(kept)
         rule = await self.choose_rule(
             request, self.rules, host, path, session, body, now, method=kept.method

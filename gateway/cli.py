@@ -265,7 +265,15 @@ def explain(
             "normalized_path": path,
             "host": host,
         }, EXIT_OK
-    rules = RuleSet(config.rules)
+    rules = RuleSet.for_config(config)
+    if not rules.host_known(host):
+        return {
+            "rule": None,
+            "error": f"host {host!r} is refused with 421: some rules name a host, and this "
+            "one is none of theirs, public_url's or server.hosts",
+            "reason": "unknown_host",
+            "status": 421,
+        }, EXIT_REFUSED
     if not rules.method_known(method):
         return {
             "rule": None,

@@ -157,6 +157,19 @@ ONCE_NEEDS_ONE_CONSUMER = (
 # Names of levels, rules and upstreams end up in headers, query strings and JWT claims.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _NAME_HINT = "letters, digits, '.', '_' and '-', starting with a letter or digit"
+# The IANA HTTP Method Registry (RFC 9110 16.1.1, WebDAV, DeltaV, CalDAV, ...), and
+# PURGE that caches use: a rule may name these; anything else is most likely a typo
+# that would leave the requests it meant to protect to a weaker rule.
+REGISTERED_METHODS: frozenset[str] = frozenset(
+    {
+        *("ACL", "BASELINE-CONTROL", "BIND", "CHECKIN", "CHECKOUT", "CONNECT", "COPY"),
+        *("DELETE", "GET", "HEAD", "LABEL", "LINK", "LOCK", "MERGE", "MKACTIVITY"),
+        *("MKCALENDAR", "MKCOL", "MKREDIRECTREF", "MKWORKSPACE", "MOVE", "OPTIONS"),
+        *("ORDERPATCH", "PATCH", "POST", "PRI", "PROPFIND", "PROPPATCH", "PURGE", "PUT"),
+        *("QUERY", "REBIND", "REPORT", "SEARCH", "TRACE", "UNBIND", "UNCHECKOUT"),
+        *("UNLINK", "UNLOCK", "UPDATE", "UPDATEREDIRECTREF", "VERSION-CONTROL"),
+    }
+)
 # RFC 7230 3.2.6 token: methods and cookie names.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SECONDS = re.compile(r"[0-9]+")
@@ -268,6 +281,9 @@ class _Validator:
         self.problems: list[ConfigProblem] = []
         # (key path, node) of every require.once: true, checked against the store.
         self.once_nodes: list[tuple[str, Node]] = []
+        # public_url's scheme once read: hosts in rules and server.hosts drop its default
+        # port only (":80" under https is another origin); both 80 and 443 until then.
+        self.public_scheme: str | None = None
         # PyYAML is untyped; this is the implicit-tag resolver SafeLoader uses.
         self._resolve: Callable[[type[Node], str, tuple[bool, bool]], str] = Resolver().resolve
         self._constructor = SafeConstructor()
@@ -688,6 +704,8 @@ class _Validator:
                 "upstream_timeout",
                 "access_log",
                 "log_level",
+                "hosts",
+                "case_insensitive_paths",
             ),
         )
         listen_host, listen_port = self.required(m, "listen", self.host_port, ("", 0))
@@ -717,7 +735,17 @@ class _Validator:
             log_level=self.optional(
                 m, "log_level", lambda n, p: self.choice(n, p, LOG_LEVELS), DEFAULT_LOG_LEVEL
             ),
+            hosts=self.optional(m, "hosts", self.hosts, ()),
+            case_insensitive_paths=self.optional(m, "case_insensitive_paths", self.boolean, False),
         )
+
+    def hosts(self, node: Node, path: str) -> tuple[str, ...]:
+        """``server.hosts``: more names (and IP spellings) the gateway answers for."""
+        result: list[str] = []
+        for item_path, item in self.items(node, path):
+            with contextlib.suppress(_Invalid):
+                result.append(self.rule_host(item, item_path))
+        return tuple(result)
 
     def public_url(self, node: Node, path: str) -> str:
         text, parts = self.http_url(node, path, what="public_url")
@@ -730,6 +758,7 @@ class _Validator:
             )
         # Kept as written otherwise: the redirect_uri built from it must match, byte for
         # byte, the one registered at the provider.
+        self.public_scheme = parts.scheme.lower()
         return text.rstrip("/")
 
     def internal_prefix(self, node: Node, path: str) -> str:
@@ -793,13 +822,27 @@ class _Validator:
                 self.note(child, f"invalid upstream name {name!r}: use {_NAME_HINT}", key_node)
                 continue
             try:
-                text, _parts = self.http_url(value_node, child, what="upstream URL")
+                result[name] = self.upstream(name, value_node, child)
             except _Invalid:
                 continue
-            result[name] = model.UpstreamConfig(name=name, url=text.rstrip("/"))
         if len(self.problems) > before:
             raise _Invalid  # rules are then not checked against a partial list of upstreams
         return result
+
+    def upstream(self, name: str, node: Node, path: str) -> model.UpstreamConfig:
+        """An upstream: its URL, or ``{url: URL, case_insensitive_paths: BOOL}``."""
+        if not isinstance(node, MappingNode):
+            return model.UpstreamConfig(name=name, url=self.upstream_url(node, path))
+        m = self.mapping(node, path, ("url", "case_insensitive_paths"))
+        url = self.required(m, "url", lambda n, p: self.upstream_url(n, p), "")
+        case_insensitive = self.optional(m, "case_insensitive_paths", self.boolean, False)
+        if not url:
+            raise _Invalid
+        return model.UpstreamConfig(name=name, url=url, case_insensitive_paths=case_insensitive)
+
+    def upstream_url(self, node: Node, path: str) -> str:
+        text, _parts = self.http_url(node, path, what="upstream URL")
+        return text.rstrip("/")
 
     def oidc(self, node: Node, path: str) -> model.OidcConfig:
         m = self.mapping(
@@ -1226,17 +1269,45 @@ class _Validator:
             if not _TOKEN.fullmatch(method):
                 self.note(item_path, f"invalid method {method!r} (RFC 7230 token)", item)
                 continue
-            # Verbatim: methods are case-sensitive (RFC 7231 4.1), so a rule naming "post"
-            # allows the non-standard lower-case method, not POST.
+            # Methods are case-sensitive (RFC 9110 9.1): a rule naming "post" would never
+            # match a POST, so the typo would silently leave POSTs to a weaker rule.
+            if method != method.upper():
+                self.note(
+                    item_path,
+                    f"{method!r} must be upper case (did you mean {method.upper()!r}?)",
+                    item,
+                )
+                continue
+            if method not in REGISTERED_METHODS:
+                close = difflib.get_close_matches(method, sorted(REGISTERED_METHODS), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.note(
+                    item_path,
+                    f"unknown method {method!r}{hint}: a rule may name the methods of the "
+                    "IANA HTTP Method Registry",
+                    item,
+                )
+                continue
             methods.append(method)
         return frozenset(methods)
 
     def rule_host(self, node: Node, path: str) -> str:
         text = self.text(node, path).strip()
+        if "/" in text or "@" in text or "?" in text or "#" in text:
+            # "https://bank.example.com" or "bank.example.com/api" would never equal a
+            # Host header, so the rule would silently never apply.
+            bare = urlsplit(text if "//" in text else "//" + text).netloc.rpartition("@")[2]
+            hint = f" (did you mean {bare!r}?)" if bare else ""
+            raise self.fail(path, f"must be a host name, not a URL or a path: {text!r}{hint}", node)
         try:
-            return canonical_rule_host(text)
+            return canonical_rule_host(text, self.public_scheme)
         except ValueError as exc:
-            raise self.fail(path, f"invalid host {text!r}: {exc}", node) from None
+            hint = ""
+            if not text.isascii():
+                # Hosts arrive in their IDNA A-label form; one spelling is compared.
+                with contextlib.suppress(UnicodeError):
+                    hint = f" (did you mean {text.encode('idna').decode('ascii')!r}?)"
+            raise self.fail(path, f"invalid host {text!r}: {exc}{hint}", node) from None
 
     def requirement(
         self, node: Node, path: str, assurance: model.AssuranceConfig | None

@@ -8,6 +8,7 @@ into responses (a small HTML page for browsers, JSON for everything else).
     ├── MethodNotAllowed         405: non-standard method no rule names
     ├── Forbidden                403: no rule matches, or the rule denies
     ├── NotFound                 404: unknown internal endpoint
+    ├── MisdirectedRequest       421: a Host the configuration does not know
     ├── ProviderError            502/503: the OpenID Provider failed or is unreachable
     ├── UpstreamError            502: the upstream could not be reached
     │   └── UpstreamTimeout      504: the upstream did not answer in time
@@ -52,6 +53,18 @@ class Forbidden(GatewayError):
 class NotFound(GatewayError):
     status = 404
     title = "Not found"
+
+
+class MisdirectedRequest(GatewayError):
+    """RFC 9110 15.5.20: this server will not answer for the request's host.
+
+    Chosen over 400 because the request itself is well-formed: it was sent to a
+    host (an IP, a port, another name) the gateway's rules do not speak for, and
+    421 tells a client that reused a connection to retry on a new one.
+    """
+
+    status = 421
+    title = "Misdirected request"
 
 
 class ProviderError(GatewayError):

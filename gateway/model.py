@@ -29,12 +29,20 @@ class ServerConfig:
     upstream_timeout_s: float = 60.0
     access_log: bool = True
     log_level: str = "info"  # debug | info | warning | error
+    # Canonical hosts (gateway.paths.canonical_rule_host) the gateway answers for, besides
+    # public_url's and the rules' own: with host-scoped rules, other hosts are refused.
+    hosts: tuple[str, ...] = ()
+    # Match rules' paths ignoring ASCII case, for every upstream (see UpstreamConfig).
+    case_insensitive_paths: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     url: str  # scheme://host[:port][/base], no trailing slash
+    # The upstream routes /API/Transfers to its /api/transfers handler (Express, IIS,
+    # ASP.NET...): rules routing to it compare paths ignoring ASCII case.
+    case_insensitive_paths: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,6 +101,35 @@ BAD = [
      "rules[0].match.methods", "must not be an empty list"),
     ("bad-method-token", [(M0, "    match: {path: /api/transfers/**, methods: ['PO ST']}")], 23,
      "rules[0].match.methods[0]", "invalid method 'PO ST'"),
+    # A method is case-sensitive: "post" would never match a POST (a silent weakening).
+    ("lower-case-method", [(M0, "    match: {path: /api/transfers/**, methods: [post, PUT]}")],
+     23, "rules[0].match.methods[0]", "'post' must be upper case (did you mean 'POST'?)"),
+    ("mixed-case-method", [(M0, "    match: {path: /api/transfers/**, methods: [PUT, Delete]}")],
+     23, "rules[0].match.methods[1]", "'Delete' must be upper case (did you mean 'DELETE'?)"),
+    ("unknown-method", [(M0, "    match: {path: /api/transfers/**, methods: [POTS]}")], 23,
+     "rules[0].match.methods[0]", "unknown method 'POTS' (did you mean 'POST'?)"),
+    # A host written as a URL or with a path never equals a Host header.
+    ("host-with-scheme",
+     [(M0, "    match: {path: /api/transfers/**, host: 'https://bank.example.com'}")], 23,
+     "rules[0].match.host", "not a URL or a path: 'https://bank.example.com' "
+     "(did you mean 'bank.example.com'?)"),
+    ("host-with-path", [(M0, "    match: {path: /api/transfers/**, host: bank.example.com/api}")],
+     23, "rules[0].match.host", "(did you mean 'bank.example.com'?)"),
+    ("host-u-label", [(M0, "    match: {path: /api/transfers/**, host: bücher.example}")], 23,
+     "rules[0].match.host", "(did you mean 'xn--bcher-kva.example'?)"),
+    ("glob-without-slash", [(M0, "    match: {path: api/transfers/**}")], 23,
+     "rules[0].match.path", "must start with '/'"),
+    ("glob-with-semicolon", [(M0, "    match: {path: /api/transfers;x/**}")], 23,
+     "rules[0].match.path", "can never match a request"),
+    ("server-host-invalid",
+     [("  public_url:", "  hosts: [bank.example.com, 'http://x']\n  public_url:")], 3,
+     "server.hosts[1]", "not a URL or a path"),
+    ("upstream-mapping-unknown-key",
+     [("  app: http://127.0.0.1:9000", "  app: {url: http://127.0.0.1:9000, case_sensitive: 1}")],
+     5, "upstreams.app.case_sensitive", "did you mean 'case_insensitive_paths'?"),
+    ("upstream-mapping-no-url",
+     [("  app: http://127.0.0.1:9000", "  app: {case_insensitive_paths: true}")],
+     5, "upstreams.app.url", "required key is missing"),
     ("methods-not-list", [(M0, "    match: {path: /api/transfers/**, methods: POST}")], 23,
      "rules[0].match.methods", "expected a list (write [POST])"),
     ("duplicate-rule", [("  - name: public", "  - name: transfers")], 25,
@@ -620,7 +649,7 @@ assurance:
     - {name: strong, amr_any: [hwk]}
 rules:
   - name: admin
-    match: {path: /admin/**, host: ADMIN.example.com.:443, methods: [GET, post]}
+    match: {path: /admin/**, host: ADMIN.example.com.:443, methods: [GET, PROPFIND]}
     require: &strong {level: strong, max_age: 1m}
     upstream: admin
     allow_method_override: true
@@ -676,7 +705,7 @@ rules:
     )
     admin, app = config.rules
     assert admin.match == model.Match(
-        path="/admin/**", methods=frozenset({"GET", "post"}), host="admin.example.com"
+        path="/admin/**", methods=frozenset({"GET", "PROPFIND"}), host="admin.example.com"
     )
     assert admin.allow_method_override is True
     assert admin.require == app.require == model.Requirement("strong", max_age_s=60)
@@ -1041,3 +1070,64 @@ def test_keep_limits_load() -> None:
     text = BASE + "step_up:\n  keep_budget: 16MiB\n  keep_per_client: 3\n"
     step_up = load(text).step_up
     assert (step_up.keep_budget_bytes, step_up.keep_per_client) == (16 * 1024 * 1024, 3)
+
+
+def test_upstream_as_a_mapping_and_the_path_and_host_options() -> None:
+    text = edited(
+        (
+            "  app: http://127.0.0.1:9000",
+            "  app: {url: 'http://127.0.0.1:9000/', case_insensitive_paths: true}\n  plain: http://127.0.0.1:9001",
+        ),
+        (
+            "  public_url: https://gw.example.com",
+            "  public_url: https://gw.example.com\n"
+            "  hosts: [BANK.example.com.:443, 10.0.0.5, '[::1]:8443']\n"
+            "  case_insensitive_paths: true",
+        ),
+        ("    match: {path: /public/**}", "    match: {path: /public/**}\n    upstream: plain"),
+        ("    match: {path: /**}", "    match: {path: /**}\n    upstream: app"),
+        (
+            "    require: {level: mfa, max_age: 5m}",
+            "    require: {level: mfa, max_age: 5m}\n    upstream: app",
+        ),
+    )
+    config = load(text)
+    assert config.upstreams == {
+        "app": model.UpstreamConfig("app", "http://127.0.0.1:9000", case_insensitive_paths=True),
+        "plain": model.UpstreamConfig("plain", "http://127.0.0.1:9001"),
+    }
+    assert config.server.hosts == ("bank.example.com", "10.0.0.5", "[::1]:8443")
+    assert config.server.case_insensitive_paths is True
+    assert load(BASE).server.case_insensitive_paths is False
+    assert load(BASE).server.hosts == ()
+
+
+@pytest.mark.parametrize(
+    ("public_url", "written", "canonical"),
+    [
+        ("https://gw.example.com", "bank.example.com:443", "bank.example.com"),
+        ("https://gw.example.com", "bank.example.com:80", "bank.example.com:80"),
+        ("http://gw.example.com", "bank.example.com:80", "bank.example.com"),
+        ("http://gw.example.com", "bank.example.com:443", "bank.example.com:443"),
+        ("https://gw.example.com", "XN--BCHER-KVA.Example.", "xn--bcher-kva.example"),
+    ],
+)
+def test_rule_hosts_drop_only_the_public_schemes_default_port(
+    public_url: str, written: str, canonical: str
+) -> None:
+    """A request's Host is canonicalised against public_url's scheme: so are rule hosts."""
+    text = edited(
+        ("  public_url: https://gw.example.com", f"  public_url: {public_url}"),
+        (
+            "    match: {path: /api/transfers/**, methods: [POST]}",
+            f"    match: {{path: /api/transfers/**, methods: [POST], host: '{written}'}}",
+        ),
+        ("  listen: 127.0.0.1:8080", f"  listen: 127.0.0.1:8080\n  hosts: ['{written}']"),
+        (
+            "  secret: 0123456789abcdef0123456789abcdef",
+            "  secret: 0123456789abcdef0123456789abcdef\n  cookie_secure: false",
+        ),
+    )
+    config = load(text)
+    assert config.rules[0].match.host == canonical
+    assert config.server.hosts == (canonical,)
