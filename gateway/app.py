@@ -31,13 +31,7 @@ from multidict import CIMultiDict, MultiDict
 
 from gateway import assurance, headers, logs, responses
 from gateway.assertion import AssertionKeyError, AssertionSigner, load_or_generate_key
-from gateway.conditions import (
-    Facts,
-    binding_digest,
-    binding_values,
-    extract_fields,
-    media_type,
-)
+from gateway.conditions import Facts
 from gateway.errors import (
     BadRequest,
     Forbidden,
@@ -50,6 +44,7 @@ from gateway.errors import (
     ProviderUnavailable,
     StoreUnavailable,
 )
+from gateway.fields import binding_digest, binding_values, extract_fields, media_type
 from gateway.memo import (
     HEADER_MEMO_BYTES,
     HEADER_MEMO_ENTRIES,

@@ -20,9 +20,10 @@ from urllib.parse import parse_qsl, urlsplit
 from multidict import MultiDict
 
 from gateway import __version__
-from gateway.conditions import Facts, binding_values, extract_fields, readable_body
+from gateway.conditions import Facts
 from gateway.config import load_config
 from gateway.errors import BadRequest, ConfigError
+from gateway.fields import binding_values, extract_fields, readable_body
 from gateway.model import Config, Requirement, RiskConfig, Rule
 from gateway.paths import canonical_host, normalize_path
 from gateway.rules import RuleSet

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.conditions import binding_digest, media_type
+from gateway.fields import binding_digest, media_type
 from gateway.model import Level
 from gateway.responses import wants_html
 
