@@ -199,14 +199,20 @@ class RequestBody:
                 # A body of another type may carry the same names (an upstream may parse
                 # it anyway): nothing is known, so conditions fail closed and the
                 # stricter rule applies; the query alone must not decide.
+                log.info("body_not_read", reason="other_type", content_type=kind)
                 self._fields = RequestFields()
             elif (request.content_length or 0) > self._limit and self.data is None:
                 # Too large to read for a condition: nothing is known either, and the
                 # body still streams to the upstream untouched.
+                log.info("body_not_read", reason="too_large", content_type=kind)
                 self._fields = RequestFields()
             else:
                 body = await self.read() if kind in FIELD_TYPES else b""
                 self._fields = read_fields(self.content_type, body, self._query)
+                if not self._fields.readable:
+                    # Malformed, or a shape parsers could split differently: no fields,
+                    # so conditions on them count as true (gateway.fields).
+                    log.info("body_not_read", reason="unreadable", content_type=kind)
         return certain(self._fields, reading)
 
 

@@ -83,11 +83,13 @@ class _Occurrence:
 
 @dataclass(frozen=True, slots=True)
 class RequestFields:
-    """A request's fields. ``values`` holds those every upstream reads as the gateway does."""
+    """A request's fields. ``values`` holds those every upstream reads as the gateway does;
+    ``readable`` is False for a body that could not be read (then nothing is known)."""
 
     values: Mapping[str, object] = field(default_factory=dict)
     occurrences: tuple[_Occurrence, ...] = ()
     index: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    readable: bool = True
 
     def unsure(self, names: Iterable[str]) -> tuple[str, ...]:
         """Those of ``names`` that are given more than once or read differently upstream."""
@@ -132,7 +134,7 @@ def read_fields(content_type: str, body: bytes, query: str) -> RequestFields:
         if len(occurrences) > MAX_FIELDS:
             raise _BadBody("too many fields")
     except _UNREADABLE:
-        return RequestFields()
+        return RequestFields(readable=False)
     index: dict[str, list[int]] = {}
     for number, occurrence in enumerate(occurrences):
         for alias in occurrence.aliases:

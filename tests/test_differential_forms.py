@@ -239,3 +239,18 @@ async def test_bind_on_json_nested_400_levels_fails_closed(fstack: Stack, browse
     body = f'{{"amount": 250, "payee": {deep(400)}}}'.encode()
     answer, _ = await post(browser, fstack, "/payout", JSON, body)
     assert answer == 401  # too deep to read: nothing bound, so no proof can match (not a 500)
+
+
+async def test_a_body_that_is_not_read_is_logged(fstack: Stack, browser: Browser) -> None:
+    await sign_in(fstack, browser)
+    with capture_logs() as logs:
+        answer, _ = await post(
+            browser, fstack, "/pay", MULTIPART, multipart(("a", b"1"), line=b"\n")
+        )
+    assert answer == 401
+    assert {
+        "event": "body_not_read",
+        "reason": "unreadable",
+        "content_type": "multipart/form-data",
+        "log_level": "info",
+    } in logs
