@@ -17,9 +17,9 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import jwt
@@ -28,17 +28,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from cryptography.hazmat.primitives.asymmetric import ec
-from multidict import CIMultiDict, MultiDict
+from multidict import CIMultiDict
 
 from gateway import assurance, headers, logs, responses
 from gateway.assertion import AssertionKeyError, AssertionSigner, load_or_generate_key
-from gateway.conditions import (
-    Facts,
-    binding_digest,
-    binding_values,
-    extract_fields,
-    media_type,
-)
+from gateway.conditions import Facts
 from gateway.errors import (
     BadRequest,
     Busy,
@@ -54,6 +48,14 @@ from gateway.errors import (
     ProviderError,
     ProviderUnavailable,
     StoreUnavailable,
+)
+from gateway.fields import (
+    RequestFields,
+    ambiguous,
+    binding_digest,
+    binding_values,
+    media_type,
+    read_fields,
 )
 from gateway.memo import (
     HEADER_MEMO_BYTES,
@@ -164,12 +166,13 @@ class RequestBody:
     must be kept across a step-up; the upstream then gets exactly these bytes.
     """
 
-    def __init__(self, request: web.BaseRequest, limit: int) -> None:
+    def __init__(self, request: web.BaseRequest, limit: int, query: str | None) -> None:
         self._request = request
         self._limit = limit
+        self._query = query or ""  # raw, as the upstream gets it
         self.data: bytes | None = None
         self.consumed = False  # part of the stream was read: it can no longer be forwarded
-        self._fields: dict[str, object] | None = None
+        self._fields: RequestFields | None = None
 
     @property
     def content_type(self) -> str:
@@ -203,8 +206,12 @@ class RequestBody:
         self.data = b"".join(chunks)
         return self.data
 
-    async def fields(self) -> dict[str, object]:
-        """Form, JSON or multipart text fields, then the query's (see extract_fields)."""
+    async def fields(self, reading: Iterable[str]) -> Mapping[str, object]:
+        """Form, JSON or multipart fields, then the query's (see read_fields).
+
+        Raises BadRequest when a field in ``reading`` is given twice or read
+        differently by upstreams.
+        """
         if self._fields is None:
             kind = media_type(self.content_type)
             request = self._request
@@ -212,15 +219,21 @@ class RequestBody:
                 # A body of another type may carry the same names (an upstream may parse
                 # it anyway): nothing is known, so conditions fail closed and the
                 # stricter rule applies; the query alone must not decide.
-                self._fields = {}
+                log.info("body_not_read", reason="other_type", content_type=kind)
+                self._fields = RequestFields()
             elif (request.content_length or 0) > self._limit and self.data is None:
                 # Too large to read for a condition: nothing is known either, and the
                 # body still streams to the upstream untouched.
-                self._fields = {}
+                log.info("body_not_read", reason="too_large", content_type=kind)
+                self._fields = RequestFields()
             else:
                 body = await self.read() if kind in FIELD_TYPES else b""
-                self._fields = extract_fields(self.content_type, body, request.query)
-        return self._fields
+                self._fields = read_fields(self.content_type, body, self._query)
+                if not self._fields.readable:
+                    # Malformed, or a shape parsers could split differently: no fields,
+                    # so conditions on them count as true (gateway.fields).
+                    log.info("body_not_read", reason="unreadable", content_type=kind)
+        return certain(self._fields, reading)
 
 
 class KeptBody:
@@ -229,9 +242,24 @@ class KeptBody:
     def __init__(self, kept: KeptRequest) -> None:
         self._kept = kept
 
-    async def fields(self) -> dict[str, object]:
-        query = MultiDict(parse_qsl(self._kept.path_qs.partition("?")[2], keep_blank_values=True))
-        return extract_fields(self._kept.content_type, self._kept.body, query)
+    async def fields(self, reading: Iterable[str]) -> Mapping[str, object]:
+        kept = self._kept
+        query = kept.path_qs.partition("?")[2]
+        return certain(read_fields(kept.content_type, kept.body, query), reading)
+
+
+def certain(fields: RequestFields, reading: Iterable[str]) -> Mapping[str, object]:
+    """``fields.values``, unless a field a rule reads is ambiguous: then 400.
+
+    A field given twice (in the body, in body and query, or under a name an
+    upstream folds onto it) or whose value parsers read differently could be
+    judged as one value while the upstream acts on another.
+    """
+    unsure = fields.unsure(reading)
+    if unsure:
+        log.warning("ambiguous_field", fields=list(unsure))  # names only, never values
+        raise ambiguous(unsure)
+    return fields.values
 
 
 class ReloadRefused(Exception):
@@ -533,7 +561,7 @@ class Gateway:
             # routes that need no sign-in keep working while the store is down.
             session, store_down = None, exc
         now = self.clock()
-        body = RequestBody(request, config.step_up.max_body_bytes)
+        body = RequestBody(request, config.step_up.max_body_bytes, query)
         # The common case, the first matching rule has no condition, without a coroutine.
         rule = rules.match(request.method, host, path)
         if rule is not None and rule.when is not None:
@@ -549,7 +577,8 @@ class Gateway:
                 return rule_name, self.deny(request, Deny(403, "risk_engine_denied"))
         binding = None
         if judged is not None and judged.require.bind:
-            binding = binding_digest(judged.require.bind, await body.fields())
+            bound = await body.fields(judged.require.bind)
+            binding = binding_digest(judged.require.bind, bound)
         decision = decide(judged, session, config.assurance, now, binding=binding)
         if isinstance(decision, Allow) and judged is not None and judged.require.once:
             decision = await self.consume_proof(decision, session, now)
@@ -582,7 +611,7 @@ class Gateway:
             if condition is None:
                 return candidate
             facts = Facts(
-                fields=await body.fields() if condition.fields() else {},
+                fields=await body.fields(condition.fields()) if condition.fields() else {},
                 client_ip=client_ip,
                 proven_ip=session.ip if session is not None else None,
                 auth_age_s=now - session.auth_time if session is not None else None,
@@ -603,7 +632,7 @@ class Gateway:
         """``rule`` with what its risk engine adds; None when the engine says deny."""
         assert rule.risk is not None
         wanted = set(rule.require.bind) | (set(rule.when.fields()) if rule.when else set())
-        fields = binding_values(sorted(wanted), await body.fields()) if wanted else {}
+        fields = binding_values(sorted(wanted), await body.fields(wanted)) if wanted else {}
         held = assurance.highest(self.config.assurance.levels, session.proofs) if session else None
         facts = RiskFacts(
             subject=session.sub if session else None,
@@ -1045,7 +1074,7 @@ class Gateway:
         values: dict[str, str | None] | None = None
         if rule.require.bind:
             assert body is not None
-            fields = await body.fields()
+            fields = await body.fields(rule.require.bind)
             values = binding_values(rule.require.bind, fields)
             missing = [name for name, value in values.items() if value is None]
             if missing:
@@ -1602,7 +1631,8 @@ class Gateway:
         )
         binding = None
         if rule is not None and rule.require.bind:
-            binding = binding_digest(rule.require.bind, await body.fields())
+            bound = await body.fields(rule.require.bind)
+            binding = binding_digest(rule.require.bind, bound)
         decision = decide(rule, session, config.assurance, now, binding=binding)
         if isinstance(decision, Allow) and rule is not None and rule.require.once:
             decision = await self.consume_proof(decision, session, now)

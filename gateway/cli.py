@@ -16,14 +16,13 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
-from urllib.parse import parse_qsl, urlsplit
-
-from multidict import MultiDict
+from urllib.parse import urlsplit
 
 from gateway import __version__
-from gateway.conditions import Facts, binding_values, extract_fields, readable_body
+from gateway.conditions import Facts
 from gateway.config import load_config
 from gateway.errors import BadRequest, ConfigError
+from gateway.fields import RequestFields, ambiguous, binding_values, read_fields, readable_body
 from gateway.model import Config, Requirement, RiskConfig, Rule
 from gateway.paths import canonical_host, normalize_path
 from gateway.rules import RuleSet
@@ -281,12 +280,25 @@ def explain(
             "in upper case and no rule names it",
             "status": 405,
         }, EXIT_REFUSED
-    facts, facts_note = _facts(config, raw_query, body, content_type, client_ip)
+    facts, facts_note, fields = _facts(config, raw_query, body, content_type, client_ip)
     rule: Rule | None = None
     skipped: list[Rule] = []
     for candidate in rules.candidates_for(method, host, path):
+        # As the gateway: each when reads its fields, then the chosen rule's bind.
+        reading = candidate.when.fields() if candidate.when else frozenset[str]()
         if candidate.when is None or candidate.when.holds(facts):
+            reading |= frozenset(candidate.require.bind)
             rule = candidate
+        unsure = fields.unsure(reading)
+        if unsure:
+            refusal = ambiguous(unsure)
+            return {
+                "rule": candidate.name,
+                "error": refusal.message,
+                "reason": refusal.reason,
+                "status": 400,
+            }, EXIT_REFUSED
+        if rule is not None:
             break
         skipped.append(candidate)
     read = frozenset[str]().union(*(_fields_read(seen) for seen in (*skipped, rule)))
@@ -337,21 +349,22 @@ def _facts(
     body: bytes | None,
     content_type: str,
     client_ip: str | None,
-) -> tuple[Facts, str | None]:
+) -> tuple[Facts, str | None, RequestFields]:
     """The facts a rule's when sees, as the gateway would build them (no session)."""
-    query = MultiDict(parse_qsl(raw_query, keep_blank_values=True))
+    query = raw_query
     note = None
     data = body or b""
     if len(data) > config.step_up.max_body_bytes:
         # The gateway does not read past max_body: nothing is known about the fields.
-        data, content_type, query = b"", "", MultiDict()
+        data, content_type, query = b"", "", ""
         note = "larger than step_up.max_body: no fields are read, conditions on them count as true"
     if body is None:
         content_type = ""
     elif note is None and not readable_body(content_type, data):
         note = f"not readable as {content_type}: no fields, conditions on them count as true"
-    fields = extract_fields(content_type, data, query)
-    return Facts(fields=fields, client_ip=client_ip, proven_ip=None, auth_age_s=None), note
+    fields = read_fields(content_type, data, query)
+    facts = Facts(fields=fields.values, client_ip=client_ip, proven_ip=None, auth_age_s=None)
+    return facts, note, fields
 
 
 def _fields_read(rule: Rule | None) -> frozenset[str]:
