@@ -207,16 +207,18 @@ class GuardedHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         waiting = self._waiter is not None and not self._waiter.done()
-        if waiting and self._head_timer is None and data:
-            self._arm_head_timer()  # the first byte of the next request on a kept connection
-        if self._head_timer is not None:
-            self._head_bytes += len(data)
         before = self._request_count
         super().data_received(data)
-        if self._request_count != before and self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-            self._head_bytes = 0
+        if self._request_count != before:  # a complete head (the common case: no timer)
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+                self._head_bytes = 0
+        elif self._head_timer is not None:
+            self._head_bytes += len(data)
+        elif waiting and data:  # part of the next request's head on a kept connection
+            self._arm_head_timer()
+            self._head_bytes = len(data)
 
     def _arm_head_timer(self) -> None:
         timeout_s = self.server.policy().header_timeout_s

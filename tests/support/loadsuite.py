@@ -318,25 +318,34 @@ async def saturate(gateway: GatewayUnderLoad, connections: int, seconds: float) 
 class KillResult:
     tally: Tally
     killed_at: float
-    restarted_at: float | None
+    restarted_at: float | None  # when the new worker listened
     share_of_new_worker: float  # of the client connections, at the end
 
 
 async def kill_a_worker(
-    gateway: GatewayUnderLoad, connections: int, before_s: float, after_s: float
+    gateway: GatewayUnderLoad,
+    connections: int,
+    before_s: float,
+    after_s: float,
+    spread_s: float = 13.0,
 ) -> KillResult:
     load = Load(gateway.port, gateway.request(), connections)
     load.start()
     await asyncio.sleep(before_s)
     old = set(gateway.worker_pids())
     victim = min(old)
+    listening_before = len(gateway.events("listening"))
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
     restarted_at = None
-    while time.monotonic() < killed_at + after_s:
+    # Load goes on for ``after_s``, and until the restarted worker has been serving
+    # for a keep-alive lifetime (every connection had the chance to move).
+    end = killed_at + after_s
+    while time.monotonic() < end:
         await asyncio.sleep(0.1)
-        if restarted_at is None and set(gateway.worker_pids()) - old:
+        if restarted_at is None and len(gateway.events("listening")) > listening_before:
             restarted_at = time.monotonic()
+            end = max(end, min(restarted_at + spread_s, killed_at + 60))
     held = gateway.connections_by_pid()
     tally = await load.stop()
     new = [pid for pid in held if pid not in old]
