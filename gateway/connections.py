@@ -4,9 +4,10 @@ aiohttp's server accepts every connection it is offered, waits an hour for a
 request head and closes keep-alive connections only when idle. Here:
 
 - :class:`Listener` accepts only while the worker holds fewer than
-  ``server.max_connections``; past that the listening socket is not read, so new
-  connections wait in the kernel's listen backlog (nginx does the same when its
-  ``worker_connections`` run out) instead of every connection slowing down.
+  ``server.max_connections``. At the limit a waiting connection takes the place of
+  the keep-alive connection idle the longest; with none idle the listening socket is
+  not read, so new connections wait in the kernel's listen backlog (nginx does both
+  when its ``worker_connections`` run out) instead of every connection slowing down.
 - :class:`GuardedHandler` closes a connection that has not sent a complete request
   head within ``server.header_timeout``, an idle one after
   ``server.keepalive_timeout``, and ends keep-alive (``Connection: close`` on the
@@ -51,6 +52,9 @@ LINGER_AFTER_ERROR_S = 1.0
 # Accepted per wake-up of the listening socket; asyncio's own server takes up to its
 # backlog at once. Bounded so a burst of connections does not stall the loop.
 ACCEPT_BATCH = 128
+# At the connection limit, a keep-alive connection idle at least this long may be
+# closed to make room for a new one; one idle for less may be about to be reused.
+MIN_IDLE_TO_CLOSE_S = 1.0
 # accept() failing for lack of file descriptors or memory: retry after this long
 # (asyncio's ACCEPT_RETRY_DELAY) rather than spin on a socket that stays readable.
 ACCEPT_RETRY_S = 1.0
@@ -136,6 +140,7 @@ class GuardedServer(web.Server):
         self.on_timeout = on_timeout
         self.draining = False
         self.open_connections = 0
+        self.closing_idle = 0  # closed for room, connection_lost still to come
         self.listener: Listener | None = None
 
     def _guarded_request(
@@ -161,8 +166,30 @@ class GuardedServer(web.Server):
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         super().connection_lost(handler, exc)
         self.open_connections -= 1
+        if isinstance(handler, GuardedHandler) and handler.closed_for_room:
+            self.closing_idle -= 1
         if self.listener is not None:
             self.listener.room_made()
+
+    def close_longest_idle(self) -> bool:
+        """Close the keep-alive connection idle the longest (at least
+        MIN_IDLE_TO_CLOSE_S), to make room for a new one; False when none is."""
+        oldest: GuardedHandler | None = None
+        for handler in self._connections:
+            if (
+                isinstance(handler, GuardedHandler)
+                and not handler.closed_for_room
+                and handler.idle()
+                and (oldest is None or handler.idle_since < oldest.idle_since)
+            ):
+                oldest = handler
+        if oldest is None or self._loop.time() - oldest.idle_since < MIN_IDLE_TO_CLOSE_S:
+            return False
+        oldest.closed_for_room = True
+        self.closing_idle += 1
+        self.on_close("room")
+        oldest.force_close()
+        return True
 
     async def drain(self, timeout_s: float) -> int:
         """Let every connection finish its work and close; the ones forced after
@@ -195,6 +222,7 @@ class GuardedHandler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         self._drain_timer: asyncio.TimerHandle | None = None
+        self.closed_for_room = False
 
     # -- the request head -------------------------------------------------------
 
@@ -279,6 +307,13 @@ class GuardedHandler(RequestHandler):
         waiting = self._waiter is not None and not self._waiter.done()
         return waiting and not self._messages and self._head_bytes == 0
 
+    @property
+    def idle_since(self) -> float:
+        """When the last answer was sent (aiohttp's idle timer counts from it)."""
+        if not self.served:
+            return self.connected_at
+        return self._next_keepalive_close_time - self._keepalive_timeout
+
     def begin_drain(self) -> None:
         self.draining = True
         if self._drain_timer is None:
@@ -304,7 +339,7 @@ class Listener:
         self._reading = False
         self._closed = False
         self._adopting: set[asyncio.Task[Any]] = set()
-        self.accepted = 0  # connections handed to the server, not yet made
+        self._at_limit = False  # logged once per stretch at the limit
         server.listener = self
 
     @property
@@ -329,18 +364,38 @@ class Listener:
             self._loop.remove_reader(sock.fileno())
 
     def _full(self) -> bool:
-        held = self._server.open_connections + len(self._adopting)
-        return held >= self._server.policy().max_connections
+        server = self._server
+        held = server.open_connections - server.closing_idle + len(self._adopting)
+        return held >= server.policy().max_connections
 
     def room_made(self) -> None:
         if not self._reading and not self._closed and not self._full():
+            self._at_limit = False
             self._resume()
 
+    def room_made_or_idle(self) -> None:
+        if not self._reading and not self._closed:
+            self._resume()  # _accept closes an idle connection or pauses again
+
     def _accept(self, sock: socket.socket, *, limit: bool = True) -> None:
+        taken = 0
         for _ in range(ACCEPT_BATCH):
             if limit and self._full():
-                log.warning("connection_limit_reached", open=self._server.open_connections)
+                if taken:
+                    # Just filled up: whether anybody else waits shows when the
+                    # socket is still readable and this is called again.
+                    return
+                # A connection is waiting: make room by closing the connection idle
+                # the longest (nginx reuses idle keep-alive connections this way), so
+                # idle clients cannot hold every slot; with none idle, wait for room.
+                if self._server.close_longest_idle():
+                    continue
+                if not self._at_limit:
+                    self._at_limit = True
+                    log.warning("connection_limit_reached", open=self._server.open_connections)
                 self._pause()
+                # A busy connection may turn idle without closing: look again then.
+                self._loop.call_later(ACCEPT_RETRY_S, self.room_made_or_idle)
                 return
             try:
                 conn, _ = sock.accept()
@@ -354,6 +409,7 @@ class Listener:
                 self._pause()
                 self._loop.call_later(ACCEPT_RETRY_S, self.room_made)
                 return
+            taken += 1
             self._adopt(conn)
 
     def _adopt(self, conn: socket.socket) -> None:

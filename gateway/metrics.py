@@ -126,7 +126,7 @@ class Metrics:
         )
         self.connections_closed = Counter(
             "stepup_connections_closed_total",
-            "Keep-alive ended by the gateway (max_requests, max_age, draining).",
+            "Keep-alive ended by the gateway (max_requests, max_age, draining, room).",
             ["reason"],
             registry=self.registry,
         )

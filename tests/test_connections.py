@@ -300,19 +300,48 @@ async def test_an_idle_kept_connection_is_closed_after_keepalive_timeout(serve):
 async def test_past_max_connections_a_new_connection_waits_for_room(serve):
     served = await serve(server_extra="max_connections: 2\n")
     held = [await served.connect() for _ in range(2)]
-    for reader, writer in held:
-        writer.write(served.get("/public/held"))
-        assert (await read_response(reader)).status == 200
+    for _, writer in held:
+        writer.write(served.get("/public/busy?delay=1.5"))
+    await asyncio.sleep(0.3)
     reader, writer = await served.connect()  # the kernel completes it: the backlog
     writer.write(served.get("/public/waiting"))
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(read_response(reader), 0.7)
-    assert "stepup_accepting 0.0" in await metrics_text(held[0])
-    held[1][1].close()  # room for one
+    assert served.gateway.accepting() == 0 and served.gateway.open_connections() == 2
+    for held_reader, _ in held:
+        assert (await read_response(held_reader)).status == 200  # the two it holds go on
+    # Once they are idle, the one idle the longest makes room for the waiting one.
     answer = await asyncio.wait_for(read_response(reader), 5)
     assert answer.status == 200
+    reads = [asyncio.ensure_future(held_reader.read()) for held_reader, _ in held]
+    done, pending = await asyncio.wait(reads, timeout=2, return_when=asyncio.FIRST_COMPLETED)
+    assert [task.result() for task in done] == [b""]  # one of the two made room
+    for task in pending:
+        task.cancel()
     writer.close()
-    held[0][1].close()
+    for _, held_writer in held:
+        held_writer.close()
+
+
+async def test_at_max_connections_idle_keepalive_connections_make_room(serve):
+    served = await serve(server_extra="max_connections: 2\n")
+    held = [await served.connect() for _ in range(2)]
+    for held_reader, held_writer in held:
+        held_writer.write(served.get("/public/held"))
+        assert (await read_response(held_reader)).status == 200
+    await asyncio.sleep(1.2)  # both idle for longer than MIN_IDLE_TO_CLOSE_S
+    reader, writer = await served.connect()
+    writer.write(served.get("/public/new"))
+    started = time.monotonic()
+    assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
+    assert time.monotonic() - started < 1
+    # The first connection (idle the longest) was closed between requests, no word said.
+    assert await closed_within(held[0][0], 2) == b""
+    held[1][1].write(served.get("/public/still-here"))
+    assert (await read_response(held[1][0])).status == 200
+    writer.close()
+    for _, held_writer in held:
+        held_writer.close()
 
 
 async def metrics_text(connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> str:

@@ -230,3 +230,25 @@ async def test_pool_waiters_show_in_metrics(prefix):
     await holder
     assert (store.pool_in_use, store.pool_waiting) == (0, 0)
     await store.close()
+
+
+async def test_a_signed_in_request_costs_one_redis_round_trip(make_stack, browser, api, prefix):
+    """What the pool is sized for: a request holds one pooled connection for one
+    command (HGET of its session); nothing is left to pipeline."""
+    stack = await make_stack(store="redis", session_extra=redis_session(prefix))
+    await sign_in(stack, browser)
+    cookie = {"Cookie": f"{COOKIE}={browser.cookie(COOKIE)}"}
+    store = stack.gateway.store
+    assert isinstance(store, RedisStore)
+    sent: list[str] = []
+    real = store._redis.execute_command
+
+    async def counted(*args, **options):  # the real command, counted on the way
+        sent.append(str(args[0]))
+        return await real(*args, **options)
+
+    store._redis.execute_command = counted  # type: ignore[method-assign]
+    for _ in range(10):
+        async with api.get(f"{stack.url}/app/x", headers=cookie) as resp:
+            assert resp.status == 200
+    assert sent == ["HGET"] * 10
