@@ -33,6 +33,7 @@ from multidict import CIMultiDict
 from gateway import assurance, headers, logs, responses
 from gateway.assertion import AssertionKeyError, AssertionSigner, load_or_generate_key
 from gateway.conditions import Facts
+from gateway.connections import ConnectionPolicy, GuardedHandler, GuardedServer, body_deadline
 from gateway.errors import (
     BadRequest,
     Busy,
@@ -47,6 +48,8 @@ from gateway.errors import (
     PayloadTooLarge,
     ProviderError,
     ProviderUnavailable,
+    RequestTimeout,
+    StoreBusy,
     StoreUnavailable,
 )
 from gateway.fields import (
@@ -166,10 +169,13 @@ class RequestBody:
     must be kept across a step-up; the upstream then gets exactly these bytes.
     """
 
-    def __init__(self, request: web.BaseRequest, limit: int, query: str | None) -> None:
+    def __init__(
+        self, request: web.BaseRequest, limit: int, query: str | None, timeout_s: float
+    ) -> None:
         self._request = request
         self._limit = limit
         self._query = query or ""  # raw, as the upstream gets it
+        self._timeout_s = timeout_s
         self.data: bytes | None = None
         self.consumed = False  # part of the stream was read: it can no longer be forwarded
         self._fields: RequestFields | None = None
@@ -194,15 +200,36 @@ class RequestBody:
         chunks: list[bytes] = []
         size = 0
         self.consumed = True
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > self._limit:
-                raise PayloadTooLarge(
-                    "This request is too large to hold while you sign in. Sign in first, "
-                    "then send it again.",
-                    reason="body_too_large",
-                )
-            chunks.append(chunk)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            # One timer for the whole body, moved per chunk (see body_deadline).
+            async with asyncio.timeout(None) as deadline:
+                while True:
+                    deadline.reschedule(
+                        body_deadline(
+                            started=started,
+                            now=loop.time(),
+                            received_bytes=size,
+                            timeout_s=self._timeout_s,
+                        )
+                    )
+                    chunk = await request.content.readany()
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > self._limit:
+                        raise PayloadTooLarge(
+                            "This request is too large to hold while you sign in. Sign in "
+                            "first, then send it again.",
+                            reason="body_too_large",
+                        )
+                    chunks.append(chunk)
+        except TimeoutError:
+            log.info("client_timeout", phase="body", received_bytes=size)
+            raise RequestTimeout(
+                "The request body arrived too slowly.", reason="request_body_timeout"
+            ) from None
         self.data = b"".join(chunks)
         return self.data
 
@@ -294,6 +321,9 @@ class Gateway:
         self._provider: ProviderClient | None = None
         self._provider_ok_until = 0.0
         self.aux: AuxStore = LocalAux(clock=clock)  # replaced in start()
+        self.server: GuardedServer | None = None  # set by make_server
+        self.metrics.watch_connections(self.open_connections, self.accepting)
+        self.metrics.watch_store_pool(self.store_pool)
         self._aux_redis: RedisStore | None = None
         self._internal: dict[str, Callable[[web.BaseRequest], Any]] = {
             "/callback": self.callback,
@@ -344,6 +374,15 @@ class Gateway:
         self.gateway_cookie_prefixes = (f"{self.tx_base}_", cookie_name(f"{self.tx_base}_", True))
         # Probes hit these every few seconds; an access-log line each would drown the rest.
         self.quiet_paths = frozenset({f"{self.prefix}/healthz", f"{self.prefix}/readyz"})
+        server = config.server
+        self._connection_policy = ConnectionPolicy(
+            max_connections=server.max_connections,
+            header_timeout_s=server.header_timeout_s,
+            body_timeout_s=server.body_timeout_s,
+            keepalive_timeout_s=server.keepalive_timeout_s,
+            keepalive_requests=server.keepalive_requests,
+            keepalive_max_age_s=server.keepalive_max_age_s,
+        )
 
     def _make_upstreams(self, config: Config) -> Upstreams:
         return Upstreams(
@@ -352,6 +391,7 @@ class Gateway:
             timeout_s=config.server.upstream_timeout_s,
             gateway_cookies=self.gateway_cookies,
             gateway_cookie_prefixes=self.gateway_cookie_prefixes,
+            body_idle_timeout_s=config.server.body_timeout_s,
         )
 
     # -- lifecycle ---------------------------------------------------------------
@@ -469,6 +509,8 @@ class Gateway:
                 idle_timeout_s=session.idle_timeout_s,
                 lifetime_s=session.lifetime_s,
                 prefix=session.redis_prefix,
+                pool_size=session.redis_pool_size,
+                pool_timeout_s=session.redis_pool_timeout_s,
             )
             return self._aux_redis
         return LocalAux(clock=self.clock)
@@ -499,6 +541,35 @@ class Gateway:
             log.error("redis_eviction_unsafe", policy=policy, maxmemory=maxmemory)
             raise ConfigError([ConfigProblem("session.redis_url", problem, self.config.source)])
         log.info("redis_eviction_checked", policy=policy, maxmemory=maxmemory)
+
+    # -- connections (gateway.connections) ------------------------------------------
+
+    def connection_policy(self) -> ConnectionPolicy:
+        return self._connection_policy
+
+    def connection_closed(self, reason: str) -> None:
+        self.metrics.connections_closed.labels(reason).inc()
+
+    def client_timed_out(self, phase: str) -> None:
+        self.metrics.client_timeouts.labels(phase).inc()
+
+    @property
+    def draining(self) -> bool:
+        """SIGTERM received: finishing what is in flight, taking nothing new."""
+        return self.server is not None and self.server.draining
+
+    def open_connections(self) -> int:
+        return self.server.open_connections if self.server is not None else 0
+
+    def accepting(self) -> int:
+        listener = self.server.listener if self.server is not None else None
+        return 0 if listener is None or listener.paused else 1
+
+    def store_pool(self) -> RedisStore | None:
+        """The Redis store whose pool /metrics shows (sessions, or one-time records)."""
+        if isinstance(self.store, RedisStore):
+            return self.store
+        return self._aux_redis
 
     @property
     def provider(self) -> ProviderClient:
@@ -531,9 +602,13 @@ class Gateway:
         except GatewayError as exc:
             if isinstance(exc, BadRequest | MethodNotAllowed):
                 self.metrics.rejected.labels(exc.reason).inc()
+            elif isinstance(exc, RequestTimeout):
+                self.client_timed_out("body")
             response = self.error_response(request, exc)
-            if isinstance(exc, headers.FramingError):
+            if isinstance(exc, headers.FramingError | RequestTimeout):
                 response.force_close()  # the connection's framing can't be trusted
+                if isinstance(request.protocol, GuardedHandler):
+                    request.protocol.linger_briefly()
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
         if self.config.server.access_log and path not in self.quiet_paths:
@@ -561,7 +636,9 @@ class Gateway:
             # routes that need no sign-in keep working while the store is down.
             session, store_down = None, exc
         now = self.clock()
-        body = RequestBody(request, config.step_up.max_body_bytes, query)
+        body = RequestBody(
+            request, config.step_up.max_body_bytes, query, config.server.body_timeout_s
+        )
         # The common case, the first matching rule has no condition, without a coroutine.
         rule = rules.match(request.method, host, path)
         if rule is not None and rule.when is not None:
@@ -1844,6 +1921,11 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.draining:
+            # Load balancers that probe take the process out before its listener
+            # closes (Kubernetes also removes a terminating pod on its own).
+            self.metrics.ready.set(0)
+            return web.json_response({"ready": False, "draining": True}, status=503)
         provider_ready = self.provider.ready
         if not provider_ready:
             try:
@@ -1908,7 +1990,9 @@ class Gateway:
         response = self.page_response(
             request, exc.status, exc.title, [exc.message], error=exc.reason
         )
-        if isinstance(exc, Busy):
+        if isinstance(exc, StoreBusy):
+            self.metrics.store_busy.inc()
+        if isinstance(exc, Busy | StoreBusy):
             response.headers["Retry-After"] = str(exc.retry_after_s)  # RFC 9110 10.2.3
         return response
 
@@ -1973,8 +2057,9 @@ def is_websocket(request: web.BaseRequest) -> bool:
     return headers.is_websocket_upgrade(request.headers.items())
 
 
-class _RequestHandler(RequestHandler):
-    """aiohttp's connection handler, with its error answers replaced by ours.
+class _RequestHandler(GuardedHandler):
+    """The connection handler (limits and timeouts: :mod:`gateway.connections`), with
+    aiohttp's error answers replaced by ours.
 
     aiohttp answers requests its HTTP parser refuses (bad method, smuggling shapes,
     malformed headers) itself, with a text body that echoes the offending bytes —
@@ -2020,19 +2105,25 @@ class HeadersTooLarge(GatewayError):
     title = "Request headers too large"
 
 
-class _Server(web.Server):
+class _Server(GuardedServer):
     def __init__(self, gateway: Gateway) -> None:
         super().__init__(
-            gateway.handle, handler_cancellation=True, max_field_size=MAX_HEADER_FIELD_BYTES
+            gateway.handle,
+            gateway.connection_policy,
+            on_close=gateway.connection_closed,
+            on_timeout=gateway.client_timed_out,
+            handler_cancellation=True,
+            max_field_size=MAX_HEADER_FIELD_BYTES,
         )
         self._gateway = gateway
+        gateway.server = self
 
     def __call__(self) -> RequestHandler:
-        handler = _RequestHandler(self, loop=self._loop, **self._kwargs)
+        handler = _RequestHandler(self, loop=self._loop, **self.handler_kwargs())
         handler.gateway = self._gateway
         return handler
 
 
-def make_server(gateway: Gateway) -> web.Server:
+def make_server(gateway: Gateway) -> GuardedServer:
     """The low-level aiohttp server: one handler, no router, no middleware chain."""
     return _Server(gateway)
