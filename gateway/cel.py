@@ -7,7 +7,7 @@ expressions are parsed and type-checked by :func:`compile_cel` when the config i
 loaded, never at request time, and nothing is ever passed to Python's ``eval``.
 
 What an expression sees
-    ``fields``             map: the request's fields (:func:`gateway.conditions.extract_fields`);
+    ``fields``             map: the request's fields (body, then query; ``extract_fields``);
                            ``fields.amount`` or ``fields["beneficiary.iban"]``. Form and query
                            values are strings, JSON values keep their JSON type.
     ``client_ip``          string: the client's address
@@ -52,7 +52,6 @@ from cel_expr_python import cel
 from gateway.cel_rewrite import to_cel
 from gateway.conditions import (
     MAX_CONDITION_CHARS,
-    MAX_JSON_DEPTH,
     MAX_LIST_ITEMS,
     AddressChanged,
     AddressIn,
@@ -71,13 +70,16 @@ FACTS = ("client_ip", "client_ip_changed", "auth_age")
 # numbers are refused, so a comparison never flips on rounding (the error counts as true).
 MAX_SIGNIFICANT_DIGITS = 15
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# JSON nesting handed to CEL; deeper values count as missing. The same depth the field
+# extractor flattens dotted names to: real request bodies nest a few levels.
+MAX_VALUE_DEPTH = 32
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _STRING_PREFIX = re.compile(r"(?:[rRbB]|[rR][bB]|[bB][rR])?(?:'''|\"\"\"|'|\")")
 
 
 class _Unconvertible(ValueError):
-    """A request value CEL cannot be given faithfully (it then counts as missing)."""
+    """A request value CEL cannot be given faithfully: the condition is then unknown."""
 
 
 # --- Functions the gateway adds --------------------------------------------------------
@@ -170,7 +172,11 @@ class CelCondition(Condition):
     def evaluate(self, facts: Facts) -> bool | None:
         data: dict[str, object] = {}
         if self.field_names:
-            data[FIELDS] = _cel_fields(self.field_names, facts.fields)
+            try:
+                data[FIELDS] = _cel_fields(self.field_names, facts.fields)
+            except _Unconvertible:
+                # Not left out, which has() would read as "absent" (false): unknown.
+                return None
         if "client_ip" in self.facts_used and facts.client_ip is not None:
             data["client_ip"] = facts.client_ip
         if "client_ip_changed" in self.facts_used:
@@ -216,10 +222,7 @@ def _cel_fields(names: frozenset[str], fields: Mapping[str, object]) -> dict[str
     for name in names:
         if name not in fields:
             continue
-        try:
-            converted[name] = _cel_value(fields[name], 0)
-        except _Unconvertible:
-            continue  # left out: counts as missing, so true
+        converted[name] = _cel_value(fields[name], 0)
     return converted
 
 
@@ -236,7 +239,7 @@ def _cel_value(value: object, depth: int) -> object:
             return number(value)
         except ValueError:
             raise _Unconvertible("a number a double cannot hold") from None
-    if depth >= MAX_JSON_DEPTH:
+    if depth >= MAX_VALUE_DEPTH:
         raise _Unconvertible("nested too deeply")
     if isinstance(value, Mapping):
         return {str(key): _cel_value(item, depth + 1) for key, item in value.items()}

@@ -212,6 +212,13 @@ def test_rewrites_read_as_an_operator_would_write_them(old: object, cel: str) ->
 # --- CEL: what holds --------------------------------------------------------------------
 
 
+def _nested(depth: int) -> dict[str, object]:
+    value: dict[str, object] = {"leaf": 1}
+    for _ in range(depth):
+        value = {"next": value}
+    return value
+
+
 @pytest.mark.parametrize(
     ("source", "fields", "holds"),
     [
@@ -229,7 +236,7 @@ def test_rewrites_read_as_an_operator_would_write_them(old: object, cel: str) ->
         ('size(fields.note) > 3', {"note": "hello"}, True),
         ("has(fields.coupon)", {}, False),  # asked explicitly: no error, so no fail-closed
         ("fields.flag", {"flag": False}, False),
-        ("fields.count > 2", {"count": 2**63}, True),  # beyond int64: missing, so true
+        ("has(fields.deep)", {"deep": _nested(30)}, True),
     ],
 )  # fmt: skip
 def test_evaluation(source: str, fields: dict[str, object], holds: bool) -> None:
@@ -253,6 +260,9 @@ def test_evaluation(source: str, fields: dict[str, object], holds: bool) -> None
         ("!(fields.amount > 1000)", {}),  # ! does not turn an error into false
         ("fields.amount > 1000 && fields.currency == 'EUR'", {"currency": "EUR"}),
         ("fields.amount > 1000 || fields.currency == 'PLN'", {"currency": "EUR"}),
+        ("has(fields.count)", {"count": 2**63}),  # beyond int64: unknown, not absent
+        ("has(fields.deep)", {"deep": _nested(40)}),  # deeper than CEL is handed: unknown
+        ("has(fields.amount)", {"amount": Decimal("1e400")}),
         ("fields.note", {"note": "a string, not a bool"}),
         ("fields.amount", {"amount": 1500}),
     ],
