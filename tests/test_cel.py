@@ -22,6 +22,7 @@ from gateway.cel import (
 )
 from gateway.cel_rewrite import to_cel
 from gateway.conditions import Condition, ConditionError, Facts, as_number, parse_condition
+from tests.test_operations import gateway_process, slow_upstream  # noqa: F401 (fixtures)
 
 
 def facts(
@@ -567,3 +568,25 @@ def test_every_when_in_the_readme_and_docs_is_cel() -> None:
     assert len(found) >= 4, found
     for text in found:
         assert isinstance(parse_when(text), CelCondition), text
+
+
+async def test_run_logs_the_cel_for_an_old_when(gateway_process) -> None:  # noqa: F811
+    rules = """\
+rules:
+  - name: big
+    match: {path: /payments, methods: [POST]}
+    when: amount > 1000
+    require: {level: password}
+  - name: new
+    match: {path: /payees, methods: [POST]}
+    when: 'number(fields.amount) > 1000'
+    require: {level: password}
+  - name: signed-in
+    match: {path: /**}
+    require: {level: password}
+"""
+    process, _url, _path = await gateway_process(rules=rules)
+    notices = process.events("when_old_syntax")
+    assert [(event["path"], event["cel"], event["level"]) for event in notices] == [
+        ("rules[0].when", "number(fields.amount) > 1000", "warning")
+    ]
