@@ -42,6 +42,7 @@ import functools
 import ipaddress
 import math
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -53,6 +54,7 @@ from gateway.cel_rewrite import to_cel
 from gateway.conditions import (
     MAX_CONDITION_CHARS,
     MAX_LIST_ITEMS,
+    MAX_NUMBER_CHARS,
     AddressChanged,
     AddressIn,
     Condition,
@@ -75,6 +77,8 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_VALUE_DEPTH = 32
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# gateway.conditions' number grammar, with the digits before and after the point grouped.
+_NUMBER_TEXT = re.compile(r"[+-]?([0-9]+)(?:\.([0-9]+))?(?:[eE][+-]?[0-9]{1,4})?")
 _STRING_PREFIX = re.compile(r"(?:[rRbB]|[rR][bB]|[bB][rR])?(?:'''|\"\"\"|'|\")")
 
 
@@ -88,17 +92,31 @@ class _Unconvertible(ValueError):
 def number(value: object) -> float:
     """``number(v)``: text or a number as a double; refuses what would compare wrongly.
 
-    The messages name no value: a CEL error ends up in a log line.
+    Text follows the old language's number grammar (JSON's, plus a leading ``+`` and
+    leading zeros that forms carry). The messages name no value: they reach logs.
     """
-    if isinstance(value, bool):
+    if isinstance(value, str):
+        match = _NUMBER_TEXT.fullmatch(value) if len(value) <= MAX_NUMBER_CHARS else None
+        if match is None:
+            raise ValueError("number(): not a number")
+        significant = (match[1] + (match[2] or "")).strip("0")
+        result = float(value)
+    elif isinstance(value, bool):
         raise ValueError("number() takes text or a number, not a bool")
-    exact = as_number(value)
-    if exact is None:
-        raise ValueError("number(): not a number")
-    digits = exact.normalize().as_tuple().digits
-    result = float(exact)
-    if len(digits) > MAX_SIGNIFICANT_DIGITS or not math.isfinite(result):
+    elif isinstance(value, float):  # a CEL double: already what CEL compares
+        significant, result = "", value
+    else:
+        exact = as_number(value)  # int, Decimal
+        if exact is None:
+            raise ValueError("number(): not a number")
+        significant = "".join(map(str, exact.normalize().as_tuple().digits)).strip("0")
+        result = float(exact)
+    if len(significant) > MAX_SIGNIFICANT_DIGITS:
         raise ValueError(f"number(): more than {MAX_SIGNIFICANT_DIGITS} significant digits")
+    # Beyond a double's normal range: 1e999 overflows, 1e-400 would become 0 (or lose
+    # digits as a subnormal), and 1e-400 > 0 would turn false.
+    if not math.isfinite(result) or (significant and abs(result) < sys.float_info.min):
+        raise ValueError("number(): beyond the range of a double")
     return result
 
 
@@ -189,13 +207,12 @@ class CelCondition(Condition):
             with contextlib.suppress(OverflowError):
                 data["auth_age"] = datetime.timedelta(seconds=age)
         try:
-            result = self.program.eval(data=data)
-            kind, value = result.type().name(), result.value()
+            value = self.program.eval(data=data).value()
         except Exception:  # the runtime's own failure: fail closed as well
             return None
         # An error value (a missing field, a type CEL has no overload for) or a result
         # that is not a bool: unknown, which holds() takes as true.
-        return value if kind == "BOOL" and isinstance(value, bool) else None
+        return value if isinstance(value, bool) else None
 
     def fields(self) -> frozenset[str]:
         return self.field_names

@@ -341,12 +341,40 @@ def test_number(text: object, result: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["NaN", "Infinity", "inf", "1e999", "1,000", "", " 5", "0x10", "1234567890123456", True]
-)
+    "text",
+    ["NaN", "Infinity", "inf", "1e999", "1e-400", "-4e-320", "1,000", "", " 5", "0x10",
+     "1234567890123456", True],
+)  # fmt: skip
 def test_number_refuses(text: object) -> None:
     with pytest.raises(ValueError) as info:
         number(text)
     assert str(text) not in str(info.value) or text in ("", True)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.from_regex(r"[+-]?[0-9]{1,20}(\.[0-9]{1,20})?([eE][+-]?[0-9]{1,4})?", fullmatch=True),
+        st.text(alphabet="0123456789+-.eE_ xn", max_size=12),
+        st.integers(min_value=-(10**20), max_value=10**20),
+        st.decimals(allow_nan=False, allow_infinity=False),
+    )
+)
+def test_number_is_the_old_grammar_within_a_double(value: object) -> None:
+    """number() takes what the old language took as a number, unless a double cannot
+    hold it exactly enough to compare (then it raises: unknown, so true)."""
+    exact = as_number(value)
+    try:
+        result = number(value)
+    except ValueError:
+        assert (
+            exact is None
+            or len(exact.normalize().as_tuple().digits) > 15
+            or not (Decimal("2.2250738585072014e-308") <= abs(exact) <= Decimal("1.8e308"))
+        )
+        return
+    assert exact is not None and result == float(exact)
+    assert (result > 0, result < 0) == (exact > 0, exact < 0)  # 1e-400 is not 0
 
 
 # --- compiling: refusals --------------------------------------------------------------
