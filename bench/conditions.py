@@ -2,11 +2,14 @@
 
 Each condition is compiled once, as the gateway does at start-up, and then
 evaluated again and again against the same request fields; the number printed
-is the median time of one evaluation in microseconds (``timeit``, median of
-``--repeat`` runs of ``--number`` calls each). Form fields arrive as text, so
-the CEL rows for them convert with ``double()`` (CEL's own) or with a
-function written in Python (``number()``, what a gateway would add to keep
-today's strict number grammar); JSON fields arrive typed.
+is the CPU time of one evaluation in microseconds (``timeit`` with
+``time.process_time``, median of ``--repeat`` runs of ``--number`` calls each),
+and in brackets the fastest run.
+Form fields arrive as text, so the CEL rows for them convert with ``double()``
+(CEL's own) or with a function written in Python (``number()``, what a gateway
+would add to keep today's strict number grammar); JSON fields arrive typed. The
+last table is the gateway's own path: each old condition against its CEL
+rewrite, both through ``holds()``.
 
 Usage::
 
@@ -31,6 +34,7 @@ import sys
 import time
 import timeit
 from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
@@ -96,10 +100,25 @@ def number(value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-def per_call_us(call: Callable[[], object], number_: int, repeat: int) -> float:
+@dataclass(frozen=True)
+class Timing:
+    """µs per call: the median of the timing runs, and the fastest (least disturbed by
+    other processes on a shared machine, as the timeit documentation advises)."""
+
+    median: float
+    fastest: float
+
+    def __str__(self) -> str:
+        return f"{self.median:7.2f} ({self.fastest:.2f})"
+
+
+def per_call_us(call: Callable[[], object], number_: int, repeat: int) -> Timing:
     call()  # warm: the first call may build caches
-    runs = timeit.repeat(call, number=number_, repeat=repeat)
-    return statistics.median(runs) / number_ * 1e6
+    # CPU time of this process, not wall time: on a shared machine other processes then
+    # cost nothing here (bench/run.py's "cpu us/req" column does the same).
+    times = timeit.repeat(call, number=number_, repeat=repeat, timer=time.process_time)
+    runs = [run / number_ * 1e6 for run in times]
+    return Timing(statistics.median(runs), min(runs))
 
 
 def version(dist: str) -> str:
@@ -109,8 +128,8 @@ def version(dist: str) -> str:
         return "not installed"
 
 
-def today_rows(args: argparse.Namespace) -> dict[str, tuple[float | None, float | None]]:
-    rows: dict[str, tuple[float | None, float | None]] = {}
+def today_rows(args: argparse.Namespace) -> dict[str, tuple[Timing | None, Timing | None]]:
+    rows: dict[str, tuple[Timing | None, Timing | None]] = {}
     for name, old, _json_src, _form_src in CASES:
         if old is None:
             rows[name] = (None, None)
@@ -126,7 +145,7 @@ def today_rows(args: argparse.Namespace) -> dict[str, tuple[float | None, float 
     return rows
 
 
-def google_rows(args: argparse.Namespace) -> dict[str, tuple[float | None, float | None]]:
+def google_rows(args: argparse.Namespace) -> dict[str, tuple[Timing | None, Timing | None]]:
     from cel_expr_python import cel
 
     any_map = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
@@ -149,7 +168,7 @@ def google_rows(args: argparse.Namespace) -> dict[str, tuple[float | None, float
         value = result.value()
         return value is not False  # an error value counts as true, as today
 
-    rows: dict[str, tuple[float | None, float | None]] = {}
+    rows: dict[str, tuple[Timing | None, Timing | None]] = {}
     for name, _old, json_src, form_src in CASES:
         typed, form = env.compile(json_src), env.compile(form_src)
         rows[name] = (
@@ -166,7 +185,7 @@ def google_rows(args: argparse.Namespace) -> dict[str, tuple[float | None, float
     return rows
 
 
-def rust_rows(args: argparse.Namespace) -> dict[str, tuple[float | None, float | None]]:
+def rust_rows(args: argparse.Namespace) -> dict[str, tuple[Timing | None, Timing | None]]:
     import cel
 
     def holds(program: object, context: object) -> bool:
@@ -175,7 +194,7 @@ def rust_rows(args: argparse.Namespace) -> dict[str, tuple[float | None, float |
         except (KeyError, TypeError, ValueError, RuntimeError):
             return True
 
-    rows: dict[str, tuple[float | None, float | None]] = {}
+    rows: dict[str, tuple[Timing | None, Timing | None]] = {}
     for name, _old, json_src, form_src in CASES:
         typed, form = cel.compile(json_src), cel.compile(form_src)
         rows[name] = (
@@ -197,7 +216,7 @@ def rust_rows(args: argparse.Namespace) -> dict[str, tuple[float | None, float |
     return rows
 
 
-def pure_rows(args: argparse.Namespace) -> dict[str, tuple[float | None, float | None]]:
+def pure_rows(args: argparse.Namespace) -> dict[str, tuple[Timing | None, Timing | None]]:
     import celpy
 
     env = celpy.Environment()
@@ -210,7 +229,7 @@ def pure_rows(args: argparse.Namespace) -> dict[str, tuple[float | None, float |
         except celpy.CELEvalError:
             return True
 
-    rows: dict[str, tuple[float | None, float | None]] = {}
+    rows: dict[str, tuple[Timing | None, Timing | None]] = {}
     for name, _old, json_src, form_src in CASES:
         typed = env.program(env.compile(json_src))
         form = env.program(env.compile(form_src))
@@ -238,8 +257,30 @@ def import_ms(module: str) -> float | None:
     return float(done.stdout) * 1000 if done.returncode == 0 else None
 
 
-def show(value: float | None) -> str:
-    return "-" if value is None else f"{value:8.2f}"
+def show(value: object) -> str:
+    if value is None:
+        return "-"
+    return f"{value:8.2f}" if isinstance(value, float) else str(value)
+
+
+def gateway_rows(args: argparse.Namespace) -> None:
+    """The gateway's own path: each old condition and its CEL rewrite, as ``holds()``."""
+    from gateway.cel import compile_cel
+    from gateway.cel_rewrite import to_cel
+
+    print("-- as the gateway evaluates them: old syntax vs its CEL rewrite (gateway.cel)")
+    print(f"{'case':<12}{'old':>18}{'CEL':>18}  rewrite")
+    for name, old, _json_src, _form_src in CASES:
+        if old is None:
+            continue
+        condition = parse_condition(old)
+        rewrite = compile_cel(to_cel(condition))
+        for label, fields in ((name, FORM), (f"{name} wide", WIDE)):
+            given = Facts(fields=fields)
+            before = per_call_us(lambda c=condition, f=given: c.holds(f), args.number, args.repeat)
+            after = per_call_us(lambda c=rewrite, f=given: c.holds(f), args.number, args.repeat)
+            text = to_cel(condition) if fields is FORM else "(form with 30 more fields)"
+            print(f"{label:<12}{before!s:>18}{after!s:>18}  {text}")
 
 
 def main() -> None:
@@ -254,9 +295,12 @@ def main() -> None:
         "cel-python": "celpy",
     }
     names = [name for name, *_ in CASES] + [PY_NUMBER[0], WIDE_ROW]
-    print(f"python {sys.version.split()[0]}; µs per evaluation, median of {args.repeat} runs")
+    print(
+        f"python {sys.version.split()[0]}; CPU µs per evaluation: median of {args.repeat} runs"
+        " (fastest run)"
+    )
     print(f"{'case':<12}" + "".join(f"{lib[:18]:>22}" for lib, *_ in LIBRARIES))
-    results: dict[str, dict[str, tuple[float | None, float | None]]] = {}
+    results: dict[str, dict[str, tuple[Timing | None, Timing | None]]] = {}
     for lib, dist, rows in LIBRARIES:
         if version(dist) == "not installed":
             results[lib] = {}
@@ -269,6 +313,8 @@ def main() -> None:
         for name in names:
             cells = [results[lib].get(name, (None, None))[index] for lib, *_ in LIBRARIES]
             print(f"{name:<12}" + "".join(f"{show(cell):>22}" for cell in cells))
+    if version("cel-expr-python") != "not installed":
+        gateway_rows(args)
     print("-- cold import, ms")
     print(
         f"{'import':<12}" + "".join(f"{show(import_ms(modules[lib])):>22}" for lib, *_ in LIBRARIES)
