@@ -44,7 +44,7 @@ import math
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -72,7 +72,7 @@ FACTS = ("client_ip", "client_ip_changed", "auth_age")
 # numbers are refused, so a comparison never flips on rounding (the error counts as true).
 MAX_SIGNIFICANT_DIGITS = 15
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-# JSON nesting handed to CEL; deeper values count as missing. The same depth the field
+# JSON nesting handed to CEL; deeper makes the condition unknown. The same depth the field
 # extractor flattens dotted names to: real request bodies nest a few levels.
 MAX_VALUE_DEPTH = 32
 
@@ -183,7 +183,8 @@ class CelCondition(Condition):
     """A compiled CEL ``when``. Build with :func:`compile_cel`."""
 
     source: str
-    program: Any  # cel_expr_python Expression: compiled and checked once
+    # cel_expr_python Expression, compiled and checked once; the source is its identity
+    program: Any = field(compare=False, repr=False)
     field_names: frozenset[str]
     facts_used: frozenset[str]
 

@@ -618,3 +618,10 @@ rules:
     assert [(event["path"], event["cel"], event["level"]) for event in notices] == [
         ("rules[0].when", "number(fields.amount) > 1000", "warning")
     ]
+
+
+def test_a_compiled_when_is_a_value() -> None:
+    same, other = compile_cel("fields.a > 1"), compile_cel("fields.a > 2")
+    assert same == compile_cel("fields.a > 1") and hash(same) == hash(compile_cel("fields.a > 1"))
+    assert same != other
+    assert "program" not in repr(same)
