@@ -693,7 +693,11 @@ class Gateway:
                 proven_ip=session.ip if session is not None else None,
                 auth_age_s=now - session.auth_time if session is not None else None,
             )
-            if condition.holds(facts):
+            verdict = condition.evaluate(facts)
+            if verdict is None:  # fail closed: the stricter rule applies; say why
+                unknown = sorted(condition.unknowns(facts))
+                log.info("when_unknown", rule=candidate.name, unknown=unknown)
+            if verdict is not False:
                 return candidate
         return None
 

@@ -19,6 +19,7 @@ from typing import TextIO
 from urllib.parse import urlsplit
 
 from gateway import __version__
+from gateway.cel import old_syntax_rewrites, rewrite_notice
 from gateway.conditions import Facts
 from gateway.config import load_config
 from gateway.errors import BadRequest, ConfigError
@@ -158,6 +159,8 @@ def _check(args: argparse.Namespace) -> int:
     config = _load(args.config, sys.stdout)
     if config is None:
         return EXIT_CONFIG
+    for path, rewrite in old_syntax_rewrites(config.rules):
+        print(rewrite_notice(path, rewrite), file=sys.stderr)
     print("ok")
     return EXIT_OK
 

@@ -1,5 +1,7 @@
 """Risk conditions: ``when:`` makes a rule apply only to riskier requests.
 
+The old ``when`` syntax, deprecated: ``when`` is CEL now (:mod:`gateway.cel`), and
+``check`` shows the CEL for each condition written this way (:mod:`gateway.cel_rewrite`).
 A small declarative language, parsed once at start-up by a hand-written tokenizer
 and a recursive-descent parser; nothing is ever passed to ``eval``. Pure: no I/O.
 

@@ -32,11 +32,11 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
 from gateway import model
+from gateway.cel import parse_when
 from gateway.conditions import MAX_DEPTH as MAX_CONDITION_DEPTH
 from gateway.conditions import (
     ConditionError,
     is_field_name,
-    parse_condition,
     parse_duration_s,
 )
 from gateway.errors import ConfigError, ConfigProblem
@@ -1458,10 +1458,10 @@ class _Validator:
             self.note(path, ONCE_NEEDS_ONE_CONSUMER, node)
 
     def when(self, node: Node, path: str) -> Any:
-        """A ``when`` value, parsed by :func:`gateway.conditions.parse_condition`."""
+        """A ``when`` value: CEL, or the old syntax (:func:`gateway.cel.parse_when`)."""
         value = self.plain(node, path, 0)
         try:
-            return parse_condition(value)
+            return parse_when(value)
         except ConditionError as exc:
             where_path, where_node = self.locate(node, path, exc.where)
             raise self.fail(where_path, exc.message, where_node) from None

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway import logs
 from gateway.app import Gateway, ReloadRefused, make_server
 from gateway.assertion import AssertionKeyError
+from gateway.cel import old_syntax_rewrites
 from gateway.config import load_config
 from gateway.connections import Listener, listening_sockets
 from gateway.errors import ConfigError
@@ -236,6 +237,8 @@ def run_one(
 ) -> int:
     """One serving process (the whole gateway, or one worker of several)."""
     logs.configure(config.server.log_level)
+    for path, rewrite in old_syntax_rewrites(config.rules):
+        log.warning("when_old_syntax", path=path, cel=rewrite)
     try:
         import uvloop
 
