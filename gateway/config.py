@@ -15,7 +15,6 @@ does I/O.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import ipaddress
 import os
 import re
@@ -38,6 +37,9 @@ from gateway.conditions import (
     parse_condition,
     parse_duration_s,
 )
+from gateway.config_schema import NAME_HINT, default, document, key_path_text
+from gateway.config_schema import check as check_schema
+from gateway.config_schema import suggest as _suggest
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.model import MAX_ASSERTION_TTL_S
 from gateway.paths import canonical_rule_host
@@ -47,64 +49,105 @@ from gateway.session.redis_url import REDIS_SCHEMES, is_sentinel_url, parse_sent
 
 T = TypeVar("T")
 
+
+def _default_s(key: str) -> int:
+    """A duration default from the schema, in seconds."""
+    seconds = parse_duration_s(str(default(key)))
+    if seconds is None:  # pragma: no cover - tests/test_config_schema.py reads them all
+        raise ValueError(f"config.schema.json: default of {key} is not a duration")
+    return seconds
+
+
+_SIZE = re.compile(r"([0-9]{1,12})\s*(B|KiB|MiB|GiB|kB|KB|MB|GB)?")
+_SIZE_UNIT = {
+    None: 1,
+    "B": 1,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "kB": 1000,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+}
+
+
+def _parse_size(text: str) -> int | None:
+    """``"65536"``, ``"512KiB"``, ``"1MiB"``, ``"2 MB"`` -> bytes; else None."""
+    match = _SIZE.fullmatch(text.strip())
+    return None if match is None else int(match.group(1)) * _SIZE_UNIT[match.group(2)]
+
+
+def _default_bytes(key: str) -> int:
+    """A size default from the schema, in bytes."""
+    size = _parse_size(str(default(key)))
+    if size is None:  # pragma: no cover
+        raise ValueError(f"config.schema.json: default of {key} is not a size")
+    return size
+
+
 # --- Defaults, and why -------------------------------------------------------------
+# The values live in gateway/config.schema.json (its "default"s), the reasons here.
 # (tests/test_config.py checks that these agree with the defaults in gateway/model.py)
 
 # Under a leading underscore so it is unlikely to collide with an application's paths.
-DEFAULT_INTERNAL_PREFIX = "/_gateway"
+DEFAULT_INTERNAL_PREFIX: str = default("server.internal_prefix")
 # Kubernetes' default terminationGracePeriodSeconds is 30 s; draining must finish first.
-DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+DEFAULT_SHUTDOWN_TIMEOUT_S = float(_default_s("server.shutdown_timeout"))
 # Trust no proxy: X-Forwarded-For from an untrusted peer is whatever the client wrote.
-DEFAULT_TRUSTED_PROXIES: tuple[model.IPNetwork, ...] = ()
+DEFAULT_TRUSTED_PROXIES: tuple[model.IPNetwork, ...] = tuple(
+    ipaddress.ip_network(cidr) for cidr in default("server.trusted_proxies")
+)
 # One event loop per process; scale out with replicas, or raise this on big hosts.
-DEFAULT_WORKERS = 1
+DEFAULT_WORKERS: int = default("server.workers")
 # A healthy upstream on the same network accepts a connection in milliseconds.
-DEFAULT_UPSTREAM_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_UPSTREAM_CONNECT_TIMEOUT_S = float(_default_s("server.upstream_connect_timeout"))
 # nginx's proxy_read_timeout default is 60 s; apps behind proxies are tuned for it.
-DEFAULT_UPSTREAM_TIMEOUT_S = 60.0
-DEFAULT_ACCESS_LOG = True
-DEFAULT_LOG_LEVEL = "info"
+DEFAULT_UPSTREAM_TIMEOUT_S = float(_default_s("server.upstream_timeout"))
+DEFAULT_ACCESS_LOG: bool = default("server.access_log")
+DEFAULT_LOG_LEVEL: str = default("server.log_level")
 # OIDC Core 5.4: profile and email fill X-Auth-Email and the name shown on pages.
-DEFAULT_SCOPES = ("openid", "profile", "email")
+DEFAULT_SCOPES: tuple[str, ...] = tuple(default("oidc.scopes"))
 # OIDC Core 9 / RFC 7591 2: client_secret_basic is the default token_endpoint_auth_method.
-DEFAULT_CLIENT_AUTH = "client_secret_basic"
+DEFAULT_CLIENT_AUTH: str = default("oidc.client_auth")
 # OIDC Core 5.5.1.1: an essential acr makes some providers fail the login outright instead
 # of doing their best; the gateway checks the acr it gets back either way.
-DEFAULT_ESSENTIAL_ACR = False
+DEFAULT_ESSENTIAL_ACR: bool = default("oidc.essential_acr")
 # OIDC Core 3.1.3.7 asks for "a small leeway" on iat/exp for clock skew.
-DEFAULT_CLOCK_SKEW_S = 60
+DEFAULT_CLOCK_SKEW_S = _default_s("oidc.clock_skew")
 # RFC 7518 3.1 asymmetric algorithms (RS256 is mandatory, OIDC Core 15.1). Never "none",
 # never HS*: an HMAC id token is keyed with the client secret, which the gateway shares.
-DEFAULT_ALGORITHMS = ("RS256", "PS256", "ES256", "ES384", "RS384", "RS512", "EdDSA")
+DEFAULT_ALGORITHMS: tuple[str, ...] = tuple(default("oidc.algorithms"))
 # Discovery, JWKS and token requests; a provider slower than this is effectively down.
-DEFAULT_HTTP_TIMEOUT_S = 10.0
+DEFAULT_HTTP_TIMEOUT_S = float(_default_s("oidc.http_timeout"))
 # Stateless: the session lives in the sealed cookie, no extra service to run.
-DEFAULT_STORE = "cookie"
-DEFAULT_REDIS_PREFIX = "stepup:"  # lets the gateway share a Redis database with others
+DEFAULT_STORE: str = default("session.store")
+# Lets the gateway share a Redis database with others.
+DEFAULT_REDIS_PREFIX: str = default("session.redis_prefix")
 MAX_REDIS_PREFIX_CHARS = 64  # part of every key; a long prefix only costs memory
 # Cookies without Secure leak over plain http; turn off only for local plain-http use.
-DEFAULT_COOKIE_SECURE = True
+DEFAULT_COOKIE_SECURE: bool = default("session.cookie_secure")
 # "__Host-" is prepended when cookie_secure (RFC 6265bis 4.1.3.2).
-DEFAULT_COOKIE_NAME = "stepup_session"
+DEFAULT_COOKIE_NAME: str = default("session.cookie_name")
 # NIST SP 800-63B 4.2.3 (AAL2): re-authenticate after 30 minutes of inactivity ...
-DEFAULT_IDLE_TIMEOUT_S = 30 * 60
+DEFAULT_IDLE_TIMEOUT_S = _default_s("session.idle_timeout")
 # ... and at least once every 12 hours.
-DEFAULT_LIFETIME_S = 12 * 60 * 60
+DEFAULT_LIFETIME_S = _default_s("session.lifetime")
 # Time to finish a sign-in at the provider before its state cookie expires.
-DEFAULT_TRANSACTION_TTL_S = 10 * 60
+DEFAULT_TRANSACTION_TTL_S = _default_s("session.transaction_ttl")
 # Contract: X-Auth-Assertion expires within 60 s.
-DEFAULT_ASSERTION_TTL_S = 60
-DEFAULT_HEADER_PREFIX = "X-Auth-"
+DEFAULT_ASSERTION_TTL_S = _default_s("assertion.ttl")
+DEFAULT_HEADER_PREFIX: str = default("assertion.header_prefix")
 # A risk engine sits in the request path: a second of latency is already a lot.
-DEFAULT_RISK_TIMEOUT_S = 1.0
+DEFAULT_RISK_TIMEOUT_S = float(_default_s("rules[].risk.timeout"))
 # Unknown risk is high risk: ask for the strongest level rather than refuse outright.
-DEFAULT_RISK_ON_ERROR = "step_up"
+DEFAULT_RISK_ON_ERROR: str = default("rules[].risk.on_error")
 # Ask the engine for every request unless the operator accepts stale answers.
-DEFAULT_RISK_CACHE_S = 0
+DEFAULT_RISK_CACHE_S = _default_s("rules[].risk.cache")
 # Payment and form posts are kilobytes; 1 MiB is nginx's client_max_body_size default.
-DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = _default_bytes("step_up.max_body")
 # RFC 9396 authorization_details "type" for rules that bind fields (PSD2 payments).
-DEFAULT_AUTHORIZATION_DETAILS_TYPE = "payment_initiation"
+DEFAULT_AUTHORIZATION_DETAILS_TYPE: str = default("step_up.authorization_details_type")
 
 # --- Limits --------------------------------------------------------------------------
 
@@ -144,7 +187,7 @@ ONCE_NEEDS_ONE_CONSUMER = (
 
 # Names of levels, rules and upstreams end up in headers, query strings and JWT claims.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_NAME_HINT = "letters, digits, '.', '_' and '-', starting with a letter or digit"
+_NAME_HINT = NAME_HINT
 # RFC 7230 3.2.6 token: methods and cookie names.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SECONDS = re.compile(r"[0-9]+")
@@ -155,18 +198,6 @@ _HOSTNAME = re.compile(
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
 )
 _INTERNAL_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)+")
-_SIZE = re.compile(r"([0-9]{1,12})\s*(B|KiB|MiB|GiB|kB|KB|MB|GB)?")
-_SIZE_UNIT = {
-    None: 1,
-    "B": 1,
-    "KiB": 1024,
-    "MiB": 1024**2,
-    "GiB": 1024**3,
-    "kB": 1000,
-    "KB": 1000,
-    "MB": 1000**2,
-    "GB": 1000**3,
-}
 
 _TAG = "tag:yaml.org,2002:"
 _STR, _NULL, _BOOL, _INT, _FLOAT = (_TAG + t for t in ("str", "null", "bool", "int", "float"))
@@ -200,18 +231,32 @@ def load_config_text(
     """Validate config ``text``; ``source`` names it in messages. Raises ConfigError."""
     validator = _Validator(source, os.environ if environ is None else environ, base_dir)
     root = validator.compose(text)
+    # First the schema (types, enums, required and unknown keys), then the builders:
+    # they check what a schema cannot and build the model. A key the schema already
+    # faulted is not reported a second time.
+    schema_problems = [] if root is None else validator.schema_problems(root)
     config = None if root is None else validator.config(root)
-    problems = sorted(validator.problems, key=lambda p: p.line or 0)
+    problems = _merge_problems(validator.problems, schema_problems)
     if problems or config is None:
         raise ConfigError(problems or [ConfigProblem("(top level)", "invalid", source)])
     return config
 
 
-def _suggest(word: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
-    if close:
-        return f" (did you mean {close[0]!r}?)"
-    return f" (known: {', '.join(known)})" if known else ""
+def _merge_problems(
+    built: Sequence[ConfigProblem], schema: Sequence[ConfigProblem]
+) -> list[ConfigProblem]:
+    """The schema's problems, and the builders' on keys the schema found no fault with."""
+    faulted = [p.key_path for p in schema]
+    kept = [
+        p
+        for p in built
+        if not any(
+            p.key_path == path or p.key_path.startswith((path + ".", path + "["))
+            for path in faulted
+        )
+    ]
+    # By line; on one line the builders' come first (their order is the file's).
+    return sorted([*kept, *schema], key=lambda p: p.line or 0)
 
 
 def _is_loopback(host: str) -> bool:
@@ -269,6 +314,30 @@ class _Validator:
     def fail(self, path: str, message: str, node: Node | None) -> _Invalid:
         self.note(path, message, node)
         return _Invalid()
+
+    # --- the schema pass ----------------------------------------------------------
+
+    def schema_problems(self, root: Node) -> list[ConfigProblem]:
+        """Check the file against gateway/config.schema.json (see gateway.config_schema)."""
+        doc = document(root, self.read_scalar)
+        if doc is None:
+            return []  # aliases multiply it past any config: the builders alone check it
+        return [
+            ConfigProblem(key_path_text(p.path), p.message, self.source, p.line)
+            for p in check_schema(doc.value, doc.where, doc.opaque)
+        ]
+
+    def read_scalar(self, node: ScalarNode, path: str) -> tuple[object, str] | None:
+        """A scalar's value and text as the builders read it; None (and nothing
+        recorded) when it has none: the builders then report why."""
+        problems, self.problems = self.problems, []
+        try:
+            scalar = self.scalar(node, path, "a value")
+        except _Invalid:
+            return None
+        finally:
+            self.problems = problems
+        return scalar.value, scalar.text
 
     # --- YAML -----------------------------------------------------------------------
 
@@ -1368,9 +1437,7 @@ class _Validator:
         if isinstance(value, int) and not isinstance(value, bool):
             size = value
         elif isinstance(value, str):
-            match = _SIZE.fullmatch(value.strip())
-            if match is not None:
-                size = int(match.group(1)) * _SIZE_UNIT[match.group(2)]
+            size = _parse_size(value)
         if size is None:
             raise self.fail(
                 path,
