@@ -1057,7 +1057,11 @@ class _Validator:
 
     def redis_url(self, node: Node, path: str) -> str:
         text = self.text(node, path).strip()  # may hold a password: never quoted
-        if scheme_of(text) not in REDIS_SCHEMES:
+        try:
+            scheme = scheme_of(text)
+        except ValueError:  # urlsplit: an unbalanced "[" or "]"
+            raise self.fail(path, "invalid Redis URL", node) from None
+        if scheme not in REDIS_SCHEMES:
             raise self.fail(
                 path,
                 "must start with redis://, rediss://, unix:// or redis+sentinel:// "

@@ -144,6 +144,7 @@ class Where:
     key_line: int | None
     value_line: int
     text: str  # a scalar's text after interpolation, as the operator sees it; else ""
+    raw: str = ""  # a scalar's text as written, before interpolation
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +209,7 @@ def document(
             doc.opaque.append(path)
             return None
         value, text = read
-        doc.where[path] = Where(key_line, node.start_mark.line + 1, text)
+        doc.where[path] = Where(key_line, node.start_mark.line + 1, text, node.value)
         return value
 
     try:
@@ -298,8 +299,13 @@ def _problems(error: ValidationError, where: Mapping[KeyPath, Where]) -> Iterato
                 )
         return
     text = place.text if place else ""
+    line = place.value_line if place else None
+    if keyword == "type" and schema.get("type") == "array" and _shape(instance) is None:
+        raw = place.raw if place else ""  # as written: an interpolated value may be a secret
+        yield SchemaProblem(path, f"expected a list (write [{raw}])", line)
+        return
     message = _message(keyword, _KIND.get(id(error.schema)), schema, instance, text)
-    yield SchemaProblem(path, message, place.value_line if place else None)
+    yield SchemaProblem(path, message, line)
 
 
 def _missing(path: KeyPath, key: str, instance: Mapping[str, object]) -> str:
@@ -345,7 +351,7 @@ def _message(
         what = f"a mapping with keys {keys}" if keys else "a mapping"
         return f"expected {what}, got {shape or 'a single value'}"
     if keyword == "type" and schema.get("type") == "array":
-        return f"expected a list (write [{text}])" if shape is None else "expected a list"
+        return "expected a list"
     if keyword == "minItems":
         return "must not be an empty list"
     if keyword == "minProperties":
