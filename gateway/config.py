@@ -245,18 +245,25 @@ def load_config_text(
 def _merge_problems(
     built: Sequence[ConfigProblem], schema: Sequence[ConfigProblem]
 ) -> list[ConfigProblem]:
-    """The schema's problems, and the builders' on keys the schema found no fault with."""
-    faulted = [p.key_path for p in schema]
-    kept = [
-        p
-        for p in built
-        if not any(
-            p.key_path == path or p.key_path.startswith((path + ".", path + "["))
-            for path in faulted
-        )
-    ]
-    # By line; on one line the builders' come first (their order is the file's).
-    return sorted([*kept, *schema], key=lambda p: p.line or 0)
+    """The schema's problems, and the builders' on keys the schema found no fault with.
+
+    A schema problem takes the place of the builder's on the same key (or below it), so
+    problems on one line keep the order the builders give them; the rest go by line.
+    """
+    faulted = {p.key_path: p for p in schema}
+    placed: set[str] = set()
+    merged: list[ConfigProblem] = []
+    for problem in built:
+        key = problem.key_path
+        above = [key[:i] for i, char in enumerate(key) if char in ".["] + [key]
+        claim = next((path for path in above if path in faulted), None)
+        if claim is None:
+            merged.append(problem)
+        elif claim not in placed:
+            placed.add(claim)
+            merged.append(faulted[claim])
+    merged += [p for path, p in faulted.items() if path not in placed]
+    return sorted(merged, key=lambda p: p.line or 0)
 
 
 def _is_loopback(host: str) -> bool:
