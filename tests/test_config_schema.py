@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from gateway import config as cfg
-from gateway import config_docs, config_schema
+from gateway.config import docs as config_docs
 from gateway.config import load_config_text
+from gateway.config import schema as config_schema
 from gateway.errors import ConfigError, ConfigProblem
 from tests.test_config import BASE, R0, SECRET, edited
 
@@ -500,7 +501,7 @@ def test_a_redis_url_with_a_stray_bracket_is_a_problem_not_a_traceback() -> None
 
 def test_readme_tables_are_generated_from_the_schema() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert config_docs.render(readme) == readme, "run: python -m gateway.config_docs"
+    assert config_docs.render(readme) == readme, "run: python -m gateway.config.docs"
     for section in ("server", "oidc", "session", "assurance.levels", "rules", "assertion"):
         assert f"<!-- config:{section}:begin -->" in readme
     assert "| `idle_timeout` | `30m` | re-authenticate after this long idle" in readme

@@ -4,7 +4,7 @@ The schema is the one description of the configuration's keys: their types, enum
 defaults, which are required and that no others exist. ``check`` and start-up validate
 with it first (``jsonschema``, draft 2020-12); editors with the YAML language server use
 it as the operator types; the README's tables are generated from it
-(:mod:`gateway.config_docs`); the ``DEFAULT_*`` constants in :mod:`gateway.config` are
+(:mod:`gateway.config.docs`); the ``DEFAULT_*`` constants in :mod:`gateway.config` are
 read from it. What a schema cannot say — a level a rule names must exist, a URL's
 parts, cross-field rules — stays in :mod:`gateway.config`'s builders.
 
@@ -29,7 +29,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway.conditions import parse_duration_s
 
-SCHEMA_FILE = Path(__file__).with_name("config.schema.json")
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "config.schema.json"
 SCHEMA: dict[str, Any] = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
 # A key path as a tuple: ("rules", 0, "require", "max_age").
 KeyPath = tuple[str | int, ...]

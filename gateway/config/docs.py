@@ -1,6 +1,6 @@
 """The README's configuration tables, written from gateway/config.schema.json.
 
-``python -m gateway.config_docs`` rewrites every table between a pair of markers
+``python -m gateway.config.docs`` rewrites every table between a pair of markers
 
     <!-- config:server:begin -->
     <!-- config:server:end -->
@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.config_schema import subschema
+from gateway.config.schema import subschema
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent.parent / "README.md"
 _BLOCK = re.compile(
     r"(<!-- config:(?P<name>[a-z_.]+):begin -->\n).*?(<!-- config:(?P=name):end -->)", re.DOTALL
 )
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     updated = render(current)
     if check:
         if updated != current:
-            print(f"{path}: tables differ from the schema; run: python -m gateway.config_docs")
+            print(f"{path}: tables differ from the schema; run: python -m gateway.config.docs")
             return 1
         return 0
     if updated != current:
