@@ -142,6 +142,8 @@ class _Reader:
     def read_scalar(self, node: ScalarNode, path: str) -> tuple[object, str] | None:
         """A scalar's value and text as the builders read it; None (and nothing
         recorded) when it has none: the builders then report why."""
+        if node.tag == _STR and "$" not in node.value:
+            return node.value, node.value  # most values: what scalar() would return
         problems, self.problems = self.problems, []
         try:
             scalar = self.scalar(node, path, "a value")
