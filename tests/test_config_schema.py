@@ -145,6 +145,14 @@ def test_example_commented_out_keys_validate_too() -> None:
     assert list(Draft202012Validator(SCHEMA).iter_errors(document)) == []
 
 
+@pytest.mark.parametrize("key", [key for key, _ in KEYS])
+def test_every_key_is_shown_in_the_example(key: str) -> None:
+    # "every key shown": set, or commented out with a word on what it does.
+    text = (ROOT / "config.example.yaml").read_text(encoding="utf-8")
+    name = re.escape(key.rpartition(".")[2])
+    assert re.search(rf"(?m)^[ #-]*{name}:|[{{,] *{name}:", text), key
+
+
 # --- the schema pass: messages, key paths and lines -------------------------------------
 
 SCHEMA_BAD = [
