@@ -13,42 +13,52 @@ import dataclasses
 import html
 import ipaddress
 import json
+import math
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import jwt
 import structlog
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMethod
+from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from cryptography.hazmat.primitives.asymmetric import ec
-from multidict import CIMultiDict, MultiDict
+from multidict import CIMultiDict
 
 from gateway import assurance, headers, logs, responses
 from gateway.assertion import AssertionKeyError, AssertionSigner, load_or_generate_key
-from gateway.conditions import (
-    Facts,
-    binding_digest,
-    binding_values,
-    extract_fields,
-    media_type,
-)
+from gateway.conditions import Facts
+from gateway.connections import ConnectionPolicy, GuardedHandler, GuardedServer, body_deadline
 from gateway.errors import (
     BadRequest,
+    Busy,
+    ConfigError,
+    ConfigProblem,
     Forbidden,
     GatewayError,
     Gone,
     MethodNotAllowed,
+    MisdirectedRequest,
     NotFound,
     PayloadTooLarge,
     ProviderError,
     ProviderUnavailable,
+    RequestTimeout,
+    StoreBusy,
     StoreUnavailable,
+)
+from gateway.fields import (
+    RequestFields,
+    ambiguous,
+    binding_digest,
+    binding_values,
+    media_type,
+    read_fields,
 )
 from gateway.memo import (
     HEADER_MEMO_BYTES,
@@ -66,6 +76,7 @@ from gateway.oidc.flow import (
     end_session_url,
     new_pkce,
     parse_callback,
+    verified_email,
 )
 from gateway.oidc.flow import random_token as new_random
 from gateway.oidc.provider import ProviderClient
@@ -82,25 +93,31 @@ from gateway.session.cookies import (
     delete_cookie_kwargs,
     set_cookie_kwargs,
 )
-from gateway.session.model import Proof, Session
-from gateway.session.redis_store import RedisStore
-from gateway.session.stores import SessionStore, make_store
+from gateway.session.model import Proof, Session, new_proof_id
+from gateway.session.redis_store import RedisStore, eviction_problem
+from gateway.session.stores import CookieStore, SessionStore, make_store
 from gateway.session.transaction import (
     Transaction,
     TransactionCodec,
+    bounded_return_to,
+    cookie_pair_bytes,
     tx_cookie_name,
     tx_cookies_to_drop,
 )
 from gateway.transactional import (
+    KeptLedger,
     KeptRequest,
     authorization_details,
     binding_message,
+    client_key,
     echoed_binding,
     is_form_post,
+    kept_size_bytes,
     level_for_acr_values,
     max_age_of,
     parse_bearer_challenge,
     popup_page,
+    same_origin_refusal,
 )
 
 log = structlog.get_logger("gateway")
@@ -119,6 +136,14 @@ PROVIDER_PROBE_TIMEOUT_S = 2.0
 PROVIDER_PROBE_TTL_S = 10.0
 # A logout token is a few hundred bytes; anything far larger is not one.
 MAX_LOGOUT_REQUEST_BYTES = 64 * 1024
+# One header field, at most. aiohttp's default, like nginx's and Apache's, is 8 KB; the
+# gateway's own cookies stay under that (session <= ~3.9 KB, sign-ins in flight <= 3 KB),
+# and twice as much leaves the application's cookies room, so /healthz and /callback
+# still answer when a Cookie header has grown past 8 KB. Upstreams never get the
+# gateway's cookies, so they see a shorter header than this.
+MAX_HEADER_FIELD_BYTES = 16 * 1024
+# Replicas' clocks differ a little; a revocation outlives the session by this much.
+REVOCATION_MARGIN_S = 60
 # Bodies read for their fields; others (uploads, binaries) are never buffered for a rule.
 FIELD_TYPES = frozenset(
     {"application/x-www-form-urlencoded", "multipart/form-data", "application/json"}
@@ -144,12 +169,16 @@ class RequestBody:
     must be kept across a step-up; the upstream then gets exactly these bytes.
     """
 
-    def __init__(self, request: web.BaseRequest, limit: int) -> None:
+    def __init__(
+        self, request: web.BaseRequest, limit: int, query: str | None, timeout_s: float
+    ) -> None:
         self._request = request
         self._limit = limit
+        self._query = query or ""  # raw, as the upstream gets it
+        self._timeout_s = timeout_s
         self.data: bytes | None = None
         self.consumed = False  # part of the stream was read: it can no longer be forwarded
-        self._fields: dict[str, object] | None = None
+        self._fields: RequestFields | None = None
 
     @property
     def content_type(self) -> str:
@@ -171,20 +200,45 @@ class RequestBody:
         chunks: list[bytes] = []
         size = 0
         self.consumed = True
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > self._limit:
-                raise PayloadTooLarge(
-                    "This request is too large to hold while you sign in. Sign in first, "
-                    "then send it again.",
-                    reason="body_too_large",
-                )
-            chunks.append(chunk)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            # One timer for the whole body, moved per chunk (see body_deadline).
+            async with asyncio.timeout(None) as deadline:
+                while True:
+                    deadline.reschedule(
+                        body_deadline(
+                            started=started,
+                            now=loop.time(),
+                            received_bytes=size,
+                            timeout_s=self._timeout_s,
+                        )
+                    )
+                    chunk = await request.content.readany()
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > self._limit:
+                        raise PayloadTooLarge(
+                            "This request is too large to hold while you sign in. Sign in "
+                            "first, then send it again.",
+                            reason="body_too_large",
+                        )
+                    chunks.append(chunk)
+        except TimeoutError:
+            log.info("client_timeout", phase="body", received_bytes=size)
+            raise RequestTimeout(
+                "The request body arrived too slowly.", reason="request_body_timeout"
+            ) from None
         self.data = b"".join(chunks)
         return self.data
 
-    async def fields(self) -> dict[str, object]:
-        """Form, JSON or multipart text fields, then the query's (see extract_fields)."""
+    async def fields(self, reading: Iterable[str]) -> Mapping[str, object]:
+        """Form, JSON or multipart fields, then the query's (see read_fields).
+
+        Raises BadRequest when a field in ``reading`` is given twice or read
+        differently by upstreams.
+        """
         if self._fields is None:
             kind = media_type(self.content_type)
             request = self._request
@@ -192,15 +246,21 @@ class RequestBody:
                 # A body of another type may carry the same names (an upstream may parse
                 # it anyway): nothing is known, so conditions fail closed and the
                 # stricter rule applies; the query alone must not decide.
-                self._fields = {}
+                log.info("body_not_read", reason="other_type", content_type=kind)
+                self._fields = RequestFields()
             elif (request.content_length or 0) > self._limit and self.data is None:
                 # Too large to read for a condition: nothing is known either, and the
                 # body still streams to the upstream untouched.
-                self._fields = {}
+                log.info("body_not_read", reason="too_large", content_type=kind)
+                self._fields = RequestFields()
             else:
                 body = await self.read() if kind in FIELD_TYPES else b""
-                self._fields = extract_fields(self.content_type, body, request.query)
-        return self._fields
+                self._fields = read_fields(self.content_type, body, self._query)
+                if not self._fields.readable:
+                    # Malformed, or a shape parsers could split differently: no fields,
+                    # so conditions on them count as true (gateway.fields).
+                    log.info("body_not_read", reason="unreadable", content_type=kind)
+        return certain(self._fields, reading)
 
 
 class KeptBody:
@@ -209,9 +269,24 @@ class KeptBody:
     def __init__(self, kept: KeptRequest) -> None:
         self._kept = kept
 
-    async def fields(self) -> dict[str, object]:
-        query = MultiDict(parse_qsl(self._kept.path_qs.partition("?")[2], keep_blank_values=True))
-        return extract_fields(self._kept.content_type, self._kept.body, query)
+    async def fields(self, reading: Iterable[str]) -> Mapping[str, object]:
+        kept = self._kept
+        query = kept.path_qs.partition("?")[2]
+        return certain(read_fields(kept.content_type, kept.body, query), reading)
+
+
+def certain(fields: RequestFields, reading: Iterable[str]) -> Mapping[str, object]:
+    """``fields.values``, unless a field a rule reads is ambiguous: then 400.
+
+    A field given twice (in the body, in body and query, or under a name an
+    upstream folds onto it) or whose value parsers read differently could be
+    judged as one value while the upstream acts on another.
+    """
+    unsure = fields.unsure(reading)
+    if unsure:
+        log.warning("ambiguous_field", fields=list(unsure))  # names only, never values
+        raise ambiguous(unsure)
+    return fields.values
 
 
 class ReloadRefused(Exception):
@@ -231,6 +306,10 @@ class Gateway:
         self.clock = clock
         self.metrics = Metrics()
         self.store: SessionStore = make_store(config.session)
+        self.kept_ledger = KeptLedger(
+            budget_bytes=config.step_up.keep_budget_bytes,
+            per_client=config.step_up.keep_per_client,
+        )
         if assertion_key is None:
             assertion_key, self.key_generated = load_or_generate_key(config.assertion.key_file)
         else:
@@ -242,6 +321,9 @@ class Gateway:
         self._provider: ProviderClient | None = None
         self._provider_ok_until = 0.0
         self.aux: AuxStore = LocalAux(clock=clock)  # replaced in start()
+        self.server: GuardedServer | None = None  # set by make_server
+        self.metrics.watch_connections(self.open_connections, self.accepting)
+        self.metrics.watch_store_pool(self.store_pool)
         self._aux_redis: RedisStore | None = None
         self._internal: dict[str, Callable[[web.BaseRequest], Any]] = {
             "/callback": self.callback,
@@ -259,7 +341,9 @@ class Gateway:
     def _apply(self, config: Config) -> None:
         """Set ``config`` and everything derived from it, with no await in between."""
         self.config = config
-        self.rules = RuleSet(config.rules)
+        self.rules = RuleSet.for_config(config)
+        self.kept_ledger.budget_bytes = config.step_up.keep_budget_bytes
+        self.kept_ledger.per_client = config.step_up.keep_per_client
         self.tx_codec = TransactionCodec(config.session.secrets)
         secure = config.session.cookie_secure
         self.secure = secure
@@ -290,6 +374,15 @@ class Gateway:
         self.gateway_cookie_prefixes = (f"{self.tx_base}_", cookie_name(f"{self.tx_base}_", True))
         # Probes hit these every few seconds; an access-log line each would drown the rest.
         self.quiet_paths = frozenset({f"{self.prefix}/healthz", f"{self.prefix}/readyz"})
+        server = config.server
+        self._connection_policy = ConnectionPolicy(
+            max_connections=server.max_connections,
+            header_timeout_s=server.header_timeout_s,
+            body_timeout_s=server.body_timeout_s,
+            keepalive_timeout_s=server.keepalive_timeout_s,
+            keepalive_requests=server.keepalive_requests,
+            keepalive_max_age_s=server.keepalive_max_age_s,
+        )
 
     def _make_upstreams(self, config: Config) -> Upstreams:
         return Upstreams(
@@ -298,6 +391,7 @@ class Gateway:
             timeout_s=config.server.upstream_timeout_s,
             gateway_cookies=self.gateway_cookies,
             gateway_cookie_prefixes=self.gateway_cookie_prefixes,
+            body_idle_timeout_s=config.server.body_timeout_s,
         )
 
     # -- lifecycle ---------------------------------------------------------------
@@ -318,6 +412,18 @@ class Gateway:
         )
         self.risk = RiskClient(self._http)
         self.aux = self._make_aux()
+        await self.check_redis_eviction()
+        session = self.config.session
+        if (
+            session.store == "cookie"
+            and session.redis_url is None
+            and self.config.server.workers > 1
+        ):
+            log.warning(
+                "session_revocation_per_process",
+                hint="with the cookie store and several workers, a signed-out session is "
+                "refused only by the worker that signed it out; set session.redis_url",
+            )
         try:
             await self._provider.load()
         except ProviderError as exc:
@@ -403,9 +509,67 @@ class Gateway:
                 idle_timeout_s=session.idle_timeout_s,
                 lifetime_s=session.lifetime_s,
                 prefix=session.redis_prefix,
+                pool_size=session.redis_pool_size,
+                pool_timeout_s=session.redis_pool_timeout_s,
             )
             return self._aux_redis
         return LocalAux(clock=self.clock)
+
+    async def check_redis_eviction(self) -> None:
+        """Refuse to start on a Redis that may evict one-time records (see
+        :func:`gateway.session.redis_store.eviction_problem`)."""
+        redis = self.store if isinstance(self.store, RedisStore) else self._aux_redis
+        if redis is None:
+            return
+        try:
+            settings = await redis.eviction_settings()
+        except StoreUnavailable:
+            log.warning("redis_eviction_unchecked", reason="store_down")
+            return
+        if settings is None:
+            # Managed services (ElastiCache, Memorystore, Azure Cache) forbid CONFIG:
+            # the gateway cannot know; it runs, and says what the operator must check.
+            log.warning(
+                "redis_eviction_unchecked",
+                reason="config_refused",
+                hint="make sure maxmemory-policy is noeviction",
+            )
+            return
+        policy, maxmemory = settings
+        problem = eviction_problem(policy, maxmemory)
+        if problem is not None:
+            log.error("redis_eviction_unsafe", policy=policy, maxmemory=maxmemory)
+            raise ConfigError([ConfigProblem("session.redis_url", problem, self.config.source)])
+        log.info("redis_eviction_checked", policy=policy, maxmemory=maxmemory)
+
+    # -- connections (gateway.connections) ------------------------------------------
+
+    def connection_policy(self) -> ConnectionPolicy:
+        return self._connection_policy
+
+    def connection_closed(self, reason: str) -> None:
+        self.metrics.connections_closed.labels(reason).inc()
+
+    def client_timed_out(self, phase: str) -> None:
+        self.metrics.client_timeouts.labels(phase).inc()
+
+    @property
+    def draining(self) -> bool:
+        """SIGTERM received: finishing what is in flight, taking nothing new."""
+        return self.server is not None and self.server.draining
+
+    def open_connections(self) -> int:
+        return self.server.open_connections if self.server is not None else 0
+
+    def accepting(self) -> int:
+        listener = self.server.listener if self.server is not None else None
+        return 0 if listener is None or listener.paused else 1
+
+    def store_pool(self) -> RedisStore | None:
+        """The Redis store whose pool /metrics shows (sessions, or one-time records)."""
+        if isinstance(self.store, RedisStore):
+            return self.store
+        return self._aux_redis
 
     @property
     def provider(self) -> ProviderClient:
@@ -438,9 +602,13 @@ class Gateway:
         except GatewayError as exc:
             if isinstance(exc, BadRequest | MethodNotAllowed):
                 self.metrics.rejected.labels(exc.reason).inc()
+            elif isinstance(exc, RequestTimeout):
+                self.client_timed_out("body")
             response = self.error_response(request, exc)
-            if isinstance(exc, headers.FramingError):
+            if isinstance(exc, headers.FramingError | RequestTimeout):
                 response.force_close()  # the connection's framing can't be trusted
+                if isinstance(request.protocol, GuardedHandler):
+                    request.protocol.linger_briefly()
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
         if self.config.server.access_log and path not in self.quiet_paths:
@@ -459,7 +627,7 @@ class Gateway:
         """A request for the upstreams: choose the rule, decide, act. (rule name, response)"""
         rules, config = self.rules, self.config  # one consistent view across a reload
         rules.require_known_method(request.method)
-        host = canonical_host(request.headers.get("Host"), self.scheme)
+        host = self.judged_host(request, rules)
         store_down: StoreUnavailable | None = None
         try:
             session = await self.load_session(request)
@@ -468,7 +636,9 @@ class Gateway:
             # routes that need no sign-in keep working while the store is down.
             session, store_down = None, exc
         now = self.clock()
-        body = RequestBody(request, config.step_up.max_body_bytes)
+        body = RequestBody(
+            request, config.step_up.max_body_bytes, query, config.server.body_timeout_s
+        )
         # The common case, the first matching rule has no condition, without a coroutine.
         rule = rules.match(request.method, host, path)
         if rule is not None and rule.when is not None:
@@ -484,15 +654,9 @@ class Gateway:
                 return rule_name, self.deny(request, Deny(403, "risk_engine_denied"))
         binding = None
         if judged is not None and judged.require.bind:
-            binding = binding_digest(judged.require.bind, await body.fields())
-        decision = decide(
-            judged,
-            session,
-            config.assurance,
-            now,
-            binding=binding,
-            skew_s=config.oidc.clock_skew_s,
-        )
+            bound = await body.fields(judged.require.bind)
+            binding = binding_digest(judged.require.bind, bound)
+        decision = decide(judged, session, config.assurance, now, binding=binding)
         if isinstance(decision, Allow) and judged is not None and judged.require.once:
             decision = await self.consume_proof(decision, session, now)
         self.metrics.requests.labels(rule_name or "", DECISION_LABEL[type(decision)]).inc()
@@ -524,12 +688,16 @@ class Gateway:
             if condition is None:
                 return candidate
             facts = Facts(
-                fields=await body.fields() if condition.fields() else {},
+                fields=await body.fields(condition.fields()) if condition.fields() else {},
                 client_ip=client_ip,
                 proven_ip=session.ip if session is not None else None,
                 auth_age_s=now - session.auth_time if session is not None else None,
             )
-            if condition.holds(facts):
+            verdict = condition.evaluate(facts)
+            if verdict is None:  # fail closed: the stricter rule applies; say why
+                unknown = sorted(condition.unknowns(facts))
+                log.info("when_unknown", rule=candidate.name, unknown=unknown)
+            if verdict is not False:
                 return candidate
         return None
 
@@ -545,7 +713,7 @@ class Gateway:
         """``rule`` with what its risk engine adds; None when the engine says deny."""
         assert rule.risk is not None
         wanted = set(rule.require.bind) | (set(rule.when.fields()) if rule.when else set())
-        fields = binding_values(sorted(wanted), await body.fields()) if wanted else {}
+        fields = binding_values(sorted(wanted), await body.fields(wanted)) if wanted else {}
         held = assurance.highest(self.config.assurance.levels, session.proofs) if session else None
         facts = RiskFacts(
             subject=session.sub if session else None,
@@ -581,7 +749,10 @@ class Gateway:
         proof = decision.proof
         if session is None or proof is None:
             return decision
-        name = f"proof:{session.id}:{proof.acr}:{proof.auth_time}"
+        # The step-up that made the proof names it; proofs saved before ids existed
+        # fall back to what they are made of.
+        made_by = proof.id if proof.id is not None else f"{proof.acr}:{proof.auth_time}"
+        name = f"proof:{session.id}:{made_by}"
         if await self.aux.claim_once(name, self.config.session.lifetime_s):
             audit.info("proof_consumed", rule=decision.rule.name, sub=session.sub)
             return decision
@@ -591,16 +762,35 @@ class Gateway:
             decision.rule, required, decision.rule.require.max_age_s, "proof_used", decision.level
         )
 
+    def judged_host(self, request: web.BaseRequest, rules: RuleSet) -> str | None:
+        """The canonical Host the rules judge; refused when host-scoped rules don't know it."""
+        host = canonical_host(request.headers.get("Host"), self.scheme)
+        if not rules.host_known(host):
+            # A spelling the host's rules skip (":8443", an IP, another name) must not
+            # fall through to a weaker catch-all rule.
+            raise MisdirectedRequest(
+                "This gateway does not serve that host.", reason="unknown_host"
+            )
+        return host
+
     def client_ip(self, request: web.BaseRequest) -> str | None:
-        """The client's address: the TCP peer, or from X-Forwarded-For via a trusted proxy."""
+        """The client's address: the TCP peer, or from X-Forwarded-For via a trusted proxy.
+
+        The first hop of :func:`gateway.headers.client_chain`: read from every
+        X-Forwarded-For line (or Forwarded), exactly the chain the upstream is sent.
+        """
         peer = request.remote or None
-        if peer is None or not self.peer_trusted(peer):
-            return peer
-        chain = [a.strip() for a in request.headers.get("X-Forwarded-For", "").split(",")]
-        for address in reversed([a for a in chain if a]):
-            if not self.peer_trusted(address):
-                return address
-        return peer
+        if peer is None:
+            return None
+        return self.client_hops(request, peer)[0]
+
+    def client_hops(self, request: web.BaseRequest, peer: str) -> tuple[str, ...]:
+        return headers.client_chain(
+            request.headers.items(),
+            peer=peer,
+            peer_trusted=self.peer_trusted(peer),
+            is_trusted=self.peer_trusted,
+        )
 
     async def load_session(self, request: web.BaseRequest) -> Session | None:
         value = cookie_value(request, self.session_cookie)
@@ -614,7 +804,50 @@ class Gateway:
             ) from exc
         if session is None:
             log.info("session_rejected", reason="invalid_or_expired")
+        elif isinstance(self.store, CookieStore) and await self.revoked(session):
+            log.info("session_rejected", reason="revoked")
+            return None
         return session
+
+    # -- revocation (cookie store) ---------------------------------------------------
+    #
+    # A cookie-store session cannot be deleted: a saved copy of the cookie would
+    # stay valid until it expires (CWE-613). Signing out records the session id, and
+    # a back-channel logout the subject or provider session with its time, beside the
+    # one-time claims (this process, or Redis with session.redis_url), until every
+    # session they name has expired.
+
+    @staticmethod
+    def _revocation_names(session: Session) -> list[str]:
+        names = [f"revoked:id:{session.id}", f"revoked:sub:{session.sub}"]
+        if session.provider_sid is not None:
+            names.append(f"revoked:sid:{session.provider_sid}")
+        return names
+
+    async def revoked(self, session: Session) -> bool:
+        marks = await self.aux.get_records(self._revocation_names(session))
+        if marks[0] is not None:
+            return True
+        # By subject or provider session: every session created up to that moment.
+        return any(at is not None and session.created_at <= at for at in marks[1:])
+
+    async def revoke(
+        self,
+        *,
+        session: Session | None = None,
+        sub: str | None = None,
+        provider_sid: str | None = None,
+    ) -> None:
+        """Record a sign-out until every session it covers has expired anyway."""
+        now = self.clock()
+        lifetime_s = self.config.session.lifetime_s + REVOCATION_MARGIN_S
+        if session is not None:
+            left_s = session.created_at + lifetime_s - now
+            await self.aux.put_record(f"revoked:id:{session.id}", now, max(left_s, 1))
+        if sub is not None and provider_sid is None:
+            await self.aux.put_record(f"revoked:sub:{sub}", now, lifetime_s)
+        if provider_sid is not None:
+            await self.aux.put_record(f"revoked:sid:{provider_sid}", now, lifetime_s)
 
     async def forward(
         self,
@@ -657,6 +890,12 @@ class Gateway:
             method, data = kept.method, kept.body
             upstream_headers["Content-Type"] = kept.content_type
             upstream_headers["Content-Length"] = str(len(kept.body))
+            # As the form was sent, not as the redirect back from the provider was:
+            # an upstream's own CSRF check judges the original request.
+            for name, value in (("Origin", kept.origin), ("Sec-Fetch-Site", kept.fetch_site)):
+                upstream_headers.popall(name, None)
+                if value is not None:
+                    upstream_headers[name] = value
         intercept = None
         if kept is None:
             form = rule.upstream_challenge and is_form_post(request.method, request.headers)
@@ -725,8 +964,10 @@ class Gateway:
                 strip_cookie_prefixes=self.gateway_cookie_prefixes,
                 client_ip=peer,
                 peer_trusted=self.peer_trusted(peer),
+                hops=self.client_hops(request, peer),
                 scheme=self.scheme,
-                host=request.headers.get("Host", ""),
+                # The canonical host the rules judged (known, since they judged it).
+                host=canonical_host(request.headers.get("Host"), self.scheme) or "",
                 request_id="",
                 upstream_host=self.upstreams.host_of(rule.upstream),
                 websocket=websocket,  # from the same headers: covered by the key
@@ -811,16 +1052,20 @@ class Gateway:
         if cached is not None and now < cached[0]:
             return cached[1]
         p = self.header_prefix
+        # Claims percent-encoded (headers.claim_header_value): whatever a provider
+        # sent, or a session from before the callback refused it, stays one header.
+        # Level and rule names are safe by config validation.
+        encode = headers.claim_header_value
         out = {
-            f"{p}Subject": session.sub,
-            f"{p}Acr": session.acr or "",
-            f"{p}Amr": ",".join(session.amr),
+            f"{p}Subject": encode(session.sub),
+            f"{p}Acr": encode(session.acr or ""),
+            f"{p}Amr": ",".join(encode(value) for value in session.amr),
             f"{p}Time": str(int(session.auth_time)),
             f"{p}Level": level.name if level is not None else "",
             f"{p}Rule": rule.name,
         }
         if session.email:
-            out[f"{p}Email"] = session.email
+            out[f"{p}Email"] = encode(session.email)
         claims: dict[str, Any] = {
             "sub": session.sub,
             "acr": session.acr,
@@ -871,6 +1116,23 @@ class Gateway:
         )
         navigation = responses.is_navigation(request.method, request.headers)
         form = is_form_post(request.method, request.headers)
+        if form:
+            # A form the browser sent from another site: keeping it and replaying it
+            # after a silent sign-in at the provider would complete a CSRF for the
+            # other site. Refused, never kept (the same check guards logout).
+            refusal = same_origin_refusal(request.headers, self.public_origin())
+            if refusal is not None:
+                audit.info(
+                    "cross_site_request_refused",
+                    rule=rule.name,
+                    method=request.method,
+                    reason=refusal,
+                )
+                raise Forbidden(
+                    "This form was not sent from a page of this site, so it was not kept "
+                    "and nothing was sent. Open the page on this site and send it again.",
+                    reason="cross_site_form",
+                )
         if not navigation and not form:
             if decision.reason == "no_session":
                 value = responses.www_authenticate(None, None)
@@ -893,7 +1155,7 @@ class Gateway:
         values: dict[str, str | None] | None = None
         if rule.require.bind:
             assert body is not None
-            fields = await body.fields()
+            fields = await body.fields(rule.require.bind)
             values = binding_values(rule.require.bind, fields)
             missing = [name for name, value in values.items() if value is None]
             if missing:
@@ -906,33 +1168,99 @@ class Gateway:
         return_to = path_qs
         if form:
             assert body is not None
+            return_to = responses.same_origin_path(
+                request.headers.get("Referer"), self.public_origin()
+            )
+            # Without a session, a form is kept only when its rule makes the step-up
+            # about this very request (once: a new sign-in; bind: the user approves
+            # its values). Otherwise the browser comes back to the form's page after
+            # signing in, and nothing a stranger sends is held.
+            if session is not None or rule.require.once or rule.require.bind:
+                kept_id = await self.keep(request, rule, session, path_qs, body)
+            else:
+                log.info("request_not_kept", rule=rule.name, reason="no_session")
+        try:
+            return await self.start_round_trip(
+                request,
+                return_to=responses.safe_return_to(return_to),
+                rule=rule.name,
+                level=decision.required,
+                max_age_s=decision.max_age_s,
+                kept=kept_id,
+                binding=binding,
+                binding_values=values,
+                fresh=rule.require.once,
+            )
+        except BaseException:
+            if kept_id is not None:  # no round trip: nobody can resume it
+                await self.aux.take_blob(f"kept:{kept_id}")
+                self.kept_ledger.release(f"kept:{kept_id}")
+            raise
+
+    async def keep(
+        self,
+        request: web.BaseRequest,
+        rule: Rule,
+        session: Session | None,
+        path_qs: str,
+        body: RequestBody,
+    ) -> str:
+        """Hold the form across the step-up, within the budget; the id it is kept under.
+
+        Counted against step_up.keep_budget (this process) and keep_per_client (this
+        session, or this client address without one) before its body is read; when
+        either is spent, 503 with Retry-After, and nothing is held.
+        """
+        step_up = self.config.step_up
+        ttl_s = self.config.session.transaction_ttl_s
+        kept_id = new_random()
+        name = f"kept:{kept_id}"
+        owner = client_key(session.id if session is not None else None, self.client_ip(request))
+        # Counted at the size it says it has (a body without Content-Length: at the
+        # largest one allowed) before a byte of it is read.
+        declared = request.content_length
+        largest = step_up.max_body_bytes
+        if declared is not None and declared > largest:
+            await body.read()  # 413, before anything is counted or held
+        estimate = kept_size_bytes(min(largest if declared is None else declared, largest), path_qs)
+        now = self.clock()
+        refused = self.kept_ledger.admit(name, estimate, owner, now, ttl_s)
+        if refused is not None:
+            reason, retry_s = refused
+            log.warning(
+                "request_not_kept",
+                rule=rule.name,
+                reason=reason,
+                held_bytes=self.kept_ledger.total_bytes,
+                held=len(self.kept_ledger),
+            )
+            raise Busy(
+                "Too many requests are waiting for a sign-in right now, so this one was "
+                "not kept and nothing was sent. Try again in a little while.",
+                reason=reason,
+                retry_after_s=int(retry_s) + 1,
+            )
+        try:
+            data = await body.read()
             kept = KeptRequest(
                 method=request.method,
                 path_qs=path_qs,
                 content_type=body.content_type,
-                body=await body.read(),
+                body=data,
                 session_id=session.id if session is not None else None,
                 rule=rule.name,
+                origin=request.headers.get("Origin"),
+                fetch_site=request.headers.get("Sec-Fetch-Site"),
             )
-            kept_id = new_random()
-            await self.aux.put_blob(
-                f"kept:{kept_id}", kept.to_dict(), self.config.session.transaction_ttl_s
-            )
-            audit.info("request_kept", rule=rule.name, method=request.method, bytes=len(kept.body))
-            return_to = responses.same_origin_path(
-                request.headers.get("Referer"), self.public_origin()
-            )
-        return await self.start_round_trip(
-            request,
-            return_to=responses.safe_return_to(return_to),
-            rule=rule.name,
-            level=decision.required,
-            max_age_s=decision.max_age_s,
-            kept=kept_id,
-            binding=binding,
-            binding_values=values,
-            fresh=rule.require.once,
-        )
+            # The estimate was for the declared (or the largest) body: count what it is.
+            self.kept_ledger.release(name)
+            self.kept_ledger.admit(name, kept.size_bytes, owner, now, ttl_s)
+            await self.aux.put_blob(name, kept.to_dict(), ttl_s)
+        except BaseException:
+            self.kept_ledger.release(name)
+            raise
+        audit.info("request_kept", rule=rule.name, method=request.method, bytes=len(kept.body))
+        return kept_id
 
     async def start_round_trip(
         self,
@@ -966,11 +1294,20 @@ class Gateway:
             )
         now = self.clock()
         verifier, challenge = new_pkce()
+        sealed_return_to = bounded_return_to(return_to)
+        if sealed_return_to != return_to:
+            # A longer URL would make a cookie the browser drops (RFC 6265 6.1), and
+            # the sign-in could never finish; the user comes back to its path.
+            log.info(
+                "return_to_shortened",
+                chars=len(return_to),
+                kept="path" if sealed_return_to != "/" else "root",
+            )
         tx = Transaction(
             state=new_random(),
             nonce=new_random(),
             code_verifier=verifier,
-            return_to=return_to,
+            return_to=sealed_return_to,
             rule=rule,
             level=level.name,
             max_age_s=max_age_s,
@@ -1000,6 +1337,8 @@ class Gateway:
         )
         response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
         ttl_s = self.config.session.transaction_ttl_s
+        tx_name = tx_cookie_name(self.tx_base, tx.state, self.secure)
+        tx_value = self.tx_codec.seal(tx)
         stale = tx_cookies_to_drop(
             request.cookies,
             self.tx_codec,
@@ -1008,6 +1347,7 @@ class Gateway:
             now=now,
             ttl_s=ttl_s,
             max_in_flight=MAX_TRANSACTIONS_IN_FLIGHT,
+            new_bytes=cookie_pair_bytes(tx_name, tx_value),
         )
         for name in stale:
             response.del_cookie(name, **delete_cookie_kwargs(self.secure))
@@ -1016,11 +1356,7 @@ class Gateway:
             # Server-side too: the callback may land on any worker or replica, and a
             # replayed callback finds nothing (taken once, below).
             await put_tx(tx, ttl_s)
-        response.set_cookie(
-            tx_cookie_name(self.tx_base, tx.state, self.secure),
-            self.tx_codec.seal(tx),
-            **set_cookie_kwargs(self.secure, ttl_s),
-        )
+        response.set_cookie(tx_name, tx_value, **set_cookie_kwargs(self.secure, ttl_s))
         self.metrics.challenges.labels("issued", level.name).inc()
         audit.info(
             "step_up_challenge",
@@ -1145,7 +1481,16 @@ class Gateway:
                 require_auth_time=tx.requested_max_age_s is not None,
             )
         except IdTokenError as exc:
-            return finish(self.step_up_failed(request, tx, level_name, f"id_token_{exc.reason}"))
+            text = "The sign-in answer could not be verified."
+            if exc.reason == "claim_value":
+                log.warning("id_token_claim_refused", claim=exc.claim)
+                text = (
+                    "The sign-in answer could not be verified: the identity provider sent "
+                    "a user identifier, email address or sign-in method that the gateway "
+                    "cannot pass on (control characters, or too long)."
+                )
+            reason = f"id_token_{exc.reason}"
+            return finish(self.step_up_failed(request, tx, level_name, reason, text=text))
         except ProviderError as exc:
             if exc.reason == "invalid_grant":
                 # A code used twice (back button, reload) or bound to another
@@ -1157,11 +1502,19 @@ class Gateway:
 
         if claims.auth_time is None:
             log.info("auth_time_missing", fallback="iat", iss=claims.iss)
-        auth_time = float(claims.auth_time if claims.auth_time is not None else claims.iat)
-        skew_s = self.config.oidc.clock_skew_s
-        if tx.fresh and auth_time < tx.created_at - skew_s:
-            # A one-time rule asked for a new authentication (max_age=0); an old one,
-            # already used or not, must not be accepted again.
+        stated = claims.auth_time if claims.auth_time is not None else claims.iat
+        # The skew was allowed for by the token checks; from here on the proof is
+        # dated no later than its arrival, and max_age is compared without leeway.
+        auth_time = assurance.proven_at(float(stated), now)
+        if tx.requested_max_age_s == 0 and stated < math.floor(tx.created_at):
+            # max_age=0 (a one-time rule, or a challenge asking for it) wants a new
+            # authentication, after this request. auth_time has whole seconds, hence
+            # the floor; no leeway beyond it, or an earlier sign-in would pass as new.
+            log.info(
+                "not_reauthenticated",
+                auth_time=stated,
+                requested_at=round(tx.created_at, 3),
+            )
             return finish(
                 self.step_up_failed(
                     request,
@@ -1187,7 +1540,13 @@ class Gateway:
                         text="What the identity provider approved differs from this request.",
                     )
                 )
-        proof = Proof(acr=claims.acr, amr=claims.amr, auth_time=auth_time)
+        # Named by this step-up, so a one-time rule consumes this proof and no other.
+        proof = Proof(acr=claims.acr, amr=claims.amr, auth_time=auth_time, id=new_proof_id())
+        # The session keeps only an address the provider vouched for, so X-Auth-Email
+        # and the assertion's email are never one the user merely typed.
+        email = verified_email(claims, assume_verified=self.config.oidc.assume_email_verified)
+        if claims.email is not None and email is None:
+            log.info("email_not_forwarded", email_verified=claims.email_verified)
         previous_cookie = cookie_value(request, self.session_cookie)
         previous = await self.load_session(request)
         if previous is not None and previous.sub != claims.sub:
@@ -1203,7 +1562,7 @@ class Gateway:
         session = record(
             proof,
             sub=claims.sub,
-            email=claims.email,
+            email=email,
             name=claims.name,
             provider_sid=claims.sid,
             id_token=id_token,
@@ -1215,10 +1574,14 @@ class Gateway:
             session, now, rotate=True, previous=previous_cookie if previous else None
         )
         proven = assurance.level_of(self.config.assurance.levels, claims.acr, claims.amr)
-        window_s = None if tx.max_age_s is None else tx.max_age_s + skew_s
+        # Did the provider honour max_age? Measured now, with no leeway, as every later
+        # request will be: a proof that passes here but is stale on the way back would
+        # send the browser round again. max_age 0 was checked above, against the request.
+        max_age_s = tx.max_age_s or None
         if level is not None and not assurance.satisfies(
-            self.config.assurance.levels, [proof], level, window_s, now
+            self.config.assurance.levels, [proof], level, max_age_s, now
         ):
+            too_old = assurance.satisfies(self.config.assurance.levels, [proof], level, None, now)
             self.metrics.challenges.labels("failed", level_name).inc()
             audit.info(
                 "step_up_failure",
@@ -1228,7 +1591,8 @@ class Gateway:
                 acr=claims.acr,
                 amr=list(claims.amr),
                 sub=claims.sub,
-                reason="too_weak",
+                reason="too_old" if too_old else "too_weak",
+                age_s=round(now - auth_time, 3),
             )
             paragraphs = [
                 f"This action needs the level '{level_name}'"
@@ -1299,15 +1663,18 @@ class Gateway:
     async def rekeep(self, kept_id: str, session: Session) -> str:
         """Bind the kept request to the session that just stepped up; where to resume it."""
         data = await self.aux.take_blob(f"kept:{kept_id}")
+        self.kept_ledger.release(f"kept:{kept_id}")
         kept = KeptRequest.from_dict(data)
         if kept is None or kept.session_id not in (None, session.id):
             return f"{self.prefix}/resume?r=expired"
         new_id = new_random()
-        await self.aux.put_blob(
-            f"kept:{new_id}",
-            kept.with_session(session.id).to_dict(),
-            self.config.session.transaction_ttl_s,
-        )
+        bound = kept.with_session(session.id)
+        ttl_s = self.config.session.transaction_ttl_s
+        owner = client_key(session.id, None)
+        if self.kept_ledger.admit(f"kept:{new_id}", bound.size_bytes, owner, self.clock(), ttl_s):
+            log.warning("request_not_kept", rule=kept.rule, reason="keep_per_client")
+            return f"{self.prefix}/resume?r=expired"
+        await self.aux.put_blob(f"kept:{new_id}", bound.to_dict(), ttl_s)
         return f"{self.prefix}/resume?r={new_id}"
 
     def popup_script(self, tx: Transaction, *, ok: bool) -> str:
@@ -1322,6 +1689,7 @@ class Gateway:
             raise MethodNotAllowed("Resume takes GET", reason="resume_method")
         kept_id = request.query.get("r", "")
         data = await self.aux.take_blob(f"kept:{kept_id}") if kept_id else None
+        self.kept_ledger.release(f"kept:{kept_id}")
         kept = KeptRequest.from_dict(data)
         if kept is None:
             audit.info("kept_request_gone")
@@ -1337,17 +1705,16 @@ class Gateway:
         now = self.clock()
         config = self.config
         path = kept.path_qs.partition("?")[0]
-        host = canonical_host(request.headers.get("Host"), self.scheme)
+        host = self.judged_host(request, self.rules)
         body = KeptBody(kept)
         rule = await self.choose_rule(
             request, self.rules, host, path, session, body, now, method=kept.method
         )
         binding = None
         if rule is not None and rule.require.bind:
-            binding = binding_digest(rule.require.bind, await body.fields())
-        decision = decide(
-            rule, session, config.assurance, now, binding=binding, skew_s=config.oidc.clock_skew_s
-        )
+            bound = await body.fields(rule.require.bind)
+            binding = binding_digest(rule.require.bind, bound)
+        decision = decide(rule, session, config.assurance, now, binding=binding)
         if isinstance(decision, Allow) and rule is not None and rule.require.once:
             decision = await self.consume_proof(decision, session, now)
         self.metrics.requests.labels(
@@ -1439,11 +1806,15 @@ class Gateway:
         if request.method != "POST":
             raise MethodNotAllowed("Back-channel logout takes POST", reason="bcl_method")
         delete_by = getattr(self.store, "delete_by", None)
-        if delete_by is None:
+        session_cfg = self.config.session
+        if delete_by is None and session_cfg.redis_url is None and self.config.server.workers > 1:
+            # Cookie sessions are refused by revocation records; kept in one worker's
+            # memory they would hold in that worker only. Say so rather than 200.
             return web.json_response(
                 {
                     "error": "not_supported",
-                    "error_description": "back-channel logout needs session.store memory or redis",
+                    "error_description": "back-channel logout with the cookie store and "
+                    "several workers needs session.redis_url",
                 },
                 status=501,
                 headers=no_store,
@@ -1478,7 +1849,11 @@ class Gateway:
                 status=400,
                 headers=no_store,
             )
-        deleted = await delete_by(sub=claims.sub, provider_sid=claims.sid)
+        if delete_by is not None:
+            deleted = await delete_by(sub=claims.sub, provider_sid=claims.sid)
+        else:
+            await self.revoke(sub=claims.sub, provider_sid=claims.sid)
+            deleted = None  # cookie sessions: unknown; every one of them is refused now
         audit.info(
             "backchannel_logout",
             sub=claims.sub,
@@ -1498,13 +1873,22 @@ class Gateway:
             )
         if request.method != "POST":
             raise MethodNotAllowed("Logout takes GET or POST", reason="logout_method")
-        origin = request.headers.get("Origin")
-        if origin is not None and origin != "null" and origin != self.public_origin():
-            raise BadRequest("Cross-site logout refused", reason="logout_origin")
+        # Only the confirm page above (or another page of this site) may sign out:
+        # Origin "null" (a sandboxed frame, a redirect from elsewhere) is another site.
+        refusal = same_origin_refusal(request.headers, self.public_origin())
+        if refusal is not None:
+            audit.info("cross_site_request_refused", rule=None, method="POST", reason=refusal)
+            raise Forbidden(
+                "Sign-out was not asked for by a page of this site; you are still signed in. "
+                f"To sign out, open {self.prefix}/logout on this site.",
+                reason="logout_origin",
+            )
         session = await self.load_session(request)
         value = cookie_value(request, self.session_cookie)
         if value:
             await self.store.delete(value)
+        if session is not None and isinstance(self.store, CookieStore):
+            await self.revoke(session=session)
         location = f"{self.config.server.public_url}{self.prefix}/logged-out"
         try:
             meta = await self.provider.metadata()
@@ -1541,6 +1925,11 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.draining:
+            # Load balancers that probe take the process out before its listener
+            # closes (Kubernetes also removes a terminating pod on its own).
+            self.metrics.ready.set(0)
+            return web.json_response({"ready": False, "draining": True}, status=503)
         provider_ready = self.provider.ready
         if not provider_ready:
             try:
@@ -1602,7 +1991,14 @@ class Gateway:
     def error_response(self, request: web.BaseRequest, exc: GatewayError) -> web.StreamResponse:
         log_fn = log.warning if exc.status >= 500 else log.info
         log_fn("request_refused", status=exc.status, reason=exc.reason)
-        return self.page_response(request, exc.status, exc.title, [exc.message], error=exc.reason)
+        response = self.page_response(
+            request, exc.status, exc.title, [exc.message], error=exc.reason
+        )
+        if isinstance(exc, StoreBusy):
+            self.metrics.store_busy.inc()
+        if isinstance(exc, Busy | StoreBusy):
+            response.headers["Retry-After"] = str(exc.retry_after_s)  # RFC 9110 10.2.3
+        return response
 
     def page_response(
         self,
@@ -1665,8 +2061,9 @@ def is_websocket(request: web.BaseRequest) -> bool:
     return headers.is_websocket_upgrade(request.headers.items())
 
 
-class _RequestHandler(RequestHandler):
-    """aiohttp's connection handler, with its error answers replaced by ours.
+class _RequestHandler(GuardedHandler):
+    """The connection handler (limits and timeouts: :mod:`gateway.connections`), with
+    aiohttp's error answers replaced by ours.
 
     aiohttp answers requests its HTTP parser refuses (bad method, smuggling shapes,
     malformed headers) itself, with a text body that echoes the offending bytes —
@@ -1690,6 +2087,12 @@ class _RequestHandler(RequestHandler):
         if isinstance(exc, BadHttpMethod):
             # RFC 9110 9.1: methods are case-sensitive; `post` is not POST.
             error = MethodNotAllowed("This method is not allowed here.", reason="unknown_method")
+        elif isinstance(exc, LineTooLong):
+            error = HeadersTooLarge(
+                "A request header is too large (often: too many cookies for this site). "
+                "Remove this site's cookies in the browser and try again.",
+                reason="header_too_large",
+            )
         elif status >= 500:
             log.error("internal_error", error=type(exc).__name__ if exc else None, exc_info=exc)
             error = GatewayError("Something went wrong in the gateway.", reason="internal_error")
@@ -1701,17 +2104,30 @@ class _RequestHandler(RequestHandler):
         return response
 
 
-class _Server(web.Server):
+class HeadersTooLarge(GatewayError):
+    status = 431  # RFC 6585 5
+    title = "Request headers too large"
+
+
+class _Server(GuardedServer):
     def __init__(self, gateway: Gateway) -> None:
-        super().__init__(gateway.handle, handler_cancellation=True)
+        super().__init__(
+            gateway.handle,
+            gateway.connection_policy,
+            on_close=gateway.connection_closed,
+            on_timeout=gateway.client_timed_out,
+            handler_cancellation=True,
+            max_field_size=MAX_HEADER_FIELD_BYTES,
+        )
         self._gateway = gateway
+        gateway.server = self
 
     def __call__(self) -> RequestHandler:
-        handler = _RequestHandler(self, loop=self._loop, **self._kwargs)
+        handler = _RequestHandler(self, loop=self._loop, **self.handler_kwargs())
         handler.gateway = self._gateway
         return handler
 
 
-def make_server(gateway: Gateway) -> web.Server:
+def make_server(gateway: Gateway) -> GuardedServer:
     """The low-level aiohttp server: one handler, no router, no middleware chain."""
     return _Server(gateway)

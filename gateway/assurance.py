@@ -4,6 +4,12 @@ A session keeps a short list of proofs — the ``acr``, ``amr`` and ``auth_time`
 each verified ID token — rather than the level names they mapped to, so that a
 changed level definition is applied to old proofs too (levels are re-evaluated,
 never trusted from storage).
+
+Freshness is measured without leeway. Clock skew is allowed for once, when a token
+arrives (OIDC Core 3.1.3.7: ``iat``, ``exp``, ``auth_time`` not in the future); a
+proof's time is then clamped to when the gateway received it (:func:`proven_at`), so
+that a provider clock running ahead cannot make a proof look fresher than it is, and
+``max_age: 5m`` means five minutes, not five plus the skew.
 """
 
 from __future__ import annotations
@@ -24,6 +30,22 @@ class ProofLike(Protocol):
 
 
 P = TypeVar("P", bound=ProofLike)
+
+
+def proven_at(auth_time: float, received_at: float) -> float:
+    """When the gateway can vouch the user authenticated: the provider's ``auth_time``,
+    but never later than the moment the ID token reached the gateway.
+
+    A provider clock ahead of ours (within the skew the token checks allow) would
+    otherwise date a proof in the future and stretch every ``max_age`` by that much.
+    A provider clock behind ours makes proofs look older: that fails closed.
+    """
+    return min(auth_time, received_at)
+
+
+def fresh_enough(proof: ProofLike, max_age_s: int | None, now: float) -> bool:
+    """Whether ``proof`` was made at most ``max_age_s`` seconds before ``now`` (no leeway)."""
+    return max_age_s is None or now - proof.auth_time <= max_age_s
 
 
 def level_of(levels: Sequence[Level], acr: str | None, amr: Iterable[str]) -> Level | None:
@@ -61,7 +83,7 @@ def satisfying_proofs(
     """The proofs that meet ``required`` within ``max_age_s``, newest first."""
     found = []
     for proof in proofs:
-        if max_age_s is not None and now - proof.auth_time > max_age_s:
+        if not fresh_enough(proof, max_age_s, now):
             continue
         level = level_of(levels, proof.acr, proof.amr)
         if level is not None and level.rank >= required.rank:

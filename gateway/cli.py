@@ -1,7 +1,8 @@
 """The ``stepup-gateway`` command line: ``run``, ``check``, ``explain`` and ``demo``.
 
-Exit status: 0 success, 1 invalid configuration, 2 usage error (or, for ``explain``,
-a request the gateway would refuse before any rule is consulted).
+Exit status: 0 success, 1 invalid configuration (or, for ``demo``, the demo is not
+installed or cannot start), 2 usage error (or, for ``explain``, a request the gateway
+would refuse before any rule is consulted).
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
-from urllib.parse import parse_qsl, urlsplit
-
-from multidict import MultiDict
+from urllib.parse import urlsplit
 
 from gateway import __version__
-from gateway.conditions import Facts, binding_values, extract_fields, readable_body
+from gateway.cel import old_syntax_rewrites, rewrite_notice
+from gateway.conditions import Facts
 from gateway.config import load_config
 from gateway.errors import BadRequest, ConfigError
+from gateway.fields import RequestFields, ambiguous, binding_values, read_fields, readable_body
 from gateway.model import Config, Requirement, RiskConfig, Rule
 from gateway.paths import canonical_host, normalize_path
 from gateway.rules import RuleSet
@@ -32,6 +33,8 @@ EXIT_OK = 0
 EXIT_CONFIG = 1
 EXIT_USAGE = 2
 EXIT_REFUSED = 2
+EXIT_DEMO_UNAVAILABLE = 1  # demo: the stepup_demo package is missing or cannot start
+DEMO_PACKAGE = "stepup_demo"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 UNKNOWN_NOTE = (
     "conditions on what is unknown count as true (fail closed); explain has no session, "
@@ -156,6 +159,8 @@ def _check(args: argparse.Namespace) -> int:
     config = _load(args.config, sys.stdout)
     if config is None:
         return EXIT_CONFIG
+    for path, rewrite in old_syntax_rewrites(config.rules):
+        print(rewrite_notice(path, rewrite), file=sys.stderr)
     print("ok")
     return EXIT_OK
 
@@ -184,13 +189,27 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    # Imported here: the demo's identity provider pulls in authlib and webauthn.
+    # The demo is its own package (stepup_demo), found only here and only when asked
+    # for: nothing in gateway/ imports it, so the gateway runs without it (the container
+    # image does not ship it), and its provider's imports (authlib, webauthn) stay out
+    # of run, check and explain.
     try:
-        demo = importlib.import_module("gateway.demo")
-        demo_main: Callable[[argparse.Namespace], int] = demo.main
-    except (ImportError, AttributeError) as exc:
-        print(f"error: the demo is not available: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        demo = importlib.import_module(DEMO_PACKAGE)
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == DEMO_PACKAGE:
+            print(
+                f"error: the demo is not installed (no package {DEMO_PACKAGE!r}): it comes with"
+                " 'pip install .' from the source tree (or scripts/demo there); the container"
+                " image leaves it out",
+                file=sys.stderr,
+            )
+        else:  # installed, but something it needs is missing or broken
+            print(f"error: the demo cannot start: {exc}", file=sys.stderr)
+        return EXIT_DEMO_UNAVAILABLE
+    demo_main: Callable[[argparse.Namespace], int] | None = getattr(demo, "main", None)
+    if demo_main is None:
+        print(f"error: {DEMO_PACKAGE} has no main(): not the demo", file=sys.stderr)
+        return EXIT_DEMO_UNAVAILABLE
     return demo_main(args)
 
 
@@ -248,7 +267,15 @@ def explain(
             "normalized_path": path,
             "host": host,
         }, EXIT_OK
-    rules = RuleSet(config.rules)
+    rules = RuleSet.for_config(config)
+    if not rules.host_known(host):
+        return {
+            "rule": None,
+            "error": f"host {host!r} is refused with 421: some rules name a host, and this "
+            "one is none of theirs, public_url's or server.hosts",
+            "reason": "unknown_host",
+            "status": 421,
+        }, EXIT_REFUSED
     if not rules.method_known(method):
         return {
             "rule": None,
@@ -256,12 +283,25 @@ def explain(
             "in upper case and no rule names it",
             "status": 405,
         }, EXIT_REFUSED
-    facts, facts_note = _facts(config, raw_query, body, content_type, client_ip)
+    facts, facts_note, fields = _facts(config, raw_query, body, content_type, client_ip)
     rule: Rule | None = None
     skipped: list[Rule] = []
     for candidate in rules.candidates_for(method, host, path):
+        # As the gateway: each when reads its fields, then the chosen rule's bind.
+        reading = candidate.when.fields() if candidate.when else frozenset[str]()
         if candidate.when is None or candidate.when.holds(facts):
+            reading |= frozenset(candidate.require.bind)
             rule = candidate
+        unsure = fields.unsure(reading)
+        if unsure:
+            refusal = ambiguous(unsure)
+            return {
+                "rule": candidate.name,
+                "error": refusal.message,
+                "reason": refusal.reason,
+                "status": 400,
+            }, EXIT_REFUSED
+        if rule is not None:
             break
         skipped.append(candidate)
     read = frozenset[str]().union(*(_fields_read(seen) for seen in (*skipped, rule)))
@@ -312,21 +352,22 @@ def _facts(
     body: bytes | None,
     content_type: str,
     client_ip: str | None,
-) -> tuple[Facts, str | None]:
+) -> tuple[Facts, str | None, RequestFields]:
     """The facts a rule's when sees, as the gateway would build them (no session)."""
-    query = MultiDict(parse_qsl(raw_query, keep_blank_values=True))
+    query = raw_query
     note = None
     data = body or b""
     if len(data) > config.step_up.max_body_bytes:
         # The gateway does not read past max_body: nothing is known about the fields.
-        data, content_type, query = b"", "", MultiDict()
+        data, content_type, query = b"", "", ""
         note = "larger than step_up.max_body: no fields are read, conditions on them count as true"
     if body is None:
         content_type = ""
     elif note is None and not readable_body(content_type, data):
         note = f"not readable as {content_type}: no fields, conditions on them count as true"
-    fields = extract_fields(content_type, data, query)
-    return Facts(fields=fields, client_ip=client_ip, proven_ip=None, auth_age_s=None), note
+    fields = read_fields(content_type, data, query)
+    facts = Facts(fields=fields.values, client_ip=client_ip, proven_ip=None, auth_age_s=None)
+    return facts, note, fields
 
 
 def _fields_read(rule: Rule | None) -> frozenset[str]:

@@ -8,10 +8,15 @@ into responses (a small HTML page for browsers, JSON for everything else).
     ├── MethodNotAllowed         405: non-standard method no rule names
     ├── Forbidden                403: no rule matches, or the rule denies
     ├── NotFound                 404: unknown internal endpoint
+    ├── MisdirectedRequest       421: a Host the configuration does not know
+    ├── RequestTimeout           408: the client sent its body too slowly
     ├── ProviderError            502/503: the OpenID Provider failed or is unreachable
     ├── UpstreamError            502: the upstream could not be reached
     │   └── UpstreamTimeout      504: the upstream did not answer in time
-    └── StoreUnavailable         503: the session store does not answer
+    ├── StoreUnavailable         503: the session store does not answer
+    │   └── StoreBusy            503 + Retry-After: it answers, but every connection
+    │                            to it stayed busy too long (back-pressure)
+    └── Busy                     503 + Retry-After: a bounded store is full for now
 
     ConfigError                  not an HTTP error: the config file is invalid
 """
@@ -53,6 +58,25 @@ class NotFound(GatewayError):
     title = "Not found"
 
 
+class MisdirectedRequest(GatewayError):
+    """RFC 9110 15.5.20: this server will not answer for the request's host.
+
+    Chosen over 400 because the request itself is well-formed: it was sent to a
+    host (an IP, a port, another name) the gateway's rules do not speak for, and
+    421 tells a client that reused a connection to retry on a new one.
+    """
+
+    status = 421
+    title = "Misdirected request"
+
+
+class RequestTimeout(GatewayError):
+    """The client sent its request too slowly; the connection is closed after the answer."""
+
+    status = 408
+    title = "Request timeout"
+
+
 class ProviderError(GatewayError):
     status = 502
     title = "Identity provider error"
@@ -76,6 +100,16 @@ class UpstreamTimeout(UpstreamError):
 class StoreUnavailable(GatewayError):
     status = 503
     title = "Session store unavailable"
+
+
+class StoreBusy(StoreUnavailable):
+    """A subclass, so routes that need no session keep working here too."""
+
+    title = "Busy"
+
+    def __init__(self, message: str, *, reason: str | None = None, retry_after_s: int) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,3 +140,15 @@ class PayloadTooLarge(GatewayError):
 class Gone(GatewayError):
     status = 410
     title = "Already used"
+
+
+class Busy(GatewayError):
+    """A bounded store is full: refuse new work (503 with ``Retry-After``) rather than
+    forget what it holds (RFC 9110 15.6.4 and 10.2.3)."""
+
+    status = 503
+    title = "Try again shortly"
+
+    def __init__(self, message: str, *, reason: str | None = None, retry_after_s: int) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_after_s = max(int(retry_after_s), 1)

@@ -5,9 +5,18 @@ with the assertion prefix (``X-Auth-*``), method overrides, path overrides and,
 unless the TCP peer is a trusted proxy, the forwarding headers. The gateway's own
 cookies never reach the upstream. Hop-by-hop headers (RFC 9110 7.6.1) stop here.
 
-Header names are compared lower-cased with ``_`` read as ``-``: many servers
-(CGI/WSGI environ keys, PHP, some frameworks) fold both to the same key, so
-``X_Auth_Acr`` would otherwise arrive upstream as ``X-Auth-Acr``.
+Header names are compared the way the most folding upstream reads them
+(:func:`normalize_name`): lower-cased, with every character other than a letter
+or digit read as ``-``. CGI turns a name into an environment key by upper-casing
+it and mapping ``-`` to ``_`` (RFC 3875 4.1.18); Apache's CGI/FastCGI/PHP
+modules map *every* other character to ``_`` as well (``util_script.c``),
+nginx with ``underscores_in_headers on`` or ``ignore_invalid_headers off``
+passes ``_``, ``.`` and the rest through to FastCGI/uWSGI, and Werkzeug, Django
+and Rack read ``HTTP_X_AUTH_SUBJECT`` back as ``X-Auth-Subject``. So
+``X.Auth.Subject``, ``X_Auth_Subject`` and ``x~auth~subject`` all reach a PHP or
+WSGI app as the gateway's own header and are stripped. The names the gateway
+sets itself are also compared with the separators removed altogether
+(``XAuthSubject``), at no cost to anyone.
 
 :func:`check_framing` refuses request-smuggling shapes before anything is
 forwarded; aiohttp's own parser refuses most of them first (see its docstring).
@@ -16,11 +25,26 @@ forwarded; aiohttp's own parser refuses most of them first (see its docstring).
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
+from urllib.parse import quote
 
 from multidict import CIMultiDict
 
 from gateway import errors
+
+_NOT_ALNUM = re.compile(r"[^a-z0-9]")
+
+
+def normalize_name(name: str) -> str:
+    """``X_Auth.ACR`` -> ``x-auth-acr``: the key under which the most folding servers
+    compare names (every character but a letter or digit read as ``-``)."""
+    return _NOT_ALNUM.sub("-", name.lower())
+
+
+def compact_name(name: str) -> str:
+    """``X-Auth_Acr`` -> ``xauthacr``: the name with case and every separator ignored."""
+    return _NOT_ALNUM.sub("", name.lower())
+
 
 # RFC 9110 7.6.1 (Connection, Proxy-Connection, Keep-Alive, TE, Transfer-Encoding,
 # Upgrade), RFC 9110 11.7 (Proxy-Authenticate/-Authorization are for the next
@@ -95,8 +119,25 @@ _CONNECTION_PROTECTED: frozenset[str] = frozenset({"host", "content-length"})
 # Names whose underscore spelling would alias a framing header on an upstream that
 # folds "_" into "-": two competing lengths is a desync, so refuse the request.
 _FRAMING_NAMES: frozenset[str] = frozenset({"content-length", "transfer-encoding"})
+_COMPACT_FRAMING = frozenset({"contentlength", "transferencoding"})
 
 _DROP_ALWAYS_REQUEST = HOP_BY_HOP | _GATEWAY_SET | _REQUEST_DROP
+# The gateway's own names compared with every separator ignored, so that
+# "XForwardedHost" or "X.Request.Id" cannot pass for one of them either.
+_COMPACT_GATEWAY_SET = frozenset(
+    compact_name(name) for name in _GATEWAY_SET | FORWARDING_HEADERS | _REQUEST_DROP
+)
+_COMPACT_FORWARDING = {compact_name(name): name for name in FORWARDING_HEADERS}
+_COMPACT_XFF = "xforwardedfor"
+# Built by the gateway from the chain it vouches for (client_chain), never passed on.
+_REBUILT = frozenset({"x-forwarded-for", "forwarded"})
+# The client's address as an earlier proxy saw it: passed on from a trusted proxy only
+# when it names the client the gateway judged, or upstreams reading it would act on another.
+_CLIENT_ADDRESS_HEADERS = frozenset(
+    {"x-real-ip", "x-client-ip", "true-client-ip", "x-cluster-client-ip", "cf-connecting-ip"}
+)
+# The assurance headers the gateway sets under its prefix (gateway.app).
+ASSURANCE_SUFFIXES = ("Subject", "Email", "Acr", "Amr", "Time", "Level", "Rule", "Assertion")
 _DROP_METHOD_OVERRIDE = frozenset(METHOD_OVERRIDE_HEADERS)
 _DROP_WEBSOCKET = WEBSOCKET_HANDSHAKE_HEADERS
 
@@ -113,9 +154,108 @@ class FramingError(errors.BadRequest):
     """
 
 
-def normalize_name(name: str) -> str:
-    """``X_Auth-ACR`` -> ``x-auth-acr``: the key under which servers compare names."""
-    return name.lower().replace("_", "-")
+def forwarded_for_chain(inbound: Iterable[tuple[str, str]]) -> list[str]:
+    """The addresses of every X-Forwarded-For line (and alias spelling), in order.
+
+    aiohttp's ``headers.get`` gives the first line only; an upstream gets all of
+    them joined with ``,`` (RFC 9110 5.3), so this is what the upstream reads.
+    """
+    chain: list[str] = []
+    for name, value in inbound:
+        if compact_name(name) == _COMPACT_XFF:
+            chain.extend(address for a in value.split(",") if (address := a.strip(" \t")))
+    return chain
+
+
+def forwarded_nodes(inbound: Iterable[tuple[str, str]]) -> list[str]:
+    """The ``for=`` node of every element of every ``Forwarded`` line (RFC 7239 4), in order.
+
+    An element without ``for=`` counts as ``unknown`` (RFC 7239 6.2): a hop is a hop.
+    """
+    nodes: list[str] = []
+    for name, value in inbound:
+        if compact_name(name) != "forwarded":
+            continue
+        for element in _split_quoted(value, ","):
+            node = "unknown"
+            for pair in _split_quoted(element, ";"):
+                key, _, text = pair.partition("=")
+                if key.strip(" \t").lower() == "for":
+                    node = text.strip(" \t")
+            nodes.append(node)
+    return nodes
+
+
+def _split_quoted(value: str, separator: str) -> list[str]:
+    """``value`` split on ``separator`` outside quoted-strings (RFC 9110 5.6.4)."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    for char in value:
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == separator and not quoted:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return [part.strip(" \t") for part in parts if part.strip(" \t")]
+
+
+def node_address(node: str) -> str:
+    """A hop as an address: quotes, IPv6 brackets and a port removed (``"[::1]:80"`` -> ``::1``)."""
+    text = node.strip(" \t")
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+    if text.startswith("["):
+        return text[1 : text.find("]")] if "]" in text else text
+    if text.count(":") == 1:
+        return text.partition(":")[0]
+    return text
+
+
+def client_chain(
+    inbound: Iterable[tuple[str, str]],
+    *,
+    peer: str,
+    peer_trusted: bool,
+    is_trusted: Callable[[str], bool] = lambda address: False,
+) -> tuple[str, ...]:
+    """The hops the gateway vouches for: the client it judges first, ``peer`` last.
+
+    From an untrusted peer that is ``(peer,)``. From a trusted proxy, the chain it
+    sent (every X-Forwarded-For line, or without one the ``for=`` nodes of
+    Forwarded) is read from the right up to the first address that is not a
+    trusted proxy (``is_trusted``): that is the client. Anything left of it was
+    written by the client itself and is not vouched for; the upstream is sent
+    exactly this chain, so one that reads the leftmost address (Jetty's
+    ForwardedRequestCustomizer, Spring) and one that reads the rightmost
+    untrusted one (Express, Werkzeug's ProxyFix) both act on the client judged.
+
+    Raises :class:`gateway.errors.BadRequest` (``forwarding_mismatch``) when
+    X-Forwarded-For and Forwarded name different chains: the gateway could not
+    know which one the upstream reads.
+    """
+    if not peer_trusted:
+        return (peer,)
+    items = inbound if isinstance(inbound, list | tuple) else list(inbound)
+    by_xff = [node_address(node) for node in forwarded_for_chain(items)]
+    by_forwarded = [node_address(node) for node in forwarded_nodes(items)]
+    if by_xff and by_forwarded and by_xff != by_forwarded:
+        raise errors.BadRequest(
+            "X-Forwarded-For and Forwarded name different clients.", reason="forwarding_mismatch"
+        )
+    hops = [peer]
+    for address in reversed(by_xff or by_forwarded):
+        hops.append(address)
+        if not is_trusted(address):
+            break
+    return tuple(reversed(hops))
 
 
 def is_assurance_header(name: str, prefix: str) -> bool:
@@ -157,7 +297,7 @@ def _forwarded_node(address: str) -> str:
     # RFC 7239 6: an IPv6 node is bracketed and quoted; "unknown" and IPv4 are tokens.
     if ":" in address:
         return f'"[{address}]"'
-    return address
+    return _forwarded_value(address)
 
 
 def _forwarded_value(value: str) -> str:
@@ -182,6 +322,7 @@ def upstream_request_headers(
     upstream_host: str,
     websocket: bool = False,
     strip_cookie_prefixes: tuple[str, ...] = (),
+    hops: Sequence[str] | None = None,
 ) -> CIMultiDict[str]:
     """The headers the upstream gets, before the gateway adds its assurance headers.
 
@@ -194,12 +335,16 @@ def upstream_request_headers(
     ``server.trusted_proxies``. ``scheme`` and ``host`` are what the client used
     (the public URL's, or a trusted proxy's), ``upstream_host`` the upstream's
     ``host[:port]``. With ``websocket`` the client's handshake headers go too:
-    ``ws_connect`` writes its own.
+    ``ws_connect`` writes its own. ``hops`` is :func:`client_chain`'s answer (from
+    the peer alone when not given): X-Forwarded-For and Forwarded are built from
+    it, and a client-address header a trusted proxy sent (``X-Real-IP``...) is
+    kept only when it names the same client.
 
     The result has ``Host``, ``X-Forwarded-For``/``-Proto``/``-Host``,
     ``Forwarded`` and ``X-Request-Id`` set by the gateway; ``Content-Length`` is
     kept when the client sent it, so the upstream gets a length, not chunks.
     """
+    own = frozenset(compact_name(prefix + suffix) for suffix in ASSURANCE_SUFFIXES)
     prefix = normalize_name(prefix)
     if not prefix:
         raise ValueError("the assertion header prefix must not be empty")
@@ -211,26 +356,28 @@ def upstream_request_headers(
     if listed:
         listed = listed - _CONNECTION_PROTECTED
 
+    if hops is None:
+        hops = client_chain(items, peer=client_ip, peer_trusted=peer_trusted)
     out: CIMultiDict[str] = CIMultiDict()
     cookies: list[str] = []
-    forwarded_for: list[str] = []
-    forwarded: list[str] = []
     for name, value in items:
-        key = name.lower()
-        if "_" in key:
-            key = key.replace("_", "-")
+        key = normalize_name(name)
         if key in _DROP_ALWAYS_REQUEST or key.startswith(prefix):
             continue
         if listed and key in listed:
             continue
-        if key in FORWARDING_HEADERS:
-            if peer_trusted:
-                if key == "x-forwarded-for":
-                    forwarded_for.append(value)
-                elif key == "forwarded":
-                    forwarded.append(value)
-                else:
-                    out.add(name, value)
+        compact = compact_name(name)
+        if compact in own:
+            continue
+        forwarding = _COMPACT_FORWARDING.get(compact)
+        if forwarding is not None:
+            names_client = (
+                forwarding not in _CLIENT_ADDRESS_HEADERS or value.strip(" \t") == hops[0]
+            )
+            if peer_trusted and forwarding not in _REBUILT and names_client:
+                out.add(name, value)
+            continue
+        if compact in _COMPACT_GATEWAY_SET:
             continue
         if key == "cookie":
             cookies.append(value)
@@ -249,14 +396,12 @@ def upstream_request_headers(
 
     # add(), not assignment: the loop above let no client copy of these through.
     out.add("Host", upstream_host)
-    forwarded_for.append(client_ip)
-    out.add("X-Forwarded-For", ", ".join(forwarded_for))
+    out.add("X-Forwarded-For", ", ".join(hops))
     out.add("X-Forwarded-Proto", scheme)
     out.add("X-Forwarded-Host", host)
-    forwarded.append(
-        f"for={_forwarded_node(client_ip)};host={_forwarded_value(host)};proto={scheme}"
-    )
-    out.add("Forwarded", ", ".join(forwarded))
+    # Every element says host and proto: some readers (Spring) take them from the first.
+    host_proto = f"host={_forwarded_value(host)};proto={scheme}"
+    out.add("Forwarded", ", ".join(f"for={_forwarded_node(hop)};{host_proto}" for hop in hops))
     out.add("X-Request-Id", request_id)
     return out
 
@@ -369,7 +514,8 @@ def check_framing(
                 raise FramingError("Invalid Content-Length.", reason="bad_content_length")
         elif key == "transfer-encoding":
             transfer_encodings.append(value)
-        elif "_" in key and key.replace("_", "-") in _FRAMING_NAMES:
+        elif normalize_name(key) in _FRAMING_NAMES or compact_name(key) in _COMPACT_FRAMING:
+            # "Content_Length", "Content.Length": a length an upstream may also read.
             raise FramingError("Ambiguous framing header name.", reason="framing_alias")
 
     if not transfer_encodings:
@@ -385,3 +531,29 @@ def check_framing(
     # coding "chunked" is a length this gateway and the upstream could read differently.
     if transfer_encodings[0].strip(" \t").lower() != "chunked":
         raise FramingError("Unsupported Transfer-Encoding.", reason="bad_transfer_encoding")
+
+
+# ------------------------------------------------------------ claim values as headers
+
+# What a claim value may carry unchanged in an X-Auth-* header: visible ASCII
+# (RFC 9110 5.5 field-vchar, less obs-text), except "%" (the escape itself) and ","
+# (it separates X-Auth-Amr's values, and many servers join or split headers on it).
+_CLAIM_SAFE = re.compile(r"[!-$&-+\--~]*")
+_CLAIM_SAFE_CHARS = "".join(
+    chr(c) for c in range(0x21, 0x7F) if chr(c) not in "%," and not chr(c).isalnum()
+)
+
+
+def claim_header_value(value: str) -> str:
+    """A claim (``sub``, ``email``, ``acr``, one ``amr`` value) as a header value.
+
+    The value's UTF-8 bytes, percent-encoded (RFC 3986 2.1) wherever a byte is not
+    visible ASCII, or is ``%`` or ``,``. So a value of visible ASCII without ``%`` or
+    ``,`` arrives unchanged, and every value decodes back exactly with a percent-decoder
+    (``urllib.parse.unquote``, ``decodeURIComponent``; not form decoding: ``+`` stays).
+    No value can end a header line or smuggle another header, whatever a provider
+    sent. Lone surrogates (JSON allows ``\\ud800``) are kept as their own bytes.
+    """
+    if _CLAIM_SAFE.fullmatch(value):
+        return value
+    return quote(value.encode("utf-8", "surrogatepass"), safe=_CLAIM_SAFE_CHARS)

@@ -29,12 +29,27 @@ class ServerConfig:
     upstream_timeout_s: float = 60.0
     access_log: bool = True
     log_level: str = "info"  # debug | info | warning | error
+    # Canonical hosts (gateway.paths.canonical_rule_host) the gateway answers for, besides
+    # public_url's and the rules' own: with host-scoped rules, other hosts are refused.
+    hosts: tuple[str, ...] = ()
+    # Match rules' paths ignoring ASCII case, for every upstream (see UpstreamConfig).
+    case_insensitive_paths: bool = False
+    # Client connections (gateway.connections): see the defaults' reasons in config.py.
+    max_connections: int = 1024
+    header_timeout_s: float = 20.0
+    body_timeout_s: float = 20.0
+    keepalive_timeout_s: float = 75.0
+    keepalive_requests: int = 1000
+    keepalive_max_age_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     url: str  # scheme://host[:port][/base], no trailing slash
+    # The upstream routes /API/Transfers to its /api/transfers handler (Express, IIS,
+    # ASP.NET...): rules routing to it compare paths ignoring ASCII case.
+    case_insensitive_paths: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +60,9 @@ class OidcConfig:
     scopes: tuple[str, ...] = ("openid", "profile", "email")
     client_auth: str = "client_secret_basic"  # or "client_secret_post"
     essential_acr: bool = False
+    # OIDC Core 5.1: email_verified false or absent means the provider vouches for no
+    # such thing; true takes an ID token without the claim as verified (see README).
+    assume_email_verified: bool = False
     clock_skew_s: int = 60
     algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "ES384", "RS384", "RS512", "EdDSA")
     http_timeout_s: float = 10.0
@@ -61,6 +79,8 @@ class SessionConfig:
     idle_timeout_s: int = 30 * 60
     lifetime_s: int = 12 * 60 * 60
     transaction_ttl_s: int = 10 * 60
+    redis_pool_size: int = 256  # Redis commands in flight per process, at most (0: derived)
+    redis_pool_timeout_s: float = 5.0  # the longest wait for one of them
 
     @property
     def store_settings(self) -> tuple[object, ...]:
@@ -75,6 +95,8 @@ class SessionConfig:
             self.lifetime_s,
             self.redis_url,
             self.redis_prefix,
+            self.redis_pool_size,
+            self.redis_pool_timeout_s,
         )
 
 
@@ -126,6 +148,8 @@ class RiskConfig:
 class StepUpConfig:
     max_body_bytes: int = 1024 * 1024  # form posts kept across a step-up, and bound fields
     authorization_details_type: str = "payment_initiation"  # RFC 9396 type for bind rules
+    keep_budget_bytes: int = 64 * 1024 * 1024  # all requests one process keeps, together
+    keep_per_client: int = 8  # kept requests in flight per session (or client address)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,27 @@ Path normalisation (:func:`normalize_path`) works segment by segment:
    appear raw in a path;
 3. refuse dot-segments spelled with ``%2E`` (``/a/%2e%2e/admin``): servers
    disagree on whether they climb, so no spelling is safe to forward;
-4. collapse empty segments (``//``) and then remove dot-segments
+4. refuse spellings that some upstream reads as another path (see below);
+5. collapse empty segments (``//``) and then remove dot-segments
    (RFC 3986 5.2.4) on the decoded-unreserved form, keeping a trailing slash.
+
+Spellings another server reads as a different path are refused, because no
+single canonical form is right for every upstream:
+
+* ``;`` anywhere (raw or ``%3B``): servlet containers (Jetty, Tomcat) cut path
+  parameters off each segment before mapping (Servlet 4.0 3.5), so
+  ``/api/transfers;x/1`` reaches the servlet at ``/api/transfers/*`` while the
+  gateway would have judged a segment named ``transfers;x``;
+* a segment ending in ``.`` or whitespace (raw, or ``%2E``, ``%20``, ``%09``,
+  any control character or Unicode space): Windows, IIS and ASP.NET trim them
+  (``/api/transfers./1`` is ``/api/transfers/1`` there), and Java's
+  ``String.trim`` drops a trailing space or control character;
+* a double encoding, ``%25`` followed by two hex digits (``%252e``): servers
+  that decode twice (IIS with double escaping allowed, some application code)
+  read ``%2e`` and then ``.``;
+* characters that Unicode compatibility normalisation (NFKC) changes, such as
+  fullwidth letters or ``%EF%BC%8F`` (fullwidth ``/``): Windows "best fit"
+  mappings and NFKC-normalising frameworks read them as ASCII.
 
 The result is idempotent: ``normalize_path(normalize_path(p)) == normalize_path(p)``.
 """
@@ -28,6 +47,7 @@ import functools
 import ipaddress
 import re
 import string
+import unicodedata
 
 from gateway.errors import BadRequest
 
@@ -46,6 +66,7 @@ _RAW_PCHAR = _UNRESERVED | frozenset("!$&'()*+,;=:@")
 _HEXDIGITS = frozenset(string.hexdigits)
 # A segment made only of these characters is already canonical.
 _PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@]*")
+_DOUBLE_ESCAPE = re.compile(r"%25[0-9A-Fa-f]{2}")
 # RFC 9110 5.6.2: token = 1*tchar
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
@@ -89,9 +110,10 @@ def normalize_path(raw_path: str) -> str:
 
     Raises :class:`BadRequest` with a short ``reason`` (``encoded_slash``,
     ``backslash``, ``nul``, ``control_char``, ``malformed_escape``,
-    ``invalid_utf8``, ``encoded_dot_segment``, ``dot_segment_parameter``,
-    ``not_origin_form``, ``query_in_path``, ``fragment``) when the path has no
-    safe canonical form.
+    ``invalid_utf8``, ``encoded_dot_segment``, ``path_parameter``,
+    ``trailing_dot_or_space``, ``double_encoding``, ``unicode_compatibility``,
+    ``not_origin_form``,
+    ``query_in_path``, ``fragment``) when the path has no safe canonical form.
     """
     if len(raw_path) <= _CACHED_PATH_MAX:
         return _normalize_cached(raw_path)
@@ -134,26 +156,48 @@ def _refuse(message: str, reason: str) -> BadRequest:
 def _canonical_segment(raw: str) -> str:
     """One path segment with unreserved escapes decoded and the rest canonical."""
     if _PLAIN_SEGMENT.fullmatch(raw) is not None:
-        text = raw
+        text = decoded = raw
     else:
-        text, encoded_dot = _canonical_escapes(raw)
+        text, decoded, encoded_dot = _canonical_escapes(raw)
         if encoded_dot and text in (".", ".."):
             raise _refuse(
                 "The request path contains a dot-segment written with %2E.",
                 "encoded_dot_segment",
             )
-    # Path parameters: some servers (Tomcat, Jetty) drop ";..." before resolving
-    # dot-segments, so "/a/..;/admin" would climb there but not here.
-    if ";" in text and text.partition(";")[0] in (".", ".."):
+    if ";" in decoded:
+        # Servlet containers drop ";..." from each segment before mapping (and before
+        # resolving "..;"), so the servlet that answers is not the one this path names.
         raise _refuse(
-            "The request path contains a dot-segment with a ';' parameter.",
-            "dot_segment_parameter",
+            "The request path contains ';' (a path parameter), which some servers "
+            "drop before choosing a handler.",
+            "path_parameter",
+        )
+    if decoded and decoded not in (".", "..") and _trimmed_by_some_server(decoded[-1]):
+        raise _refuse(
+            "A segment of the request path ends in '.' or whitespace, which some "
+            "servers trim before choosing a handler.",
+            "trailing_dot_or_space",
+        )
+    if not decoded.isascii() and unicodedata.normalize("NFKC", decoded) != decoded:
+        # Windows "best fit" code pages, IIS and NFKC-normalising frameworks read
+        # fullwidth letters (U+FF54 as "t"), ligatures (U+FB01 as "fi") and decomposed
+        # accents (NFC file systems compose them) as other characters.
+        raise _refuse(
+            "The request path contains Unicode compatibility characters, which some "
+            "servers read as other characters.",
+            "unicode_compatibility",
         )
     return text
 
 
-def _canonical_escapes(raw: str) -> tuple[str, bool]:
-    """Canonicalise escapes in a segment; also say whether a dot was written as %2E."""
+def _trimmed_by_some_server(char: str) -> bool:
+    # Windows/IIS trim trailing dots and spaces from names; Java's String.trim()
+    # everything up to U+0020; .NET's Trim() every Unicode space.
+    return char == "." or char <= " " or char.isspace() or char == "\x7f"
+
+
+def _canonical_escapes(raw: str) -> tuple[str, str, bool]:
+    """Canonicalise escapes in a segment: (canonical, fully decoded, dot written as %2E)."""
     out: list[str] = []
     decoded = bytearray()  # the segment with every escape decoded, for the UTF-8 check
     encoded_dot = False
@@ -193,10 +237,17 @@ def _canonical_escapes(raw: str) -> tuple[str, bool]:
             out.append("".join(f"%{octet:02X}" for octet in encoded))
         index += 1
     try:
-        decoded.decode("utf-8")
+        text = decoded.decode("utf-8")
     except UnicodeDecodeError as exc:  # also catches overlong forms such as %C0%AE
         raise _refuse("The request path is not valid UTF-8.", "invalid_utf8") from exc
-    return "".join(out), encoded_dot
+    canonical = "".join(out)
+    # Checked on the result: "%25%32%66" becomes "%252f" once "%32%66" is decoded.
+    if "%25" in canonical and _DOUBLE_ESCAPE.search(canonical):
+        raise _refuse(
+            "The request path is percent-encoded twice (%25 before an escape).",
+            "double_encoding",
+        )
+    return canonical, text, encoded_dot
 
 
 def _check_decoded_byte(byte: int) -> None:

@@ -46,12 +46,11 @@ def decide(
     now: float,
     *,
     binding: str | None = None,
-    skew_s: int = 0,
 ) -> Decision:
     """``binding`` is the digest of the request's bound fields, for rules with ``bind``:
     only a proof that approved exactly those values (and meets the level) counts.
-    ``max_age`` is compared with ``skew_s`` of leeway: ``auth_time`` is the provider's
-    clock, and a proof is always a round trip old when the browser is back.
+    ``max_age`` is compared with no leeway: the clock skew was allowed for when the
+    proof's token arrived, and its time clamped then (:func:`assurance.proven_at`).
     """
     if rule is None:
         return Deny(403, "no_rule_matches")
@@ -62,12 +61,11 @@ def decide(
     if required_name is not None and required is None:
         return Deny(403, "unknown_level")  # unreachable after validation; fail closed anyway
     max_age_s = rule.require.max_age_s
-    window_s = None if max_age_s is None else max_age_s + skew_s
     if required is None:
         return Allow(rule, held)
     if session is None:
         return Challenge(rule, required, max_age_s, "no_session", None)
-    proofs = assurance.satisfying_proofs(levels, session.proofs, required, window_s, now)
+    proofs = assurance.satisfying_proofs(levels, session.proofs, required, max_age_s, now)
     if rule.require.bind:
         approved = {at for digest, at in session.bindings if digest == binding}
         bound = [p for p in proofs if binding is not None and p.auth_time in approved]

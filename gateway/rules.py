@@ -27,17 +27,32 @@ The prefix index
     :attr:`gateway.model.Rule.index` first), so the answer is exactly that of
     a linear first-match scan, at a cost that grows with the path's depth and
     the number of candidates instead of with the number of rules.
+
+Case-insensitive upstreams
+    Express (its default router), IIS, ASP.NET and Spring with some settings route
+    ``/API/Transfers`` to the handler for ``/api/transfers``. A rule whose upstream
+    is marked ``case_insensitive_paths`` compares its literal text and the path with
+    ASCII letters lower-cased, so every spelling its upstream treats as one path
+    gets the same rule. Those rules live in a second trie keyed by lower-cased
+    segments; both tries' candidates are merged in rule order.
+
+Hosts
+    When any rule names a host, a request for a host the configuration does not
+    know (:meth:`RuleSet.host_known`) must be refused: otherwise
+    ``Host: bank.example.com:8443``, an IP or any other spelling would skip the
+    host's rules and fall through to a weaker catch-all.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from gateway import errors, model
 from gateway.memo import Memo
-from gateway.paths import STANDARD_METHODS, normalize_path
+from gateway.paths import STANDARD_METHODS, canonical_rule_host, normalize_path
 
 # Recent requests' matches: most requests repeat a method, host and path seen shortly
 # before; a flood of distinct paths only clears the memo.
@@ -173,6 +188,7 @@ class _CompiledRule:
     glob: Glob
     host: str | None
     methods: frozenset[str] | None  # with HEAD added where GET is named
+    fold_case: bool  # tokens are lower-cased; compare with lower-cased segments
 
 
 @dataclass(slots=True)
@@ -185,13 +201,43 @@ def _rank(compiled: _CompiledRule) -> int:
     return compiled.rank
 
 
-class RuleSet:
-    """The configured rules, compiled once and indexed by literal path prefix."""
+def _fold_token(token: Token) -> Token:
+    if isinstance(token, str):
+        return token.lower()
+    if isinstance(token, tuple):
+        return tuple(piece.lower() for piece in token)
+    return token
 
-    def __init__(self, rules: Sequence[model.Rule]) -> None:
+
+def _fold_glob(glob: Glob) -> Glob:
+    """``glob`` matching any ASCII case: its (canonical, ASCII-only) literal text lowered."""
+    tokens = tuple(_fold_token(token) for token in glob.tokens)
+    prefix = tuple(segment.lower() for segment in glob.literal_prefix)
+    return Glob(glob.pattern, glob.canonical.lower(), tokens, prefix)
+
+
+class RuleSet:
+    """The configured rules, compiled once and indexed by literal path prefix.
+
+    Rules whose upstream is in ``case_insensitive_upstreams`` match paths ignoring
+    ASCII case. ``known_hosts`` are the canonical hosts the gateway answers for
+    besides those the rules name (see :meth:`host_known`).
+    """
+
+    def __init__(
+        self,
+        rules: Sequence[model.Rule],
+        *,
+        case_insensitive_upstreams: Collection[str] = (),
+        known_hosts: Iterable[str] = (),
+    ) -> None:
         ordered = sorted(enumerate(rules), key=lambda item: (item[1].index, item[0]))
         self._root = _Node()
+        self._root_folded = _Node()  # rules matched ignoring case, by lower-cased prefix
         self._rules = tuple(rule for _, rule in ordered)
+        rule_hosts = {rule.match.host for rule in self._rules if rule.match.host is not None}
+        self._host_scoped = bool(rule_hosts)
+        self._known_hosts = frozenset(rule_hosts | set(known_hosts))
         for rank, rule in enumerate(self._rules):
             methods = rule.match.methods
             if methods is not None and "GET" in methods:
@@ -202,11 +248,15 @@ class RuleSet:
                 glob = compile_glob(rule.match.path)
             except ValueError as exc:
                 raise ValueError(f"rule {rule.name!r}: {exc}") from exc
-            compiled = _CompiledRule(rank, rule, glob, host, methods)
-            node = self._root
+            fold_case = rule.upstream in case_insensitive_upstreams
+            if fold_case:
+                glob = _fold_glob(glob)
+            compiled = _CompiledRule(rank, rule, glob, host, methods, fold_case)
+            node = self._root_folded if fold_case else self._root
             for segment in compiled.glob.literal_prefix:
                 node = node.children.setdefault(segment, _Node())
             node.rules.append(compiled)
+        self._folds = bool(self._root_folded.children or self._root_folded.rules)
         self._named_methods = frozenset(
             method for rule in self._rules for method in (rule.match.methods or ())
         )
@@ -214,6 +264,31 @@ class RuleSet:
         self._matched: Memo[tuple[str, str | None, str], tuple[model.Rule, ...]] = Memo(
             max_entries=MATCH_MEMO_ENTRIES, max_bytes=MATCH_MEMO_BYTES
         )
+
+    @classmethod
+    def for_config(cls, config: model.Config) -> RuleSet:
+        """The rule set of ``config``, with its case-insensitive upstreams and known hosts."""
+        server = config.server
+        folded = {
+            name
+            for name, upstream in config.upstreams.items()
+            if upstream.case_insensitive_paths or server.case_insensitive_paths
+        }
+        public = urlsplit(server.public_url)
+        public_host = canonical_rule_host(public.netloc.rpartition("@")[2], public.scheme)
+        return cls(
+            config.rules,
+            case_insensitive_upstreams=frozenset(folded),
+            known_hosts=(public_host, *server.hosts),
+        )
+
+    def host_known(self, host: str | None) -> bool:
+        """False when some rule is host-scoped and ``host`` is none the config knows.
+
+        ``host`` is :func:`gateway.paths.canonical_host`'s. Without host-scoped rules
+        every host is judged alike, so any host is fine.
+        """
+        return not self._host_scoped or host in self._known_hosts
 
     @property
     def rules(self) -> tuple[model.Rule, ...]:
@@ -261,13 +336,14 @@ class RuleSet:
         if not path.startswith("/"):
             return
         segments = path[1:].split("/")
+        folded = [segment.lower() for segment in segments] if self._folds else segments
         request_host = host.lower() if host is not None else None
-        for candidate in self._candidates(segments):
+        for candidate in self._candidates(segments, folded):
             if candidate.methods is not None and method not in candidate.methods:
                 continue
             if candidate.host is not None and candidate.host != request_host:
                 continue
-            if _match_segments(candidate.glob.tokens, segments):
+            if _match_segments(candidate.glob.tokens, folded if candidate.fold_case else segments):
                 yield candidate.rule
 
     def candidates(self, path: str) -> tuple[model.Rule, ...]:
@@ -277,18 +353,25 @@ class RuleSet:
         """
         if not path.startswith("/"):
             return ()
-        return tuple(compiled.rule for compiled in self._candidates(path[1:].split("/")))
+        segments = path[1:].split("/")
+        folded = [segment.lower() for segment in segments]
+        return tuple(compiled.rule for compiled in self._candidates(segments, folded))
 
-    def _candidates(self, segments: Sequence[str]) -> Iterable[_CompiledRule]:
-        node = self._root
-        found: list[list[_CompiledRule]] = [node.rules] if node.rules else []
-        for segment in segments:
-            child = node.children.get(segment)
-            if child is None:
-                break
-            node = child
+    def _candidates(
+        self, segments: Sequence[str], folded: Sequence[str]
+    ) -> Iterable[_CompiledRule]:
+        found: list[list[_CompiledRule]] = []
+        for root, keys in ((self._root, segments), (self._root_folded, folded)):
+            node = root
             if node.rules:
                 found.append(node.rules)
+            for segment in keys:
+                child = node.children.get(segment)
+                if child is None:
+                    break
+                node = child
+                if node.rules:
+                    found.append(node.rules)
         if not found:
             return ()
         if len(found) == 1:

@@ -31,16 +31,17 @@ from structlog.testing import capture_logs
 from yarl import URL
 
 from gateway.app import Gateway, make_server
-from gateway.demo import DemoStack, start_demo_stack
-from gateway.demo.backchannel import (
+from gateway.oidc.flow import verify_logout_token
+from stepup_demo import DemoStack, start_demo_stack
+from stepup_demo.backchannel import (
     BACKCHANNEL_LOGOUT_EVENT,
     BackchannelLogoutSender,
     logout_token_claims,
     sign_logout_token,
 )
-from gateway.demo.idp import BROWSER_COOKIE, IdentityProvider, ProviderSession
-from gateway.demo.oauth import DemoClient
-from gateway.oidc.flow import verify_logout_token
+from stepup_demo.idp import BROWSER_COOKIE, IdentityProvider
+from stepup_demo.oauth import DemoClient
+from stepup_demo.provider_session import ProviderSession
 from tests.conftest import Browser, Clock, Hop, free_port
 from tests.test_demo_idp import (
     CLIENT_ID,
@@ -444,7 +445,9 @@ async def test_signing_out_at_the_gateway_ends_the_other_tab_through_the_provide
     demo: Demo, alice: ThreeSessions
 ) -> None:
     with capture_logs() as logs:
-        hop = await alice.first.request("POST", f"{demo.url}/_gateway/logout")
+        hop = await alice.first.request(
+            "POST", f"{demo.url}/_gateway/logout", headers={"Origin": demo.url}
+        )
         assert hop.status == 303 and hop.headers["Location"].startswith(
             f"{demo.idp_url}/end-session?"
         )

@@ -46,11 +46,14 @@ async def test_alice_steps_up_to_a_security_key_and_sends_money(
     await shots.take(page, "transfer-form")
 
     await fill_transfer(page, "ACME Ltd", "250.00")
-    # The post waits at the gateway; the provider asks for a new sign-in, then a passkey.
-    await heading(page, "Sign in")
+    # The post waits at the gateway; the provider, where alice is signed in with her
+    # password, asks for a passkey only: no password again. She has none yet, so a
+    # one-time code first lets her create one.
+    await heading(page, "Enter your one-time code")
     reason = page.locator("#reason")
     await expect(reason).to_contain_text("Demo Bank asks for a passkey to continue")
-    await expect(reason).to_contain_text("It asks you to sign in again")
+    await expect(reason).not_to_contain_text("sign in with your password")
+    await expect(reason).to_contain_text("a new sign-in even if you are signed in")
     await approve_first_transfer(
         tab, demo, shots, approve="Approve transfer of 250.00 EUR to ACME Ltd"
     )

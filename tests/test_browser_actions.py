@@ -54,10 +54,10 @@ async def first_transfer(tab: Tab, demo: Demo, shots: Screenshots) -> None:
     assert await auth_header(page, "X-Auth-Level") == "password"
     await shots.take(page, "transfer-form")
     await fill_transfer(page, "ACME Ltd", "250.00")
-    # The post waits at the gateway: the provider shows what it is asked to approve.
-    await heading(page, "Sign in")
+    # The post waits at the gateway: the provider shows what it is asked to approve, and
+    # asks for a passkey (first a one-time code to create one), not for the password.
+    await heading(page, "Enter your one-time code")
     assert await approval(page) == ACME
-    await shots.take(page, "approve-sign-in-again")
     await approve_first_transfer(tab, demo, shots, approve=ACME)
     await transfer_sent(page, demo, "Sent EUR 250.00 to ACME Ltd.")
     await expect(page.locator("#authorised-by")).to_have_text(

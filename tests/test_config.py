@@ -101,6 +101,35 @@ BAD = [
      "rules[0].match.methods", "must not be an empty list"),
     ("bad-method-token", [(M0, "    match: {path: /api/transfers/**, methods: ['PO ST']}")], 23,
      "rules[0].match.methods[0]", "invalid method 'PO ST'"),
+    # A method is case-sensitive: "post" would never match a POST (a silent weakening).
+    ("lower-case-method", [(M0, "    match: {path: /api/transfers/**, methods: [post, PUT]}")],
+     23, "rules[0].match.methods[0]", "'post' must be upper case (did you mean 'POST'?)"),
+    ("mixed-case-method", [(M0, "    match: {path: /api/transfers/**, methods: [PUT, Delete]}")],
+     23, "rules[0].match.methods[1]", "'Delete' must be upper case (did you mean 'DELETE'?)"),
+    ("unknown-method", [(M0, "    match: {path: /api/transfers/**, methods: [POTS]}")], 23,
+     "rules[0].match.methods[0]", "unknown method 'POTS' (did you mean 'POST'?)"),
+    # A host written as a URL or with a path never equals a Host header.
+    ("host-with-scheme",
+     [(M0, "    match: {path: /api/transfers/**, host: 'https://bank.example.com'}")], 23,
+     "rules[0].match.host", "not a URL or a path: 'https://bank.example.com' "
+     "(did you mean 'bank.example.com'?)"),
+    ("host-with-path", [(M0, "    match: {path: /api/transfers/**, host: bank.example.com/api}")],
+     23, "rules[0].match.host", "(did you mean 'bank.example.com'?)"),
+    ("host-u-label", [(M0, "    match: {path: /api/transfers/**, host: bücher.example}")], 23,
+     "rules[0].match.host", "(did you mean 'xn--bcher-kva.example'?)"),
+    ("glob-without-slash", [(M0, "    match: {path: api/transfers/**}")], 23,
+     "rules[0].match.path", "must start with '/'"),
+    ("glob-with-semicolon", [(M0, "    match: {path: /api/transfers;x/**}")], 23,
+     "rules[0].match.path", "can never match a request"),
+    ("server-host-invalid",
+     [("  public_url:", "  hosts: [bank.example.com, 'http://x']\n  public_url:")], 3,
+     "server.hosts[1]", "not a URL or a path"),
+    ("upstream-mapping-unknown-key",
+     [("  app: http://127.0.0.1:9000", "  app: {url: http://127.0.0.1:9000, case_sensitive: 1}")],
+     5, "upstreams.app.case_sensitive", "did you mean 'case_insensitive_paths'?"),
+    ("upstream-mapping-no-url",
+     [("  app: http://127.0.0.1:9000", "  app: {case_insensitive_paths: true}")],
+     5, "upstreams.app.url", "required key is missing"),
     ("methods-not-list", [(M0, "    match: {path: /api/transfers/**, methods: POST}")], 23,
      "rules[0].match.methods", "expected a list (write [POST])"),
     ("duplicate-rule", [("  - name: public", "  - name: transfers")], 25,
@@ -122,6 +151,9 @@ BAD = [
      "rules[0].require.max_age", "invalid duration '-5'"),
     ("duration-unit", [(R0, "    require: {level: mfa, max_age: 5 minutes}")], 24,
      "rules[0].require.max_age", "invalid duration"),
+    ("max-age-zero-several-workers", [(R0, "    require: {level: mfa, max_age: 0}"),
+                                      ("gw.example.com\n", "gw.example.com\n  workers: 2\n")],
+     25, "rules[0].require.max_age", "workers: 1"),
     ("max-age-without-level", [(R0, "    require: {max_age: 5m}")], 24,
      "rules[0].require.level", "max_age needs a level"),
     ("require-empty", [(R0, "    require: {}")], 24,
@@ -181,6 +213,18 @@ BAD = [
      "server.log_level", "unknown value 'verbose'"),
     ("timeout-zero", [("gw.example.com\n", "gw.example.com\n  upstream_timeout: 0\n")], 4,
      "server.upstream_timeout", "must be longer than 0 seconds"),
+    ("max-connections-zero",
+     [("gw.example.com\n", "gw.example.com\n  max_connections: 0\n")], 4,
+     "server.max_connections", "must be between 1 and 100000 (got 0)"),
+    ("keepalive-requests-text",
+     [("gw.example.com\n", "gw.example.com\n  keepalive_requests: many\n")], 4,
+     "server.keepalive_requests", "expected an integer"),
+    ("header-timeout-zero",
+     [("gw.example.com\n", "gw.example.com\n  header_timeout: 0\n")], 4,
+     "server.header_timeout", "must be longer than 0 seconds"),
+    ("keepalive-max-age-junk",
+     [("gw.example.com\n", "gw.example.com\n  keepalive_max_age: soon\n")], 4,
+     "server.keepalive_max_age", "invalid duration 'soon'"),
     ("proxies-host-bits",
      [("gw.example.com\n", "gw.example.com\n  trusted_proxies: [10.1.2.3/8]\n")], 4,
      "server.trusted_proxies[0]", "did you mean 10.0.0.0/8?"),
@@ -203,6 +247,9 @@ BAD = [
      "oidc.scopes", "must include 'openid'"),
     ("client-auth", [("client_secret: s3cret", "client_secret: s3cret\n  client_auth: basic")], 10,
      "oidc.client_auth", "unknown value 'basic' (known: client_secret_basic, client_secret_post)"),
+    ("email-verified-not-bool",
+     [("client_secret: s3cret", "client_secret: s3cret\n  assume_email_verified: yes please")],
+     10, "oidc.assume_email_verified", "expected true or false"),
     ("alg-none", [("client_secret: s3cret", "client_secret: s3cret\n  algorithms: [RS256, none]")],
      10, "oidc.algorithms[1]", "'none' would accept unsigned id tokens"),
     ("alg-hmac", [("client_secret: s3cret", "client_secret: s3cret\n  algorithms: [HS256]")], 10,
@@ -446,11 +493,32 @@ def test_parse_duration_sums_units(d: int, h: int, m: int, s: int) -> None:
 
 @pytest.mark.parametrize(
     ("written", "seconds"),
-    [("90", 90), ("'90'", 90), ("90s", 90), ("5m", 300), ("1d", 86400), ("0", 0)],
+    [("90", 90), ("'90'", 90), ("90s", 90), ("5m", 300), ("1d", 86400), ("1", 1)],
 )
 def test_max_age_values(written: str, seconds: int) -> None:
     config = load(edited((R0, f"    require: {{level: mfa, max_age: {written}}}")))
     assert config.rules[0].require == model.Requirement("mfa", max_age_s=seconds)
+
+
+@pytest.mark.parametrize("written", ["0", "0s", "'0'"])
+def test_max_age_zero_is_a_new_sign_in_for_every_request(written: str) -> None:
+    # Freshness is measured without leeway, so "proven 0 s ago" can only mean a
+    # one-time rule: each request asks for, and consumes, a sign-in of its own.
+    config = load(edited((R0, f"    require: {{level: mfa, max_age: {written}}}")))
+    assert config.rules[0].require == model.Requirement("mfa", max_age_s=None, once=True)
+
+
+def test_connection_limits_and_the_pool_sized_from_them() -> None:
+    text = edited(
+        ("gw.example.com\n", "gw.example.com\n  max_connections: 200\n  keepalive_max_age: 1m\n")
+    )
+    config = load(text)
+    assert (config.server.max_connections, config.server.keepalive_max_age_s) == (200, 60.0)
+    assert config.session.redis_pool_size == 50  # a quarter of max_connections
+    text = edited(
+        ("0123456789abcdef\n", "0123456789abcdef\n  redis_pool_size: 7\n  redis_pool_timeout: 2s\n")
+    )
+    assert (load(text).session.redis_pool_size, load(text).session.redis_pool_timeout_s) == (7, 2.0)
 
 
 def test_fractional_timeouts_are_kept() -> None:
@@ -519,6 +587,12 @@ def test_defaults() -> None:
                 "upstream_timeout_s": cfg.DEFAULT_UPSTREAM_TIMEOUT_S,
                 "access_log": cfg.DEFAULT_ACCESS_LOG,
                 "log_level": cfg.DEFAULT_LOG_LEVEL,
+                "max_connections": cfg.DEFAULT_MAX_CONNECTIONS,
+                "header_timeout_s": cfg.DEFAULT_HEADER_TIMEOUT_S,
+                "body_timeout_s": cfg.DEFAULT_BODY_TIMEOUT_S,
+                "keepalive_timeout_s": cfg.DEFAULT_KEEPALIVE_TIMEOUT_S,
+                "keepalive_requests": cfg.DEFAULT_KEEPALIVE_REQUESTS,
+                "keepalive_max_age_s": cfg.DEFAULT_KEEPALIVE_MAX_AGE_S,
             },
         ),
         (
@@ -527,6 +601,7 @@ def test_defaults() -> None:
                 "scopes": cfg.DEFAULT_SCOPES,
                 "client_auth": cfg.DEFAULT_CLIENT_AUTH,
                 "essential_acr": cfg.DEFAULT_ESSENTIAL_ACR,
+                "assume_email_verified": cfg.DEFAULT_ASSUME_EMAIL_VERIFIED,
                 "clock_skew_s": cfg.DEFAULT_CLOCK_SKEW_S,
                 "algorithms": cfg.DEFAULT_ALGORITHMS,
                 "http_timeout_s": cfg.DEFAULT_HTTP_TIMEOUT_S,
@@ -541,6 +616,8 @@ def test_defaults() -> None:
                 "idle_timeout_s": cfg.DEFAULT_IDLE_TIMEOUT_S,
                 "lifetime_s": cfg.DEFAULT_LIFETIME_S,
                 "transaction_ttl_s": cfg.DEFAULT_TRANSACTION_TTL_S,
+                "redis_pool_size": cfg.DEFAULT_MAX_CONNECTIONS // cfg.REDIS_POOL_SHARE,
+                "redis_pool_timeout_s": cfg.DEFAULT_REDIS_POOL_TIMEOUT_S,
             },
         ),
         (
@@ -579,6 +656,7 @@ oidc:
   scopes: [openid, email]
   client_auth: client_secret_post
   essential_acr: true
+  assume_email_verified: true
   clock_skew: 30s
   algorithms: [ES256]
   http_timeout: 3s
@@ -604,7 +682,7 @@ assurance:
     - {name: strong, amr_any: [hwk]}
 rules:
   - name: admin
-    match: {path: /admin/**, host: ADMIN.example.com.:443, methods: [GET, post]}
+    match: {path: /admin/**, host: ADMIN.example.com.:443, methods: [GET, PROPFIND]}
     require: &strong {level: strong, max_age: 1m}
     upstream: admin
     allow_method_override: true
@@ -639,6 +717,7 @@ rules:
         scopes=("openid", "email"),
         client_auth="client_secret_post",
         essential_acr=True,
+        assume_email_verified=True,
         clock_skew_s=30,
         algorithms=("ES256",),
         http_timeout_s=3.0,
@@ -659,7 +738,7 @@ rules:
     )
     admin, app = config.rules
     assert admin.match == model.Match(
-        path="/admin/**", methods=frozenset({"GET", "post"}), host="admin.example.com"
+        path="/admin/**", methods=frozenset({"GET", "PROPFIND"}), host="admin.example.com"
     )
     assert admin.allow_method_override is True
     assert admin.require == app.require == model.Requirement("strong", max_age_s=60)
@@ -834,6 +913,8 @@ def test_step_up_defaults() -> None:
             {
                 "max_body_bytes": cfg.DEFAULT_MAX_BODY_BYTES,
                 "authorization_details_type": cfg.DEFAULT_AUTHORIZATION_DETAILS_TYPE,
+                "keep_budget_bytes": cfg.DEFAULT_KEEP_BUDGET_BYTES,
+                "keep_per_client": cfg.DEFAULT_KEEP_PER_CLIENT,
             },
         ),
     ],
@@ -941,6 +1022,11 @@ def test_step_up_keys_name_line_and_key(
         ("  authorization_details_type: 'a b'", 32, "step_up.authorization_details_type",
          "no spaces"),
         ("  max_bodies: 1MiB", 32, "step_up.max_bodies", "did you mean 'max_body'?"),
+        ("  keep_budget: lots", 32, "step_up.keep_budget", "between 1 byte and 4GiB"),
+        ("  keep_budget: 8GiB", 32, "step_up.keep_budget", "between 1 byte and 4GiB"),
+        ("  keep_budget: 512KiB", 32, "step_up.keep_budget", "smaller than step_up.max_body"),
+        ("  keep_per_client: 0", 32, "step_up.keep_per_client", "must be between 1 and 1000"),
+        ("  keep_per_client: many", 32, "step_up.keep_per_client", "expected an integer"),
     ],
 )  # fmt: skip
 def test_step_up_section(
@@ -1011,3 +1097,70 @@ def test_arbitrary_when_text_raises_only_config_error(when: str) -> None:
         load(text)
     except ConfigError as exc:
         assert exc.problems
+
+
+def test_keep_limits_load() -> None:
+    text = BASE + "step_up:\n  keep_budget: 16MiB\n  keep_per_client: 3\n"
+    step_up = load(text).step_up
+    assert (step_up.keep_budget_bytes, step_up.keep_per_client) == (16 * 1024 * 1024, 3)
+
+
+def test_upstream_as_a_mapping_and_the_path_and_host_options() -> None:
+    text = edited(
+        (
+            "  app: http://127.0.0.1:9000",
+            "  app: {url: 'http://127.0.0.1:9000/', case_insensitive_paths: true}\n  plain: http://127.0.0.1:9001",
+        ),
+        (
+            "  public_url: https://gw.example.com",
+            "  public_url: https://gw.example.com\n"
+            "  hosts: [BANK.example.com.:443, 10.0.0.5, '[::1]:8443']\n"
+            "  case_insensitive_paths: true",
+        ),
+        ("    match: {path: /public/**}", "    match: {path: /public/**}\n    upstream: plain"),
+        ("    match: {path: /**}", "    match: {path: /**}\n    upstream: app"),
+        (
+            "    require: {level: mfa, max_age: 5m}",
+            "    require: {level: mfa, max_age: 5m}\n    upstream: app",
+        ),
+    )
+    config = load(text)
+    assert config.upstreams == {
+        "app": model.UpstreamConfig("app", "http://127.0.0.1:9000", case_insensitive_paths=True),
+        "plain": model.UpstreamConfig("plain", "http://127.0.0.1:9001"),
+    }
+    assert config.server.hosts == ("bank.example.com", "10.0.0.5", "[::1]:8443")
+    assert config.server.case_insensitive_paths is True
+    assert load(BASE).server.case_insensitive_paths is False
+    assert load(BASE).server.hosts == ()
+
+
+@pytest.mark.parametrize(
+    ("public_url", "written", "canonical"),
+    [
+        ("https://gw.example.com", "bank.example.com:443", "bank.example.com"),
+        ("https://gw.example.com", "bank.example.com:80", "bank.example.com:80"),
+        ("http://gw.example.com", "bank.example.com:80", "bank.example.com"),
+        ("http://gw.example.com", "bank.example.com:443", "bank.example.com:443"),
+        ("https://gw.example.com", "XN--BCHER-KVA.Example.", "xn--bcher-kva.example"),
+    ],
+)
+def test_rule_hosts_drop_only_the_public_schemes_default_port(
+    public_url: str, written: str, canonical: str
+) -> None:
+    """A request's Host is canonicalised against public_url's scheme: so are rule hosts."""
+    text = edited(
+        ("  public_url: https://gw.example.com", f"  public_url: {public_url}"),
+        (
+            "    match: {path: /api/transfers/**, methods: [POST]}",
+            f"    match: {{path: /api/transfers/**, methods: [POST], host: '{written}'}}",
+        ),
+        ("  listen: 127.0.0.1:8080", f"  listen: 127.0.0.1:8080\n  hosts: ['{written}']"),
+        (
+            "  secret: 0123456789abcdef0123456789abcdef",
+            "  secret: 0123456789abcdef0123456789abcdef\n  cookie_secure: false",
+        ),
+    )
+    config = load(text)
+    assert config.rules[0].match.host == canonical
+    assert config.server.hosts == (canonical,)

@@ -203,7 +203,9 @@ SCHEMA_BAD = [
                        "  - listen\n")],
      "config.yaml:2 server: expected a mapping with keys listen, public_url, internal_prefix, "
      "metrics_listen, shutdown_timeout, trusted_proxies, workers, upstream_connect_timeout, "
-     "upstream_timeout, access_log, log_level, got a list"),
+     "upstream_timeout, access_log, log_level, hosts, case_insensitive_paths, max_connections, "
+     "header_timeout, body_timeout, keepalive_timeout, keepalive_requests, keepalive_max_age, "
+     "got a list"),
     ("top-level-list", [(BASE, "- server\n")],
      "config.yaml:1 (top level): expected a mapping with keys server, upstreams, oidc, "
      "session, assurance, rules, assertion, step_up, got a list"),
@@ -323,6 +325,14 @@ server:
   upstream_timeout: 2.5
   access_log: false
   log_level: debug
+  hosts: [bank.example.com]
+  case_insensitive_paths: true
+  max_connections: 200
+  header_timeout: 10s
+  body_timeout: 15s
+  keepalive_timeout: 30s
+  keepalive_requests: 100
+  keepalive_max_age: 5s
 upstreams:
   app: http://127.0.0.1:9000
   admin: https://admin.internal/base
@@ -333,6 +343,7 @@ oidc:
   scopes: [openid, email]
   client_auth: client_secret_post
   essential_acr: true
+  assume_email_verified: true
   clock_skew: 30s
   algorithms: [ES256]
   http_timeout: 3s
@@ -346,6 +357,8 @@ session:
   idle_timeout: 10m
   lifetime: 1d
   transaction_ttl: 5m
+  redis_pool_size: 20
+  redis_pool_timeout: 2s
 assurance:
   levels:
     - {name: basic, acr: [1, 0.5]}
@@ -374,6 +387,8 @@ assertion:
 step_up:
   max_body: 512KiB
   authorization_details_type: urn:example:transfer
+  keep_budget: 16MiB
+  keep_per_client: 4
 """
 
 

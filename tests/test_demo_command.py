@@ -124,14 +124,16 @@ async def test_a_taken_port_is_one_clear_line(
 
 
 def test_the_demo_files_ship_in_the_wheel() -> None:
-    """Every non-Python file under gateway/demo matches a package-data pattern."""
+    """Every non-Python file under stepup_demo matches a package-data pattern."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    patterns = pyproject["tool"]["setuptools"]["package-data"]["gateway"]
-    package = ROOT / "gateway"
+    setuptools = pyproject["tool"]["setuptools"]
+    assert "stepup_demo*" in setuptools["packages"]["find"]["include"]
+    patterns = setuptools["package-data"]["stepup_demo"]
+    package = ROOT / "stepup_demo"
     data = [
         path.relative_to(package).as_posix()
-        for path in (package / "demo").rglob("*")
+        for path in package.rglob("*")
         if path.is_file() and path.suffix not in (".py", ".pyc")
     ]
-    assert {"demo/demo.yaml", "demo/users.yaml", "demo/static/passkey.js"} <= set(data)
+    assert {"demo.yaml", "users.yaml", "static/passkey.js", "static/demo.css"} <= set(data)
     assert [name for name in data if not any(fnmatch(name, p) for p in patterns)] == []

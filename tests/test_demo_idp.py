@@ -35,12 +35,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
+from yarl import URL
 
-from gateway.demo import DemoStack, approvals, factors, start_demo_stack
-from gateway.demo import main as demo_main
-from gateway.demo import risk as demo_risk
-from gateway.demo.bank import DemoBank, parse_amount, verify_assertion
-from gateway.demo.factors import (
+from gateway.rules import RuleSet
+from stepup_demo import DemoStack, approvals, factors, start_demo_stack
+from stepup_demo import main as demo_main
+from stepup_demo import risk as demo_risk
+from stepup_demo.bank import DemoBank, parse_amount, verify_assertion
+from stepup_demo.factors import (
     ACR_MFA,
     ACR_PASSWORD,
     ACR_PHISHING_RESISTANT,
@@ -49,9 +51,8 @@ from gateway.demo.factors import (
     Factors,
     Step,
 )
-from gateway.demo.idp import IdentityProvider, is_loopback, refuse_public_bind
-from gateway.demo.oauth import DemoClient
-from gateway.rules import RuleSet
+from stepup_demo.idp import IdentityProvider, is_loopback, refuse_public_bind
+from stepup_demo.oauth import DemoClient
 
 Server = Callable[..., Awaitable[TestServer]]
 
@@ -459,6 +460,7 @@ async def test_password_sign_in_gives_loa1(
     assert claims["amr"] == ["pwd"]
     assert claims["auth_time"] == int(clock())
     assert claims["email"] == "alice@example.com" and claims["name"] == "Alice Adams"
+    assert claims["email_verified"] is True  # or the gateway would not forward the email
     assert claims["sid"]
     async with aiohttp.ClientSession() as rp:
         headers = {"Authorization": f"Bearer {tokens['access_token']}"}
@@ -773,6 +775,42 @@ async def test_passkey_sign_in_end_to_end(
         browser, await browser.get(idp.issuer + body["next"], allow_redirects=False)
     )
     assert claims["amr"] == [amr] and claims["auth_time"] == int(clock())
+
+
+async def test_a_signed_in_user_stepping_up_is_asked_only_for_what_is_missing(
+    idp: IdentityProvider, browser: aiohttp.ClientSession, clock: Clock
+) -> None:
+    first = Flow.new(idp)
+    await first.id_token(browser, await sign_in_with_password(browser, idp, first))
+    clock.advance(60)
+    # A new sign-in at phr (as a "once" rule asks): signed in with a password already,
+    # alice is not asked for it again; with no passkey yet, a code, then she creates one.
+    flow = Flow.new(idp, acr_values=ACR_PHISHING_RESISTANT, max_age="0", prompt="login")
+    page = await open_page(browser, idp, await flow.start(browser))
+    assert page.has("totp") and not page.has("password")
+    assert "First, sign in with your password" not in page.html
+    assert "You have no passkey yet" in page.html
+    assert "a new sign-in even if you are signed in: your passkey is one" in page.html
+    enrol = await open_page(
+        browser, idp, await submit(browser, idp, page, "/totp", totp=totp_now(clock))
+    )
+    assert enrol.data("ceremony") == "create"
+    authenticator = SoftAuthenticator()
+    status, body = await passkey_ceremony(browser, idp, enrol, authenticator)
+    assert status == 200, body
+    use = await page_at(browser, idp, body["next"])
+    status, body = await passkey_ceremony(browser, idp, use, authenticator)
+    assert status == 200, body
+    claims = await flow.id_token(
+        browser, await browser.get(idp.issuer + body["next"], allow_redirects=False)
+    )
+    assert (claims["acr"], claims["amr"]) == (ACR_PHISHING_RESISTANT, ["hwk"])
+    # From now on: the passkey, and nothing else.
+    clock.advance(60)
+    again = Flow.new(idp, acr_values=ACR_PHISHING_RESISTANT, max_age="0", prompt="login")
+    use = await open_page(browser, idp, await again.start(browser))
+    assert use.data("ceremony") == "get"
+    assert not use.has("password") and not use.has("totp")
 
 
 async def _enrolled_passkey_page(
@@ -1411,8 +1449,13 @@ class DemoGateway:
         return self.stack.gateway_url
 
     async def page(self, method: str, url: str, **kwargs: Any) -> Page:
-        """A browser navigation (or form post): redirects followed, as a browser does."""
+        """A browser navigation (or form post): redirects followed, as a browser does.
+
+        A form post comes from a page of the site it posts to, and says so (Origin)."""
         headers = {"Accept": "text/html", **kwargs.pop("headers", {})}
+        if method != "GET":
+            target = URL(url)
+            headers.setdefault("Origin", f"{target.scheme}://{target.host}:{target.port}")
         reply = await self.browser.request(method, url, headers=headers, **kwargs)
         return Page(str(reply.url), await reply.text())
 
@@ -1464,15 +1507,12 @@ async def test_demo_end_to_end_through_the_gateway(demo_gateway: DemoGateway) ->
     assert form.url == f"{demo.url}/transfers/new" and "assertion verified" in form.html
     token = await demo.form_token("/transfers/new")
     fields = {"form_token": token, "payee": "ACME Ltd", "amount": "250.00", "currency": "EUR"}
-    # The post is kept; the provider asks alice to approve it (a new sign-in: once).
+    # The post is kept; the provider asks alice to approve it with a passkey. She is
+    # signed in there with her password, so it is not asked for again; she has no
+    # passkey yet, so a one-time code comes first, then she creates one.
     page = await demo.page("POST", f"{demo.url}/transfers", data=fields)
-    assert "Approve transfer of 250.00 EUR to ACME Ltd" in page.html and page.has("password")
-    page = await demo.page(
-        "POST",
-        idp.issuer + page.action("/password"),
-        data={"csrf_token": page.csrf(), "username": "alice", "password": "alice-demo-password"},
-    )
-    assert "Approve transfer of 250.00 EUR to ACME Ltd" in page.html and page.has("totp")
+    assert "Approve transfer of 250.00 EUR to ACME Ltd" in page.html
+    assert page.has("totp") and not page.has("password")
     code = factors.totp_code(ALICE_SECRET, time.time())
     page = await demo.page(
         "POST", idp.issuer + page.action("/totp"), data={"csrf_token": page.csrf(), "totp": code}
@@ -1491,6 +1531,13 @@ async def test_demo_end_to_end_through_the_gateway(demo_gateway: DemoGateway) ->
     assert again.status == 410  # the kept post went once, and only once
     ledger = await demo.page("GET", f"{demo.url}/transfers")
     assert ledger.html.count("class='transfer'") == 1
+    # The next transfer: the passkey, and nothing else.
+    fields["form_token"] = await demo.form_token("/transfers/new")
+    fields["amount"] = "40.00"
+    use = await demo.page("POST", f"{demo.url}/transfers", data=fields)
+    assert "Approve transfer of 40.00 EUR to ACME Ltd" in use.html
+    assert use.data("ceremony") == "get"
+    assert not use.has("password") and not use.has("totp")
 
 
 @pytest.mark.parametrize(
@@ -1513,7 +1560,7 @@ async def test_demo_risk_service_picks_the_standing_order_step_up(
     reply = await demo.browser.post(
         f"{demo.url}/standing-orders",
         data=fields,
-        headers={"Accept": "text/html"},
+        headers={"Accept": "text/html", "Origin": demo.url},  # a form on the bank's page
         allow_redirects=False,
     )
     assert reply.status == 302
@@ -1564,6 +1611,9 @@ def test_choose_acr(request_: AcrRequest, reachable: set[str], expected: str | N
 
 PWD = Authentication(ACR_PASSWORD, ("pwd",), START)
 MFA = Authentication(ACR_MFA, ("pwd", "otp"), START)
+PHR = Authentication(ACR_PHISHING_RESISTANT, ("hwk",), START)
+WITH_PASSKEY = Factors(totp=True, passkey=True)
+NO_PASSKEY = Factors(totp=True, passkey=False)
 
 
 @pytest.mark.parametrize(
@@ -1634,7 +1684,28 @@ MFA = Authentication(ACR_MFA, ("pwd", "otp"), START)
             Step.PASSKEY,
             False,
         ),
+        # A step-up to phr asks only for what is missing. The passkey is a whole sign-in
+        # (possession and user verification): never a password before it, not even when
+        # prompt=login or max_age=0 asks for a new sign-in, nor a code.
+        (ACR_PHISHING_RESISTANT, WITH_PASSKEY, [PWD], [], True, 0, Step.PASSKEY, False),
+        (ACR_PHISHING_RESISTANT, WITH_PASSKEY, [PWD], [], False, 10, Step.PASSKEY, False),
+        (ACR_PHISHING_RESISTANT, WITH_PASSKEY, [MFA], [], True, 0, Step.PASSKEY, True),
+        # ... and no password for a first passkey either: the session's (of any age) says
+        # who the user is; a one-time code in this sign-in then lets her create one.
+        (ACR_PHISHING_RESISTANT, NO_PASSKEY, [PWD], [], True, 0, Step.TOTP, False),
+        (ACR_PHISHING_RESISTANT, NO_PASSKEY, [PWD], [], False, 10, Step.TOTP, False),
+        (ACR_PHISHING_RESISTANT, NO_PASSKEY, [MFA], [], True, 0, Step.TOTP, True),
+        (ACR_PHISHING_RESISTANT, NO_PASSKEY, [PWD], [MFA], True, 0, Step.ENROL_PASSKEY, True),
+        # No provider session: the password says who the user is, then the passkey.
+        (ACR_PHISHING_RESISTANT, None, [], [], False, None, Step.PASSWORD, False),
+        (ACR_PHISHING_RESISTANT, NO_PASSKEY, [], [], False, None, Step.PASSWORD, False),
+        (ACR_PHISHING_RESISTANT, WITH_PASSKEY, [], [], False, None, Step.PASSKEY, False),
+        (ACR_PHISHING_RESISTANT, WITH_PASSKEY, [PHR], [], False, 60, Step.DONE, False),
+        # mfa is the pair: a new sign-in asks for both again.
+        (ACR_MFA, WITH_PASSKEY, [MFA], [], True, 0, Step.PASSWORD, False),
+        (ACR_MFA, WITH_PASSKEY, [MFA], [PWD], True, 0, Step.TOTP, False),
         # An approval: the session vouches for the password, never for the approving factor.
+        (ACR_PHISHING_RESISTANT, WITH_PASSKEY, [PHR], [], False, None, Step.PASSKEY, True),
         (ACR_MFA, Factors(totp=True, passkey=False), [MFA], [], False, None, Step.TOTP, True),
         (ACR_MFA, Factors(totp=True, passkey=False), [PWD], [MFA], False, None, Step.DONE, True),
         (

@@ -95,6 +95,134 @@ async def test_assertion_verifies_against_the_published_jwks(stack, browser, api
         jwt.decode(token, key, algorithms=["ES256"], audience="other-app")
 
 
+@pytest.mark.parametrize(
+    ("email_verified", "oidc_extra", "forwarded"),
+    [
+        (True, "", True),
+        (False, "", False),
+        (False, "assume_email_verified: true\n", False),  # the provider said no
+        (None, "", False),  # not said (Entra ID never says)
+        (None, "assume_email_verified: true\n", True),
+    ],
+    ids=["verified", "unverified", "unverified_assumed", "not_said", "not_said_assumed"],
+)
+async def test_only_a_verified_email_reaches_the_upstream(
+    make_stack, browser, email_verified, oidc_extra, forwarded
+):
+    stack = await make_stack(oidc_extra=oidc_extra)
+    stack.op.behaviour.user = OpUser(email="ceo@bank.example", email_verified=email_verified)
+    with capture_logs() as logs:
+        record = await sign_in(stack, browser)
+    token = upstream_saw(record, "X-Auth-Assertion")[0]
+    claims = jwt.decode(token, options={"verify_signature": False})
+    if forwarded:
+        assert upstream_saw(record, "X-Auth-Email") == ["ceo@bank.example"]
+        assert claims["email"] == "ceo@bank.example"
+    else:
+        assert upstream_saw(record, "X-Auth-Email") == []
+        assert "email" not in claims
+        assert any(e["event"] == "email_not_forwarded" for e in logs)
+    assert upstream_saw(record, "X-Auth-Subject") == ["user-1"]
+
+
+async def test_unusual_claims_reach_the_upstream_percent_encoded(stack, browser):
+    # Non-ASCII, spaces, "%" and commas pass the callback; in headers they are UTF-8
+    # percent-encoded (so "a,b" stays one amr value); the assertion keeps them raw.
+    stack.op.behaviour.user = OpUser(
+        sub="Jürgen, 100%", email="zoë@exämple.com", amr=["pwd", "a,b"]
+    )
+    record = await sign_in(stack, browser)
+    assert upstream_saw(record, "X-Auth-Subject") == ["J%C3%BCrgen%2C%20100%25"]
+    assert upstream_saw(record, "X-Auth-Email") == ["zo%C3%AB@ex%C3%A4mple.com"]
+    assert upstream_saw(record, "X-Auth-Amr") == ["pwd,a%2Cb"]
+    assert upstream_saw(record, "X-Auth-Acr") == ["urn:example:loa:1"]
+    claims = jwt.decode(
+        upstream_saw(record, "X-Auth-Assertion")[0], options={"verify_signature": False}
+    )
+    assert (claims["sub"], claims["email"], claims["amr"]) == (
+        "Jürgen, 100%",
+        "zoë@exämple.com",
+        ["pwd", "a,b"],
+    )
+
+
+async def test_a_sub_with_crlf_is_refused_at_the_callback_with_a_clear_page(stack, browser):
+    stack.op.behaviour.user = OpUser(sub="user-1\r\nX-Auth-Level: admin")
+    with capture_logs() as logs:
+        final = await browser.follow(f"{stack.url}/app/home")
+    assert final.status == 400
+    assert "control characters" in final.body and "Sign-in did not complete" in final.body
+    assert browser.cookie(COOKIE) is None and stack.seen == []
+    refused = next(e for e in logs if e["event"] == "id_token_claim_refused")
+    assert refused["claim"] == "sub"
+    assert "X-Auth-Level: admin" not in repr(logs)  # the value itself is never logged
+
+
+async def test_a_stored_session_with_a_control_character_is_forwarded_not_a_500(stack, api):
+    # Sessions sealed before the callback refused such claims: every request used to
+    # fail with 500 (the header could not be written). Now one encoded header each.
+    from gateway.session.model import Proof, Session
+
+    now = stack.clock.now
+    session = Session.start(
+        Proof(acr="urn:example:loa:1", amr=("pwd", "x\r\ny"), auth_time=now),
+        sub="user-1\r\nX-Auth-Level: admin",
+        email="a@example.com\nX-Evil: 1",
+        name=None,
+        provider_sid=None,
+        id_token=None,
+        now=now,
+    )
+    cookie = await stack.gateway.store.save(session, now)
+    async with api.get(
+        f"{stack.url}/app/x", headers={"Cookie": f"{COOKIE}={cookie}", "Accept": "text/html"}
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        record = await resp.json()
+    assert upstream_saw(record, "X-Auth-Subject") == ["user-1%0D%0AX-Auth-Level:%20admin"]
+    assert upstream_saw(record, "X-Auth-Email") == ["a@example.com%0AX-Evil:%201"]
+    assert upstream_saw(record, "X-Auth-Amr") == ["pwd,x%0D%0Ay"]
+    assert upstream_saw(record, "X-Auth-Level") == ["password"]
+    assert upstream_saw(record, "X-Evil") == []
+
+
+@pytest.mark.parametrize(
+    ("char", "limit_bytes"),
+    [("x", 3 * 1024), ("é", 7.5 * 1024), ("😀", 7.5 * 1024)],
+    ids=["ascii", "two_byte_utf8", "four_byte_utf8"],
+)
+async def test_assurance_headers_stay_bounded_at_the_claim_limits(stack, char, limit_bytes):
+    # Every header-bound claim at the longest the callback accepts (flow.MAX_CLAIM_BYTES,
+    # MAX_AMR_VALUES x MAX_AMR_VALUE_BYTES): the X-Auth-* headers, assertion included,
+    # stay under the 8 KiB that Jetty, Tomcat and gunicorn accept for a request.
+    from gateway.oidc.flow import MAX_AMR_VALUE_BYTES, MAX_AMR_VALUES, MAX_CLAIM_BYTES
+    from gateway.session.model import Proof, Session
+
+    def longest(max_bytes: int) -> str:
+        return char * (max_bytes // len(char.encode()))
+
+    now = stack.clock.now
+    session = Session.start(
+        Proof(
+            acr=longest(MAX_CLAIM_BYTES["acr"]),
+            amr=tuple(longest(MAX_AMR_VALUE_BYTES) for _ in range(MAX_AMR_VALUES)),
+            auth_time=now,
+        ),
+        sub=longest(MAX_CLAIM_BYTES["sub"]),
+        email=longest(MAX_CLAIM_BYTES["email"]),
+        name=None,
+        provider_sid=None,
+        id_token=None,
+        now=now,
+    )
+    config = stack.gateway.config
+    rule = max(stack.gateway.rules.rules, key=lambda r: len(r.name))
+    pairs = stack.gateway.assurance_headers(session, config.assurance.levels[-1], rule)
+    size = sum(len(name) + len(value) + 4 for name, value in pairs)  # ": " and CRLF
+    assert size <= limit_bytes
+    assert all(value.isascii() and value.isprintable() for _, value in pairs)
+
+
 async def test_api_call_without_session_gets_plain_bearer_challenge(stack, api):
     async with api.post(f"{stack.url}/api/transfers/1", json={"amount": 5}) as resp:
         assert resp.status == 401
@@ -152,13 +280,60 @@ async def test_stale_step_up_is_asked_for_again(stack, browser):
     await sign_in(stack, browser)
     stack.op.behaviour.user = PHR_USER
     await browser.follow(f"{stack.url}/transfers/new")
-    # max_age 300 s, with oidc.clock_skew (60 s) of leeway for the provider's clock.
-    stack.clock.advance(359)
+    # max_age 300 s, measured from auth_time (whole seconds: at most 1 s earlier than
+    # the clock) with no clock-skew leeway on top.
+    stack.clock.advance(299)
     hop = await browser.get(f"{stack.url}/transfers/new")
     assert hop.status == 200
     stack.clock.advance(2)
     hop = await browser.get(f"{stack.url}/transfers/new")
     assert hop.status == 302 and query_of(hop.headers["Location"])["max_age"] == "300"
+
+
+FIVE_SECONDS = """\
+rules:
+  - name: quick
+    match: {path: /quick/**}
+    require: {level: password, max_age: 5s}
+  - name: signed-in
+    match: {path: /**}
+    require: {level: password}
+"""
+
+
+@pytest.mark.parametrize("provider_clock_ahead_s", [0, 50], ids=["same_clock", "op_ahead_50s"])
+async def test_max_age_has_no_skew_leeway_on_top(make_stack, browser, provider_clock_ahead_s):
+    # max_age: 5s once accepted a sign-in 65 s old (the 60 s skew added on top), and a
+    # provider clock 50 s ahead added 50 s more. Skew is allowed when the token arrives
+    # (auth_time in the future within oidc.clock_skew passes); the proof is then dated
+    # no later than its arrival, and 5 s means 5 s.
+    stack = await make_stack(rules=FIVE_SECONDS)
+    stack.op.behaviour.clock_offset_s = provider_clock_ahead_s
+    record = await sign_in(stack, browser, "/quick/a")
+    assert record["path_qs"] == "/quick/a"
+    assert int(upstream_saw(record, "X-Auth-Time")[0]) <= stack.clock.now
+    stack.clock.advance(4)
+    assert (await browser.get(f"{stack.url}/quick/b")).status == 200
+    stack.clock.advance(2)
+    hop = await browser.get(f"{stack.url}/quick/c")
+    assert hop.status == 302 and query_of(hop.headers["Location"])["max_age"] == "5"
+    assert (await browser.get(f"{stack.url}/app/x")).status == 200  # still signed in
+
+
+async def test_a_provider_ignoring_max_age_is_caught_at_the_callback(make_stack, browser):
+    # The provider answers max_age=5 with a sign-in 30 s old (single sign-on that did
+    # not re-authenticate). Within max_age + skew that used to pass.
+    stack = await make_stack(rules=FIVE_SECONDS)
+    await sign_in(stack, browser, "/app/x")
+    stack.clock.advance(30)
+    stack.op.behaviour.auth_time_delta_s = -30
+    with capture_logs() as logs:
+        final = await browser.follow(f"{stack.url}/quick/a")
+    assert final.status == 403, final.body
+    assert "proven within 5 s" in final.body
+    failure = next(e for e in logs if e["event"] == "step_up_failure")
+    assert failure["reason"] == "too_old" and failure["age_s"] >= 30
+    assert [r["path_qs"] for r in stack.seen] == ["/app/x"]
 
 
 async def test_amr_alone_can_prove_a_level(stack, browser):
@@ -167,11 +342,11 @@ async def test_amr_alone_can_prove_a_level(stack, browser):
     assert upstream_saw(record, "X-Auth-Level") == ["mfa"]
 
 
-async def test_max_age_zero_forces_prompt_login(make_stack, browser):
+async def test_once_forces_prompt_login(make_stack, browser):
     stack = await make_stack(
         rules=(
             "rules:\n  - name: fresh\n    match: {path: /**}\n"
-            "    require: {level: password, max_age: 0}\n"
+            "    require: {level: password, once: true}\n"
         )
     )
     hop = await browser.get(f"{stack.url}/x")
@@ -211,6 +386,17 @@ async def test_every_id_token_check_refuses_a_token_failing_it(stack, browser, n
     assert stack.seen == []
     failures = [e for e in logs if e["event"] == "step_up_failure"]
     assert failures and failures[0]["reason"] == f"id_token_{reason}"
+
+
+async def test_a_key_rotation_right_after_start_up_does_not_fail_sign_ins(stack, browser):
+    # The gateway fetched the keys at start-up, a moment ago; the provider now rotates
+    # and signs with a new key. The sign-in waits (at most a few seconds) for one
+    # refetch instead of failing with an unknown kid for half a minute.
+    fetches = stack.op.hits["jwks"]
+    stack.op.rotate_keys("RSA", retire_old=True)
+    record = await sign_in(stack, browser)
+    assert upstream_saw(record, "X-Auth-Subject") == ["user-1"]
+    assert stack.op.hits["jwks"] == fetches + 1
 
 
 async def test_missing_auth_time_is_refused_when_max_age_was_asked(stack, browser):
@@ -646,7 +832,9 @@ async def test_logout_ends_the_session_here_and_at_the_provider(make_stack, brow
     value = browser.cookie(COOKIE)
     confirm = await browser.get(f"{stack.url}/_gateway/logout")
     assert confirm.status == 200 and "<form" in confirm.body
-    async with browser.http.post(f"{stack.url}/_gateway/logout", allow_redirects=False) as resp:
+    async with browser.http.post(
+        f"{stack.url}/_gateway/logout", headers={"Origin": stack.url}, allow_redirects=False
+    ) as resp:
         assert resp.status == 303
         location = resp.headers["Location"]
     q = query_of(location)
@@ -664,7 +852,7 @@ async def test_cross_site_logout_post_is_refused(stack, browser):
     async with browser.http.post(
         f"{stack.url}/_gateway/logout", headers={"Origin": "https://evil.example"}
     ) as resp:
-        assert resp.status == 400
+        assert resp.status == 403
     assert browser.cookie(COOKIE)
 
 
@@ -737,7 +925,9 @@ async def test_identical_headers_after_logout_carry_no_assurance(make_stack, bro
     same = {"Cookie": f"{COOKIE}={value}", "Accept": "application/json"}
     async with api.get(f"{stack.url}/public/x", headers=same) as resp:
         assert upstream_saw(await resp.json(), "X-Auth-Subject") == ["user-1"]
-    async with browser.http.post(f"{stack.url}/_gateway/logout", allow_redirects=False) as resp:
+    async with browser.http.post(
+        f"{stack.url}/_gateway/logout", headers={"Origin": stack.url}, allow_redirects=False
+    ) as resp:
         assert resp.status == 303
 
     async with api.get(f"{stack.url}/public/x", headers=same) as resp:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from urllib.parse import unquote
 
 import pytest
 from hypothesis import given
@@ -22,7 +23,11 @@ def build(
     peer_trusted: bool = False,
     websocket: bool = False,
     host: str = "bank.example.com",
+    trusted: frozenset[str] = frozenset(),
 ) -> list[tuple[str, str]]:
+    hops = headers.client_chain(
+        inbound, peer=peer_ip, peer_trusted=peer_trusted, is_trusted=trusted.__contains__
+    )
     out = headers.upstream_request_headers(
         inbound,
         prefix="X-Auth-",
@@ -36,6 +41,7 @@ def build(
         request_id="rid-1",
         upstream_host="app.internal:9000",
         websocket=websocket,
+        hops=hops,
     )
     return list(out.items())
 
@@ -63,6 +69,9 @@ def passed_through(out: list[tuple[str, str]]) -> list[tuple[str, str]]:
         ("X_Auth_Acr", True),
         ("x_auth-acr", True),
         ("X-Auth-", True),
+        ("X.Auth.Acr", True),  # HTTP_X_AUTH_ACR in PHP/CGI, X-Auth-Acr in Werkzeug
+        ("X~Auth~Acr", True),  # Apache maps every non-alphanumeric to "_"
+        ("x.auth_ACR", True),
         ("X-Auth", False),
         ("X-Authorization", False),
         ("Authorization", False),
@@ -149,6 +158,9 @@ def test_connection_tokens(values_: list[str], tokens: set[str]) -> None:
         [("X_Auth_Level", "high")],
         [("x_auth_assertion", "eyJ...")],
         [("X-Auth-Acr", "a"), ("X-Auth-Acr", "b"), ("x_auth_acr", "c")],
+        [("X.Auth.Subject", "admin")],
+        [("X.Auth-Level", "high"), ("X~Auth~Rule", "transfers"), ("X-Auth.Email", "a@b")],
+        [("X!Auth#Amr", "hwk"), ("X'Auth*Time", "1"), ("X|Auth`Acr", "phr")],
     ],
 )
 def test_assurance_headers_are_removed(spoofed: list[tuple[str, str]]) -> None:
@@ -227,11 +239,126 @@ FORWARDING_IN = [
     ("X-Forwarded-For", "198.51.100.2, 198.51.100.3"),
     ("X-Forwarded-Proto", "http"),
     ("X-Forwarded-Host", "evil.example"),
-    ("Forwarded", "for=203.0.113.1"),
-    ("X-Real-IP", "203.0.113.1"),
+    ("X-Real-IP", "198.51.100.3"),
     ("True-Client-IP", "203.0.113.1"),
     ("X-Forwarded-Port", "80"),
 ]
+
+
+@pytest.mark.parametrize(
+    "alias",
+    [
+        "XAuthSubject",  # separators left out altogether
+        "X-AuthSubject",
+        "XAuth-Assertion",
+        "X.Forwarded.Host",
+        "X_Forwarded_Proto",
+        "XForwardedHost",
+        "X.Request.Id",
+        "X_Real_IP",
+        "X.Original.URL",
+        "X_Rewrite_Url",
+    ],
+)
+def test_aliases_of_the_gateways_own_headers_are_removed(alias: str) -> None:
+    """Equal to one of the gateway's names once case, "-", "_" and "." are ignored."""
+    for peer_trusted in (False, True):
+        out = build([(alias, "forged"), ("Accept", "*/*")], peer_trusted=peer_trusted)
+        assert [(k, v) for k, v in out if v == "forged"] == []
+        assert values(out, "Accept") == ["*/*"]
+
+
+def test_ordinary_names_with_separators_are_kept() -> None:
+    kept = [("X-Authorization", "t"), ("X.Custom.Thing", "1"), ("X_Trace", "2")]
+    assert passed_through(build(kept)) == kept
+
+
+@pytest.mark.parametrize(
+    ("lines", "chain"),
+    [
+        ([("X-Forwarded-For", "203.0.113.1")], ["203.0.113.1"]),
+        (
+            [("X-Forwarded-For", "203.0.113.1"), ("X-Forwarded-For", "198.51.100.2, 10.0.0.1")],
+            ["203.0.113.1", "198.51.100.2", "10.0.0.1"],
+        ),
+        (
+            [("x-forwarded-for", " a ,, b "), ("Accept", "*/*"), ("X_Forwarded_For", "c")],
+            ["a", "b", "c"],
+        ),
+        ([("X.Forwarded.For", "d")], ["d"]),
+    ],
+)
+def test_forwarded_for_chain_reads_every_line(
+    lines: list[tuple[str, str]], chain: list[str]
+) -> None:
+    assert headers.forwarded_for_chain(lines) == chain
+    # ... and, when every hop is trusted, it is what the upstream is sent, then the peer.
+    out = build(lines, peer_trusted=True, trusted=frozenset(chain))
+    assert values(out, "X-Forwarded-For") == [", ".join([*chain, "192.0.2.10"])]
+    assert headers.client_chain(lines, peer="192.0.2.10", peer_trusted=True)[0] == chain[-1]
+
+
+@pytest.mark.parametrize(
+    ("lines", "trusted", "hops"),
+    [
+        # The client is the first address from the right that is not a trusted proxy.
+        (
+            [("X-Forwarded-For", "198.51.100.7"), ("X-Forwarded-For", "203.0.113.66, 10.0.0.1")],
+            {"10.0.0.1"},
+            ("203.0.113.66", "10.0.0.1", "192.0.2.10"),
+        ),
+        # Every hop trusted: the leftmost is the client (what Express's req.ip says too).
+        ([("X-Forwarded-For", "10.0.0.2, 10.0.0.1")], {"10.0.0.1", "10.0.0.2"},
+         ("10.0.0.2", "10.0.0.1", "192.0.2.10")),
+        # No chain: the peer itself.
+        ([], set(), ("192.0.2.10",)),
+        # Forwarded alone (RFC 7239), with quoting, ports and IPv6.
+        (
+            [("Forwarded", 'for="[2001:db8::1]:4711";proto=https, for=10.0.0.1:80')],
+            {"10.0.0.1"},
+            ("2001:db8::1", "10.0.0.1", "192.0.2.10"),
+        ),
+        ([("Forwarded", 'for=_hidden;by="a,b", for=unknown')], set(), ("unknown", "192.0.2.10")),
+        ([("Forwarded", "proto=https")], set(), ("unknown", "192.0.2.10")),
+        # Both, naming the same hops: fine.
+        (
+            [("X-Forwarded-For", "203.0.113.1"), ("Forwarded", 'for="203.0.113.1:5000"')],
+            set(),
+            ("203.0.113.1", "192.0.2.10"),
+        ),
+    ],
+)  # fmt: skip
+def test_client_chain(
+    lines: list[tuple[str, str]], trusted: set[str], hops: tuple[str, ...]
+) -> None:
+    assert (
+        headers.client_chain(
+            lines, peer="192.0.2.10", peer_trusted=True, is_trusted=trusted.__contains__
+        )
+        == hops
+    )
+    # From an untrusted peer none of it counts.
+    assert headers.client_chain(lines, peer="192.0.2.10", peer_trusted=False) == ("192.0.2.10",)
+
+
+def test_forwarded_and_x_forwarded_for_that_disagree_are_refused() -> None:
+    lines = [("X-Forwarded-For", "198.51.100.7"), ("Forwarded", "for=203.0.113.66")]
+    with pytest.raises(errors.BadRequest) as refused:
+        headers.client_chain(lines, peer="192.0.2.10", peer_trusted=True)
+    assert refused.value.reason == "forwarding_mismatch"
+
+
+def test_forwarded_host_and_proto_sent_twice_are_replaced() -> None:
+    inbound = [
+        ("X-Forwarded-Host", "evil.example"),
+        ("X-Forwarded-Host", "bank.example.com"),
+        ("X-Forwarded-Proto", "http"),
+        ("X-Forwarded-Proto", "https"),
+    ]
+    for peer_trusted in (False, True):
+        out = build(inbound, peer_trusted=peer_trusted)
+        assert values(out, "X-Forwarded-Host") == ["bank.example.com"]
+        assert values(out, "X-Forwarded-Proto") == ["https"]
 
 
 def test_forwarding_from_an_untrusted_peer() -> None:
@@ -245,17 +372,22 @@ def test_forwarding_from_an_untrusted_peer() -> None:
 
 
 def test_forwarding_from_a_trusted_peer() -> None:
+    """Only the hops the gateway vouches for go on: the client it judged, then proxies."""
     out = build(FORWARDING_IN, peer_trusted=True)
 
-    assert values(out, "X-Forwarded-For") == ["203.0.113.1, 198.51.100.2, 198.51.100.3, 192.0.2.10"]
+    assert values(out, "X-Forwarded-For") == ["198.51.100.3, 192.0.2.10"]
     assert values(out, "X-Forwarded-Proto") == ["https"]
     assert values(out, "X-Forwarded-Host") == ["bank.example.com"]
     assert values(out, "Forwarded") == [
-        "for=203.0.113.1, for=192.0.2.10;host=bank.example.com;proto=https"
+        "for=198.51.100.3;host=bank.example.com;proto=https, "
+        "for=192.0.2.10;host=bank.example.com;proto=https"
     ]
-    assert values(out, "X-Real-IP") == ["203.0.113.1"]
-    assert values(out, "True-Client-IP") == ["203.0.113.1"]
+    assert values(out, "X-Real-IP") == ["198.51.100.3"]  # names the client judged: kept
+    assert values(out, "True-Client-IP") == []  # names another: an upstream would act on it
     assert values(out, "X-Forwarded-Port") == ["80"]
+
+    out = build(FORWARDING_IN, peer_trusted=True, trusted=frozenset({"198.51.100.3"}))
+    assert values(out, "X-Forwarded-For") == ["198.51.100.2, 198.51.100.3, 192.0.2.10"]
 
 
 @pytest.mark.parametrize(
@@ -464,6 +596,9 @@ def test_framing_accepts(fields: list[tuple[str, str]]) -> None:
         ([("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")], "duplicate_te"),
         ([("Content-Length", "5"), ("Content_Length", "0")], "framing_alias"),
         ([("Transfer_Encoding", "chunked")], "framing_alias"),
+        ([("Content-Length", "5"), ("Content.Length", "0")], "framing_alias"),
+        ([("Transfer.Encoding", "chunked")], "framing_alias"),
+        ([("ContentLength", "0")], "framing_alias"),
         ([("X-Folded", "a\r\n b")], "header_value_ctl"),
         ([("X-Nul", "a\x00b")], "header_value_ctl"),
         ([("Transfer-Encoding", "chunked\r\nX: y")], "header_value_ctl"),
@@ -544,3 +679,48 @@ def test_cookie_stripping_keeps_exactly_the_others(pairs: list[tuple[str, str]])
     kept = headers.strip_cookie_header(value, GATEWAY_COOKIES, GATEWAY_COOKIE_PREFIXES)
 
     assert kept == "; ".join(f"{n}={v}" for n, v in pairs if n in ("a", "b"))
+
+
+# ------------------------------------------------------ claim values in X-Auth-*
+
+CLAIM_VALUES: list[tuple[str, str]] = [
+    ("alice@example.com", "alice@example.com"),  # the common case arrives unchanged
+    ("user+tag@example.com", "user+tag@example.com"),  # "+" is not a space here
+    ("248289761001", "248289761001"),
+    ("urn:example:loa:2", "urn:example:loa:2"),
+    ("auth0|5f7c8ec7c33c6c004bbafe82", "auth0|5f7c8ec7c33c6c004bbafe82"),
+    ("zoë@exämple.com", "zo%C3%AB@ex%C3%A4mple.com"),  # UTF-8, percent-encoded
+    ("Jürgen Müller", "J%C3%BCrgen%20M%C3%BCller"),
+    ("100%", "100%25"),  # the escape character itself
+    ("a,b", "a%2Cb"),  # X-Auth-Amr's separator
+    (" padded ", "%20padded%20"),  # servers strip header whitespace: keep it
+    ("a\r\nX-Auth-Level: admin", "a%0D%0AX-Auth-Level:%20admin"),
+    ("nul\x00", "nul%00"),
+    ("tab\t", "tab%09"),
+    ("del\x7f", "del%7F"),
+    ("lone\ud800", "lone%ED%A0%80"),
+    ("😀", "%F0%9F%98%80"),
+    ("", ""),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), CLAIM_VALUES, ids=[repr(v) for v, _ in CLAIM_VALUES]
+)
+def test_claim_header_values_are_percent_encoded_utf8(value: str, expected: str) -> None:
+    assert headers.claim_header_value(value) == expected
+
+
+@given(st.text())
+def test_claim_header_values_are_one_visible_ascii_line_that_decodes_back(value: str) -> None:
+    encoded = headers.claim_header_value(value)
+    assert all(0x21 <= ord(c) <= 0x7E for c in encoded)
+    assert "," not in encoded
+    assert unquote(encoded, errors="surrogatepass") == value
+
+
+@given(st.lists(st.text(min_size=1), max_size=5))
+def test_an_amr_header_splits_back_into_its_values(values: list[str]) -> None:
+    joined = ",".join(headers.claim_header_value(v) for v in values)
+    split = [unquote(v, errors="surrogatepass") for v in joined.split(",")] if joined else []
+    assert split == values

@@ -13,7 +13,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.oidc.flow import IdTokenError, verify_id_token
+from gateway.oidc.flow import (
+    BACKCHANNEL_LOGOUT_EVENT,
+    IdTokenError,
+    verified_email,
+    verify_id_token,
+    verify_logout_token,
+)
 from tests.support.op import ID_TOKEN_MISBEHAVIOURS, MISSING_AUTH_TIME, OpenIdProvider, new_key
 
 ISSUER = "https://op.example"
@@ -141,6 +147,10 @@ CLAIM_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("iat_future_beyond_skew", {"iat": NOW + SKEW + 1}, "iat"),
     ("iat_older_than_10_min", {"iat": NOW - MAX_AGE - SKEW - 1}, "iat"),
     ("auth_time_future_beyond_skew", {"auth_time": NOW + SKEW + 1}, "auth_time"),
+    ("nbf_future_beyond_skew", {"nbf": NOW + SKEW + 1}, "nbf"),
+    ("nbf_far_future", {"nbf": NOW + 86_400}, "nbf"),
+    ("iat_far_future", {"iat": NOW + 365 * 86_400, "exp": NOW + 366 * 86_400}, "iat"),
+    ("auth_time_far_future", {"auth_time": NOW + 86_400}, "auth_time"),
     ("nonce_other", {"nonce": "other"}, "nonce"),
     ("nonce_missing", {"nonce": _DROP}, "nonce"),
     ("nonce_prefix", {"nonce": NONCE[:-1]}, "nonce"),
@@ -155,6 +165,16 @@ CLAIM_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("exp_string", {"exp": "tomorrow"}, "malformed"),
     ("exp_bool", {"exp": True}, "malformed"),
     ("iat_missing", {"iat": _DROP}, "malformed"),
+    ("iat_bool", {"iat": True}, "malformed"),
+    ("iat_string", {"iat": str(NOW)}, "malformed"),
+    ("iat_null", {"iat": None}, "malformed"),
+    ("nbf_string", {"nbf": "yesterday"}, "malformed"),
+    ("nbf_bool", {"nbf": False}, "malformed"),
+    ("nbf_list", {"nbf": [NOW]}, "malformed"),
+    ("auth_time_bool", {"auth_time": True}, "malformed"),
+    ("exp_huge", {"exp": 2**60}, "malformed"),
+    ("exp_nan", {"exp": float("nan")}, "malformed"),  # Python's JSON reads NaN
+    ("exp_infinity", {"exp": float("inf")}, "malformed"),
     ("auth_time_string", {"auth_time": "now"}, "malformed"),
     ("amr_string", {"amr": "pwd"}, "malformed"),
     ("amr_numbers", {"amr": ["pwd", 1]}, "malformed"),
@@ -162,6 +182,28 @@ CLAIM_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("acr_list", {"acr": ["phr"]}, "malformed"),
     ("azp_number", {"azp": 1}, "malformed"),
     ("email_object", {"email": {"a": 1}}, "malformed"),
+    ("email_list", {"email": ["a@b"]}, "malformed"),
+    # Claims that become X-Auth-* headers (sub, email, acr, amr).
+    ("sub_crlf", {"sub": "user-1\r\nX-Auth-Level: admin"}, "claim_value"),
+    ("sub_lf", {"sub": "user-1\n"}, "claim_value"),
+    ("sub_nul", {"sub": "user\x00"}, "claim_value"),
+    ("sub_tab", {"sub": "user\t1"}, "claim_value"),
+    ("sub_del", {"sub": "user\x7f"}, "claim_value"),
+    ("sub_c1_nel", {"sub": "user\x85"}, "claim_value"),
+    ("sub_lone_surrogate", {"sub": "user\ud800"}, "claim_value"),
+    ("sub_256_bytes", {"sub": "u" * 256}, "claim_value"),
+    ("sub_256_utf8_bytes", {"sub": "é" * 128}, "claim_value"),
+    ("email_cr", {"email": "a@example.com\rX: 1"}, "claim_value"),
+    ("email_too_long", {"email": "a" * 249 + "@b.com"}, "claim_value"),
+    ("acr_newline", {"acr": "phr\n"}, "claim_value"),
+    ("acr_paragraph_separator", {"acr": "phr\u2029"}, "claim_value"),
+    ("acr_too_long", {"acr": "urn:" + "x" * 125}, "claim_value"),
+    ("amr_control", {"amr": ["pwd", "otp\x1b"]}, "claim_value"),
+    ("amr_empty_value", {"amr": ["pwd", ""]}, "claim_value"),
+    ("amr_value_too_long", {"amr": ["x" * 33]}, "claim_value"),
+    ("amr_too_many", {"amr": [f"m{i}" for i in range(11)]}, "claim_value"),
+    ("amr_object", {"amr": [{"pwd": 1}]}, "malformed"),
+    ("sid_list", {"sid": ["s"]}, "malformed"),
 ]
 
 
@@ -190,6 +232,20 @@ PASSING_EDGES: list[tuple[str, dict[str, Any]]] = [
     ("aud_several_with_our_azp", {"aud": [CLIENT_ID, "other-rp"], "azp": CLIENT_ID}),
     ("aud_single_with_our_azp", {"azp": CLIENT_ID}),
     ("fractional_times", {"exp": NOW + 300.5, "iat": NOW + 0.25}),
+    ("nbf_past", {"nbf": NOW - 3600}),
+    ("nbf_now", {"nbf": NOW}),
+    ("nbf_future_within_skew", {"nbf": NOW + SKEW}),
+    # Non-ASCII, spaces, commas, "%": passed on, percent-encoded in headers.
+    ("sub_utf8_255_bytes", {"sub": "é" * 127 + "x"}),
+    ("sub_255_ascii", {"sub": "u" * 255}),
+    ("sub_space_comma_percent", {"sub": "Ünïcode user, 100%"}),
+    ("email_utf8", {"email": "zoë@exämple.com"}),
+    ("acr_uri", {"acr": "http://schemas.openid.net/pape/policies/2007/06/multi-factor"}),
+    ("amr_comma", {"amr": ["pwd", "a,b"]}),
+    ("amr_ten_of_32_bytes", {"amr": [f"{i}" * 32 for i in range(10)]}),
+    ("email_254_bytes", {"email": "a" * 248 + "@b.com"}),
+    ("acr_128_bytes", {"acr": "urn:" + "x" * 124}),
+    ("name_with_newline_is_not_a_header", {"name": "Alice\nAdams"}),
 ]
 
 
@@ -354,3 +410,102 @@ def test_missing_auth_time_misbehaviour() -> None:
     for name, value in knobs.items():
         setattr(op.behaviour, name, value)
     assert reason_of(op.make_id_token(nonce=NONCE), require_auth_time=True) == reason
+
+
+# ------------------------------------------------------- back-channel logout tokens
+
+
+def logout_claims(**changes: Any) -> dict[str, Any]:
+    claims: dict[str, Any] = {
+        "iss": ISSUER,
+        "aud": CLIENT_ID,
+        "iat": NOW,
+        "jti": "j-1",
+        "sub": "user-1",
+        "events": {BACKCHANNEL_LOGOUT_EVENT: {}},
+    }
+    claims.update(changes)
+    return claims
+
+
+def logout_reason(claims: dict[str, Any]) -> str:
+    with pytest.raises(IdTokenError) as caught:
+        verify_logout_token(
+            sign(claims),
+            jwk(RSA_KEY),
+            issuer=ISSUER,
+            client_id=CLIENT_ID,
+            now=NOW,
+            skew_s=SKEW,
+            allowed_algs=ALGS,
+        )
+    return caught.value.reason
+
+
+LOGOUT_TIME_CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("nbf_future_beyond_skew", {"nbf": NOW + SKEW + 1}, "nbf"),
+    ("nbf_string", {"nbf": "later"}, "malformed"),
+    ("exp_nan", {"exp": float("nan")}, "malformed"),  # NaN <= now is False: never expired
+    ("exp_bool", {"exp": True}, "malformed"),
+    ("exp_past", {"exp": NOW - SKEW}, "exp"),
+    ("iat_bool", {"iat": True}, "malformed"),
+    ("iat_future_beyond_skew", {"iat": NOW + SKEW + 1}, "iat"),
+]
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [c[1:] for c in LOGOUT_TIME_CASES],
+    ids=[c[0] for c in LOGOUT_TIME_CASES],
+)
+def test_logout_token_times_are_checked(changes: dict[str, Any], reason: str) -> None:
+    assert logout_reason(logout_claims(**changes)) == reason
+
+
+def test_logout_token_with_past_nbf_and_fractional_iat_passes() -> None:
+    claims = verify_logout_token(
+        sign(logout_claims(nbf=NOW - 5, iat=NOW + 0.5, exp=NOW + 120)),
+        jwk(RSA_KEY),
+        issuer=ISSUER,
+        client_id=CLIENT_ID,
+        now=NOW,
+        skew_s=SKEW,
+        allowed_algs=ALGS,
+    )
+    assert (claims.sub, claims.iat) == ("user-1", NOW)
+
+
+# ------------------------------------------------------------- email_verified
+
+EMAIL_CASES: list[tuple[str, dict[str, Any], bool, str | None]] = [
+    # (id, claim changes, assume_email_verified, the email the gateway forwards)
+    ("verified", {"email_verified": True}, False, "alice@example.com"),
+    ("unverified", {"email_verified": False}, False, None),
+    ("unverified_even_when_assuming", {"email_verified": False}, True, None),
+    ("not_said", {}, False, None),
+    ("not_said_assumed", {}, True, "alice@example.com"),
+    ("string_true_is_not_a_boolean", {"email_verified": "true"}, False, None),
+    ("string_true_not_absent_either", {"email_verified": "true"}, True, None),
+    ("number_one", {"email_verified": 1}, True, None),
+    ("null", {"email_verified": None}, True, None),
+    ("no_email", {"email": _DROP, "email_verified": True}, False, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("changes", "assume", "expected"),
+    [c[1:] for c in EMAIL_CASES],
+    ids=[c[0] for c in EMAIL_CASES],
+)
+def test_only_a_verified_email_is_vouched_for(
+    changes: dict[str, Any], assume: bool, expected: str | None
+) -> None:
+    claims = verify(sign(good_claims(**changes)))
+    assert verified_email(claims, assume_verified=assume) == expected
+
+
+def test_claim_value_names_the_claim() -> None:
+    with pytest.raises(IdTokenError) as caught:
+        verify(sign(good_claims(email="a@example.com\r\nX-Evil: 1")))
+    assert (caught.value.reason, caught.value.claim) == ("claim_value", "email")
+    assert "X-Evil" not in str(caught.value)  # never the token's contents

@@ -383,7 +383,9 @@ async def test_backchannel_logout_refuses_bad_tokens(make_stack, browser, api, o
     assert (await browser.get(f"{stack.url}/app/x")).status == 200
 
 
-async def test_backchannel_logout_needs_a_server_side_store(stack, api):
+async def test_backchannel_logout_with_cookie_store_and_workers_needs_redis(make_stack, api):
+    # Revocations of cookie sessions would live in one worker's memory only.
+    stack = await make_stack(server_extra="workers: 2\n")
     assert await post_logout_token(api, stack.url, logout_token(stack.op)) == 501
     async with api.get(f"{stack.url}/_gateway/backchannel-logout") as resp:
         assert resp.status == 405

@@ -163,3 +163,30 @@ def test_rfc9470_challenge_header():
     assert 'acr_values="phr phrh"' in value
     assert value.endswith("max_age=300")
     assert responses.www_authenticate(None, None) == "Bearer"
+
+
+@pytest.mark.parametrize(
+    ("auth_time", "received_at", "expected"),
+    [
+        (NOW - 30, NOW, NOW - 30),  # the usual case: the provider's auth_time
+        (NOW + 50, NOW, NOW),  # provider clock ahead (within skew): never in the future
+        (NOW, NOW, NOW),
+    ],
+    ids=["past", "provider_ahead", "same"],
+)
+def test_a_proof_is_dated_no_later_than_its_arrival(auth_time, received_at, expected):
+    assert assurance.proven_at(auth_time, received_at) == expected
+
+
+@pytest.mark.parametrize(
+    ("age_s", "max_age_s", "allowed"),
+    [(0, 5, True), (5, 5, True), (5.5, 5, False), (65, 5, False), (10**6, None, True)],
+)
+def test_max_age_has_no_leeway(age_s, max_age_s, allowed):
+    decision = decide(
+        rule("password", max_age_s),
+        session(("urn:example:loa:1", ("pwd",), NOW - age_s)),
+        LEVELS,
+        NOW,
+    )
+    assert isinstance(decision, Allow if allowed else Challenge)

@@ -558,7 +558,7 @@ SPOOFED_FORWARDING = [
     ("X-Forwarded-For", "203.0.113.7"),
     ("X-Forwarded-Proto", "http"),
     ("X-Forwarded-Host", "evil.example"),
-    ("Forwarded", "for=203.0.113.7;proto=http"),
+    ("Forwarded", "for=203.0.113.7;proto=http, for=198.51.100.1"),
     ("X-Real-IP", "203.0.113.7"),
     ("X_Forwarded_For", "198.51.100.1"),
 ]
@@ -579,21 +579,24 @@ async def test_forwarding_headers_from_an_untrusted_peer_are_replaced(
     assert values_of(record, "X-Real-IP") == []
 
 
-async def test_forwarding_chain_from_a_trusted_peer_is_extended(
+async def test_forwarding_chain_from_a_trusted_peer_starts_at_the_judged_client(
     make_gateway: MakeGateway,
 ) -> None:
     gateway = await make_gateway(trusted=True)
 
     record = await echo_via_raw(gateway, SPOOFED_FORWARDING)
 
-    assert values_of(record, "X-Forwarded-For") == ["203.0.113.7, 198.51.100.1, 127.0.0.1"]
+    # 198.51.100.1 is no trusted proxy, so it is the client: what lies left of it is the
+    # client's own claim, and an upstream reading the leftmost address must not see it.
+    assert values_of(record, "X-Forwarded-For") == ["198.51.100.1, 127.0.0.1"]
     # Proto and host are what the app derived and passed in, never the inbound copy.
     assert values_of(record, "X-Forwarded-Proto") == ["https"]
     assert values_of(record, "X-Forwarded-Host") == ["gateway.test"]
     assert values_of(record, "Forwarded") == [
-        "for=203.0.113.7;proto=http, for=127.0.0.1;host=gateway.test;proto=https"
+        "for=198.51.100.1;host=gateway.test;proto=https, "
+        "for=127.0.0.1;host=gateway.test;proto=https"
     ]
-    assert values_of(record, "X-Real-IP") == ["203.0.113.7"]
+    assert values_of(record, "X-Real-IP") == []  # it names another client
 
 
 # --------------------------------------------------------------------------- cookies

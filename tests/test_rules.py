@@ -365,3 +365,79 @@ def test_rule_set_agrees_with_linear_scan(
 
 def _name(rule: model.Rule | None) -> str | None:
     return rule.name if rule is not None else None
+
+
+# ---------------------------------------------------------------------------
+# case-insensitive upstreams and known hosts
+
+
+def _with_upstream(rule: model.Rule, upstream: str, index: int) -> model.Rule:
+    return dataclasses.replace(rule, upstream=upstream, index=index)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/api/transfers/1", "transfers"),
+        ("/API/Transfers/1", "transfers"),
+        ("/api/TRANSFERS", "transfers"),
+        ("/Api/Transfers/X/y", "transfers"),
+        ("/files/Report.PDF", "pdf"),
+        ("/files/report.pdf", "pdf"),
+        ("/caf%C3%A9/x", "cafe"),  # escapes compare case-insensitively too
+        ("/CAF%C3%A9/x", "cafe"),
+        ("/other", "catch-all"),
+    ],
+)
+def test_rules_for_a_case_insensitive_upstream_ignore_case(path: str, expected: str) -> None:
+    rules = [
+        _with_upstream(make_rule("transfers", "/api/transfers/**"), "express", 0),
+        _with_upstream(make_rule("pdf", "/files/*.pdf"), "express", 1),
+        _with_upstream(make_rule("cafe", "/café/**"), "express", 2),
+        _with_upstream(make_rule("catch-all", "/**"), "express", 3),
+    ]
+    rule_set = RuleSet(rules, case_insensitive_upstreams={"express"})
+    matched = rule_set.match("POST", None, path)
+    assert matched is not None and matched.name == expected
+    # The same rules for a case-sensitive upstream: another case is another path.
+    plain = RuleSet(rules).match("POST", None, path)
+    assert plain is not None
+    if path != path.lower() and expected != "cafe":
+        assert plain.name == "catch-all"
+
+
+def test_case_folding_is_per_upstream_and_keeps_rule_order() -> None:
+    rules = [
+        _with_upstream(make_rule("strict", "/api/transfers/**"), "express", 0),
+        _with_upstream(make_rule("jetty-admin", "/admin/**"), "jetty", 1),
+        _with_upstream(make_rule("lenient", "/**"), "jetty", 2),
+    ]
+    rule_set = RuleSet(rules, case_insensitive_upstreams={"express"})
+    assert [r.name for r in rule_set.candidates_for("GET", None, "/API/transfers")] == [
+        "strict",
+        "lenient",
+    ]
+    matched = rule_set.match("GET", None, "/ADMIN/x")
+    assert matched is not None and matched.name == "lenient"  # jetty is case-sensitive
+
+
+@pytest.mark.parametrize(
+    ("host", "known"),
+    [
+        ("bank.example.com", True),
+        ("gw.example.com", True),
+        ("10.0.0.5", True),
+        ("bank.example.com:8443", False),
+        ("10.0.0.6", False),
+        ("other.example.com", False),
+        (None, False),  # HTTP/1.0 without Host
+    ],
+)
+def test_with_host_scoped_rules_only_known_hosts_are_served(host: str | None, known: bool) -> None:
+    rule_set = in_order(
+        make_rule("transfers", "/api/**", host="bank.example.com"), make_rule("all", "/**")
+    )
+    with_extras = RuleSet(rule_set.rules, known_hosts=("gw.example.com", "10.0.0.5"))
+    assert with_extras.host_known(host) is known
+    # No rule names a host: every host is judged alike.
+    assert in_order(make_rule("all", "/**")).host_known(host) is True

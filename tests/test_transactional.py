@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
+from structlog.testing import capture_logs
 
 from tests.conftest import Browser, Stack, query_of
 from tests.support.upstream import header_values
@@ -17,7 +18,12 @@ from tests.test_gateway import PHR_USER, sign_in
 
 RECORDS = web.AppKey("records", list)
 
-FORM = {"Content-Type": "application/x-www-form-urlencoded", "Sec-Fetch-Mode": "navigate"}
+# What a browser sends with a form from a page of the same site (Fetch Metadata).
+FORM = {
+    "Content-Type": "application/x-www-form-urlencoded",
+    "Sec-Fetch-Mode": "navigate",
+    "Sec-Fetch-Site": "same-origin",
+}
 
 RULES = """\
 rules:
@@ -465,3 +471,30 @@ rules:
     back = await finish_round_trip(browser, hop)
     assert back.status == 400, back.body
     assert posts(stack, "/api/delete-tenant") == []
+
+
+async def test_a_once_rule_refuses_a_sign_in_from_before_its_request(make_stack, browser):
+    # The provider ignores max_age=0/prompt=login and reports the single sign-on of
+    # 30 s ago. The old check allowed oidc.clock_skew (60 s) before the request, so
+    # that passed as a new sign-in; now only a sign-in after the request does.
+    stack = await make_stack(rules=RULES, store="memory")
+    await sign_in(stack, browser)
+    stack.clock.advance(30)
+    stack.op.behaviour.user = PHR_USER
+    stack.op.behaviour.auth_time_delta_s = -30
+    hop = await post_form(browser, f"{stack.url}/api/delete-tenant", "confirm=yes")
+    assert query_of(hop.headers["Location"])["max_age"] == "0"
+    with capture_logs() as logs:
+        back = await finish_round_trip(browser, hop)
+    assert back.status == 403, back.body
+    assert "new sign-in each time" in back.body
+    assert any(e["event"] == "not_reauthenticated" for e in logs)
+    assert posts(stack, "/api/delete-tenant") == []
+
+    # A provider that does sign the user in again passes (same second included).
+    stack.op.behaviour.auth_time_delta_s = 0
+    hop = await post_form(browser, f"{stack.url}/api/delete-tenant", "confirm=yes")
+    back = await finish_round_trip(browser, hop)
+    resumed = await browser.get(f"{stack.url}{back.headers['Location']}")
+    assert resumed.status == 200, resumed.body
+    assert len(posts(stack, "/api/delete-tenant")) == 1

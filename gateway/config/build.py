@@ -8,6 +8,8 @@ files, cookie security) and build the frozen model.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import ipaddress
 import os
 from urllib.parse import urlsplit
@@ -21,19 +23,29 @@ from gateway.config.defaults import (
     DEFAULT_ACCESS_LOG,
     DEFAULT_ALGORITHMS,
     DEFAULT_ASSERTION_TTL_S,
+    DEFAULT_ASSUME_EMAIL_VERIFIED,
     DEFAULT_AUTHORIZATION_DETAILS_TYPE,
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_CLIENT_AUTH,
     DEFAULT_CLOCK_SKEW_S,
     DEFAULT_COOKIE_NAME,
     DEFAULT_COOKIE_SECURE,
     DEFAULT_ESSENTIAL_ACR,
     DEFAULT_HEADER_PREFIX,
+    DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_HTTP_TIMEOUT_S,
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_INTERNAL_PREFIX,
+    DEFAULT_KEEP_BUDGET_BYTES,
+    DEFAULT_KEEP_PER_CLIENT,
+    DEFAULT_KEEPALIVE_MAX_AGE_S,
+    DEFAULT_KEEPALIVE_REQUESTS,
+    DEFAULT_KEEPALIVE_TIMEOUT_S,
     DEFAULT_LIFETIME_S,
     DEFAULT_LOG_LEVEL,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_REDIS_POOL_TIMEOUT_S,
     DEFAULT_REDIS_PREFIX,
     DEFAULT_SCOPES,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
@@ -46,7 +58,10 @@ from gateway.config.defaults import (
     KNOWN_ALGORITHMS,
     LOG_LEVELS,
     MAX_CLOCK_SKEW_S,
+    MAX_CONNECTIONS_LIMIT,
+    MAX_REDIS_POOL_SIZE,
     MAX_REDIS_PREFIX_CHARS,
+    REDIS_POOL_SHARE,
     STORES,
 )
 from gateway.config.loader import (
@@ -109,10 +124,15 @@ class _Validator(_RuleBuilders):
         step_up = model.StepUpConfig(
             max_body_bytes=DEFAULT_MAX_BODY_BYTES,
             authorization_details_type=DEFAULT_AUTHORIZATION_DETAILS_TYPE,
+            keep_budget_bytes=DEFAULT_KEEP_BUDGET_BYTES,
+            keep_per_client=DEFAULT_KEEP_PER_CLIENT,
         )
         if top.get("step_up") is not None:
             step_up = self.section(top, "step_up", self.step_up) or step_up
         if server is not None and session is not None:
+            if session.redis_pool_size == 0:
+                pool_size = max(1, server.max_connections // REDIS_POOL_SHARE)
+                session = dataclasses.replace(session, redis_pool_size=pool_size)
             self.check_cookie_secure(server, session, top)
             self.check_once(server, session)
             if server.workers > 1 and session.store == "memory":
@@ -160,6 +180,14 @@ class _Validator(_RuleBuilders):
                 "upstream_timeout",
                 "access_log",
                 "log_level",
+                "hosts",
+                "case_insensitive_paths",
+                "max_connections",
+                "header_timeout",
+                "body_timeout",
+                "keepalive_timeout",
+                "keepalive_requests",
+                "keepalive_max_age",
             ),
         )
         listen_host, listen_port = self.required(m, "listen", self.host_port, ("", 0))
@@ -189,7 +217,45 @@ class _Validator(_RuleBuilders):
             log_level=self.optional(
                 m, "log_level", lambda n, p: self.choice(n, p, LOG_LEVELS), DEFAULT_LOG_LEVEL
             ),
+            hosts=self.optional(m, "hosts", self.hosts, ()),
+            case_insensitive_paths=self.optional(m, "case_insensitive_paths", self.boolean, False),
+            max_connections=self.optional(
+                m,
+                "max_connections",
+                lambda n, p: self.bounded_integer(n, p, 1, MAX_CONNECTIONS_LIMIT),
+                DEFAULT_MAX_CONNECTIONS,
+            ),
+            header_timeout_s=self.optional(
+                m, "header_timeout", self.timeout_s, DEFAULT_HEADER_TIMEOUT_S
+            ),
+            body_timeout_s=self.optional(m, "body_timeout", self.timeout_s, DEFAULT_BODY_TIMEOUT_S),
+            keepalive_timeout_s=self.optional(
+                m, "keepalive_timeout", self.timeout_s, DEFAULT_KEEPALIVE_TIMEOUT_S
+            ),
+            keepalive_requests=self.optional(
+                m,
+                "keepalive_requests",
+                lambda n, p: self.bounded_integer(n, p, 1, 2**31 - 1),
+                DEFAULT_KEEPALIVE_REQUESTS,
+            ),
+            keepalive_max_age_s=self.optional(
+                m, "keepalive_max_age", self.timeout_s, DEFAULT_KEEPALIVE_MAX_AGE_S
+            ),
         )
+
+    def hosts(self, node: Node, path: str) -> tuple[str, ...]:
+        """``server.hosts``: more names (and IP spellings) the gateway answers for."""
+        result: list[str] = []
+        for item_path, item in self.items(node, path, allow_empty=True):
+            with contextlib.suppress(_Invalid):
+                result.append(self.rule_host(item, item_path))
+        return tuple(result)
+
+    def bounded_integer(self, node: Node, path: str, low: int, high: int) -> int:
+        value = self.integer(node, path)
+        if not low <= value <= high:
+            raise self.fail(path, f"must be between {low} and {high} (got {value})", node)
+        return value
 
     def public_url(self, node: Node, path: str) -> str:
         text, parts = self.http_url(node, path, what="public_url")
@@ -202,6 +268,7 @@ class _Validator(_RuleBuilders):
             )
         # Kept as written otherwise: the redirect_uri built from it must match, byte for
         # byte, the one registered at the provider.
+        self.public_scheme = parts.scheme.lower()
         return text.rstrip("/")
 
     def internal_prefix(self, node: Node, path: str) -> str:
@@ -265,13 +332,27 @@ class _Validator(_RuleBuilders):
                 self.note(child, f"invalid upstream name {name!r}: use {_NAME_HINT}", key_node)
                 continue
             try:
-                text, _parts = self.http_url(value_node, child, what="upstream URL")
+                result[name] = self.upstream(name, value_node, child)
             except _Invalid:
                 continue
-            result[name] = model.UpstreamConfig(name=name, url=text.rstrip("/"))
         if len(self.problems) > before:
             raise _Invalid  # rules are then not checked against a partial list of upstreams
         return result
+
+    def upstream(self, name: str, node: Node, path: str) -> model.UpstreamConfig:
+        """An upstream: its URL, or ``{url: URL, case_insensitive_paths: BOOL}``."""
+        if not isinstance(node, MappingNode):
+            return model.UpstreamConfig(name=name, url=self.upstream_url(node, path))
+        m = self.mapping(node, path, ("url", "case_insensitive_paths"))
+        url = self.required(m, "url", lambda n, p: self.upstream_url(n, p), "")
+        case_insensitive = self.optional(m, "case_insensitive_paths", self.boolean, False)
+        if not url:
+            raise _Invalid
+        return model.UpstreamConfig(name=name, url=url, case_insensitive_paths=case_insensitive)
+
+    def upstream_url(self, node: Node, path: str) -> str:
+        text, _parts = self.http_url(node, path, what="upstream URL")
+        return text.rstrip("/")
 
     def oidc(self, node: Node, path: str) -> model.OidcConfig:
         m = self.mapping(
@@ -285,6 +366,7 @@ class _Validator(_RuleBuilders):
                 "scopes",
                 "client_auth",
                 "essential_acr",
+                "assume_email_verified",
                 "clock_skew",
                 "algorithms",
                 "http_timeout",
@@ -302,6 +384,9 @@ class _Validator(_RuleBuilders):
                 DEFAULT_CLIENT_AUTH,
             ),
             essential_acr=self.optional(m, "essential_acr", self.boolean, DEFAULT_ESSENTIAL_ACR),
+            assume_email_verified=self.optional(
+                m, "assume_email_verified", self.boolean, DEFAULT_ASSUME_EMAIL_VERIFIED
+            ),
             clock_skew_s=self.optional(m, "clock_skew", self.clock_skew, DEFAULT_CLOCK_SKEW_S),
             algorithms=self.optional(m, "algorithms", self.algorithms, DEFAULT_ALGORITHMS),
             http_timeout_s=self.optional(m, "http_timeout", self.timeout_s, DEFAULT_HTTP_TIMEOUT_S),
@@ -397,6 +482,8 @@ class _Validator(_RuleBuilders):
                 "idle_timeout",
                 "lifetime",
                 "transaction_ttl",
+                "redis_pool_size",
+                "redis_pool_timeout",
             ),
         )
         store = self.optional(m, "store", lambda n, p: self.choice(n, p, STORES), DEFAULT_STORE)
@@ -416,6 +503,16 @@ class _Validator(_RuleBuilders):
             lifetime_s=self.optional(m, "lifetime", self.positive_duration_s, DEFAULT_LIFETIME_S),
             transaction_ttl_s=self.optional(
                 m, "transaction_ttl", self.positive_duration_s, DEFAULT_TRANSACTION_TTL_S
+            ),
+            # 0: not given; sized from server.max_connections once both are read.
+            redis_pool_size=self.optional(
+                m,
+                "redis_pool_size",
+                lambda n, p: self.bounded_integer(n, p, 1, MAX_REDIS_POOL_SIZE),
+                0,
+            ),
+            redis_pool_timeout_s=self.optional(
+                m, "redis_pool_timeout", self.timeout_s, DEFAULT_REDIS_POOL_TIMEOUT_S
             ),
         )
 

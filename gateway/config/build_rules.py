@@ -7,30 +7,38 @@ refused, ``when`` parses, ``require.once`` has one place to record consumed proo
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway import model
+from gateway.cel import parse_when
 from gateway.conditions import MAX_DEPTH as MAX_CONDITION_DEPTH
 from gateway.conditions import (
     ConditionError,
     is_field_name,
-    parse_condition,
 )
 from gateway.config.defaults import (
     DEFAULT_ASSERTION_TTL_S,
     DEFAULT_AUTHORIZATION_DETAILS_TYPE,
     DEFAULT_HEADER_PREFIX,
+    DEFAULT_KEEP_BUDGET_BYTES,
+    DEFAULT_KEEP_PER_CLIENT,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_RISK_CACHE_S,
     DEFAULT_RISK_ON_ERROR,
     DEFAULT_RISK_TIMEOUT_S,
     MAX_BODY_LIMIT_BYTES,
     MAX_DETAILS_TYPE_CHARS,
+    MAX_KEEP_BUDGET_BYTES,
+    MAX_KEEP_PER_CLIENT,
     MAX_RISK_TIMEOUT_S,
     ONCE_NEEDS_ONE_CONSUMER,
+    REGISTERED_METHODS,
     RISK_ON_ERROR,
     _parse_size,
 )
@@ -198,17 +206,45 @@ class _RuleBuilders(_Reader):
             if not _TOKEN.fullmatch(method):
                 self.note(item_path, f"invalid method {method!r} (RFC 7230 token)", item)
                 continue
-            # Verbatim: methods are case-sensitive (RFC 7231 4.1), so a rule naming "post"
-            # allows the non-standard lower-case method, not POST.
+            # Methods are case-sensitive (RFC 9110 9.1): a rule naming "post" would never
+            # match a POST, so the typo would silently leave POSTs to a weaker rule.
+            if method != method.upper():
+                self.note(
+                    item_path,
+                    f"{method!r} must be upper case (did you mean {method.upper()!r}?)",
+                    item,
+                )
+                continue
+            if method not in REGISTERED_METHODS:
+                close = difflib.get_close_matches(method, sorted(REGISTERED_METHODS), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.note(
+                    item_path,
+                    f"unknown method {method!r}{hint}: a rule may name the methods of the "
+                    "IANA HTTP Method Registry",
+                    item,
+                )
+                continue
             methods.append(method)
         return frozenset(methods)
 
     def rule_host(self, node: Node, path: str) -> str:
         text = self.text(node, path).strip()
+        if "/" in text or "@" in text or "?" in text or "#" in text:
+            # "https://bank.example.com" or "bank.example.com/api" would never equal a
+            # Host header, so the rule would silently never apply.
+            bare = urlsplit(text if "//" in text else "//" + text).netloc.rpartition("@")[2]
+            hint = f" (did you mean {bare!r}?)" if bare else ""
+            raise self.fail(path, f"must be a host name, not a URL or a path: {text!r}{hint}", node)
         try:
-            return canonical_rule_host(text)
+            return canonical_rule_host(text, self.public_scheme)
         except ValueError as exc:
-            raise self.fail(path, f"invalid host {text!r}: {exc}", node) from None
+            hint = ""
+            if not text.isascii():
+                # Hosts arrive in their IDNA A-label form; one spelling is compared.
+                with contextlib.suppress(UnicodeError):
+                    hint = f" (did you mean {text.encode('idna').decode('ascii')!r}?)"
+            raise self.fail(path, f"invalid host {text!r}: {exc}{hint}", node) from None
 
     def requirement(
         self, node: Node, path: str, assurance: model.AssuranceConfig | None
@@ -233,11 +269,20 @@ class _RuleBuilders(_Reader):
         level = self.required(m, "level", lambda n, p: self.level_name(n, p, assurance), "")
         once = self.optional(m, "once", self.boolean, False)
         once_node = m.get("once")
+        max_age_s = self.optional(m, "max_age", self.duration_s, None)
+        if max_age_s == 0:
+            # max_age is measured without leeway and a proof is always a round trip old
+            # when the browser is back, so "proven 0 s ago" means what README promised:
+            # a new sign-in for every request, which is exactly a one-time rule.
+            once, max_age_s, once_node = True, None, m.get("max_age")
+            once_path = m.child("max_age")
+        else:
+            once_path = m.child("once")
         if once and once_node is not None:
-            self.once_nodes.append((m.child("once"), once_node))
+            self.once_nodes.append((once_path, once_node))
         return model.Requirement(
             level=level,
-            max_age_s=self.optional(m, "max_age", self.duration_s, None),
+            max_age_s=max_age_s,
             once=once,
             bind=self.optional(m, "bind", self.field_names, ()),
         )
@@ -270,10 +315,10 @@ class _RuleBuilders(_Reader):
             self.note(path, ONCE_NEEDS_ONE_CONSUMER, node)
 
     def when(self, node: Node, path: str) -> Any:
-        """A ``when`` value, parsed by :func:`gateway.conditions.parse_condition`."""
+        """A ``when`` value: CEL, or the old syntax (:func:`gateway.cel.parse_when`)."""
         value = self.plain(node, path, 0)
         try:
-            return parse_condition(value)
+            return parse_when(value)
         except ConditionError as exc:
             where_path, where_node = self.locate(node, path, exc.where)
             raise self.fail(where_path, exc.message, where_node) from None
@@ -339,16 +384,60 @@ class _RuleBuilders(_Reader):
         return seconds
 
     def step_up(self, node: Node, path: str) -> model.StepUpConfig:
-        m = self.mapping(node, path, ("max_body", "authorization_details_type"))
+        m = self.mapping(
+            node,
+            path,
+            ("max_body", "authorization_details_type", "keep_budget", "keep_per_client"),
+        )
+        max_body = self.optional(m, "max_body", self.size_bytes, DEFAULT_MAX_BODY_BYTES)
+        budget = self.optional(m, "keep_budget", self.keep_budget, DEFAULT_KEEP_BUDGET_BYTES)
+        if budget < max_body:
+            self.note(
+                m.child("keep_budget"),
+                f"is smaller than step_up.max_body ({max_body} bytes): a form at the body "
+                "limit could never be kept",
+                m.get("keep_budget"),
+            )
         return model.StepUpConfig(
-            max_body_bytes=self.optional(m, "max_body", self.size_bytes, DEFAULT_MAX_BODY_BYTES),
+            max_body_bytes=max_body,
             authorization_details_type=self.optional(
                 m,
                 "authorization_details_type",
                 self.details_type,
                 DEFAULT_AUTHORIZATION_DETAILS_TYPE,
             ),
+            keep_budget_bytes=budget,
+            keep_per_client=self.optional(
+                m, "keep_per_client", self.keep_per_client, DEFAULT_KEEP_PER_CLIENT
+            ),
         )
+
+    def keep_budget(self, node: Node, path: str) -> int:
+        scalar = self.scalar(node, path, "a size")
+        value = scalar.value
+        size: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            size = value
+        elif isinstance(value, str):
+            size = _parse_size(value)
+        if size is None or not 1 <= size <= MAX_KEEP_BUDGET_BYTES:
+            raise self.fail(
+                path,
+                f"use a size between 1 byte and 4GiB, in bytes (67108864) or with a unit "
+                f"(64MiB) (got {scalar.text!r})",
+                node,
+            )
+        return size
+
+    def keep_per_client(self, node: Node, path: str) -> int:
+        scalar = self.scalar(node, path, "an integer")
+        value = scalar.value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(path, "expected an integer", node)
+        if not 1 <= value <= MAX_KEEP_PER_CLIENT:
+            message = f"must be between 1 and {MAX_KEEP_PER_CLIENT} (got {value})"
+            raise self.fail(path, message, node)
+        return value
 
     def size_bytes(self, node: Node, path: str) -> int:
         """Bytes as an integer, or a number with a unit: 512KiB, 1MiB, 2MB."""

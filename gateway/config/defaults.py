@@ -72,6 +72,36 @@ DEFAULT_UPSTREAM_CONNECT_TIMEOUT_S = float(_default_s("server.upstream_connect_t
 # nginx's proxy_read_timeout default is 60 s; apps behind proxies are tuned for it.
 DEFAULT_UPSTREAM_TIMEOUT_S = float(_default_s("server.upstream_timeout"))
 DEFAULT_ACCESS_LOG: bool = default("server.access_log")
+# Client connections one process holds before it stops accepting (new ones then wait
+# in the kernel's listen backlog): nginx's worker_connections in its shipped config.
+# Each may also hold an upstream and a Redis connection: the process raises its open
+# file limit to the hard limit at start and warns when this does not fit.
+DEFAULT_MAX_CONNECTIONS: int = default("server.max_connections")
+# Apache mod_reqtimeout's header=20 (nginx's client_header_timeout is 60 s): a
+# browser sends its request head in one packet; 20 s is 8 KiB at 500 bytes/s.
+DEFAULT_HEADER_TIMEOUT_S = float(_default_s("server.header_timeout"))
+# Apache mod_reqtimeout's body=20,MinRate=500 (see gateway.connections).
+DEFAULT_BODY_TIMEOUT_S = float(_default_s("server.body_timeout"))
+# nginx's keepalive_timeout default: longer than the 60 s idle timeout of common load
+# balancers, so the balancer closes an idle connection first (a backend closing first
+# races the balancer's next request on it, which then fails).
+DEFAULT_KEEPALIVE_TIMEOUT_S = float(_default_s("server.keepalive_timeout"))
+# nginx's keepalive_requests default (since 1.19.10).
+DEFAULT_KEEPALIVE_REQUESTS: int = default("server.keepalive_requests")
+# After a worker restarts or a replica is added, keep-alive clients stay where they
+# are until their connection ends: at 10 s, load is spread again within seconds,
+# for one TCP handshake (well under a millisecond on a LAN) per connection per 10 s.
+# nginx's keepalive_time (1 h) bounds memory, not balance.
+DEFAULT_KEEPALIVE_MAX_AGE_S = float(_default_s("server.keepalive_max_age"))
+MAX_CONNECTIONS_LIMIT = 100_000
+# Each Redis command holds one pooled connection for well under a millisecond, so a
+# quarter of the client connections in Redis at once is already a burst; six
+# processes of 256 stay far below Redis's maxclients (10,000).
+REDIS_POOL_SHARE = 4
+# A Redis that answers but whose pool is busy: wait this long, then answer 503 with
+# Retry-After (back-pressure). A Redis that does not answer fails faster (0.5 s).
+DEFAULT_REDIS_POOL_TIMEOUT_S = float(_default_s("session.redis_pool_timeout"))
+MAX_REDIS_POOL_SIZE = 10_000
 DEFAULT_LOG_LEVEL: str = default("server.log_level")
 # OIDC Core 5.4: profile and email fill X-Auth-Email and the name shown on pages.
 DEFAULT_SCOPES: tuple[str, ...] = tuple(default("oidc.scopes"))
@@ -80,6 +110,9 @@ DEFAULT_CLIENT_AUTH: str = default("oidc.client_auth")
 # OIDC Core 5.5.1.1: an essential acr makes some providers fail the login outright instead
 # of doing their best; the gateway checks the acr it gets back either way.
 DEFAULT_ESSENTIAL_ACR: bool = default("oidc.essential_acr")
+# An email the provider has not verified is whatever the user typed; forwarding it as
+# X-Auth-Email lets anyone claim anyone's address (the "nOAuth" takeovers of 2023).
+DEFAULT_ASSUME_EMAIL_VERIFIED: bool = default("oidc.assume_email_verified")
 # OIDC Core 3.1.3.7 asks for "a small leeway" on iat/exp for clock skew.
 DEFAULT_CLOCK_SKEW_S = _default_s("oidc.clock_skew")
 # RFC 7518 3.1 asymmetric algorithms (RS256 is mandatory, OIDC Core 15.1). Never "none",
@@ -115,6 +148,27 @@ DEFAULT_RISK_CACHE_S = _default_s("rules[].risk.cache")
 DEFAULT_MAX_BODY_BYTES = _default_bytes("step_up.max_body")
 # RFC 9396 authorization_details "type" for rules that bind fields (PSD2 payments).
 DEFAULT_AUTHORIZATION_DETAILS_TYPE: str = default("step_up.authorization_details_type")
+# Requests kept across a step-up, all together, per process: 64 forms at the 1 MiB
+# body limit, thousands of ordinary ones. Past it new ones get 503 + Retry-After.
+DEFAULT_KEEP_BUDGET_BYTES = _default_bytes("step_up.keep_budget")
+MAX_KEEP_BUDGET_BYTES = 4 * 1024 * 1024 * 1024
+# A user rarely has more than a few step-ups in flight (five transaction cookies at
+# most); eight per session, or per client address without one, leaves room.
+DEFAULT_KEEP_PER_CLIENT: int = default("step_up.keep_per_client")
+MAX_KEEP_PER_CLIENT = 1000
+# The IANA HTTP Method Registry (RFC 9110 16.1.1, WebDAV, DeltaV, CalDAV, ...), and
+# PURGE that caches use: a rule may name these; anything else is most likely a typo
+# that would leave the requests it meant to protect to a weaker rule.
+REGISTERED_METHODS: frozenset[str] = frozenset(
+    {
+        *("ACL", "BASELINE-CONTROL", "BIND", "CHECKIN", "CHECKOUT", "CONNECT", "COPY"),
+        *("DELETE", "GET", "HEAD", "LABEL", "LINK", "LOCK", "MERGE", "MKACTIVITY"),
+        *("MKCALENDAR", "MKCOL", "MKREDIRECTREF", "MKWORKSPACE", "MOVE", "OPTIONS"),
+        *("ORDERPATCH", "PATCH", "POST", "PRI", "PROPFIND", "PROPPATCH", "PURGE", "PUT"),
+        *("QUERY", "REBIND", "REPORT", "SEARCH", "TRACE", "UNBIND", "UNCHECKOUT"),
+        *("UNLINK", "UNLOCK", "UPDATE", "UPDATEREDIRECTREF", "VERSION-CONTROL"),
+    }
+)
 
 # --- Limits --------------------------------------------------------------------------
 
@@ -125,6 +179,8 @@ MAX_PORT = 65535
 MAX_RISK_TIMEOUT_S = 10.0
 # Bodies are held in memory while a rule's conditions and bindings read them.
 MAX_BODY_LIMIT_BYTES = 64 * 1024 * 1024
+# Kept requests, all together, in one process (or in Redis, per process).
+MAX_KEEP_BUDGET_BYTES = 4 * 1024 * 1024 * 1024
 MAX_DETAILS_TYPE_CHARS = 200
 
 STORES = ("cookie", "memory", "redis")

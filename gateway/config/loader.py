@@ -113,6 +113,9 @@ class _Reader:
         self.problems: list[ConfigProblem] = []
         # (key path, node) of every require.once: true, checked against the store.
         self.once_nodes: list[tuple[str, Node]] = []
+        # public_url's scheme once read: hosts in rules and server.hosts drop its default
+        # port only (":80" under https is another origin); both 80 and 443 until then.
+        self.public_scheme: str | None = None
         # PyYAML is untyped; this is the implicit-tag resolver SafeLoader uses.
         self._resolve: Callable[[type[Node], str, tuple[bool, bool]], str] = Resolver().resolve
         self._constructor = SafeConstructor()

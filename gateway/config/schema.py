@@ -55,7 +55,7 @@ _PRIORITY = (
 )
 
 
-def _inline(node: object, kind: str | None, kinds: dict[int, str]) -> Any:
+def _inline(node: object, kind: str | None, kinds: dict[int, tuple[str, object]]) -> Any:
     """A copy of ``node`` with every ``$ref`` replaced by what it names.
 
     Validating without references is several times faster (a 10,000-rule file is
@@ -72,15 +72,17 @@ def _inline(node: object, kind: str | None, kinds: dict[int, str]) -> Any:
         name = ref.removeprefix("#/$defs/")
         target = _inline(SCHEMA["$defs"][name], name, kinds)
         merged = target | {k: _inline(v, kind, kinds) for k, v in node.items() if k != "$ref"}
-        kinds[id(merged)] = name
+        kinds[id(merged)] = (name, merged)  # holding the object keeps its id unique
         return merged
     copy = {k: _inline(v, kind, kinds) for k, v in node.items() if k != "$defs"}
     if kind is not None:
-        kinds[id(copy)] = kind
+        kinds[id(copy)] = (kind, copy)
     return copy
 
 
-_KIND: dict[int, str] = {}
+# id of an inlined schema object -> ($defs name, the object). The object is held so that
+# no id is reused by a later object while the entry exists (ids of freed objects are).
+_KIND: dict[int, tuple[str, object]] = {}
 # Built once: compiling the schema costs more than validating a config with it.
 _VALIDATOR = Draft202012Validator(_inline(SCHEMA, None, _KIND))
 
@@ -304,7 +306,8 @@ def _problems(error: ValidationError, where: Mapping[KeyPath, Where]) -> Iterato
         raw = place.raw if place else ""  # as written: an interpolated value may be a secret
         yield SchemaProblem(path, f"expected a list (write [{raw}])", line)
         return
-    message = _message(keyword, _KIND.get(id(error.schema)), schema, instance, text)
+    kind = _KIND.get(id(error.schema))
+    message = _message(keyword, kind[0] if kind else None, schema, instance, text)
     yield SchemaProblem(path, message, line)
 
 
@@ -336,6 +339,7 @@ _WHAT = {
     "positive_duration": "a duration",
     "timeout": "a duration",
     "size": "a size",
+    "budget": "a size",
     "workers": "an integer",
     "condition": "a condition",
     "require": "'none' or {level: NAME}",
@@ -363,7 +367,7 @@ def _message(
         return f"unknown value {text!r}" + suggest(text, known)
     if schema.get("type") == "boolean":
         return "expected true or false" + (f", got {shape}" if shape else "")
-    what = _WHAT.get(kind or "", "a value")
+    what = _WHAT.get(kind or "", "an integer" if schema.get("type") == "integer" else "a value")
     if shape is not None:
         return f"expected {what}, got {shape}"
     if kind in ("text", "scalar", "name", "method", "secrets"):
@@ -379,12 +383,22 @@ def _message(
         if parse_duration_s(text.strip()) == 0 and kind != "duration":
             return "must be longer than 0 seconds"
         return f"invalid duration {text!r}: {_DURATION_HINT}"
+    if kind == "budget":
+        return (
+            "use a size between 1 byte and 4GiB, in bytes (67108864) or with a unit "
+            f"(64MiB) (got {text!r})"
+        )
     if kind == "size":
         if keyword in ("minimum", "maximum"):
             return f"must be between 1 byte and {MAX_SIZE_BYTES} bytes (64MiB)"
         return f"invalid size {text!r}: {_SIZE_HINT}"
     if kind == "workers":
         return "must be at least 1" if keyword == "minimum" else "expected an integer"
+    if schema.get("type") == "integer":
+        if keyword in ("minimum", "maximum"):
+            low, high = schema.get("minimum"), schema.get("maximum")
+            return f"must be between {low} and {high} (got {instance})"
+        return "expected an integer"
     if kind == "require":
         return f"expected 'none' or a mapping like {{level: NAME, max_age: 5m}} (got {text!r})"
     return f"invalid value ({keyword})"  # never the value: it may be a secret

@@ -46,6 +46,21 @@ _RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
 _OKP_ALGS = frozenset({"EdDSA", "Ed25519", "Ed448"})
 
+# Claims that reach the upstream in X-Auth-* headers, in bytes of UTF-8. OIDC Core 2:
+# sub "MUST NOT exceed 255 ASCII characters"; RFC 5321 4.5.3.1.3 bounds an address
+# at 254 octets; acr is a short URI or name (the longest in common use is ~70).
+# RFC 8176 amr values are a few letters ("pwd", "hwk"), a provider's own are words.
+# Together they bound the X-Auth-* headers, assertion included, to about 3 KiB for
+# ASCII claims and 7.5 KiB at worst (every limit reached in percent-encoded UTF-8),
+# under the 8 KiB that Jetty, Tomcat and gunicorn accept by default.
+MAX_CLAIM_BYTES = {"sub": 255, "email": 254, "acr": 128}
+MAX_AMR_VALUES = 10
+MAX_AMR_VALUE_BYTES = 32
+# Control characters (C0, DEL, C1), lone surrogates (not encodable as UTF-8) and the
+# Unicode line and paragraph separators (line breaks to JavaScript): a value holding
+# one is not an identifier any upstream should have to handle.
+_UNSAFE_CLAIM_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029]")
+
 # RFC 6749 5.2 / A.7: error codes are printable ASCII; we only pass on the
 # conservative subset so a hostile provider cannot put anything odd in our logs.
 _ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -59,8 +74,10 @@ class IdTokenError(Exception):
 
     ``reason`` is a short machine code for logs and metrics: ``malformed``,
     ``alg``, ``key_type``, ``bad_signature``, ``iss``, ``aud``, ``azp``, ``exp``,
-    ``iat``, ``auth_time``, ``nonce``, ``kid``, ``sub``. For ``malformed`` the
-    offending claim, if any, is in ``claim``. Never carries token contents.
+    ``nbf``, ``iat``, ``auth_time``, ``nonce``, ``kid``, ``sub``, ``claim_value`` (a
+    claim the gateway would pass on holds a control character or is too long). For
+    ``malformed`` and ``claim_value`` the offending claim is in ``claim``. Never
+    carries token contents.
     """
 
     def __init__(self, reason: str, *, claim: str | None = None) -> None:
@@ -391,6 +408,10 @@ class IdTokenClaims:
     email: str | None
     name: str | None
     azp: str | None
+    nbf: int | None = None
+    # OIDC Core 5.1: true, false, or None when the provider did not say. Anything but
+    # a JSON boolean (a string "true", a number) is read as False: not vouched for.
+    email_verified: bool | None = None
 
 
 def unverified_header(token: str) -> dict[str, Any]:
@@ -506,15 +527,7 @@ def _read_claims(payload: Mapping[str, object]) -> IdTokenClaims:
         return value
 
     def number(name: str, *, required: bool = False) -> int | None:
-        value = payload.get(name)
-        if value is None and not required:
-            return None
-        # RFC 7519 2: NumericDate may be fractional; bool is an int in Python, not here.
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise IdTokenError("malformed", claim=name)
-        if value != value or abs(value) > 2**53:  # NaN, or beyond JSON's exact range
-            raise IdTokenError("malformed", claim=name)
-        return int(value)
+        return numeric_date(payload, name, required=required)
 
     aud_value = payload.get("aud")
     if isinstance(aud_value, str):
@@ -539,6 +552,14 @@ def _read_claims(payload: Mapping[str, object]) -> IdTokenClaims:
     sub = string("sub", required=True)
     if not sub:
         raise IdTokenError("sub")
+    for name, max_bytes in MAX_CLAIM_BYTES.items():
+        value = payload.get(name)
+        if isinstance(value, str):
+            check_header_claim(name, value, max_bytes)
+    if len(amr) > MAX_AMR_VALUES:
+        raise IdTokenError("claim_value", claim="amr")
+    for value in amr:
+        check_header_claim("amr", value, MAX_AMR_VALUE_BYTES)
     return IdTokenClaims(
         iss=string("iss", required=True) or "",
         sub=sub,
@@ -553,7 +574,52 @@ def _read_claims(payload: Mapping[str, object]) -> IdTokenClaims:
         email=string("email"),
         name=string("name"),
         azp=string("azp"),
+        nbf=number("nbf"),
+        email_verified=(
+            None if "email_verified" not in payload else payload["email_verified"] is True
+        ),
     )
+
+
+def verified_email(claims: IdTokenClaims, *, assume_verified: bool) -> str | None:
+    """The ``email`` the gateway may vouch for (``X-Auth-Email``), or None.
+
+    Only with ``email_verified: true`` (OIDC Core 5.1), or when the provider does not
+    send the claim at all and the operator said to assume it (``assume_verified``).
+    An explicit ``false`` is never trusted: the address is then whatever the user typed.
+    """
+    if claims.email is None or claims.email_verified is False:
+        return None
+    if claims.email_verified or assume_verified:
+        return claims.email
+    return None
+
+
+def check_header_claim(name: str, value: str, max_bytes: int) -> None:
+    """Refuse a claim the upstream would receive that no identifier should look like:
+    a control character, a lone surrogate, a line separator, empty (``amr``) or over
+    ``max_bytes`` of UTF-8. Raises ``IdTokenError("claim_value", claim=name)``."""
+    too_long = len(value) > max_bytes or len(value.encode("utf-8", "surrogatepass")) > max_bytes
+    if too_long or _UNSAFE_CLAIM_CHARS.search(value) or (name == "amr" and not value):
+        raise IdTokenError("claim_value", claim=name)
+
+
+def numeric_date(payload: Mapping[str, object], name: str, *, required: bool = False) -> int | None:
+    """A NumericDate claim (RFC 7519 2) as whole seconds, or None when absent and optional.
+
+    Anything else is ``malformed``: a string, ``true`` (bool is an int in Python),
+    NaN or infinity (Python's JSON parser accepts both), a number beyond JSON's exact
+    integer range.
+    """
+    value = payload.get(name)
+    if value is None and not required:
+        return None
+    # RFC 7519 2: NumericDate may be fractional; bool is an int in Python, not here.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise IdTokenError("malformed", claim=name)
+    if value != value or abs(value) > 2**53:  # NaN, or beyond JSON's exact range
+        raise IdTokenError("malformed", claim=name)
+    return int(value)
 
 
 def _check_claims(
@@ -577,6 +643,9 @@ def _check_claims(
         raise IdTokenError("azp")
     if not claims.exp > now - skew_s:
         raise IdTokenError("exp")
+    # RFC 7519 4.1.5: not to be accepted before nbf (with the same leeway as exp).
+    if claims.nbf is not None and claims.nbf > now + skew_s:
+        raise IdTokenError("nbf")
     if claims.iat > now + skew_s or claims.iat < now - ID_TOKEN_MAX_AGE_S - skew_s:
         raise IdTokenError("iat")
     if claims.auth_time is not None and claims.auth_time > now + skew_s:
@@ -627,14 +696,15 @@ def verify_logout_token(
     audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
     if client_id not in audiences:
         raise IdTokenError("aud")
-    iat = payload.get("iat")
-    if not isinstance(iat, int) or isinstance(iat, bool):
-        raise IdTokenError("malformed", claim="iat")
+    iat = numeric_date(payload, "iat", required=True) or 0
     if iat > now + skew_s or iat < now - LOGOUT_TOKEN_MAX_AGE_S - skew_s:
         raise IdTokenError("iat")
-    exp = payload.get("exp")
-    if exp is not None and (not isinstance(exp, int | float) or exp <= now - skew_s):
+    exp = numeric_date(payload, "exp")
+    if exp is not None and exp <= now - skew_s:
         raise IdTokenError("exp")
+    nbf = numeric_date(payload, "nbf")
+    if nbf is not None and nbf > now + skew_s:
+        raise IdTokenError("nbf")
     jti = payload.get("jti")
     if not isinstance(jti, str) or not jti:
         raise IdTokenError("malformed", claim="jti")

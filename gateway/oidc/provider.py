@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import aiohttp
@@ -48,9 +48,12 @@ METADATA_MAX_AGE_S = 60 * 60
 JWKS_MAX_AGE_S = 60 * 60
 # OIDC Core 10.1.1: on rotation the provider publishes a new key and tokens name it
 # by kid, so an unknown kid triggers a refetch. But the kid is chosen by whoever
-# sent the token: a stream of tokens with random kids must not make us hammer the
-# provider, so refetch at most once per this interval, whatever the outcome.
-JWKS_REFETCH_INTERVAL_S = 30
+# sent the token (a back-channel logout token can come from anyone): a stream of
+# random kids must not make us hammer the provider. So at most one fetch per this
+# interval, whatever the outcome; concurrent requests share one fetch; and a request
+# that arrives within the interval waits for the next allowed fetch (at most this
+# long) instead of failing a sign-in right after a routine rotation.
+JWKS_REFETCH_INTERVAL_S = 5
 # After a failed refresh we keep serving the last good copy and try again this
 # much later, rather than on every request while the provider is down.
 RETRY_AFTER_FAILURE_S = 10
@@ -62,9 +65,10 @@ MAX_RESPONSE_BYTES = 1024 * 1024
 class ProviderClient:
     """Cached view of one OpenID Provider, plus the token request.
 
-    ``clock`` only times the caches (monotonic); token checks take ``now`` from
-    the caller. ``on_error(kind)`` is called once per provider failure, with a
-    short ``{endpoint}_{problem}`` kind (``jwks_timeout``), for metrics.
+    ``clock`` only times the caches (monotonic) and ``sleep`` waits on it; token
+    checks take ``now`` from the caller. ``on_error(kind)`` is called once per
+    provider failure, with a short ``{endpoint}_{problem}`` kind (``jwks_timeout``),
+    for metrics.
     """
 
     def __init__(
@@ -73,11 +77,13 @@ class ProviderClient:
         http: aiohttp.ClientSession,
         *,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
         self._cfg = cfg
         self._http = http
         self._clock = clock
+        self._sleep = sleep
         self._on_error = on_error
         self._timeout = aiohttp.ClientTimeout(total=cfg.http_timeout_s)
         self._meta: ProviderMetadata | None = None
@@ -88,6 +94,7 @@ class ProviderClient:
         self._jwks_loaded = False
         self._jwks_next_fetch = float("-inf")
         self._jwks_last_attempt = float("-inf")
+        self._jwks_attempts = 0  # fetches started, so a waiter can tell a newer one ran
         self._jwks_error: errors.ProviderError | None = None
         self._jwks_lock = asyncio.Lock()
 
@@ -118,8 +125,10 @@ class ProviderClient:
     async def key_for(self, kid: str | None, alg: str) -> jwt.PyJWK:
         """The provider's key for a token header, bound to ``alg``.
 
-        An unknown kid refetches the JWKS, at most once per
-        :data:`JWKS_REFETCH_INTERVAL_S`; still unknown -> ``IdTokenError("kid")``.
+        An unknown kid refetches the JWKS: at most one fetch per
+        :data:`JWKS_REFETCH_INTERVAL_S`, shared by every request waiting for it, and
+        waited for (at most that long) when the last one was too recent. Still
+        unknown after a fetch that started after this call -> ``IdTokenError("kid")``.
         """
         if alg not in usable_algs(self._cfg.algorithms):
             raise IdTokenError("alg")  # before any fetch: the header is attacker-chosen
@@ -127,16 +136,40 @@ class ProviderClient:
         key = self._find_key(kid, alg)
         if key is not None:
             return key
-        async with self._jwks_lock:
-            key = self._find_key(kid, alg)  # another task may have refetched meanwhile
-            if key is None and self._clock() - self._jwks_last_attempt >= JWKS_REFETCH_INTERVAL_S:
-                log.info("jwks_refetch_unknown_kid", kid_present=kid is not None)
-                # A failure here propagates (old keys stay): the token may be fine.
-                await self._fetch_jwks_locked(raise_errors=True)
-                key = self._find_key(kid, alg)
+        key = await self._refetch_for_unknown_kid(kid, alg)
         if key is None:
             raise IdTokenError("kid")
         return key
+
+    async def _refetch_for_unknown_kid(self, kid: str | None, alg: str) -> jwt.PyJWK | None:
+        """The key after a JWKS fetch that was in flight or started after this call,
+        or None.
+
+        One fetch per :data:`JWKS_REFETCH_INTERVAL_S` at most. A fetch in flight or
+        one that another request started after ours is shared; when the last fetch
+        was too recent, wait for the next allowed one, once and at most one
+        interval, rather than fail.
+        """
+        # A fetch in flight counts as ours: requests that pile up behind one fetch
+        # share it (a key published in the milliseconds since it started is picked
+        # up by the next one).
+        asked = self._jwks_attempts - (1 if self._jwks_lock.locked() else 0)
+        waited = False
+        while True:
+            async with self._jwks_lock:
+                key = self._find_key(kid, alg)
+                if key is not None or self._jwks_attempts != asked:
+                    return key
+                wait_s = self._jwks_last_attempt + JWKS_REFETCH_INTERVAL_S - self._clock()
+                if wait_s <= 0:
+                    log.info("jwks_refetch_unknown_kid", kid_present=kid is not None)
+                    # A failure here propagates (old keys stay): the token may be fine.
+                    await self._fetch_jwks_locked(raise_errors=True)
+                    return self._find_key(kid, alg)
+            if waited:
+                return None
+            waited = True
+            await self._sleep(min(wait_s, JWKS_REFETCH_INTERVAL_S))
 
     async def exchange_code(
         self, *, code: str, redirect_uri: str, code_verifier: str
@@ -264,6 +297,7 @@ class ProviderClient:
         """Fetch the key set; the caller holds ``_jwks_lock``. On failure the last
         good keys stay; the error is raised if there are none or ``raise_errors``."""
         self._jwks_last_attempt = self._clock()
+        self._jwks_attempts += 1
         try:
             meta = await self.metadata()
             keys = await self._fetch("jwks", meta.jwks_uri, _parse_jwks)

@@ -11,7 +11,7 @@ stay under the browser's 4 KB limit:
     v  format version (1)          a   acr of the last authentication
     i  public session id           m   amr of the last authentication (list)
     s  sub                         at  auth_time of the last authentication
-    e  email          (optional)   pr  proofs: [[acr|null, [amr...], auth_time], ...]
+    e  email          (optional)   pr  proofs: [[acr|null, [amr...], auth_time(, id)], ...]
     n  name           (optional)   c   created_at
     p  provider sid   (optional)   l   last_seen
     t  id_token       (optional)
@@ -38,11 +38,17 @@ TOUCH_INTERVAL_S = 60
 
 @dataclass(frozen=True, slots=True)
 class Proof:
-    """One authentication the provider asserted: its acr, amr and auth_time."""
+    """One authentication the provider asserted: its acr, amr and auth_time.
+
+    ``id`` names the step-up that produced it (minted at the callback), so a
+    one-time rule consumes exactly this proof: two step-ups within the same second
+    have the same ``auth_time`` but are two proofs. None in sessions saved before ids.
+    """
 
     acr: str | None
     amr: tuple[str, ...]
     auth_time: float
+    id: str | None = None
 
     def same_method(self, other: Proof) -> bool:
         """Same acr and the same set of amr values (RFC 8176 gives their order no meaning)."""
@@ -182,7 +188,7 @@ class Session:
             data["a"] = self.acr
         data["m"] = list(self.amr)
         data["at"] = _compact_time(self.auth_time)
-        data["pr"] = [[p.acr, list(p.amr), _compact_time(p.auth_time)] for p in self.proofs]
+        data["pr"] = [_proof_item(p) for p in self.proofs]
         data["c"] = _compact_time(self.created_at)
         data["l"] = _compact_time(self.last_seen)
         if self.ip is not None:
@@ -313,15 +319,32 @@ def _str_tuple(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def new_proof_id() -> str:
+    """A random id for one step-up's proof (96 bits: unique, short in the cookie)."""
+    return secrets.token_urlsafe(12)
+
+
+def _proof_item(proof: Proof) -> list[object]:
+    item: list[object] = [proof.acr, list(proof.amr), _compact_time(proof.auth_time)]
+    if proof.id is not None:
+        item.append(proof.id)
+    return item
+
+
 def _proofs(value: object) -> tuple[Proof, ...]:
     if not isinstance(value, list) or len(value) > MAX_PROOFS:
         raise Malformed
     proofs: list[Proof] = []
     for item in value:
-        if not isinstance(item, list) or len(item) != 3:
+        if not isinstance(item, list) or len(item) not in (3, 4):
             raise Malformed
-        acr, amr, auth_time = item
+        acr, amr, auth_time = item[:3]
         proofs.append(
-            Proof(acr=optional_str(acr), amr=_str_tuple(amr), auth_time=finite_time(auth_time))
+            Proof(
+                acr=optional_str(acr),
+                amr=_str_tuple(amr),
+                auth_time=finite_time(auth_time),
+                id=required_str(item[3]) if len(item) == 4 else None,
+            )
         )
     return tuple(proofs)

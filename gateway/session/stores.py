@@ -310,6 +310,8 @@ def make_store(cfg: model.SessionConfig) -> SessionStore:
             idle_timeout_s=cfg.idle_timeout_s,
             lifetime_s=cfg.lifetime_s,
             prefix=cfg.redis_prefix,
+            pool_size=cfg.redis_pool_size,
+            pool_timeout_s=cfg.redis_pool_timeout_s,
         )
     raise errors.ConfigError(
         [errors.ConfigProblem("session.store", f"store {cfg.store!r} is not available")]

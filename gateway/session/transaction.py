@@ -29,6 +29,14 @@ TX_COOKIE_BASE = "stepup_tx"
 # A user rarely has more than a couple of tabs mid-login; the cap keeps a looping
 # page from filling the Cookie header (servers refuse headers over ~8 KB).
 MAX_IN_FLIGHT = 5
+# The return URL sealed into a transaction cookie, at most. Beyond it the query is
+# dropped (the path alone is kept, or "/"): a sealed 1 KiB URL makes a cookie of
+# about 2 KB, well under the 4096 bytes per cookie RFC 6265 6.1 asks browsers to keep.
+MAX_RETURN_TO_CHARS = 1024
+# All transaction cookies together, as name=value in the Cookie header. With the
+# session cookie (at most ~3.9 KB) the gateway's own cookies stay under 8 KB, the
+# header limit of nginx, Apache, Jetty and aiohttp alike; beyond it the oldest go.
+MAX_TX_COOKIE_BYTES = 3 * 1024
 # Replicas' clocks disagree a little (OIDC Core 3.1.3.7 allows for the same with
 # iat); a transaction from further in the future than this was not sealed by us now.
 CLOCK_SKEW_S = 60
@@ -156,6 +164,19 @@ def tx_cookie_names(cookies: Mapping[str, str], base: str, secure: bool) -> list
     return [name for name in cookies if pattern.fullmatch(name)]
 
 
+def bounded_return_to(return_to: str, max_chars: int = MAX_RETURN_TO_CHARS) -> str:
+    """``return_to`` when short enough to seal; else its path alone, else ``/``."""
+    if len(return_to) <= max_chars:
+        return return_to
+    path = return_to.partition("?")[0].partition("#")[0]
+    return path if len(path) <= max_chars else "/"
+
+
+def cookie_pair_bytes(name: str, value: str) -> int:
+    """What ``name=value`` adds to a Cookie header, with its ``; `` separator."""
+    return len(name) + 1 + len(value) + 2
+
+
 def tx_cookies_to_drop(
     cookies: Mapping[str, str],
     codec: TransactionCodec,
@@ -165,11 +186,15 @@ def tx_cookies_to_drop(
     now: float,
     ttl_s: float,
     max_in_flight: int = MAX_IN_FLIGHT,
+    new_bytes: int = 0,
+    max_total_bytes: int = MAX_TX_COOKIE_BYTES,
 ) -> list[str]:
-    """Transaction cookies to delete before setting one more.
+    """Transaction cookies to delete before setting one more of ``new_bytes``
+    (:func:`cookie_pair_bytes`).
 
     Unreadable and expired ones, then the oldest, until at most
-    ``max_in_flight - 1`` remain (room for the new one).
+    ``max_in_flight - 1`` remain (room for the new one) and the remaining ones and
+    the new one take at most ``max_total_bytes`` together.
     """
     drop: list[str] = []
     alive: list[tuple[float, str]] = []
@@ -180,8 +205,11 @@ def tx_cookies_to_drop(
         else:
             alive.append((tx.created_at, name))
     alive.sort()
-    excess = len(alive) - max(max_in_flight - 1, 0)
-    drop.extend(name for _, name in alive[: max(excess, 0)])
+    total = new_bytes + sum(cookie_pair_bytes(name, cookies[name]) for _, name in alive)
+    while alive and (len(alive) > max(max_in_flight - 1, 0) or total > max_total_bytes):
+        _, name = alive.pop(0)
+        total -= cookie_pair_bytes(name, cookies[name])
+        drop.append(name)
     return drop
 
 

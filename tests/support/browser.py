@@ -42,8 +42,8 @@ from playwright.async_api import (
 )
 
 from gateway.app import Gateway, make_server
-from gateway.demo import DemoStack, start_demo_stack
-from gateway.demo.bank import Customer
+from stepup_demo import DemoStack, start_demo_stack
+from stepup_demo.bank import Customer
 from tests.conftest import Clock
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -62,7 +62,7 @@ ARTIFACTS = ROOT / "tests" / "artifacts" / "browser"
 DOCS_SCREENSHOTS = ROOT / "docs" / "screenshots"
 STEP_TIMEOUT_MS = 10_000  # one page or ceremony; a hang fails in seconds, not minutes
 # A USB security key: roaming ("cross-platform") and device-bound (not backup
-# eligible), so the provider reports amr "hwk" (gateway.demo.factors.passkey_amr).
+# eligible), so the provider reports amr "hwk" (stepup_demo.factors.passkey_amr).
 SECURITY_KEY = {
     "protocol": "ctap2",
     "transport": "usb",
@@ -76,7 +76,7 @@ SECURITY_KEY = {
 
 def demo_users() -> dict[str, dict[str, str]]:
     """The shipped users.yaml: names, passwords and TOTP secrets are public by design."""
-    text = resources.files("gateway.demo").joinpath("users.yaml").read_text(encoding="utf-8")
+    text = resources.files("stepup_demo").joinpath("users.yaml").read_text(encoding="utf-8")
     users: dict[str, dict[str, str]] = yaml.safe_load(text)["users"]
     return users
 
@@ -308,10 +308,11 @@ async def create_and_use_passkey(
 
 
 async def approve_first_transfer(tab: Tab, demo: Demo, shots: Screenshots, *, approve: str) -> None:
-    """Sent the transfer form with a password session: the provider asks alice to sign
-    in again (a once rule asks for a new sign-in), then for her first passkey."""
+    """Sent the transfer form with a password session: the provider asks alice for a
+    passkey and nothing else (not her password again, though a once rule asks for a new
+    sign-in); she has none yet, so a one-time code lets her create one first."""
     page = tab.page
-    await sign_in_with_password(page, demo, "alice")
+    await expect(page.locator("#password")).to_have_count(0)
     await create_and_use_passkey(tab, demo, shots, approve=approve)
 
 

@@ -117,6 +117,7 @@ class OpUser:
 
     sub: str = "user-1"
     email: str | None = "alice@example.com"
+    email_verified: bool | None = True  # None leaves the claim out (as Entra ID does)
     name: str | None = "Alice Example"
     acr: str | None = "urn:example:loa:1"
     amr: list[str] | None = field(default_factory=lambda: ["pwd"])
@@ -143,6 +144,7 @@ class OpBehaviour:
     azp: str | None = None  # included when set
     exp_delta_s: float = 300
     iat_delta_s: float = 0
+    nbf_delta_s: float | None = None  # nbf is included when set
     auth_time_delta_s: float = 0  # relative to when /authorize ran
     omit_auth_time: bool = False
     clock_offset_s: float = 0  # shifts iat, exp and auth_time together
@@ -176,10 +178,17 @@ ID_TOKEN_MISBEHAVIOURS: dict[str, tuple[dict[str, Any], str]] = {
     "expired": ({"exp_delta_s": -3600}, "exp"),
     "iat_in_future": ({"iat_delta_s": 3600}, "iat"),
     "iat_too_old": ({"iat_delta_s": -3600, "exp_delta_s": 300}, "iat"),
+    "nbf_in_future": ({"nbf_delta_s": 3600}, "nbf"),
     "auth_time_in_future": ({"auth_time_delta_s": 3600}, "auth_time"),
     "wrong_nonce": ({"nonce": "not-the-nonce-we-sent"}, "nonce"),
     "unknown_kid": ({"unknown_kid": True}, "kid"),
     "clock_ahead_beyond_skew": ({"clock_offset_s": 3600}, "iat"),
+    # Claims that reach the upstream's headers: one header each, nothing smuggled.
+    "sub_with_crlf": ({"user": OpUser(sub="user-1\r\nX-Auth-Level: admin")}, "claim_value"),
+    "email_with_lf": ({"user": OpUser(email="a@example.com\nX-Evil: 1")}, "claim_value"),
+    "amr_with_nul": ({"user": OpUser(amr=["pwd\x00"])}, "claim_value"),
+    "acr_with_line_separator": ({"user": OpUser(acr="phr\u2028x")}, "claim_value"),
+    "sub_too_long": ({"user": OpUser(sub="u" * 256)}, "claim_value"),
 }
 # Needs max_age in the request (auth_time is then REQUIRED, OIDC Core 3.1.2.1).
 MISSING_AUTH_TIME: tuple[dict[str, Any], str] = ({"omit_auth_time": True}, "auth_time")
@@ -319,6 +328,8 @@ class OpenIdProvider:
         }
         if b.azp is not None:
             claims["azp"] = b.azp
+        if b.nbf_delta_s is not None:
+            claims["nbf"] = int(now + b.nbf_delta_s)
         if b.nonce is not None or nonce is not None:
             claims["nonce"] = b.nonce if b.nonce is not None else nonce
         if not b.omit_auth_time:
@@ -333,6 +344,8 @@ class OpenIdProvider:
             claims["amr"] = list(b.user.amr)
         if b.user.email is not None:
             claims["email"] = b.user.email
+            if b.user.email_verified is not None:
+                claims["email_verified"] = b.user.email_verified
         if b.user.name is not None:
             claims["name"] = b.user.name
         for name, value in b.extra_claims.items():

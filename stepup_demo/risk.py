@@ -22,7 +22,7 @@ from decimal import Decimal
 import structlog
 from aiohttp import web
 
-log = structlog.get_logger("gateway.demo.risk")
+log = structlog.get_logger("stepup_demo.risk")
 
 LARGE_AMOUNT = Decimal("1000")  # above this, a passkey (demo.yaml's phishing-resistant)
 STRONG_LEVEL = "phishing-resistant"

@@ -294,7 +294,7 @@ def next_step(
     now: float,
     approval: bool = False,
 ) -> Decision:
-    """What the sign-in needs next.
+    """What the sign-in needs next: only what the target level still misses.
 
     ``factors`` is None while the user is unknown. ``session`` holds the provider
     session's earlier authentications of this user (single sign-on), ``ceremony``
@@ -305,6 +305,17 @@ def next_step(
     ``approval`` (the request asks the user to approve something, such as a payment):
     the target level's factor must be performed in this sign-in, on a page that shows
     what is approved; the session may still vouch for the password on the way.
+
+    A passkey is a whole sign-in on its own: possession of a key bound to this origin,
+    plus user verification (PIN or biometric), which makes it multi-factor and
+    phishing-resistant (a multi-factor cryptographic authenticator in NIST SP
+    800-63B-4 terms). So a known user with a passkey is asked for the passkey and
+    nothing else, even by ``prompt=login``: the password proves nothing the passkey
+    does not, and asking for it anyway teaches users to type passwords without
+    thinking. A user without a passkey yet creates one after a one-time code in this
+    sign-in; for that, the provider session's password (of any age) still says who
+    the user is. ``mfa`` under ``force_login`` still asks for both of its factors
+    again: the pair is what makes the level.
     """
     if factors is None:
         return Decision(Step.PASSWORD)
@@ -316,10 +327,10 @@ def next_step(
     done = strongest(ceremony if approval else [*fresh, *ceremony], target)
     if done is not None:
         return Decision(Step.DONE, target, done)
-    has_password = any(AMR_PASSWORD in auth.amr for auth in [*earlier, *ceremony])
     if target == ACR_PASSWORD:
         return Decision(Step.PASSWORD, target)
     if target == ACR_MFA:
+        has_password = any(AMR_PASSWORD in auth.amr for auth in [*earlier, *ceremony])
         return Decision(Step.TOTP if has_password else Step.PASSWORD, target)
     if factors.passkey:
         return Decision(Step.PASSKEY, target)
@@ -328,4 +339,6 @@ def next_step(
     )
     if otp_in_ceremony:
         return Decision(Step.ENROL_PASSKEY, target)
-    return Decision(Step.TOTP if has_password else Step.PASSWORD, target)
+    # Enrolment: who the user is comes from a password, this sign-in's or the session's.
+    signed_in = any(AMR_PASSWORD in auth.amr for auth in [*session, *ceremony])
+    return Decision(Step.TOTP if signed_in else Step.PASSWORD, target)

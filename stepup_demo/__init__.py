@@ -1,8 +1,8 @@
 """``stepup-gateway demo``: the gateway, a development identity provider and Demo Bank.
 
-Everything runs in one process on loopback: the provider (:mod:`gateway.demo.idp`),
-Demo Bank (:mod:`gateway.demo.bank`) and a small risk service
-(:mod:`gateway.demo.risk`) on free ports, the gateway in front of the bank with
+Everything runs in one process on loopback: the provider (:mod:`stepup_demo.idp`),
+Demo Bank (:mod:`stepup_demo.bank`) and a small risk service
+(:mod:`stepup_demo.risk`) on free ports, the gateway in front of the bank with
 ``demo.yaml``, filled in with those ports and fresh random secrets.
 DEVELOPMENT ONLY: the demo users' passwords and TOTP secrets are public.
 """
@@ -31,12 +31,12 @@ from gateway.config import load_config_text
 from gateway.errors import ConfigError
 
 # The provider and the bank (authlib, webauthn) are imported where they are used:
-# importing this package stays cheap, and `python -m gateway.demo.idp` does not find
+# importing this package stays cheap, and `python -m stepup_demo.idp` does not find
 # its module imported twice.
 if TYPE_CHECKING:
-    from gateway.demo.bank import DemoBank
-    from gateway.demo.factors import DemoUser
-    from gateway.demo.idp import IdentityProvider
+    from stepup_demo.bank import DemoBank
+    from stepup_demo.factors import DemoUser
+    from stepup_demo.idp import IdentityProvider
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -67,7 +67,7 @@ class DemoStack:
 
 
 def demo_config_text() -> str:
-    return resources.files("gateway.demo").joinpath("demo.yaml").read_text(encoding="utf-8")
+    return resources.files("stepup_demo").joinpath("demo.yaml").read_text(encoding="utf-8")
 
 
 def _bound_socket(host: str, port: int = 0) -> socket.socket:
@@ -93,7 +93,7 @@ def _url_host(host: str) -> str:
     Also for the wildcard addresses, which include loopback: anything else needs TLS
     in front, since OAuth (and authlib) refuse plain http off loopback (RFC 8252 7.3).
     """
-    from gateway.demo.idp import is_loopback
+    from stepup_demo.idp import is_loopback
 
     if is_loopback(host) or host in ("0.0.0.0", "::"):
         return "localhost"
@@ -121,11 +121,11 @@ async def start_demo_stack(
     ``stack.config`` to :func:`gateway.server.run_gateway`. Raises ConfigError
     (with everything already started stopped) if demo.yaml does not load.
     """
-    from gateway.demo.bank import DemoBank
-    from gateway.demo.idp import IdentityProvider
-    from gateway.demo.oauth import DemoClient
-    from gateway.demo.passkeys import PasskeyStore
-    from gateway.demo.risk import risk_app
+    from stepup_demo.bank import DemoBank
+    from stepup_demo.idp import IdentityProvider
+    from stepup_demo.oauth import DemoClient
+    from stepup_demo.passkeys import PasskeyStore
+    from stepup_demo.risk import risk_app
 
     url_host = _url_host(host)
     if gateway_port:
@@ -202,7 +202,7 @@ async def start_demo_stack(
 
 
 def print_welcome(stack: DemoStack, out: TextIO | None = None) -> None:
-    from gateway.demo.idp import describe_users
+    from stepup_demo.idp import describe_users
 
     out = out or sys.stdout
     print(
@@ -241,8 +241,8 @@ async def run_demo(host: str, port: int, passkey_file: Path | None = None) -> in
 def main(args: argparse.Namespace) -> int:
     """``stepup-gateway demo``; ``args`` has ``host``, ``port``, ``i_know_this_is_not_production``
     (and optionally ``passkeys``, a JSON file to keep passkeys in across runs)."""
-    from gateway.demo.idp import print_dev_banner, refuse_public_bind
-    from gateway.demo.passkeys import PasskeyError
+    from stepup_demo.idp import print_dev_banner, refuse_public_bind
+    from stepup_demo.passkeys import PasskeyError
 
     host = getattr(args, "host", None) or DEFAULT_HOST
     port = getattr(args, "port", None)

@@ -21,7 +21,7 @@ DEV_WARNING = "Development identity provider: never use it for real accounts or 
 
 def static_file(name: str) -> bytes:
     """A file from the package's ``static/`` directory (no CDN: everything is local)."""
-    return resources.files("gateway.demo").joinpath("static", name).read_bytes()
+    return resources.files("stepup_demo").joinpath("static", name).read_bytes()
 
 
 def esc(value: object) -> str:

@@ -31,7 +31,7 @@ from webauthn.helpers.structs import (
     UserVerificationRequirement,
 )
 
-from gateway.demo.factors import passkey_amr
+from stepup_demo.factors import passkey_amr
 
 CEREMONY_TIMEOUT_MS = 120_000  # WebAuthn L3 5.4: recommended 300 000 max; two minutes is plenty
 CHALLENGE_BYTES = 32  # WebAuthn L3 13.4.3: at least 16 random bytes

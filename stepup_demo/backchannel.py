@@ -15,19 +15,17 @@ import asyncio
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import structlog
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import ECKey
 
-from gateway.demo.oauth import ID_TOKEN_ALG, DemoClient
+from stepup_demo.oauth import ID_TOKEN_ALG, DemoClient
+from stepup_demo.provider_session import ProviderSession
 
-if TYPE_CHECKING:
-    from gateway.demo.idp import ProviderSession
-
-log = structlog.get_logger("gateway.demo.idp")
+log = structlog.get_logger("stepup_demo.idp")
 
 BACKCHANNEL_LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 # Section 2.4 recommends explicit typing; section 4.1: it keeps a logout token from
@@ -87,7 +85,7 @@ class Delivery:
 class BackchannelLogoutSender:
     """Sends logout tokens to the relying parties of an ended provider session.
 
-    Speaks :class:`gateway.demo.idp.LogoutNotifier`. Failures are logged and
+    Speaks :class:`stepup_demo.provider_session.LogoutNotifier`. Failures are logged and
     never raised: a relying party that is down must not keep the user signed in
     at the provider.
     """

@@ -35,9 +35,9 @@ import structlog
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from gateway.demo.pages import esc, static_file
+from stepup_demo.pages import esc, static_file
 
-log = structlog.get_logger("gateway.demo.bank")
+log = structlog.get_logger("stepup_demo.bank")
 
 SHOWN_HEADERS = (
     "X-Auth-Subject",

@@ -49,9 +49,9 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet
 from multidict import MultiDict, MultiDictProxy, MultiMapping
 
-from gateway.demo.factors import Authentication, DemoUser
+from stepup_demo.factors import Authentication, DemoUser
 
-log = structlog.get_logger("gateway.demo.idp")
+log = structlog.get_logger("stepup_demo.idp")
 
 ID_TOKEN_ALG = "ES256"
 ID_TOKEN_TTL_S = 5 * 60  # only read once, at the callback; short keeps leaks short-lived
@@ -186,7 +186,7 @@ class DemoClient(ClientMixin):  # type: ignore[misc]
     redirect_uris: tuple[str, ...]
     post_logout_redirect_uris: tuple[str, ...] = ()
     # Where its logout_token is POSTed when a provider session it took part in ends
-    # (OIDC Back-Channel Logout 1.0 2.2); see gateway.demo.backchannel.
+    # (OIDC Back-Channel Logout 1.0 2.2); see stepup_demo.backchannel.
     backchannel_logout_uri: str | None = None
     scopes: tuple[str, ...] = SCOPES_SUPPORTED
 

@@ -16,18 +16,20 @@ It honours ``acr_values`` and the ``claims`` parameter's ``acr`` (prompting for 
 strongest requested level the user can reach, or answering
 ``unmet_authentication_requirements``), ``max_age``, ``prompt=login``/``none``,
 ``login_hint`` and ``id_token_hint``; a provider session (its own cookie) that
-already meets a request signs the user in without a prompt. A user without a
-passkey may create one only after a one-time code in the same sign-in.
+already meets a request signs the user in without a prompt, and a step-up asks only
+for what the session lacks: a signed-in user asked for ``phr`` is asked for a passkey
+and nothing else, since a user-verified passkey is a whole sign-in on its own. A user
+without a passkey may create one only after a one-time code in the same sign-in.
 
 A request with RFC 9396 ``authorization_details`` or a ``binding_message`` asks the
 user to approve something: every page of that sign-in says what ("Approve transfer
 of 250.00 EUR to ACME Ltd"), the requested factor is asked for again even when the
 session holds it, and the ID token echoes the approved ``authorization_details``
-(:mod:`gateway.demo.approvals`).
+(:mod:`stepup_demo.approvals`).
 
-The OAuth/OIDC protocol work is authlib's (see :mod:`gateway.demo.oauth`); the
-sign-in decisions are pure functions in :mod:`gateway.demo.factors`; passkeys are
-:mod:`gateway.demo.passkeys`. This module holds the state and the aiohttp handlers.
+The OAuth/OIDC protocol work is authlib's (see :mod:`stepup_demo.oauth`); the
+sign-in decisions are pure functions in :mod:`stepup_demo.factors`; passkeys are
+:mod:`stepup_demo.passkeys`. This module holds the state and the aiohttp handlers.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import structlog
@@ -57,10 +59,10 @@ from joserfc import jwt as jose_jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet
 
-from gateway.demo import pages
-from gateway.demo.approvals import SUPPORTED_TYPES, Approval, ApprovalError, approval_from_request
-from gateway.demo.backchannel import BackchannelLogoutSender
-from gateway.demo.factors import (
+from stepup_demo import pages
+from stepup_demo.approvals import SUPPORTED_TYPES, Approval, ApprovalError, approval_from_request
+from stepup_demo.backchannel import BackchannelLogoutSender
+from stepup_demo.factors import (
     ACR_MFA,
     ACR_PASSWORD,
     ACR_PHISHING_RESISTANT,
@@ -81,7 +83,7 @@ from gateway.demo.factors import (
     next_step,
     parse_acr_request,
 )
-from gateway.demo.oauth import (
+from stepup_demo.oauth import (
     CLIENT_AUTH_METHODS,
     ID_TOKEN_ALG,
     SCOPES_SUPPORTED,
@@ -96,7 +98,7 @@ from gateway.demo.oauth import (
     read_request,
     replayed_request,
 )
-from gateway.demo.passkeys import (
+from stepup_demo.passkeys import (
     CEREMONY_TIMEOUT_MS,
     PasskeyError,
     PasskeyStore,
@@ -106,8 +108,9 @@ from gateway.demo.passkeys import (
     verify_authentication,
     verify_registration,
 )
+from stepup_demo.provider_session import LogoutNotifier, ProviderSession
 
-log = structlog.get_logger("gateway.demo.idp")
+log = structlog.get_logger("stepup_demo.idp")
 
 BROWSER_COOKIE = "demo_idp_browser"
 SIGN_IN_TTL_S = 10 * 60  # one sign-in (authorization request -> code), like a code's max life
@@ -143,18 +146,6 @@ DEV_BANNER = """\
 # --- state -----------------------------------------------------------------------
 
 
-@dataclass
-class ProviderSession:
-    """The provider's own sign-in state for one browser (single sign-on)."""
-
-    sid: str  # also in the ID tokens and the logout tokens
-    username: str
-    sub: str
-    created_at: float
-    authentications: dict[str, Authentication] = field(default_factory=dict)  # newest per acr
-    clients: set[str] = field(default_factory=set)  # who got codes: told when it ends
-
-
 @dataclass(frozen=True, slots=True)
 class PendingChallenge:
     kind: str  # "register" | "authenticate"
@@ -182,22 +173,8 @@ class SignIn:
     challenge: PendingChallenge | None = None
 
 
-class LogoutNotifier(Protocol):
-    """Tells relying parties a provider session ended (Back-Channel Logout 1.0).
-
-    :class:`gateway.demo.backchannel.BackchannelLogoutSender` is the real one.
-    ``session_ended`` must not raise, and must not keep the sign-out waiting long.
-    """
-
-    supported: bool  # advertised as backchannel_logout_supported
-
-    async def session_ended(
-        self, session: ProviderSession, clients: Sequence[DemoClient]
-    ) -> None: ...
-
-
 def default_users() -> dict[str, DemoUser]:
-    text = resources.files("gateway.demo").joinpath("users.yaml").read_text(encoding="utf-8")
+    text = resources.files("stepup_demo").joinpath("users.yaml").read_text(encoding="utf-8")
     return load_users_text(text, "users.yaml")
 
 
@@ -431,7 +408,9 @@ class IdentityProvider:
                 text += " First, sign in with your password."
         else:
             text = f"{client} asks you to sign in with your password."
-        if sign_in.force_login:
+        if sign_in.force_login and target == ACR_PHISHING_RESISTANT and step is not Step.PASSWORD:
+            text += " It asks for a new sign-in even if you are signed in: your passkey is one."
+        elif sign_in.force_login:
             text += " It asks you to sign in again even if you are signed in."
         elif sign_in.approval is not None:
             text += " To approve, confirm it again even if you are signed in."
@@ -1114,9 +1093,9 @@ def describe_users(users: Mapping[str, DemoUser], issuer_label: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gateway.demo.idp``: run the provider alone, for one client."""
+    """``python -m stepup_demo.idp``: run the provider alone, for one client."""
     parser = argparse.ArgumentParser(
-        prog="python -m gateway.demo.idp", description="Development OpenID Provider."
+        prog="python -m stepup_demo.idp", description="Development OpenID Provider."
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9001)
