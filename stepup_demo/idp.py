@@ -58,14 +58,8 @@ from stepup_demo.idp_core import BROWSER_COOKIE, default_users
 from stepup_demo.idp_http import html_response, security_headers
 from stepup_demo.idp_passkeys import PasskeyCeremonies
 from stepup_demo.idp_sign_in import SignInPages
-from stepup_demo.oauth import (
-    CLIENT_AUTH_METHODS,
-    ID_TOKEN_ALG,
-    SCOPES_SUPPORTED,
-    DemoClient,
-    OAuthResponse,
-    read_request,
-)
+from stepup_demo.oauth_http import OAuthResponse, read_request
+from stepup_demo.oauth_models import CLIENT_AUTH_METHODS, ID_TOKEN_ALG, SCOPES_SUPPORTED, DemoClient
 from stepup_demo.passkeys import PasskeyError, PasskeyStore
 from stepup_demo.provider_session import ProviderSession
 

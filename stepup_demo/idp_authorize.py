@@ -30,15 +30,14 @@ from stepup_demo.factors import (
 )
 from stepup_demo.idp_core import BROWSER_COOKIE, ProviderCore, SignIn, random_id
 from stepup_demo.idp_http import html_response, see_other
-from stepup_demo.oauth import (
+from stepup_demo.oauth import InvalidAuthorizationDetails, UnmetAuthenticationRequirements
+from stepup_demo.oauth_http import (
     AiohttpOAuth2Request,
-    GrantedUser,
-    InvalidAuthorizationDetails,
     OAuthResponse,
-    UnmetAuthenticationRequirements,
     read_request,
     replayed_request,
 )
+from stepup_demo.oauth_models import GrantedUser
 from stepup_demo.provider_session import ProviderSession
 
 log = structlog.get_logger("stepup_demo.idp")

@@ -41,13 +41,9 @@ from stepup_demo.factors import (
     next_step,
 )
 from stepup_demo.idp_http import html_response
-from stepup_demo.oauth import (
-    ID_TOKEN_ALG,
-    AiohttpOAuth2Request,
-    DemoAuthorizationServer,
-    DemoClient,
-    OAuthStore,
-)
+from stepup_demo.oauth import DemoAuthorizationServer
+from stepup_demo.oauth_http import AiohttpOAuth2Request
+from stepup_demo.oauth_models import ID_TOKEN_ALG, DemoClient, OAuthStore
 from stepup_demo.passkeys import PasskeyStore
 from stepup_demo.provider_session import LogoutNotifier, ProviderSession
 
