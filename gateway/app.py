@@ -88,9 +88,10 @@ from gateway.session.cookies import (
     delete_cookie_kwargs,
     set_cookie_kwargs,
 )
+from gateway.session.factory import make_store
 from gateway.session.model import Proof, Session, new_proof_id
 from gateway.session.redis_store import RedisStore, eviction_problem
-from gateway.session.stores import CookieStore, SessionStore, make_store
+from gateway.session.stores import CookieStore, SessionStore
 from gateway.session.transaction import (
     Transaction,
     TransactionCodec,

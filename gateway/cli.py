@@ -150,9 +150,15 @@ def _run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     # Imported here: `check` and `explain` need neither aiohttp nor the event loop.
-    from gateway.server import serve
+    # Several workers: a supervisor spawns them, each running server.run_one (workers
+    # builds on server, never the other way round).
+    if config.server.workers > 1:
+        from gateway.workers import supervise
 
-    return serve(config, config_path=args.config)
+        return supervise(config, args.config)
+    from gateway.server import run_one
+
+    return run_one(config, args.config)
 
 
 def _check(args: argparse.Namespace) -> int:
