@@ -9,7 +9,6 @@ This module is the only place where errors become responses.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import html
 import ipaddress
 import json
@@ -33,11 +32,18 @@ from multidict import CIMultiDict, MultiDict
 from gateway import assurance, headers, logs, responses
 from gateway.assertion import AssertionKeyError, AssertionSigner, load_or_generate_key
 from gateway.conditions import (
-    Facts,
     binding_digest,
     binding_values,
     extract_fields,
     media_type,
+)
+from gateway.decision import (
+    Allow,
+    Challenge,
+    Deny,
+    RequestFacts,
+    decide_plain,
+    decide_request,
 )
 from gateway.errors import (
     BadRequest,
@@ -76,10 +82,9 @@ from gateway.oidc.flow import (
 from gateway.oidc.flow import random_token as new_random
 from gateway.oidc.provider import ProviderClient
 from gateway.paths import canonical_host, normalize_path, split_request_target
-from gateway.policy import Allow, Challenge, Deny, decide
 from gateway.proxy import UpstreamIntercepted, Upstreams
 from gateway.reload import restart_needed
-from gateway.risk import RiskClient, RiskFacts, effective_requirement
+from gateway.risk import RiskClient, RiskFacts, RiskOutcome
 from gateway.rules import RuleSet
 from gateway.session.aux import AuxStore, LocalAux
 from gateway.session.cookies import (
@@ -233,6 +238,42 @@ class KeptBody:
     async def fields(self) -> dict[str, object]:
         query = MultiDict(parse_qsl(self._kept.path_qs.partition("?")[2], keep_blank_values=True))
         return extract_fields(self._kept.content_type, self._kept.body, query)
+
+
+class _RequestReader:
+    """:class:`gateway.decision.RequestReader` for a live request: read on demand, once."""
+
+    __slots__ = ("_body", "_client_ip", "_gateway", "_request")
+
+    def __init__(self, gateway: Gateway, request: web.BaseRequest, body: RequestBody) -> None:
+        self._gateway = gateway
+        self._request = request
+        self._body = body
+        self._client_ip: tuple[str | None] | None = None
+
+    async def fields(self) -> dict[str, object]:
+        return await self._body.fields()
+
+    def client_ip(self) -> str | None:
+        if self._client_ip is None:
+            self._client_ip = (self._gateway.client_ip(self._request),)
+        return self._client_ip[0]
+
+
+class _KeptReader:
+    """:class:`gateway.decision.RequestReader` for a kept request, replayed."""
+
+    __slots__ = ("_body", "_client_ip")
+
+    def __init__(self, body: KeptBody, client_ip: str | None) -> None:
+        self._body = body
+        self._client_ip = client_ip
+
+    async def fields(self) -> dict[str, object]:
+        return await self._body.fields()
+
+    def client_ip(self) -> str | None:
+        return self._client_ip
 
 
 class ReloadRefused(Exception):
@@ -522,7 +563,10 @@ class Gateway:
     async def proxied(
         self, request: web.BaseRequest, path: str, query: str | None, request_id: str
     ) -> tuple[str | None, web.StreamResponse]:
-        """A request for the upstreams: choose the rule, decide, act. (rule name, response)"""
+        """A request for the upstreams: decide, then forward | challenge | deny.
+
+        Returns (the name of the rule that decided, the response).
+        """
         rules, config = self.rules, self.config  # one consistent view across a reload
         rules.require_known_method(request.method)
         host = self.judged_host(request, rules)
@@ -530,30 +574,25 @@ class Gateway:
         try:
             session = await self.load_session(request)
         except StoreUnavailable as exc:
-            # Only requests that need a session fail (closed, with a 503 below);
-            # routes that need no sign-in keep working while the store is down.
-            session, store_down = None, exc
+            session, store_down = None, exc  # decided below: fatal only if a session is needed
         now = self.clock()
         body = RequestBody(request, config.step_up.max_body_bytes)
-        # The common case, the first matching rule has no condition, without a coroutine.
         rule = rules.match(request.method, host, path)
-        if rule is not None and rule.when is not None:
-            rule = await self.choose_rule(request, rules, host, path, session, body, now)
-        rule_name = rule.name if rule is not None else None
-        if store_down is not None and (rule is None or rule.require.level is not None):
-            raise store_down
-        judged = rule
-        if rule is not None and rule.risk is not None:
-            judged = await self.apply_risk(request, rule, session, body, path, now)
-            if judged is None:
-                self.metrics.requests.labels(rule.name, "deny").inc()
-                return rule_name, self.deny(request, Deny(403, "risk_engine_denied"))
-        binding = None
-        if judged is not None and judged.require.bind:
-            binding = binding_digest(judged.require.bind, await body.fields())
-        decision = decide(judged, session, config.assurance, now, binding=binding)
-        if isinstance(decision, Allow) and judged is not None and judged.require.once:
-            decision = await self.consume_proof(decision, session, now)
+        decision = decide_plain(rule, session, config.assurance, now, session_error=store_down)
+        if decision is None:
+            facts = RequestFacts(
+                request.method, host, path, session, _RequestReader(self, request, body)
+            )
+            decision = await decide_request(
+                facts,
+                rules,
+                config.assurance,
+                now,
+                risk=self.ask_risk_engine,
+                claim_once=self.claim_once,
+                session_error=store_down,
+            )
+        rule_name = decision.rule.name if decision.rule is not None else None
         self.metrics.requests.labels(rule_name or "", DECISION_LABEL[type(decision)]).inc()
         path_qs = path if query is None else f"{path}?{query}"
         if isinstance(decision, Allow):
@@ -564,64 +603,12 @@ class Gateway:
             return rule_name, await self.challenge(request, decision, path_qs, body, session)
         return rule_name, self.deny(request, decision)
 
-    async def choose_rule(
-        self,
-        request: web.BaseRequest,
-        rules: RuleSet,
-        host: str | None,
-        path: str,
-        session: Session | None,
-        body: RequestBody | KeptBody,
-        now: float,
-        *,
-        method: str | None = None,
-    ) -> Rule | None:
-        """The first matching rule whose ``when`` holds (or that has none)."""
-        client_ip = self.client_ip(request)
-        for candidate in rules.candidates_for(method or request.method, host, path):
-            condition = candidate.when
-            if condition is None:
-                return candidate
-            facts = Facts(
-                fields=await body.fields() if condition.fields() else {},
-                client_ip=client_ip,
-                proven_ip=session.ip if session is not None else None,
-                auth_age_s=now - session.auth_time if session is not None else None,
-            )
-            if condition.holds(facts):
-                return candidate
-        return None
-
-    async def apply_risk(
-        self,
-        request: web.BaseRequest,
-        rule: Rule,
-        session: Session | None,
-        body: RequestBody,
-        path: str,
-        now: float,
-    ) -> Rule | None:
-        """``rule`` with what its risk engine adds; None when the engine says deny."""
-        assert rule.risk is not None
-        wanted = set(rule.require.bind) | (set(rule.when.fields()) if rule.when else set())
-        fields = binding_values(sorted(wanted), await body.fields()) if wanted else {}
-        held = assurance.highest(self.config.assurance.levels, session.proofs) if session else None
-        facts = RiskFacts(
-            subject=session.sub if session else None,
-            rule=rule.name,
-            method=request.method,
-            path=path,
-            client_ip=self.client_ip(request),
-            fields=fields,
-            level=held.name if held else None,
-            level_age_s=now - session.auth_time if session else None,
-        )
+    async def ask_risk_engine(
+        self, rule: Rule, facts: RiskFacts, session_id: str | None, now: float
+    ) -> RiskOutcome:
+        """:class:`gateway.decision.RiskEngine`: the engine's answer, audited."""
         outcome = await self.risk.assess(
-            rule,
-            facts,
-            assurance=self.config.assurance,
-            session_id=session.id if session else None,
-            now=now,
+            rule, facts, assurance=self.config.assurance, session_id=session_id, now=now
         )
         audit.info(
             "risk_assessed",
@@ -630,28 +617,14 @@ class Gateway:
             level=outcome.level,
             reason=outcome.reason,
         )
-        requirement = effective_requirement(rule.require, outcome, self.config.assurance)
-        return None if requirement is None else dataclasses.replace(rule, require=requirement)
+        return outcome
 
-    async def consume_proof(
-        self, decision: Allow, session: Session | None, now: float
-    ) -> Allow | Challenge:
-        """A one-time rule: the proof is used up by this request, atomically."""
-        proof = decision.proof
-        if session is None or proof is None:
-            return decision
-        # The step-up that made the proof names it; proofs saved before ids existed
-        # fall back to what they are made of.
-        made_by = proof.id if proof.id is not None else f"{proof.acr}:{proof.auth_time}"
-        name = f"proof:{session.id}:{made_by}"
+    async def claim_once(self, name: str, *, rule: str, sub: str) -> bool:
+        """:class:`gateway.decision.ClaimOnce`: spend a one-time rule's proof, atomically."""
         if await self.aux.claim_once(name, self.config.session.lifetime_s):
-            audit.info("proof_consumed", rule=decision.rule.name, sub=session.sub)
-            return decision
-        required = self.config.assurance.level(decision.rule.require.level or "")
-        assert required is not None  # a once rule always names a level (config check)
-        return Challenge(
-            decision.rule, required, decision.rule.require.max_age_s, "proof_used", decision.level
-        )
+            audit.info("proof_consumed", rule=rule, sub=sub)
+            return True
+        return False
 
     def judged_host(self, request: web.BaseRequest, rules: RuleSet) -> str | None:
         """The canonical Host the rules judge; refused when host-scoped rules don't know it."""
@@ -1597,18 +1570,15 @@ class Gateway:
         config = self.config
         path = kept.path_qs.partition("?")[0]
         host = self.judged_host(request, self.rules)
-        body = KeptBody(kept)
-        rule = await self.choose_rule(
-            request, self.rules, host, path, session, body, now, method=kept.method
+        reader = _KeptReader(KeptBody(kept), self.client_ip(request))
+        facts = RequestFacts(kept.method, host, path, session, reader)
+        # Judged on the rule's own requirement, as it always was: its risk engine was
+        # asked when the request was first judged.
+        decision = await decide_request(
+            facts, self.rules, config.assurance, now, risk=None, claim_once=self.claim_once
         )
-        binding = None
-        if rule is not None and rule.require.bind:
-            binding = binding_digest(rule.require.bind, await body.fields())
-        decision = decide(rule, session, config.assurance, now, binding=binding)
-        if isinstance(decision, Allow) and rule is not None and rule.require.once:
-            decision = await self.consume_proof(decision, session, now)
         self.metrics.requests.labels(
-            rule.name if rule else "", DECISION_LABEL[type(decision)]
+            decision.rule.name if decision.rule else "", DECISION_LABEL[type(decision)]
         ).inc()
         if not isinstance(decision, Allow):
             # Never another round trip from here: that is how loops start.

@@ -14,8 +14,9 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
-from typing import TextIO
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TextIO, TypeVar, cast
 from urllib.parse import parse_qsl, urlsplit
 
 from multidict import MultiDict
@@ -23,6 +24,7 @@ from multidict import MultiDict
 from gateway import __version__
 from gateway.conditions import Facts, binding_values, extract_fields, readable_body
 from gateway.config import load_config
+from gateway.decision import RequestFacts, decide_request
 from gateway.errors import BadRequest, ConfigError
 from gateway.model import Config, Requirement, RiskConfig, Rule
 from gateway.paths import canonical_host, normalize_path
@@ -36,6 +38,7 @@ EXIT_REFUSED = 2
 EXIT_DEMO_UNAVAILABLE = 1  # demo: the stepup_demo package is missing or cannot start
 DEMO_PACKAGE = "stepup_demo"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+T = TypeVar("T")
 UNKNOWN_NOTE = (
     "conditions on what is unknown count as true (fail closed); explain has no session, "
     "so auth_age and client_ip_changed are unknown"
@@ -229,7 +232,8 @@ def explain(
     """What the gateway would do with ``method url`` before looking at any session.
 
     Follows the request path in :mod:`gateway.app`: normalise the path, route the
-    internal prefix, refuse unknown methods, canonicalise the host, match a rule.
+    internal prefix, refuse unknown methods, canonicalise the host, then the same
+    decision the gateway makes (:func:`gateway.decision.decide_request`).
     A path alone is taken as sent to ``server.public_url``'s host. Rules with
     ``when`` are tried in order against the body, the URL's query and
     ``client_ip``; with no session, ``auth_age`` and ``client_ip_changed`` count
@@ -288,13 +292,21 @@ def explain(
             "status": 405,
         }, EXIT_REFUSED
     facts, facts_note = _facts(config, raw_query, body, content_type, client_ip)
-    rule: Rule | None = None
     skipped: list[Rule] = []
-    for candidate in rules.candidates_for(method, host, path):
-        if candidate.when is None or candidate.when.holds(facts):
-            rule = candidate
-            break
-        skipped.append(candidate)
+    # The gateway's own decision, with no session and no risk engine asked: what it
+    # names is the rule, whatever the session would then make of it.
+    decision = _at_once(
+        decide_request(
+            RequestFacts(method, host, path, None, _ExplainReader(facts)),
+            rules,
+            config.assurance,
+            time.time(),
+            risk=None,
+            claim_once=_no_claims,
+            skipped=skipped,
+        )
+    )
+    rule = decision.rule
     read = frozenset[str]().union(*(_fields_read(seen) for seen in (*skipped, rule)))
     extra: dict[str, object] = {}
     if read:
@@ -335,6 +347,33 @@ def explain(
     if rule.upstream_challenge:
         result["upstream_challenge"] = True
     return {**result, **extra}, EXIT_OK
+
+
+class _ExplainReader:
+    """:class:`gateway.decision.RequestReader` over what ``explain`` was given."""
+
+    def __init__(self, facts: Facts) -> None:
+        self._facts = facts
+
+    async def fields(self) -> dict[str, object]:
+        return dict(self._facts.fields)
+
+    def client_ip(self) -> str | None:
+        return self._facts.client_ip
+
+
+async def _no_claims(name: str, *, rule: str, sub: str) -> bool:
+    raise AssertionError("explain has no session, so no proof to spend")  # pragma: no cover
+
+
+def _at_once(step: Coroutine[object, None, T]) -> T:
+    """The result of a coroutine that never waits (explain reads no network, no store)."""
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    step.close()
+    raise RuntimeError("explain's decision waited on I/O")
 
 
 def _facts(

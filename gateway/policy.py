@@ -34,6 +34,7 @@ class Challenge:
 class Deny:
     status: int
     reason: str
+    rule: Rule | None = None  # the rule that refused (None: no rule matches)
 
 
 Decision = Allow | Challenge | Deny
@@ -59,7 +60,7 @@ def decide(
     required_name = rule.require.level
     required = assurance_cfg.level(required_name) if required_name is not None else None
     if required_name is not None and required is None:
-        return Deny(403, "unknown_level")  # unreachable after validation; fail closed anyway
+        return Deny(403, "unknown_level", rule)  # unreachable after validation; fail closed anyway
     max_age_s = rule.require.max_age_s
     if required is None:
         return Allow(rule, held)
