@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import jwt
@@ -27,15 +27,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from cryptography.hazmat.primitives.asymmetric import ec
-from multidict import CIMultiDict, MultiDict
+from multidict import CIMultiDict
 
 from gateway import assurance, headers, logs, responses
 from gateway.assertion import AssertionKeyError, AssertionSigner, load_or_generate_key
+from gateway.body import KeptBody, RequestBody
 from gateway.conditions import (
     binding_digest,
     binding_values,
-    extract_fields,
-    media_type,
 )
 from gateway.decision import (
     Allow,
@@ -145,10 +144,6 @@ MAX_LOGOUT_REQUEST_BYTES = 64 * 1024
 MAX_HEADER_FIELD_BYTES = 16 * 1024
 # Replicas' clocks differ a little; a revocation outlives the session by this much.
 REVOCATION_MARGIN_S = 60
-# Bodies read for their fields; others (uploads, binaries) are never buffered for a rule.
-FIELD_TYPES = frozenset(
-    {"application/x-www-form-urlencoded", "multipart/form-data", "application/json"}
-)
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 PROVIDER_ERROR_TEXT = {
@@ -161,83 +156,6 @@ PROVIDER_ERROR_TEXT = {
     ),
     "temporarily_unavailable": "The identity provider is temporarily unavailable.",
 }
-
-
-class RequestBody:
-    """The request's body, read at most once, bounded, and only when something needs it.
-
-    Read when a rule's ``when`` or ``bind`` needs its fields, or when a form post
-    must be kept across a step-up; the upstream then gets exactly these bytes.
-    """
-
-    def __init__(self, request: web.BaseRequest, limit: int) -> None:
-        self._request = request
-        self._limit = limit
-        self.data: bytes | None = None
-        self.consumed = False  # part of the stream was read: it can no longer be forwarded
-        self._fields: dict[str, object] | None = None
-
-    @property
-    def content_type(self) -> str:
-        return self._request.headers.get("Content-Type", "")
-
-    async def read(self) -> bytes:
-        if self.data is not None:
-            return self.data
-        request = self._request
-        if not request.body_exists:
-            self.data = b""
-            return self.data
-        if (request.content_length or 0) > self._limit:
-            raise PayloadTooLarge(
-                "This request is too large to hold while you sign in. Sign in first "
-                "(open any page of this site), then send it again.",
-                reason="body_too_large",
-            )
-        chunks: list[bytes] = []
-        size = 0
-        self.consumed = True
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > self._limit:
-                raise PayloadTooLarge(
-                    "This request is too large to hold while you sign in. Sign in first, "
-                    "then send it again.",
-                    reason="body_too_large",
-                )
-            chunks.append(chunk)
-        self.data = b"".join(chunks)
-        return self.data
-
-    async def fields(self) -> dict[str, object]:
-        """Form, JSON or multipart text fields, then the query's (see extract_fields)."""
-        if self._fields is None:
-            kind = media_type(self.content_type)
-            request = self._request
-            if kind not in FIELD_TYPES and request.body_exists:
-                # A body of another type may carry the same names (an upstream may parse
-                # it anyway): nothing is known, so conditions fail closed and the
-                # stricter rule applies; the query alone must not decide.
-                self._fields = {}
-            elif (request.content_length or 0) > self._limit and self.data is None:
-                # Too large to read for a condition: nothing is known either, and the
-                # body still streams to the upstream untouched.
-                self._fields = {}
-            else:
-                body = await self.read() if kind in FIELD_TYPES else b""
-                self._fields = extract_fields(self.content_type, body, request.query)
-        return self._fields
-
-
-class KeptBody:
-    """The fields of a kept request, for judging it again when it is replayed."""
-
-    def __init__(self, kept: KeptRequest) -> None:
-        self._kept = kept
-
-    async def fields(self) -> dict[str, object]:
-        query = MultiDict(parse_qsl(self._kept.path_qs.partition("?")[2], keep_blank_values=True))
-        return extract_fields(self._kept.content_type, self._kept.body, query)
 
 
 class _RequestReader:
