@@ -9,10 +9,8 @@ This module is the only place where errors become responses.
 from __future__ import annotations
 
 import asyncio
-import html
 import ipaddress
 import json
-import math
 import random
 import re
 import time
@@ -21,7 +19,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import jwt
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
@@ -31,12 +28,14 @@ from multidict import CIMultiDict
 
 from gateway import assurance, headers, logs, responses
 from gateway.assertion import AssertionKeyError, AssertionSigner, load_or_generate_key
-from gateway.body import KeptBody, RequestBody
+from gateway.body import RequestBody
 from gateway.conditions import (
     binding_digest,
     binding_values,
 )
 from gateway.decision import (
+    DECISION_LABEL,
+    SITE_PATH_METHODS,
     Allow,
     Challenge,
     Deny,
@@ -44,6 +43,7 @@ from gateway.decision import (
     decide_plain,
     decide_request,
 )
+from gateway.endpoints import ROUTES, site_routes
 from gateway.errors import (
     BadRequest,
     Busy,
@@ -51,7 +51,6 @@ from gateway.errors import (
     ConfigProblem,
     Forbidden,
     GatewayError,
-    Gone,
     MethodNotAllowed,
     MisdirectedRequest,
     NotFound,
@@ -70,13 +69,8 @@ from gateway.memo import (
 from gateway.metrics import Metrics
 from gateway.model import Config, Level, Rule
 from gateway.oidc.flow import (
-    LOGOUT_TOKEN_MAX_AGE_S,
-    IdTokenError,
     authorization_url,
-    end_session_url,
     new_pkce,
-    parse_callback,
-    verified_email,
 )
 from gateway.oidc.flow import random_token as new_random
 from gateway.oidc.provider import ProviderClient
@@ -93,7 +87,7 @@ from gateway.session.cookies import (
     set_cookie_kwargs,
 )
 from gateway.session.factory import make_store
-from gateway.session.model import Proof, Session, new_proof_id
+from gateway.session.model import Session
 from gateway.session.redis_store import RedisStore, eviction_problem
 from gateway.session.stores import CookieStore, SessionStore
 from gateway.session.transaction import (
@@ -110,13 +104,11 @@ from gateway.transactional import (
     authorization_details,
     binding_message,
     client_key,
-    echoed_binding,
     is_form_post,
     kept_size_bytes,
     level_for_acr_values,
     max_age_of,
     parse_bearer_challenge,
-    popup_page,
     same_origin_refusal,
 )
 
@@ -134,8 +126,6 @@ ASSURANCE_MEMO_BYTES = 8 * 1024 * 1024
 # discovery document in milliseconds; while it answers, ask again at most every 10 s.
 PROVIDER_PROBE_TIMEOUT_S = 2.0
 PROVIDER_PROBE_TTL_S = 10.0
-# A logout token is a few hundred bytes; anything far larger is not one.
-MAX_LOGOUT_REQUEST_BYTES = 64 * 1024
 # One header field, at most. aiohttp's default, like nginx's and Apache's, is 8 KB; the
 # gateway's own cookies stay under that (session <= ~3.9 KB, sign-ins in flight <= 3 KB),
 # and twice as much leaves the application's cookies room, so /healthz and /callback
@@ -145,17 +135,6 @@ MAX_HEADER_FIELD_BYTES = 16 * 1024
 # Replicas' clocks differ a little; a revocation outlives the session by this much.
 REVOCATION_MARGIN_S = 60
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-
-PROVIDER_ERROR_TEXT = {
-    "access_denied": "The sign-in was cancelled or refused at the identity provider.",
-    "login_required": "The identity provider needs you to sign in again.",
-    "interaction_required": "The identity provider needs you to interact with it.",
-    "consent_required": "The identity provider needs your consent.",
-    "unmet_authentication_requirements": (
-        "Your account has no sign-in method strong enough for this action."
-    ),
-    "temporarily_unavailable": "The identity provider is temporarily unavailable.",
-}
 
 
 class _RequestReader:
@@ -176,22 +155,6 @@ class _RequestReader:
         if self._client_ip is None:
             self._client_ip = (self._gateway.client_ip(self._request),)
         return self._client_ip[0]
-
-
-class _KeptReader:
-    """:class:`gateway.decision.RequestReader` for a kept request, replayed."""
-
-    __slots__ = ("_body", "_client_ip")
-
-    def __init__(self, body: KeptBody, client_ip: str | None) -> None:
-        self._body = body
-        self._client_ip = client_ip
-
-    async def fields(self) -> dict[str, object]:
-        return await self._body.fields()
-
-    def client_ip(self) -> str | None:
-        return self._client_ip
 
 
 class ReloadRefused(Exception):
@@ -227,18 +190,6 @@ class Gateway:
         self._provider_ok_until = 0.0
         self.aux: AuxStore = LocalAux(clock=clock)  # replaced in start()
         self._aux_redis: RedisStore | None = None
-        self._internal: dict[str, Callable[[web.BaseRequest], Any]] = {
-            "/callback": self.callback,
-            "/logout": self.logout,
-            "/logged-out": self.logged_out,
-            "/healthz": self.healthz,
-            "/readyz": self.readyz,
-            "/metrics": self.metrics_endpoint,
-            "/jwks.json": self.jwks,
-            "/step-up": self.step_up,
-            "/backchannel-logout": self.backchannel_logout,
-            "/resume": self.resume,
-        }
 
     def _apply(self, config: Config) -> None:
         """Set ``config`` and everything derived from it, with no await in between."""
@@ -274,6 +225,7 @@ class Gateway:
         # Both spellings: an upstream must neither see nor set the gateway's cookies.
         self.gateway_cookies = frozenset({base, cookie_name(base, True)})
         self.gateway_cookie_prefixes = (f"{self.tx_base}_", cookie_name(f"{self.tx_base}_", True))
+        self.site_routes = site_routes(config.rules)
         # Probes hit these every few seconds; an access-log line each would drown the rest.
         self.quiet_paths = frozenset({f"{self.prefix}/healthz", f"{self.prefix}/readyz"})
 
@@ -458,6 +410,8 @@ class Gateway:
             path = normalize_path(raw_path)
             if path == self.prefix or path.startswith(self.prefix + "/"):
                 response = await self.internal(request, path[len(self.prefix) :] or "/")
+            elif path in self.site_routes and request.method in SITE_PATH_METHODS:
+                response = await self.site_routes[path](self, request)
             else:
                 rule_name, response = await self.proxied(request, path, query, request_id)
         except GatewayError as exc:
@@ -573,6 +527,9 @@ class Gateway:
             peer_trusted=self.peer_trusted(peer),
             is_trusted=self.peer_trusted,
         )
+
+    def session_cookie_value(self, request: web.BaseRequest) -> str | None:
+        return cookie_value(request, self.session_cookie)
 
     async def load_session(self, request: web.BaseRequest) -> Session | None:
         value = cookie_value(request, self.session_cookie)
@@ -1181,559 +1138,16 @@ class Gateway:
     # -- internal endpoints ------------------------------------------------------
 
     async def internal(self, request: web.BaseRequest, sub_path: str) -> web.StreamResponse:
-        handler = self._internal.get(sub_path)
+        handler = ROUTES.get(sub_path)
         if handler is None:
             raise NotFound("No such gateway endpoint", reason="unknown_internal_path")
-        response: web.StreamResponse = await handler(request)
-        return response
-
-    async def callback(self, request: web.BaseRequest) -> web.StreamResponse:
-        if request.method not in ("GET", "HEAD"):
-            raise MethodNotAllowed("The callback takes GET", reason="callback_method")
-        params = request.query
-        state = params.get("state", "")
-        now = self.clock()
-        cookie = tx_cookie_name(self.tx_base, state, self.secure) if state else ""
-        tx = (
-            self.tx_codec.open(
-                request.cookies.get(cookie, ""), state, now, self.config.session.transaction_ttl_s
-            )
-            if state
-            else None
-        )
-        take_tx = getattr(self.store, "take_tx", None)
-        if tx is not None and take_tx is not None and await take_tx(state) is None:
-            tx = None  # already used: a replayed callback
-        if tx is None:
-            self.metrics.challenges.labels("failed", "").inc()
-            audit.info("step_up_failure", reason="unknown_transaction")
-            return self.page_response(
-                request,
-                400,
-                "Sign-in expired",
-                [
-                    "This sign-in link is unknown or has expired. Nothing was changed.",
-                    "Go back to the page you were on and try again.",
-                ],
-                error="unknown_transaction",
-            )
-        level = self.config.assurance.level(tx.level) if tx.level else None
-        level_name = level.name if level else ""
-
-        def finish(response: web.StreamResponse) -> web.StreamResponse:
-            response.del_cookie(cookie, **delete_cookie_kwargs(self.secure))
-            response.headers["Cache-Control"] = "no-store"
-            return response
-
-        try:
-            meta = await self.provider.metadata()
-        except ProviderError as exc:
-            self.metrics.challenges.labels("failed", level_name).inc()
-            raise ProviderError(
-                "The identity provider cannot be reached.", reason=exc.reason
-            ) from exc
-        try:
-            answer = parse_callback(meta, params)
-        except BadRequest as exc:
-            return finish(self.step_up_failed(request, tx, level_name, exc.reason))
-        if answer.error is not None:
-            known = answer.error if answer.error in PROVIDER_ERROR_TEXT else "other"
-            self.metrics.provider_errors.labels(f"callback_{known}").inc()
-            text = PROVIDER_ERROR_TEXT.get(
-                answer.error, "The identity provider refused the sign-in."
-            )
-            status = 403 if known in ("access_denied", "unmet_authentication_requirements") else 502
-            return finish(
-                self.step_up_failed(
-                    request, tx, level_name, f"provider_{known}", status=status, text=text
-                )
-            )
-        assert answer.code is not None  # parse_callback guarantees code when no error
-        try:
-            tokens = await self.provider.exchange_code(
-                code=answer.code, redirect_uri=self.redirect_uri, code_verifier=tx.code_verifier
-            )
-            id_token = tokens.get("id_token")
-            if not isinstance(id_token, str):
-                raise ProviderError("no id_token in the token response", reason="no_id_token")
-            claims = await self.provider.verify(
-                id_token,
-                nonce=tx.nonce,
-                now=now,
-                require_auth_time=tx.requested_max_age_s is not None,
-            )
-        except IdTokenError as exc:
-            text = "The sign-in answer could not be verified."
-            if exc.reason == "claim_value":
-                log.warning("id_token_claim_refused", claim=exc.claim)
-                text = (
-                    "The sign-in answer could not be verified: the identity provider sent "
-                    "a user identifier, email address or sign-in method that the gateway "
-                    "cannot pass on (control characters, or too long)."
-                )
-            reason = f"id_token_{exc.reason}"
-            return finish(self.step_up_failed(request, tx, level_name, reason, text=text))
-        except ProviderError as exc:
-            if exc.reason == "invalid_grant":
-                # A code used twice (back button, reload) or bound to another
-                # transaction's PKCE verifier: the user's doing, not an outage.
-                return finish(self.step_up_failed(request, tx, level_name, "invalid_grant"))
-            self.metrics.challenges.labels("failed", level_name).inc()
-            audit.info("step_up_failure", rule=tx.rule, need=level_name, reason=exc.reason)
-            raise
-
-        if claims.auth_time is None:
-            log.info("auth_time_missing", fallback="iat", iss=claims.iss)
-        stated = claims.auth_time if claims.auth_time is not None else claims.iat
-        # The skew was allowed for by the token checks; from here on the proof is
-        # dated no later than its arrival, and max_age is compared without leeway.
-        auth_time = assurance.proven_at(float(stated), now)
-        if tx.requested_max_age_s == 0 and stated < math.floor(tx.created_at):
-            # max_age=0 (a one-time rule, or a challenge asking for it) wants a new
-            # authentication, after this request. auth_time has whole seconds, hence
-            # the floor; no leeway beyond it, or an earlier sign-in would pass as new.
-            log.info(
-                "not_reauthenticated",
-                auth_time=stated,
-                requested_at=round(tx.created_at, 3),
-            )
-            return finish(
-                self.step_up_failed(
-                    request,
-                    tx,
-                    level_name,
-                    "not_reauthenticated",
-                    status=403,
-                    text="The identity provider did not ask you to sign in again, and this "
-                    "action needs a new sign-in each time.",
-                )
-            )
-        approved: str | None = None
-        if tx.binding is not None:
-            approved = self.check_binding(tx, id_token)
-            if approved is None:
-                return finish(
-                    self.step_up_failed(
-                        request,
-                        tx,
-                        level_name,
-                        "binding_mismatch",
-                        status=403,
-                        text="What the identity provider approved differs from this request.",
-                    )
-                )
-        # Named by this step-up, so a one-time rule consumes this proof and no other.
-        proof = Proof(acr=claims.acr, amr=claims.amr, auth_time=auth_time, id=new_proof_id())
-        # The session keeps only an address the provider vouched for, so X-Auth-Email
-        # and the assertion's email are never one the user merely typed.
-        email = verified_email(claims, assume_verified=self.config.oidc.assume_email_verified)
-        if claims.email is not None and email is None:
-            log.info("email_not_forwarded", email_verified=claims.email_verified)
-        previous_cookie = cookie_value(request, self.session_cookie)
-        previous = await self.load_session(request)
-        if previous is not None and previous.sub != claims.sub:
-            # A different person signed in at the provider: never merge proofs across
-            # subjects; start a new session for the new subject.
-            log.info("session_subject_changed")
-            previous = None
-        client_ip = self.client_ip(request)
-        # The same subject steps up in place; anyone else starts a new session.
-        record: Callable[..., Session] = (
-            previous.with_proof if previous is not None else Session.start
-        )
-        session = record(
-            proof,
-            sub=claims.sub,
-            email=email,
-            name=claims.name,
-            provider_sid=claims.sid,
-            id_token=id_token,
-            now=now,
-            ip=client_ip,
-            binding=approved,
-        )
-        value = await self.store.save(
-            session, now, rotate=True, previous=previous_cookie if previous else None
-        )
-        proven = assurance.level_of(self.config.assurance.levels, claims.acr, claims.amr)
-        # Did the provider honour max_age? Measured now, with no leeway, as every later
-        # request will be: a proof that passes here but is stale on the way back would
-        # send the browser round again. max_age 0 was checked above, against the request.
-        max_age_s = tx.max_age_s or None
-        if level is not None and not assurance.satisfies(
-            self.config.assurance.levels, [proof], level, max_age_s, now
-        ):
-            too_old = assurance.satisfies(self.config.assurance.levels, [proof], level, None, now)
-            self.metrics.challenges.labels("failed", level_name).inc()
-            audit.info(
-                "step_up_failure",
-                rule=tx.rule,
-                need=level_name,
-                got=proven.name if proven else None,
-                acr=claims.acr,
-                amr=list(claims.amr),
-                sub=claims.sub,
-                reason="too_old" if too_old else "too_weak",
-                age_s=round(now - auth_time, 3),
-            )
-            paragraphs = [
-                f"This action needs the level '{level_name}'"
-                + (
-                    f" proven within {responses.format_duration(tx.max_age_s)}"
-                    if tx.max_age_s is not None
-                    else ""
-                )
-                + ".",
-                "The identity provider signed you in with "
-                + (f"the level '{proven.name}'" if proven else "no recognised level")
-                + f" (acr {claims.acr or 'none'}, amr {', '.join(claims.amr) or 'none'}).",
-                "You are still signed in as before. Use a stronger method, such as a "
-                "passkey or security key, and try again.",
-            ]
-            response = self.page_response(
-                request,
-                403,
-                "A stronger sign-in is needed",
-                paragraphs,
-                error="insufficient_user_authentication",
-                raw_html=self.popup_script(tx, ok=False),
-            )
-            response.set_cookie(self.session_cookie, value, **self.session_cookie_kwargs())
-            return finish(response)
-        self.metrics.challenges.labels("completed", level_name).inc()
-        audit.info(
-            "step_up_success",
-            rule=tx.rule,
-            need=level_name,
-            level=proven.name if proven else None,
-            acr=claims.acr,
-            amr=list(claims.amr),
-            sub=claims.sub,
-            bound=approved is not None,
-        )
-        location = responses.safe_return_to(tx.return_to)
-        if tx.kept is not None:
-            location = await self.rekeep(tx.kept, session)
-        if tx.mode == "popup":
-            response = web.Response(
-                text=popup_page(
-                    self.public_origin(), True, {"level": proven.name if proven else None}
-                ),
-                content_type="text/html",
-            )
-        else:
-            response = web.Response(status=303, headers={"Location": location})
-        response.set_cookie(self.session_cookie, value, **self.session_cookie_kwargs())
-        return finish(response)
-
-    def check_binding(self, tx: Transaction, id_token: str) -> str | None:
-        """The approved binding digest, or None when the provider approved something else.
-
-        The gateway's own record (the digest in the transaction) is what counts; when
-        the provider echoes ``authorization_details`` in the ID token it must agree.
-        """
-        rule = next((r for r in self.rules.rules if r.name == tx.rule), None)
-        if rule is None or not rule.require.bind:
-            return None
-        claims = jwt.decode(id_token, options={"verify_signature": False})  # verified above
-        echoed = echoed_binding(claims, rule.require.bind)
-        if echoed is False:
-            log.info("binding_not_echoed", rule=rule.name)
-            return tx.binding
-        return tx.binding if echoed == tx.binding else None
-
-    async def rekeep(self, kept_id: str, session: Session) -> str:
-        """Bind the kept request to the session that just stepped up; where to resume it."""
-        data = await self.aux.take_blob(f"kept:{kept_id}")
-        self.kept_ledger.release(f"kept:{kept_id}")
-        kept = KeptRequest.from_dict(data)
-        if kept is None or kept.session_id not in (None, session.id):
-            return f"{self.prefix}/resume?r=expired"
-        new_id = new_random()
-        bound = kept.with_session(session.id)
-        ttl_s = self.config.session.transaction_ttl_s
-        owner = client_key(session.id, None)
-        if self.kept_ledger.admit(f"kept:{new_id}", bound.size_bytes, owner, self.clock(), ttl_s):
-            log.warning("request_not_kept", rule=kept.rule, reason="keep_per_client")
-            return f"{self.prefix}/resume?r=expired"
-        await self.aux.put_blob(f"kept:{new_id}", bound.to_dict(), ttl_s)
-        return f"{self.prefix}/resume?r={new_id}"
-
-    def popup_script(self, tx: Transaction, *, ok: bool) -> str:
-        if tx.mode != "popup":
-            return ""
-        page = popup_page(self.public_origin(), ok, {"level": None})
-        return page[page.index("<script>") : page.index("</script>") + len("</script>")]
-
-    async def resume(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Replay a request kept across a step-up: once, for the session it belongs to."""
-        if request.method not in ("GET", "HEAD"):
-            raise MethodNotAllowed("Resume takes GET", reason="resume_method")
-        kept_id = request.query.get("r", "")
-        data = await self.aux.take_blob(f"kept:{kept_id}") if kept_id else None
-        self.kept_ledger.release(f"kept:{kept_id}")
-        kept = KeptRequest.from_dict(data)
-        if kept is None:
-            audit.info("kept_request_gone")
-            raise Gone(
-                "This action was already sent, or waited too long. It was not sent again; "
-                "check the result in the application before trying again.",
-                reason="kept_request_gone",
-            )
-        session = await self.load_session(request)
-        if session is None or kept.session_id != session.id:
-            audit.info("kept_request_refused", reason="other_session")
-            raise Forbidden("This action belongs to another sign-in.", reason="kept_other_session")
-        now = self.clock()
-        config = self.config
-        path = kept.path_qs.partition("?")[0]
-        host = self.judged_host(request, self.rules)
-        reader = _KeptReader(KeptBody(kept), self.client_ip(request))
-        facts = RequestFacts(kept.method, host, path, session, reader)
-        # Judged on the rule's own requirement, as it always was: its risk engine was
-        # asked when the request was first judged.
-        decision = await decide_request(
-            facts, self.rules, config.assurance, now, risk=None, claim_once=self.claim_once
-        )
-        self.metrics.requests.labels(
-            decision.rule.name if decision.rule else "", DECISION_LABEL[type(decision)]
-        ).inc()
-        if not isinstance(decision, Allow):
-            # Never another round trip from here: that is how loops start.
-            audit.info("kept_request_refused", reason=getattr(decision, "reason", "deny"))
-            raise Forbidden(
-                "The sign-in did not allow this action, so it was not sent.",
-                reason="kept_not_allowed",
-            )
-        audit.info("kept_request_replayed", rule=decision.rule.name, method=kept.method)
-        return await self.forward(
-            request, decision, session, kept.path_qs, request_id_of(), kept=kept
-        )
-
-    def step_up_failed(
-        self,
-        request: web.BaseRequest,
-        tx: Transaction,
-        level_name: str,
-        reason: str,
-        *,
-        status: int = 400,
-        text: str = "The sign-in answer could not be verified.",
-    ) -> web.StreamResponse:
-        self.metrics.challenges.labels("failed", level_name).inc()
-        audit.info("step_up_failure", rule=tx.rule, need=level_name, reason=reason)
-        signed_in = bool(cookie_value(request, self.session_cookie))
-        too_weak = reason == "provider_unmet_authentication_requirements"
-        title = "A stronger sign-in is needed" if too_weak else "Sign-in did not complete"
-        paragraphs = [text]
-        if too_weak and level_name:
-            paragraphs.append(f"This action needs the level '{level_name}'.")
-        paragraphs.append(
-            "You are still signed in as before; nothing was changed."
-            if signed_in
-            else "You are not signed in; nothing was changed."
-        )
-        return self.page_response(
-            request,
-            status,
-            title,
-            paragraphs,
-            error=reason,
-            raw_html=f'<p><a href="{html.escape(tx.return_to, quote=True)}">Go back</a> · '
-            '<a href="/">Home</a></p>',
-        )
-
-    async def step_up(self, request: web.BaseRequest) -> web.StreamResponse:
-        if request.method not in ("GET", "HEAD"):
-            raise MethodNotAllowed("The step-up endpoint takes GET", reason="step_up_method")
-        if "level" in request.query:
-            level = self.config.assurance.level(request.query["level"])
-        else:
-            # The acr_values of an RFC 9470 challenge, as a script received them.
-            levels = self.config.assurance.levels
-            level = level_for_acr_values(levels, request.query.get("acr_values", ""))
-        if level is None:
-            known = ", ".join(lv.name for lv in self.config.assurance.levels)
-            raise BadRequest(f"Unknown level (known: {known})", reason="step_up_level")
-        max_age_raw = request.query.get("max_age")
-        max_age_s: int | None = None
-        if max_age_raw is not None:
-            if not max_age_raw.isdigit() or len(max_age_raw) > 9:
-                raise BadRequest("max_age must be a number of seconds", reason="step_up_max_age")
-            max_age_s = int(max_age_raw)
-        mode = request.query.get("mode", "redirect")
-        if mode not in ("redirect", "popup"):
-            raise BadRequest("mode must be redirect or popup", reason="step_up_mode")
-        return await self.start_round_trip(
-            request,
-            return_to=responses.safe_return_to(request.query.get("rd")),
-            rule=None,
-            level=level,
-            max_age_s=max_age_s,
-            mode=mode,
-        )
-
-    async def backchannel_logout(self, request: web.BaseRequest) -> web.StreamResponse:
-        """OpenID Connect Back-Channel Logout 1.0: the provider ends sessions here.
-
-        Answers per section 2.8: 200 on success, 400 with a JSON error otherwise,
-        never cached. Every session of the token's ``sid`` or ``sub`` is deleted
-        from the (server-side) store, so every worker and replica sees it.
-        """
-        no_store = {"Cache-Control": "no-store"}
-        if request.method != "POST":
-            raise MethodNotAllowed("Back-channel logout takes POST", reason="bcl_method")
-        delete_by = getattr(self.store, "delete_by", None)
-        session_cfg = self.config.session
-        if delete_by is None and session_cfg.redis_url is None and self.config.server.workers > 1:
-            # Cookie sessions are refused by revocation records; kept in one worker's
-            # memory they would hold in that worker only. Say so rather than 200.
-            return web.json_response(
-                {
-                    "error": "not_supported",
-                    "error_description": "back-channel logout with the cookie store and "
-                    "several workers needs session.redis_url",
-                },
-                status=501,
-                headers=no_store,
-            )
-        if (request.content_length or 0) > MAX_LOGOUT_REQUEST_BYTES:
-            raise BadRequest("The logout request is too large.", reason="bcl_too_large")
-        form = await request.post()
-        token = form.get("logout_token")
-        if not isinstance(token, str):
-            return web.json_response(
-                {"error": "invalid_request", "error_description": "logout_token is missing"},
-                status=400,
-                headers=no_store,
-            )
-        now = self.clock()
-        try:
-            claims = await self.provider.verify_logout(token, now=now)
-            first_use = await self.aux.claim_once(
-                f"jti:{claims.jti}", LOGOUT_TOKEN_MAX_AGE_S + 2 * self.config.oidc.clock_skew_s
-            )
-        except IdTokenError as exc:
-            audit.info("backchannel_logout_refused", reason=exc.reason)
-            return web.json_response(
-                {"error": "invalid_request", "error_description": f"logout_token: {exc.reason}"},
-                status=400,
-                headers=no_store,
-            )
-        if not first_use:
-            audit.info("backchannel_logout_refused", reason="jti_replayed")
-            return web.json_response(
-                {"error": "invalid_request", "error_description": "logout_token replayed"},
-                status=400,
-                headers=no_store,
-            )
-        if delete_by is not None:
-            deleted = await delete_by(sub=claims.sub, provider_sid=claims.sid)
-        else:
-            await self.revoke(sub=claims.sub, provider_sid=claims.sid)
-            deleted = None  # cookie sessions: unknown; every one of them is refused now
-        audit.info(
-            "backchannel_logout",
-            sub=claims.sub,
-            sid_given=claims.sid is not None,
-            sessions_deleted=deleted,
-        )
-        return web.Response(status=200, headers=no_store)
-
-    async def logout(self, request: web.BaseRequest) -> web.StreamResponse:
-        if request.method in ("GET", "HEAD"):
-            form = (
-                f'<form method="post" action="{self.prefix}/logout">'
-                '<button type="submit">Sign out</button></form>'
-            )
-            return self.page_response(
-                request, 200, "Sign out", ["Sign out of this site?"], raw_html=form, force_html=True
-            )
-        if request.method != "POST":
-            raise MethodNotAllowed("Logout takes GET or POST", reason="logout_method")
-        # Only the confirm page above (or another page of this site) may sign out:
-        # Origin "null" (a sandboxed frame, a redirect from elsewhere) is another site.
-        refusal = same_origin_refusal(request.headers, self.public_origin())
-        if refusal is not None:
-            audit.info("cross_site_request_refused", rule=None, method="POST", reason=refusal)
-            raise Forbidden(
-                "Sign-out was not asked for by a page of this site; you are still signed in. "
-                f"To sign out, open {self.prefix}/logout on this site.",
-                reason="logout_origin",
-            )
-        session = await self.load_session(request)
-        value = cookie_value(request, self.session_cookie)
-        if value:
-            await self.store.delete(value)
-        if session is not None and isinstance(self.store, CookieStore):
-            await self.revoke(session=session)
-        location = f"{self.config.server.public_url}{self.prefix}/logged-out"
-        try:
-            meta = await self.provider.metadata()
-        except ProviderError:
-            meta = None  # sign out here anyway; the provider session stays
-        if meta is not None:
-            location = (
-                end_session_url(
-                    meta,
-                    client_id=self.config.oidc.client_id,
-                    id_token_hint=session.id_token if session is not None else None,
-                    post_logout_redirect_uri=location,
-                )
-                or location
-            )
-        audit.info("logout", sub=session.sub if session else None)
-        response = web.Response(
-            status=303, headers={"Location": location, "Cache-Control": "no-store"}
-        )
-        response.del_cookie(self.session_cookie, **delete_cookie_kwargs(self.secure))
-        return response
-
-    async def logged_out(self, request: web.BaseRequest) -> web.StreamResponse:
-        return self.page_response(
-            request,
-            200,
-            "Signed out",
-            ["You are signed out."],
-            raw_html='<p><a href="/">Sign in again</a></p>',
-            force_html=True,
-        )
-
-    async def healthz(self, request: web.BaseRequest) -> web.StreamResponse:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(self, request: web.BaseRequest) -> web.StreamResponse:
-        provider_ready = self.provider.ready
-        if not provider_ready:
-            try:
-                await self.provider.load()
-                provider_ready = self.provider.ready
-            except ProviderError:
-                provider_ready = False
-        try:
-            store_ready = await self.store.ping()
-        except (StoreUnavailable, OSError, ConnectionError):
-            store_ready = False
-        ready = provider_ready and store_ready
-        self.metrics.ready.set(1 if ready else 0)
-        return web.json_response(
-            {"ready": ready, "provider": provider_ready, "store": store_ready},
-            status=200 if ready else 503,
-        )
-
-    async def metrics_endpoint(self, request: web.BaseRequest) -> web.StreamResponse:
-        if self.config.server.metrics_listen is not None:
-            raise NotFound("Metrics are served on the metrics listener", reason="metrics_moved")
-        return self.metrics_response()
+        return await handler(self, request)
 
     def metrics_response(self) -> web.Response:
         return web.Response(
             body=self.metrics.render(),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
-
-    async def jwks(self, request: web.BaseRequest) -> web.StreamResponse:
-        return web.json_response(self.signer.jwks(), headers={"Cache-Control": "max-age=300"})
 
     # -- responses ---------------------------------------------------------------
 
@@ -1795,9 +1209,6 @@ class Gateway:
             content_type="application/json",
             headers={"Cache-Control": "no-store"},
         )
-
-
-DECISION_LABEL: dict[type, str] = {Allow: "allow", Challenge: "challenge", Deny: "deny"}
 
 
 def cookie_value(request: web.BaseRequest, name: str) -> str | None:

@@ -24,7 +24,7 @@ from multidict import MultiDict
 from gateway import __version__
 from gateway.conditions import Facts, binding_values, extract_fields, readable_body
 from gateway.config import load_config
-from gateway.decision import RequestFacts, decide_request
+from gateway.decision import SITE_PATH_METHODS, RequestFacts, decide_request, site_paths
 from gateway.errors import BadRequest, ConfigError
 from gateway.model import Config, Requirement, RiskConfig, Rule
 from gateway.paths import canonical_host, normalize_path
@@ -272,6 +272,14 @@ def explain(
             "rule": None,
             "decision": "internal",
             "endpoint": path[len(prefix) :] or "/",
+            "normalized_path": path,
+            "host": host,
+        }, EXIT_OK
+    if path in site_paths(config.rules) and method in SITE_PATH_METHODS:
+        return {
+            "rule": None,
+            "decision": "gateway",
+            "endpoint": path,
             "normalized_path": path,
             "host": host,
         }, EXIT_OK

@@ -20,6 +20,7 @@ the store).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,6 +34,9 @@ from gateway.rules import RuleSet
 from gateway.session.model import Session
 
 __all__ = [
+    "DECISION_LABEL",
+    "SITE_PATHS",
+    "SITE_PATH_METHODS",
     "Allow",
     "Challenge",
     "ClaimOnce",
@@ -45,6 +49,7 @@ __all__ = [
     "decide_plain",
     "decide_request",
     "proof_claim_name",
+    "site_paths",
 ]
 
 
@@ -95,6 +100,22 @@ class RequestFacts:
     path: str
     session: Session | None
     read: RequestReader
+
+
+# Paths at the site's root the gateway answers itself for GET and HEAD, so that a
+# browser's icon fetch or a crawler never starts a sign-in; a rule that names one
+# of them (exactly, as its path) hands it to the rules like any other path.
+SITE_PATHS = frozenset({"/favicon.ico", "/robots.txt"})
+SITE_PATH_METHODS = frozenset({"GET", "HEAD"})
+
+
+def site_paths(rules: Iterable[Rule]) -> frozenset[str]:
+    """The :data:`SITE_PATHS` the gateway answers under these rules."""
+    return SITE_PATHS - {rule.match.path for rule in rules}
+
+
+# The ``decision`` label of the gateway_requests_total metric.
+DECISION_LABEL: dict[type, str] = {Allow: "allow", Challenge: "challenge", Deny: "deny"}
 
 
 def decide_plain(
