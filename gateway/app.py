@@ -1,21 +1,23 @@
-"""aiohttp wiring: one request, top to bottom.
+"""aiohttp wiring: one request, top to bottom, and the gateway's lifecycle.
 
-    normalise -> internal endpoint? -> match rule -> load session -> decide
-              -> forward | challenge | deny
+    normalise -> own endpoint? (gateway.endpoints) -> load session
+              -> decide (gateway.decision)
+              -> forward (gateway.forward) | challenge (gateway.challenge) | deny
 
-This module is the only place where errors become responses.
+:class:`Gateway` holds the configuration and the shared clients (store, provider,
+upstream pools), applies a reload, and is the :class:`gateway.context.Context`
+the steps after the decision use. This module is the only place where errors
+become responses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import random
 import re
 import time
 from collections.abc import Callable
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -24,15 +26,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from cryptography.hazmat.primitives.asymmetric import ec
-from multidict import CIMultiDict
 
-from gateway import assurance, headers, logs, responses
+from gateway import headers, logs, responses
 from gateway.assertion import AssertionKeyError, AssertionSigner, load_or_generate_key
 from gateway.body import RequestBody
-from gateway.conditions import (
-    binding_digest,
-    binding_values,
-)
+from gateway.challenge import challenge
 from gateway.decision import (
     DECISION_LABEL,
     SITE_PATH_METHODS,
@@ -47,81 +45,36 @@ from gateway.endpoints import ROUTES, site_routes
 from gateway.errors import (
     BadRequest,
     Busy,
-    ConfigError,
-    ConfigProblem,
-    Forbidden,
     GatewayError,
     MethodNotAllowed,
     MisdirectedRequest,
     NotFound,
-    PayloadTooLarge,
     ProviderError,
-    ProviderUnavailable,
     StoreUnavailable,
 )
-from gateway.memo import (
-    HEADER_MEMO_BYTES,
-    HEADER_MEMO_ENTRIES,
-    HEADER_OVERHEAD_BYTES,
-    Memo,
-    header_set_size,
-)
+from gateway.forward import Forwarder
+from gateway.memo import HEADER_MEMO_BYTES, HEADER_MEMO_ENTRIES, Memo, header_set_size
 from gateway.metrics import Metrics
 from gateway.model import Config, Level, Rule
-from gateway.oidc.flow import (
-    authorization_url,
-    new_pkce,
-)
-from gateway.oidc.flow import random_token as new_random
 from gateway.oidc.provider import ProviderClient
 from gateway.paths import canonical_host, normalize_path, split_request_target
-from gateway.proxy import UpstreamIntercepted, Upstreams
+from gateway.proxy import Upstreams
 from gateway.reload import restart_needed
 from gateway.risk import RiskClient, RiskFacts, RiskOutcome
 from gateway.rules import RuleSet
+from gateway.session import revocation
 from gateway.session.aux import AuxStore, LocalAux
-from gateway.session.cookies import (
-    SetCookieKwargs,
-    cookie_name,
-    delete_cookie_kwargs,
-    set_cookie_kwargs,
-)
-from gateway.session.factory import make_store
+from gateway.session.cookies import SetCookieKwargs, cookie_name, set_cookie_kwargs
+from gateway.session.factory import check_redis_eviction, make_aux, make_store
 from gateway.session.model import Session
-from gateway.session.redis_store import RedisStore, eviction_problem
+from gateway.session.redis_store import RedisStore
 from gateway.session.stores import CookieStore, SessionStore
-from gateway.session.transaction import (
-    Transaction,
-    TransactionCodec,
-    bounded_return_to,
-    cookie_pair_bytes,
-    tx_cookie_name,
-    tx_cookies_to_drop,
-)
-from gateway.transactional import (
-    KeptLedger,
-    KeptRequest,
-    authorization_details,
-    binding_message,
-    client_key,
-    is_form_post,
-    kept_size_bytes,
-    level_for_acr_values,
-    max_age_of,
-    parse_bearer_challenge,
-    same_origin_refusal,
-)
+from gateway.session.transaction import TransactionCodec
+from gateway.transactional import KeptLedger, KeptRequest
 
 log = structlog.get_logger("gateway")
 audit = structlog.get_logger("gateway.audit")
 
-# Several tabs may each have a sign-in in flight; beyond this, the oldest is dropped
-# so a page that loops cannot grow the Cookie header without bound.
-MAX_TRANSACTIONS_IN_FLIGHT = 5
-# Header sets built for recent (session, level, rule) triples, while their assertion
-# may be reused: at most this many (each a signed token and a few short values).
-ASSURANCE_MEMO_ENTRIES = 4096
-ASSURANCE_MEMO_BYTES = 8 * 1024 * 1024
 # Before sending a browser to the provider: is it there? A healthy provider answers its
 # discovery document in milliseconds; while it answers, ask again at most every 10 s.
 PROVIDER_PROBE_TIMEOUT_S = 2.0
@@ -132,8 +85,6 @@ PROVIDER_PROBE_TTL_S = 10.0
 # still answer when a Cookie header has grown past 8 KB. Upstreams never get the
 # gateway's cookies, so they see a shorter header than this.
 MAX_HEADER_FIELD_BYTES = 16 * 1024
-# Replicas' clocks differ a little; a revocation outlives the session by this much.
-REVOCATION_MARGIN_S = 60
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
@@ -205,18 +156,8 @@ class Gateway:
         self.scheme = urlsplit(config.server.public_url).scheme
         self.prefix = config.server.internal_prefix
         self.redirect_uri = f"{config.server.public_url}{self.prefix}/callback"
-        self.header_prefix = config.assertion.header_prefix
         self.signer = AssertionSigner(
             self._assertion_key, config.server.public_url, config.assertion.ttl_s
-        )
-        # What the assurance headers are made of -> those headers, while their signed
-        # assertion may be reused (the signer's own cache, one level up: building the
-        # claims and their key costs more than this lookup).
-        self._assurance_headers: Memo[
-            tuple[object, ...], tuple[float, tuple[tuple[str, str], ...]]
-        ] = Memo(max_entries=ASSURANCE_MEMO_ENTRIES, max_bytes=ASSURANCE_MEMO_BYTES)
-        self._request_headers: Memo[tuple[object, ...], CIMultiDict[str]] = Memo(
-            max_entries=HEADER_MEMO_ENTRIES, max_bytes=HEADER_MEMO_BYTES
         )
         self._framing_passed: Memo[tuple[object, ...], bool] = Memo(
             max_entries=HEADER_MEMO_ENTRIES, max_bytes=HEADER_MEMO_BYTES
@@ -225,6 +166,14 @@ class Gateway:
         # Both spellings: an upstream must neither see nor set the gateway's cookies.
         self.gateway_cookies = frozenset({base, cookie_name(base, True)})
         self.gateway_cookie_prefixes = (f"{self.tx_base}_", cookie_name(f"{self.tx_base}_", True))
+        self.forwarder = Forwarder(
+            self,
+            config,
+            self.signer,
+            gateway_cookies=self.gateway_cookies,
+            gateway_cookie_prefixes=self.gateway_cookie_prefixes,
+            scheme=self.scheme,
+        )
         self.site_routes = site_routes(config.rules)
         # Probes hit these every few seconds; an access-log line each would drown the rest.
         self.quiet_paths = frozenset({f"{self.prefix}/healthz", f"{self.prefix}/readyz"})
@@ -255,8 +204,9 @@ class Gateway:
             self.config.oidc, self._http, on_error=self._count_provider_error
         )
         self.risk = RiskClient(self._http)
-        self.aux = self._make_aux()
-        await self.check_redis_eviction()
+        self.aux, self._aux_redis = make_aux(self.config.session, self.store, self.clock)
+        redis = self.store if isinstance(self.store, RedisStore) else self._aux_redis
+        await check_redis_eviction(redis, self.config.source)
         session = self.config.session
         if (
             session.store == "cookie"
@@ -339,50 +289,6 @@ class Gateway:
                 lambda: asyncio.ensure_future(old_upstreams.close()),
             )
         log.info("config_reloaded", rules=len(new.rules), source=new.source)
-
-    def _make_aux(self) -> AuxStore:
-        """Where one-time claims and kept requests live: the Redis store when there is
-        one (shared by workers and replicas), else this process."""
-        session = self.config.session
-        if isinstance(self.store, RedisStore):
-            return self.store
-        if session.redis_url is not None:
-            self._aux_redis = RedisStore.from_url(
-                session.redis_url,
-                session.secrets,
-                idle_timeout_s=session.idle_timeout_s,
-                lifetime_s=session.lifetime_s,
-                prefix=session.redis_prefix,
-            )
-            return self._aux_redis
-        return LocalAux(clock=self.clock)
-
-    async def check_redis_eviction(self) -> None:
-        """Refuse to start on a Redis that may evict one-time records (see
-        :func:`gateway.session.redis_store.eviction_problem`)."""
-        redis = self.store if isinstance(self.store, RedisStore) else self._aux_redis
-        if redis is None:
-            return
-        try:
-            settings = await redis.eviction_settings()
-        except StoreUnavailable:
-            log.warning("redis_eviction_unchecked", reason="store_down")
-            return
-        if settings is None:
-            # Managed services (ElastiCache, Memorystore, Azure Cache) forbid CONFIG:
-            # the gateway cannot know; it runs, and says what the operator must check.
-            log.warning(
-                "redis_eviction_unchecked",
-                reason="config_refused",
-                hint="make sure maxmemory-policy is noeviction",
-            )
-            return
-        policy, maxmemory = settings
-        problem = eviction_problem(policy, maxmemory)
-        if problem is not None:
-            log.error("redis_eviction_unsafe", policy=policy, maxmemory=maxmemory)
-            raise ConfigError([ConfigProblem("session.redis_url", problem, self.config.source)])
-        log.info("redis_eviction_checked", policy=policy, maxmemory=maxmemory)
 
     @property
     def provider(self) -> ProviderClient:
@@ -468,11 +374,11 @@ class Gateway:
         self.metrics.requests.labels(rule_name or "", DECISION_LABEL[type(decision)]).inc()
         path_qs = path if query is None else f"{path}?{query}"
         if isinstance(decision, Allow):
-            return rule_name, await self.forward(
+            return rule_name, await self.forwarder.forward(
                 request, decision, session, path_qs, request_id, body=body
             )
         if isinstance(decision, Challenge):
-            return rule_name, await self.challenge(request, decision, path_qs, body, session)
+            return rule_name, await challenge(self, request, decision, path_qs, body, session)
         return rule_name, self.deny(request, decision)
 
     async def ask_risk_engine(
@@ -543,32 +449,10 @@ class Gateway:
             ) from exc
         if session is None:
             log.info("session_rejected", reason="invalid_or_expired")
-        elif isinstance(self.store, CookieStore) and await self.revoked(session):
+        elif isinstance(self.store, CookieStore) and await revocation.revoked(self.aux, session):
             log.info("session_rejected", reason="revoked")
             return None
         return session
-
-    # -- revocation (cookie store) ---------------------------------------------------
-    #
-    # A cookie-store session cannot be deleted: a saved copy of the cookie would
-    # stay valid until it expires (CWE-613). Signing out records the session id, and
-    # a back-channel logout the subject or provider session with its time, beside the
-    # one-time claims (this process, or Redis with session.redis_url), until every
-    # session they name has expired.
-
-    @staticmethod
-    def _revocation_names(session: Session) -> list[str]:
-        names = [f"revoked:id:{session.id}", f"revoked:sub:{session.sub}"]
-        if session.provider_sid is not None:
-            names.append(f"revoked:sid:{session.provider_sid}")
-        return names
-
-    async def revoked(self, session: Session) -> bool:
-        marks = await self.aux.get_records(self._revocation_names(session))
-        if marks[0] is not None:
-            return True
-        # By subject or provider session: every session created up to that moment.
-        return any(at is not None and session.created_at <= at for at in marks[1:])
 
     async def revoke(
         self,
@@ -577,16 +461,15 @@ class Gateway:
         sub: str | None = None,
         provider_sid: str | None = None,
     ) -> None:
-        """Record a sign-out until every session it covers has expired anyway."""
-        now = self.clock()
-        lifetime_s = self.config.session.lifetime_s + REVOCATION_MARGIN_S
-        if session is not None:
-            left_s = session.created_at + lifetime_s - now
-            await self.aux.put_record(f"revoked:id:{session.id}", now, max(left_s, 1))
-        if sub is not None and provider_sid is None:
-            await self.aux.put_record(f"revoked:sub:{sub}", now, lifetime_s)
-        if provider_sid is not None:
-            await self.aux.put_record(f"revoked:sid:{provider_sid}", now, lifetime_s)
+        """:func:`gateway.session.revocation.revoke`, now, under this configuration."""
+        await revocation.revoke(
+            self.aux,
+            self.clock(),
+            self.config.session.lifetime_s,
+            session=session,
+            sub=sub,
+            provider_sid=provider_sid,
+        )
 
     async def forward(
         self,
@@ -596,82 +479,18 @@ class Gateway:
         path_qs: str,
         request_id: str,
         *,
-        body: RequestBody | None = None,
         kept: KeptRequest | None = None,
     ) -> web.StreamResponse:
-        """Send the request (or a ``kept`` one, replayed) upstream with assurance headers."""
-        rule = decision.rule
-        websocket = is_websocket(request)
-        upstream_headers = self.upstream_request_headers(request, rule, request_id, websocket)
-        if session is not None:
-            # update() replaces: none of these came from the client (prefix stripped).
-            upstream_headers.update(self.assurance_headers(session, decision.level, rule))
-        refreshed: str | None = None
-        now = self.clock()
-        if session is not None and session.touch_due(now):
-            refreshed = await self.store.save(
-                session.touched(now), now, previous=cookie_value(request, self.session_cookie)
-            )
-        extra: list[tuple[str, str]] = []
-        if refreshed is not None:
-            extra.append(("Set-Cookie", self.session_set_cookie(refreshed)))
-        if websocket:
-            return await self.upstreams.forward_websocket(
-                request,
-                rule.upstream,
-                path_qs=path_qs,
-                headers=upstream_headers,
-                extra_response_headers=extra,
-            )
-        method: str | None = None
-        data: bytes | None = None
-        if kept is not None:
-            method, data = kept.method, kept.body
-            upstream_headers["Content-Type"] = kept.content_type
-            upstream_headers["Content-Length"] = str(len(kept.body))
-            # As the form was sent, not as the redirect back from the provider was:
-            # an upstream's own CSRF check judges the original request.
-            for name, value in (("Origin", kept.origin), ("Sec-Fetch-Site", kept.fetch_site)):
-                upstream_headers.popall(name, None)
-                if value is not None:
-                    upstream_headers[name] = value
-        intercept = None
-        if kept is None:
-            form = rule.upstream_challenge and is_form_post(request.method, request.headers)
-            if form and body is not None:
-                # Keep a copy of the form so the request can be replayed after a step-up
-                # the upstream asks for; a body over the limit streams without that option.
-                try:
-                    await body.read()
-                except PayloadTooLarge:
-                    if body.consumed:
-                        raise  # part of it is read: forwarding the rest would cut it
-                    log.info("upstream_challenge_body_too_large", rule=rule.name)
-            if body is not None and body.data is not None and request.body_exists:
-                data = body.data  # the bytes the rule engine read, sent as they came
-            # Only browsers are stepped up for the upstream; API clients get its
-            # challenge unchanged, even when a rule had to read their body.
-            if rule.upstream_challenge and (
-                (form and data is not None)
-                or responses.is_navigation(request.method, request.headers)
-            ):
-                intercept = self.upstream_asks_step_up
-        latency = self.metrics.upstream_latency.labels(rule.upstream)
-        started = time.perf_counter()
-        try:
-            return await self.upstreams.forward(
-                request,
-                rule.upstream,
-                path_qs=path_qs,
-                headers=upstream_headers,
-                extra_response_headers=extra,
-                on_headers=lambda: latency.observe(time.perf_counter() - started),
-                method=method,
-                body=data,
-                intercept=intercept,
-            )
-        except UpstreamIntercepted as asked:
-            return await self.upstream_step_up(request, rule, session, path_qs, body, asked)
+        """:meth:`gateway.forward.Forwarder.forward` (for a kept request, replayed)."""
+        return await self.forwarder.forward(
+            request, decision, session, path_qs, request_id, kept=kept
+        )
+
+    def assurance_headers(
+        self, session: Session, level: Level | None, rule: Rule
+    ) -> tuple[tuple[str, str], ...]:
+        """:meth:`gateway.forward.Forwarder.assurance_headers`."""
+        return self.forwarder.assurance_headers(session, level, rule)
 
     def check_framing(self, request: web.BaseRequest) -> None:
         """:func:`gateway.headers.check_framing`, remembering header sets that passed."""
@@ -680,148 +499,6 @@ class Gateway:
         if self._framing_passed.get(key) is None:
             headers.check_framing(raw, http_version=request.version)
             self._framing_passed.put(key, True, header_set_size(raw) // 2)
-
-    def upstream_request_headers(
-        self, request: web.BaseRequest, rule: Rule, request_id: str, websocket: bool
-    ) -> CIMultiDict[str]:
-        """:func:`gateway.headers.upstream_request_headers` for ``request``, remembered.
-
-        The result depends on the client's headers, its address and the rule's
-        upstream and method-override setting (the rest is this configuration's),
-        so it is kept under exactly those; only the request id differs.
-        """
-        raw = request.raw_headers
-        peer = request.remote or ""
-        key = (raw, peer, rule.allow_method_override, rule.upstream)
-        built = self._request_headers.get(key)
-        if built is None:
-            built = headers.upstream_request_headers(
-                request.headers.items(),
-                prefix=self.header_prefix,
-                allow_method_override=rule.allow_method_override,
-                strip_cookies=self.gateway_cookies,
-                strip_cookie_prefixes=self.gateway_cookie_prefixes,
-                client_ip=peer,
-                peer_trusted=self.peer_trusted(peer),
-                hops=self.client_hops(request, peer),
-                scheme=self.scheme,
-                # The canonical host the rules judged (known, since they judged it).
-                host=canonical_host(request.headers.get("Host"), self.scheme) or "",
-                request_id="",
-                upstream_host=self.upstreams.host_of(rule.upstream),
-                websocket=websocket,  # from the same headers: covered by the key
-            )
-            self._request_headers.put(key, built, header_set_size(raw) + len(peer))
-        out = built.copy()
-        out["X-Request-Id"] = request_id
-        return out
-
-    def upstream_asks_step_up(self, response: aiohttp.ClientResponse) -> str | None:
-        """The upstream's RFC 9470 challenge, when its answer is one (the first, of several)."""
-        if response.status != 401:
-            return None
-        return next(
-            (
-                value
-                for value in response.headers.getall("WWW-Authenticate", [])
-                if parse_bearer_challenge(value) is not None
-            ),
-            None,
-        )
-
-    async def upstream_step_up(
-        self,
-        request: web.BaseRequest,
-        rule: Rule,
-        session: Session | None,
-        path_qs: str,
-        body: RequestBody | None,
-        asked: UpstreamIntercepted,
-    ) -> web.StreamResponse:
-        """The upstream answered a browser with an RFC 9470 challenge: step up, then replay."""
-        value = asked.challenge
-        params = parse_bearer_challenge(value) or {}
-        level = level_for_acr_values(self.config.assurance.levels, params.get("acr_values", ""))
-        max_age_s = max_age_of(params)
-        if level is None or max_age_s is False:
-            # Only levels this config defines can be asked for; pass the challenge on.
-            log.warning(
-                "upstream_challenge_unknown",
-                rule=rule.name,
-                acr_values=params.get("acr_values"),
-                max_age=params.get("max_age"),
-            )
-            return web.Response(
-                status=401,
-                headers={"WWW-Authenticate": value, "Cache-Control": "no-store"},
-                text=responses.json_error(
-                    "insufficient_user_authentication",
-                    "The application asks for a stronger sign-in.",
-                    request_id_of(),
-                ),
-                content_type="application/json",
-            )
-        assert max_age_s is not False
-        audit.info("upstream_challenge", rule=rule.name, need=level.name, max_age_s=max_age_s)
-        decision = Challenge(
-            rule,
-            level,
-            max_age_s,
-            "upstream_challenge",
-            assurance.highest(self.config.assurance.levels, session.proofs) if session else None,
-        )
-        return await self.challenge(request, decision, path_qs, body, session)
-
-    def assurance_headers(
-        self, session: Session, level: Level | None, rule: Rule
-    ) -> tuple[tuple[str, str], ...]:
-        """The contract's assurance headers for ``session`` on ``rule``, as (name, value)."""
-        now = self.clock()
-        key = (
-            session.sub,
-            session.acr,
-            session.amr,
-            session.auth_time,
-            session.email,
-            level.name if level is not None else None,
-            rule.name,
-            rule.upstream,
-        )
-        cached = self._assurance_headers.get(key)
-        if cached is not None and now < cached[0]:
-            return cached[1]
-        p = self.header_prefix
-        # Claims percent-encoded (headers.claim_header_value): whatever a provider
-        # sent, or a session from before the callback refused it, stays one header.
-        # Level and rule names are safe by config validation.
-        encode = headers.claim_header_value
-        out = {
-            f"{p}Subject": encode(session.sub),
-            f"{p}Acr": encode(session.acr or ""),
-            f"{p}Amr": ",".join(encode(value) for value in session.amr),
-            f"{p}Time": str(int(session.auth_time)),
-            f"{p}Level": level.name if level is not None else "",
-            f"{p}Rule": rule.name,
-        }
-        if session.email:
-            out[f"{p}Email"] = encode(session.email)
-        claims: dict[str, Any] = {
-            "sub": session.sub,
-            "acr": session.acr,
-            "amr": list(session.amr),
-            "auth_time": int(session.auth_time),
-            "level": out[f"{p}Level"],
-            "rule": rule.name,
-        }
-        if session.email:
-            claims["email"] = session.email
-        out[f"{p}Assertion"], reuse_until = self.signer.sign_reusable(
-            claims, audience=rule.upstream, now=now
-        )
-        pairs = tuple(out.items())
-        size = sum(HEADER_OVERHEAD_BYTES + len(name) + len(value) for name, value in pairs)
-        self._assurance_headers.put(key, (reuse_until, pairs), size)
-        return pairs
 
     def peer_trusted(self, peer: str) -> bool:
         trusted = self.config.server.trusted_proxies
@@ -832,281 +509,6 @@ class Gateway:
         except ValueError:
             return False
         return any(address in network for network in trusted)
-
-    # -- challenges --------------------------------------------------------------
-
-    async def challenge(
-        self,
-        request: web.BaseRequest,
-        decision: Challenge,
-        path_qs: str,
-        body: RequestBody | None,
-        session: Session | None,
-    ) -> web.StreamResponse:
-        rule = decision.rule
-        acr_values = assurance.acr_values_for(decision.required)
-        log.info(
-            "step_up_needed",
-            rule=rule.name,
-            need=decision.required.name,
-            have=decision.held.name if decision.held else None,
-            reason=decision.reason,
-            max_age_s=decision.max_age_s,
-        )
-        navigation = responses.is_navigation(request.method, request.headers)
-        form = is_form_post(request.method, request.headers)
-        if form:
-            # A form the browser sent from another site: keeping it and replaying it
-            # after a silent sign-in at the provider would complete a CSRF for the
-            # other site. Refused, never kept (the same check guards logout).
-            refusal = same_origin_refusal(request.headers, self.public_origin())
-            if refusal is not None:
-                audit.info(
-                    "cross_site_request_refused",
-                    rule=rule.name,
-                    method=request.method,
-                    reason=refusal,
-                )
-                raise Forbidden(
-                    "This form was not sent from a page of this site, so it was not kept "
-                    "and nothing was sent. Open the page on this site and send it again.",
-                    reason="cross_site_form",
-                )
-        if not navigation and not form:
-            if decision.reason == "no_session":
-                value = responses.www_authenticate(None, None)
-                message = "Sign-in required"
-                error = "unauthorized"
-            else:
-                # A one-time rule needs a new authentication: max_age=0, as the gateway
-                # itself asks the provider for browsers.
-                max_age_s = 0 if rule.require.once else decision.max_age_s
-                value = responses.www_authenticate(decision.required, max_age_s, acr_values)
-                message = responses.describe_need(decision.required, max_age_s)
-                error = "insufficient_user_authentication"
-            return web.Response(
-                status=401,
-                text=responses.json_error(error, message, request_id_of()),
-                content_type="application/json",
-                headers={"WWW-Authenticate": value, "Cache-Control": "no-store"},
-            )
-        binding: str | None = None
-        values: dict[str, str | None] | None = None
-        if rule.require.bind:
-            assert body is not None
-            fields = await body.fields()
-            values = binding_values(rule.require.bind, fields)
-            missing = [name for name, value in values.items() if value is None]
-            if missing:
-                raise BadRequest(
-                    f"The request must carry exactly one value for: {', '.join(missing)}.",
-                    reason="binding_field_missing",
-                )
-            binding = binding_digest(rule.require.bind, fields)
-        kept_id: str | None = None
-        return_to = path_qs
-        if form:
-            assert body is not None
-            return_to = responses.same_origin_path(
-                request.headers.get("Referer"), self.public_origin()
-            )
-            # Without a session, a form is kept only when its rule makes the step-up
-            # about this very request (once: a new sign-in; bind: the user approves
-            # its values). Otherwise the browser comes back to the form's page after
-            # signing in, and nothing a stranger sends is held.
-            if session is not None or rule.require.once or rule.require.bind:
-                kept_id = await self.keep(request, rule, session, path_qs, body)
-            else:
-                log.info("request_not_kept", rule=rule.name, reason="no_session")
-        try:
-            return await self.start_round_trip(
-                request,
-                return_to=responses.safe_return_to(return_to),
-                rule=rule.name,
-                level=decision.required,
-                max_age_s=decision.max_age_s,
-                kept=kept_id,
-                binding=binding,
-                binding_values=values,
-                fresh=rule.require.once,
-            )
-        except BaseException:
-            if kept_id is not None:  # no round trip: nobody can resume it
-                await self.aux.take_blob(f"kept:{kept_id}")
-                self.kept_ledger.release(f"kept:{kept_id}")
-            raise
-
-    async def keep(
-        self,
-        request: web.BaseRequest,
-        rule: Rule,
-        session: Session | None,
-        path_qs: str,
-        body: RequestBody,
-    ) -> str:
-        """Hold the form across the step-up, within the budget; the id it is kept under.
-
-        Counted against step_up.keep_budget (this process) and keep_per_client (this
-        session, or this client address without one) before its body is read; when
-        either is spent, 503 with Retry-After, and nothing is held.
-        """
-        step_up = self.config.step_up
-        ttl_s = self.config.session.transaction_ttl_s
-        kept_id = new_random()
-        name = f"kept:{kept_id}"
-        owner = client_key(session.id if session is not None else None, self.client_ip(request))
-        # Counted at the size it says it has (a body without Content-Length: at the
-        # largest one allowed) before a byte of it is read.
-        declared = request.content_length
-        largest = step_up.max_body_bytes
-        if declared is not None and declared > largest:
-            await body.read()  # 413, before anything is counted or held
-        estimate = kept_size_bytes(min(largest if declared is None else declared, largest), path_qs)
-        now = self.clock()
-        refused = self.kept_ledger.admit(name, estimate, owner, now, ttl_s)
-        if refused is not None:
-            reason, retry_s = refused
-            log.warning(
-                "request_not_kept",
-                rule=rule.name,
-                reason=reason,
-                held_bytes=self.kept_ledger.total_bytes,
-                held=len(self.kept_ledger),
-            )
-            raise Busy(
-                "Too many requests are waiting for a sign-in right now, so this one was "
-                "not kept and nothing was sent. Try again in a little while.",
-                reason=reason,
-                retry_after_s=int(retry_s) + 1,
-            )
-        try:
-            data = await body.read()
-            kept = KeptRequest(
-                method=request.method,
-                path_qs=path_qs,
-                content_type=body.content_type,
-                body=data,
-                session_id=session.id if session is not None else None,
-                rule=rule.name,
-                origin=request.headers.get("Origin"),
-                fetch_site=request.headers.get("Sec-Fetch-Site"),
-            )
-            # The estimate was for the declared (or the largest) body: count what it is.
-            self.kept_ledger.release(name)
-            self.kept_ledger.admit(name, kept.size_bytes, owner, now, ttl_s)
-            await self.aux.put_blob(name, kept.to_dict(), ttl_s)
-        except BaseException:
-            self.kept_ledger.release(name)
-            raise
-        audit.info("request_kept", rule=rule.name, method=request.method, bytes=len(kept.body))
-        return kept_id
-
-    async def start_round_trip(
-        self,
-        request: web.BaseRequest,
-        *,
-        return_to: str,
-        rule: str | None,
-        level: Level,
-        max_age_s: int | None,
-        kept: str | None = None,
-        binding: str | None = None,
-        binding_values: dict[str, str | None] | None = None,
-        fresh: bool = False,
-        mode: str = "redirect",
-    ) -> web.StreamResponse:
-        try:
-            meta = await self.provider.metadata()
-        except ProviderError as exc:
-            self.metrics.challenges.labels("failed", level.name).inc()
-            raise ProviderUnavailable(
-                "The identity provider cannot be reached, so a sign-in cannot start. "
-                "Try again shortly.",
-                reason=exc.reason,
-            ) from exc
-        if not await self.provider_reachable():
-            self.metrics.challenges.labels("failed", level.name).inc()
-            raise ProviderUnavailable(
-                "The identity provider is not answering, so a sign-in cannot start. "
-                "Try again shortly.",
-                reason="provider_unreachable",
-            )
-        now = self.clock()
-        verifier, challenge = new_pkce()
-        sealed_return_to = bounded_return_to(return_to)
-        if sealed_return_to != return_to:
-            # A longer URL would make a cookie the browser drops (RFC 6265 6.1), and
-            # the sign-in could never finish; the user comes back to its path.
-            log.info(
-                "return_to_shortened",
-                chars=len(return_to),
-                kept="path" if sealed_return_to != "/" else "root",
-            )
-        tx = Transaction(
-            state=new_random(),
-            nonce=new_random(),
-            code_verifier=verifier,
-            return_to=sealed_return_to,
-            rule=rule,
-            level=level.name,
-            max_age_s=max_age_s,
-            created_at=now,
-            mode=mode,
-            kept=kept,
-            binding=binding,
-            fresh=fresh,
-        )
-        extra: dict[str, str] = {}
-        if binding_values is not None:
-            details_type = self.config.step_up.authorization_details_type
-            extra["authorization_details"] = json.dumps(
-                authorization_details(details_type, binding_values), separators=(",", ":")
-            )
-            extra["binding_message"] = binding_message(binding_values)
-        url = authorization_url(
-            meta,
-            self.config.oidc,
-            redirect_uri=self.redirect_uri,
-            state=tx.state,
-            nonce=tx.nonce,
-            code_challenge=challenge,
-            acr_values=assurance.acr_values_for(level),
-            max_age_s=tx.requested_max_age_s,
-            extra=extra or None,
-        )
-        response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
-        ttl_s = self.config.session.transaction_ttl_s
-        tx_name = tx_cookie_name(self.tx_base, tx.state, self.secure)
-        tx_value = self.tx_codec.seal(tx)
-        stale = tx_cookies_to_drop(
-            request.cookies,
-            self.tx_codec,
-            base=self.tx_base,
-            secure=self.secure,
-            now=now,
-            ttl_s=ttl_s,
-            max_in_flight=MAX_TRANSACTIONS_IN_FLIGHT,
-            new_bytes=cookie_pair_bytes(tx_name, tx_value),
-        )
-        for name in stale:
-            response.del_cookie(name, **delete_cookie_kwargs(self.secure))
-        put_tx = getattr(self.store, "put_tx", None)
-        if put_tx is not None:
-            # Server-side too: the callback may land on any worker or replica, and a
-            # replayed callback finds nothing (taken once, below).
-            await put_tx(tx, ttl_s)
-        response.set_cookie(tx_name, tx_value, **set_cookie_kwargs(self.secure, ttl_s))
-        self.metrics.challenges.labels("issued", level.name).inc()
-        audit.info(
-            "step_up_challenge",
-            rule=rule,
-            need=level.name,
-            max_age_s=max_age_s,
-            bound=binding is not None,
-            kept=kept is not None,
-            once=fresh,
-        )
-        return response
 
     async def provider_reachable(self) -> bool:
         """Whether the provider answers now (cached briefly), before sending a browser there.
@@ -1237,10 +639,6 @@ def new_request_id() -> str:
     from the operating system's generator, which costs a system call each.
     """
     return f"{random.getrandbits(64):016x}"
-
-
-def is_websocket(request: web.BaseRequest) -> bool:
-    return headers.is_websocket_upgrade(request.headers.items())
 
 
 class _RequestHandler(RequestHandler):

@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from aiohttp import web
 
+from gateway.context import Context
 from gateway.decision import site_paths
 from gateway.endpoints import callback, logout, ops, stepup
-from gateway.endpoints.context import Context
 from gateway.model import Rule
 
 Handler = Callable[[Context, web.BaseRequest], Awaitable[web.StreamResponse]]

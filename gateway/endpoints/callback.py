@@ -18,7 +18,7 @@ import structlog
 from aiohttp import web
 
 from gateway import assurance, responses
-from gateway.endpoints.context import Context
+from gateway.context import Context
 from gateway.errors import BadRequest, MethodNotAllowed, ProviderError
 from gateway.oidc.flow import IdTokenError, parse_callback, verified_email
 from gateway.oidc.flow import random_token as new_random

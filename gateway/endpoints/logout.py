@@ -10,7 +10,7 @@ from __future__ import annotations
 import structlog
 from aiohttp import web
 
-from gateway.endpoints.context import Context
+from gateway.context import Context
 from gateway.errors import BadRequest, Forbidden, MethodNotAllowed, ProviderError
 from gateway.oidc.flow import LOGOUT_TOKEN_MAX_AGE_S, IdTokenError, end_session_url
 from gateway.session.cookies import delete_cookie_kwargs

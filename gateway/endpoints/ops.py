@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.endpoints.context import Context
+from gateway.context import Context
 from gateway.errors import NotFound, ProviderError, StoreUnavailable
 
 # Crawlers are kept out of everything behind the gateway (RFC 9309): what they

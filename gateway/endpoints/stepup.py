@@ -13,8 +13,9 @@ from aiohttp import web
 
 from gateway import logs, responses
 from gateway.body import KeptBody
+from gateway.challenge import start_round_trip
+from gateway.context import Context
 from gateway.decision import DECISION_LABEL, Allow, RequestFacts, decide_request
-from gateway.endpoints.context import Context
 from gateway.errors import BadRequest, Forbidden, Gone, MethodNotAllowed
 from gateway.transactional import KeptRequest, level_for_acr_values
 
@@ -58,7 +59,8 @@ async def step_up(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
     mode = request.query.get("mode", "redirect")
     if mode not in ("redirect", "popup"):
         raise BadRequest("mode must be redirect or popup", reason="step_up_mode")
-    return await ctx.start_round_trip(
+    return await start_round_trip(
+        ctx,
         request,
         return_to=responses.safe_return_to(request.query.get("rd")),
         rule=None,

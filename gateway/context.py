@@ -1,9 +1,9 @@
-"""What the gateway's own endpoints may use of it: :class:`Context`.
+"""What the steps after the decision may use of the gateway: :class:`Context`.
 
-The endpoints get this view of :class:`gateway.app.Gateway` (which satisfies
-it; mypy checks that where the route table is used) instead of the class, so
-they import nothing from :mod:`gateway.app` and the list below is the whole of
-what they share with the proxy path.
+The endpoints, the challenge and the forwarding get this view of
+:class:`gateway.app.Gateway` (which satisfies it; mypy checks that where they
+are called) instead of the class, so they import nothing from
+:mod:`gateway.app` and the list below is the whole of what they share.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from aiohttp import web
 from gateway.assertion import AssertionSigner
 from gateway.decision import Allow
 from gateway.metrics import Metrics
-from gateway.model import Config, Level
+from gateway.model import Config
 from gateway.oidc.provider import ProviderClient
+from gateway.proxy import Upstreams
 from gateway.rules import RuleSet
 from gateway.session.aux import AuxStore
 from gateway.session.cookies import SetCookieKwargs
@@ -47,6 +48,7 @@ class Context(Protocol):
     secure: bool  # cookies are Secure (and __Host-)
     prefix: str  # server.internal_prefix
     redirect_uri: str
+    upstreams: Upstreams
 
     @property
     def provider(self) -> ProviderClient: ...
@@ -82,16 +84,11 @@ class Context(Protocol):
         kept: KeptRequest | None = None,
     ) -> web.StreamResponse: ...
 
-    async def start_round_trip(
-        self,
-        request: web.BaseRequest,
-        *,
-        return_to: str,
-        rule: str | None,
-        level: Level,
-        max_age_s: int | None,
-        mode: str = "redirect",
-    ) -> web.StreamResponse: ...
+    async def provider_reachable(self) -> bool: ...
+
+    def client_hops(self, request: web.BaseRequest, peer: str) -> tuple[str, ...]: ...
+
+    def peer_trusted(self, peer: str) -> bool: ...
 
     # -- responses --------------------------------------------------------------
 
@@ -100,6 +97,8 @@ class Context(Protocol):
     def session_cookie_kwargs(self) -> SetCookieKwargs: ...
 
     def metrics_response(self) -> web.Response: ...
+
+    def session_set_cookie(self, value: str) -> str: ...
 
     def page_response(
         self,
