@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import random
 import re
 import time
 from collections.abc import Callable
@@ -23,8 +22,6 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
-from aiohttp.web_protocol import RequestHandler
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway import headers, logs, responses
@@ -62,6 +59,8 @@ from gateway.proxy import Upstreams
 from gateway.reload import restart_needed
 from gateway.risk import RiskClient, RiskFacts, RiskOutcome
 from gateway.rules import RuleSet
+from gateway.serve_http import make_server as make_server  # re-exported: the entry point
+from gateway.serve_http import new_request_id
 from gateway.session import revocation
 from gateway.session.aux import AuxStore, LocalAux
 from gateway.session.cookies import SetCookieKwargs, cookie_name, set_cookie_kwargs
@@ -79,12 +78,6 @@ audit = structlog.get_logger("gateway.audit")
 # discovery document in milliseconds; while it answers, ask again at most every 10 s.
 PROVIDER_PROBE_TIMEOUT_S = 2.0
 PROVIDER_PROBE_TTL_S = 10.0
-# One header field, at most. aiohttp's default, like nginx's and Apache's, is 8 KB; the
-# gateway's own cookies stay under that (session <= ~3.9 KB, sign-ins in flight <= 3 KB),
-# and twice as much leaves the application's cookies room, so /healthz and /callback
-# still answer when a Cookie header has grown past 8 KB. Upstreams never get the
-# gateway's cookies, so they see a shorter header than this.
-MAX_HEADER_FIELD_BYTES = 16 * 1024
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
@@ -629,78 +622,3 @@ def cookie_value(request: web.BaseRequest, name: str) -> str | None:
 
 def request_id_of() -> str:
     return logs.request_id()
-
-
-def new_request_id() -> str:
-    """16 hex digits for a request that brought no id of its own.
-
-    An id only correlates log lines and answers: it needs to be unique, not
-    secret, so it comes from ``random`` (reseeded in every forked worker), not
-    from the operating system's generator, which costs a system call each.
-    """
-    return f"{random.getrandbits(64):016x}"
-
-
-class _RequestHandler(RequestHandler):
-    """aiohttp's connection handler, with its error answers replaced by ours.
-
-    aiohttp answers requests its HTTP parser refuses (bad method, smuggling shapes,
-    malformed headers) itself, with a text body that echoes the offending bytes —
-    which may hold a cookie or token — and a traceback in the log. Here they get a
-    short JSON or HTML answer, a structured log line and a metric instead.
-    """
-
-    gateway: Gateway
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; closing the connection")
-        logs.bind_request_id(new_request_id())
-        error: GatewayError
-        if isinstance(exc, BadHttpMethod):
-            # RFC 9110 9.1: methods are case-sensitive; `post` is not POST.
-            error = MethodNotAllowed("This method is not allowed here.", reason="unknown_method")
-        elif isinstance(exc, LineTooLong):
-            error = HeadersTooLarge(
-                "A request header is too large (often: too many cookies for this site). "
-                "Remove this site's cookies in the browser and try again.",
-                reason="header_too_large",
-            )
-        elif status >= 500:
-            log.error("internal_error", error=type(exc).__name__ if exc else None, exc_info=exc)
-            error = GatewayError("Something went wrong in the gateway.", reason="internal_error")
-        else:
-            error = BadRequest("The request is malformed.", reason="malformed_request")
-        self.gateway.metrics.rejected.labels(error.reason).inc()
-        response = self.gateway.error_response(request, error)
-        response.force_close()
-        return response
-
-
-class HeadersTooLarge(GatewayError):
-    status = 431  # RFC 6585 5
-    title = "Request headers too large"
-
-
-class _Server(web.Server):
-    def __init__(self, gateway: Gateway) -> None:
-        super().__init__(
-            gateway.handle, handler_cancellation=True, max_field_size=MAX_HEADER_FIELD_BYTES
-        )
-        self._gateway = gateway
-
-    def __call__(self) -> RequestHandler:
-        handler = _RequestHandler(self, loop=self._loop, **self._kwargs)
-        handler.gateway = self._gateway
-        return handler
-
-
-def make_server(gateway: Gateway) -> web.Server:
-    """The low-level aiohttp server: one handler, no router, no middleware chain."""
-    return _Server(gateway)
