@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway import headers, logs, responses
 from gateway.assertion import AssertionKeyError, AssertionSigner, load_or_generate_key
 from gateway.body import RequestBody
-from gateway.challenge import challenge
+from gateway.challenge import ProviderProbe, challenge
 from gateway.decision import (
     DECISION_LABEL,
     SITE_PATH_METHODS,
@@ -74,10 +74,6 @@ from gateway.transactional import KeptLedger, KeptRequest
 log = structlog.get_logger("gateway")
 audit = structlog.get_logger("gateway.audit")
 
-# Before sending a browser to the provider: is it there? A healthy provider answers its
-# discovery document in milliseconds; while it answers, ask again at most every 10 s.
-PROVIDER_PROBE_TIMEOUT_S = 2.0
-PROVIDER_PROBE_TTL_S = 10.0
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
@@ -131,7 +127,7 @@ class Gateway:
         self.upstreams = self._make_upstreams(config)
         self._http: aiohttp.ClientSession | None = None
         self._provider: ProviderClient | None = None
-        self._provider_ok_until = 0.0
+        self._provider_probe = ProviderProbe()
         self.aux: AuxStore = LocalAux(clock=clock)  # replaced in start()
         self._aux_redis: RedisStore | None = None
 
@@ -504,31 +500,11 @@ class Gateway:
         return any(address in network for network in trusted)
 
     async def provider_reachable(self) -> bool:
-        """Whether the provider answers now (cached briefly), before sending a browser there.
-
-        Metadata and keys come from the cache, so a provider outage would otherwise
-        show up as a browser error page at the provider's address instead of a clear
-        503 here. Checked at most every PROVIDER_PROBE_TTL_S while it answers.
-        """
-        now = self.clock()
-        if now < self._provider_ok_until:
-            return True
+        """:meth:`gateway.challenge.ProviderProbe.reachable`, for this provider, now."""
         assert self._http is not None
-        url = f"{self.config.oidc.issuer.rstrip('/')}/.well-known/openid-configuration"
-        try:
-            async with self._http.get(
-                url,
-                timeout=aiohttp.ClientTimeout(total=PROVIDER_PROBE_TIMEOUT_S),
-                allow_redirects=False,
-            ) as resp:
-                ok = resp.status < 500
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            ok = False
-        if ok:
-            self._provider_ok_until = now + PROVIDER_PROBE_TTL_S
-        else:
-            self.metrics.provider_errors.labels("probe_unreachable").inc()
-        return ok
+        return await self._provider_probe.reachable(
+            self._http, self.config.oidc.issuer, self.clock(), self.metrics
+        )
 
     # -- internal endpoints ------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+import aiohttp
 import structlog
 from aiohttp import web
 
@@ -22,6 +23,7 @@ from gateway.conditions import binding_digest, binding_values
 from gateway.context import Context
 from gateway.decision import Challenge
 from gateway.errors import BadRequest, Busy, Forbidden, ProviderError, ProviderUnavailable
+from gateway.metrics import Metrics
 from gateway.model import Level, Rule
 from gateway.oidc.flow import authorization_url, new_pkce
 from gateway.oidc.flow import random_token as new_random
@@ -54,6 +56,43 @@ audit = structlog.get_logger("gateway.audit")
 # Several tabs may each have a sign-in in flight; beyond this, the oldest is dropped
 # so a page that loops cannot grow the Cookie header without bound.
 MAX_TRANSACTIONS_IN_FLIGHT = 5
+# Before sending a browser to the provider: is it there? A healthy provider answers its
+# discovery document in milliseconds; while it answers, ask again at most every 10 s.
+PROVIDER_PROBE_TIMEOUT_S = 2.0
+PROVIDER_PROBE_TTL_S = 10.0
+
+
+class ProviderProbe:
+    """Whether the provider answers now (cached briefly), before sending a browser there.
+
+    Metadata and keys come from the cache, so a provider outage would otherwise
+    show up as a browser error page at the provider's address instead of a clear
+    503 here. Checked at most every PROVIDER_PROBE_TTL_S while it answers.
+    """
+
+    def __init__(self) -> None:
+        self._ok_until = 0.0
+
+    async def reachable(
+        self, http: aiohttp.ClientSession, issuer: str, now: float, metrics: Metrics
+    ) -> bool:
+        if now < self._ok_until:
+            return True
+        url = f"{issuer.rstrip('/')}/.well-known/openid-configuration"
+        try:
+            async with http.get(
+                url,
+                timeout=aiohttp.ClientTimeout(total=PROVIDER_PROBE_TIMEOUT_S),
+                allow_redirects=False,
+            ) as resp:
+                ok = resp.status < 500
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            ok = False
+        if ok:
+            self._ok_until = now + PROVIDER_PROBE_TTL_S
+        else:
+            metrics.provider_errors.labels("probe_unreachable").inc()
+        return ok
 
 
 async def challenge(
