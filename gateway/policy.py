@@ -1,6 +1,8 @@
-"""The access decision: given a rule, a session and the time, allow, challenge or deny.
+"""The last step of the decision: given a rule, a session and the time, allow, challenge
+or deny, and the three answers as values.
 
-Pure: no I/O, the clock is passed in. :mod:`gateway.app` acts on the result.
+Pure: no I/O, the clock is passed in. :mod:`gateway.decision` chooses the rule and
+its requirement and ends here; :mod:`gateway.app` acts on the result.
 """
 
 from __future__ import annotations
