@@ -516,6 +516,9 @@ server:
   workers: {workers}
   access_log: true
   log_level: info
+  # As in both nginx configs: no reconnects that another row does not pay.
+  keepalive_requests: {KEEPALIVE_REQUESTS}
+  keepalive_max_age: 1h
 upstreams:
   app: http://127.0.0.1:{upstream_port}
 oidc:

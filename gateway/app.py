@@ -16,7 +16,7 @@ import asyncio
 import ipaddress
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -28,6 +28,7 @@ from gateway import headers, logs, responses
 from gateway.assertion import AssertionKeyError, AssertionSigner, load_or_generate_key
 from gateway.body import RequestBody
 from gateway.challenge import ProviderProbe, challenge
+from gateway.connections import GuardedHandler, GuardedServer
 from gateway.decision import (
     DECISION_LABEL,
     SITE_PATH_METHODS,
@@ -47,6 +48,8 @@ from gateway.errors import (
     MisdirectedRequest,
     NotFound,
     ProviderError,
+    RequestTimeout,
+    StoreBusy,
     StoreUnavailable,
 )
 from gateway.forward import Forwarder
@@ -59,8 +62,8 @@ from gateway.proxy import Upstreams
 from gateway.reload import restart_needed
 from gateway.risk import RiskClient, RiskFacts, RiskOutcome
 from gateway.rules import RuleSet
+from gateway.serve_http import ConnectionHooks, new_request_id
 from gateway.serve_http import make_server as make_server  # re-exported: the entry point
-from gateway.serve_http import new_request_id
 from gateway.session import revocation
 from gateway.session.aux import AuxStore, LocalAux
 from gateway.session.cookies import SetCookieKwargs, cookie_name, set_cookie_kwargs
@@ -88,8 +91,8 @@ class _RequestReader:
         self._body = body
         self._client_ip: tuple[str | None] | None = None
 
-    async def fields(self) -> dict[str, object]:
-        return await self._body.fields()
+    async def fields(self, reading: Iterable[str]) -> Mapping[str, object]:
+        return await self._body.fields(reading)
 
     def client_ip(self) -> str | None:
         if self._client_ip is None:
@@ -101,7 +104,7 @@ class ReloadRefused(Exception):
     """A new config that cannot be applied live; the old one stays in force."""
 
 
-class Gateway:
+class Gateway(ConnectionHooks):
     """One gateway instance: configuration, shared clients and the request handler."""
 
     def __init__(
@@ -129,6 +132,9 @@ class Gateway:
         self._provider: ProviderClient | None = None
         self._provider_probe = ProviderProbe()
         self.aux: AuxStore = LocalAux(clock=clock)  # replaced in start()
+        self.server: GuardedServer | None = None  # set by make_server
+        self.metrics.watch_connections(self.open_connections, self.accepting)
+        self.metrics.watch_store_pool(self.store_pool)
         self._aux_redis: RedisStore | None = None
 
     def _apply(self, config: Config) -> None:
@@ -166,6 +172,7 @@ class Gateway:
         self.site_routes = site_routes(config.rules)
         # Probes hit these every few seconds; an access-log line each would drown the rest.
         self.quiet_paths = frozenset({f"{self.prefix}/healthz", f"{self.prefix}/readyz"})
+        self.apply_connection_settings(config.server)
 
     def _make_upstreams(self, config: Config) -> Upstreams:
         return Upstreams(
@@ -174,6 +181,7 @@ class Gateway:
             timeout_s=config.server.upstream_timeout_s,
             gateway_cookies=self.gateway_cookies,
             gateway_cookie_prefixes=self.gateway_cookie_prefixes,
+            body_idle_timeout_s=config.server.body_timeout_s,
         )
 
     # -- lifecycle ---------------------------------------------------------------
@@ -312,9 +320,13 @@ class Gateway:
         except GatewayError as exc:
             if isinstance(exc, BadRequest | MethodNotAllowed):
                 self.metrics.rejected.labels(exc.reason).inc()
+            elif isinstance(exc, RequestTimeout):
+                self.client_timed_out("body")
             response = self.error_response(request, exc)
-            if isinstance(exc, headers.FramingError):
+            if isinstance(exc, headers.FramingError | RequestTimeout):
                 response.force_close()  # the connection's framing can't be trusted
+                if isinstance(request.protocol, GuardedHandler):
+                    request.protocol.linger_briefly()
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
         if self.config.server.access_log and path not in self.quiet_paths:
@@ -343,7 +355,9 @@ class Gateway:
         except StoreUnavailable as exc:
             session, store_down = None, exc  # decided below: fatal only if a session is needed
         now = self.clock()
-        body = RequestBody(request, config.step_up.max_body_bytes)
+        body = RequestBody(
+            request, config.step_up.max_body_bytes, query, config.server.body_timeout_s
+        )
         rule = rules.match(request.method, host, path)
         decision = decide_plain(rule, session, config.assurance, now, session_error=store_down)
         if decision is None:
@@ -552,7 +566,9 @@ class Gateway:
         response = self.page_response(
             request, exc.status, exc.title, [exc.message], error=exc.reason
         )
-        if isinstance(exc, Busy):
+        if isinstance(exc, StoreBusy):
+            self.metrics.store_busy.inc()
+        if isinstance(exc, Busy | StoreBusy):
             response.headers["Retry-After"] = str(exc.retry_after_s)  # RFC 9110 10.2.3
         return response
 

@@ -19,10 +19,10 @@ from aiohttp import web
 
 from gateway import assurance, logs, responses
 from gateway.body import RequestBody
-from gateway.conditions import binding_digest, binding_values
 from gateway.context import Context
 from gateway.decision import Challenge
 from gateway.errors import BadRequest, Busy, Forbidden, ProviderError, ProviderUnavailable
+from gateway.fields import binding_digest, binding_values
 from gateway.metrics import Metrics
 from gateway.model import Level, Rule
 from gateway.oidc.flow import authorization_url, new_pkce
@@ -154,7 +154,7 @@ async def challenge(
     values: dict[str, str | None] | None = None
     if rule.require.bind:
         assert body is not None
-        fields = await body.fields()
+        fields = await body.fields(rule.require.bind)
         values = binding_values(rule.require.bind, fields)
         missing = [name for name, value in values.items() if value is None]
         if missing:

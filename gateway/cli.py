@@ -15,17 +15,17 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import TextIO, TypeVar, cast
-from urllib.parse import parse_qsl, urlsplit
-
-from multidict import MultiDict
+from urllib.parse import urlsplit
 
 from gateway import __version__
-from gateway.conditions import Facts, binding_values, extract_fields, readable_body
+from gateway.cel import old_syntax_rewrites, rewrite_notice
+from gateway.conditions import Facts
 from gateway.config import load_config
 from gateway.decision import SITE_PATH_METHODS, RequestFacts, decide_request, site_paths
 from gateway.errors import BadRequest, ConfigError
+from gateway.fields import RequestFields, ambiguous, binding_values, read_fields, readable_body
 from gateway.model import Config, Requirement, RiskConfig, Rule
 from gateway.paths import canonical_host, normalize_path
 from gateway.rules import RuleSet
@@ -168,6 +168,8 @@ def _check(args: argparse.Namespace) -> int:
     config = _load(args.config, sys.stdout)
     if config is None:
         return EXIT_CONFIG
+    for path, rewrite in old_syntax_rewrites(config.rules):
+        print(rewrite_notice(path, rewrite), file=sys.stderr)
     print("ok")
     return EXIT_OK
 
@@ -299,21 +301,33 @@ def explain(
             "in upper case and no rule names it",
             "status": 405,
         }, EXIT_REFUSED
-    facts, facts_note = _facts(config, raw_query, body, content_type, client_ip)
+    facts, facts_note, fields = _facts(config, raw_query, body, content_type, client_ip)
     skipped: list[Rule] = []
     # The gateway's own decision, with no session and no risk engine asked: what it
     # names is the rule, whatever the session would then make of it.
-    decision = _at_once(
-        decide_request(
-            RequestFacts(method, host, path, None, _ExplainReader(facts)),
-            rules,
-            config.assurance,
-            time.time(),
-            risk=None,
-            claim_once=_no_claims,
-            skipped=skipped,
+    try:
+        decision = _at_once(
+            decide_request(
+                RequestFacts(method, host, path, None, _ExplainReader(fields, client_ip)),
+                rules,
+                config.assurance,
+                time.time(),
+                risk=None,
+                claim_once=_no_claims,
+                skipped=skipped,
+                log_unknown=False,
+            )
         )
-    )
+    except BadRequest as refusal:
+        # A field the rule being judged reads is ambiguous (gateway.fields): every
+        # rule before it was skipped, so it is the next candidate.
+        refused = list(rules.candidates_for(method, host, path))[len(skipped)]
+        return {
+            "rule": refused.name,
+            "error": refusal.message,
+            "reason": refusal.reason,
+            "status": 400,
+        }, EXIT_REFUSED
     rule = decision.rule
     read = frozenset[str]().union(*(_fields_read(seen) for seen in (*skipped, rule)))
     extra: dict[str, object] = {}
@@ -360,14 +374,20 @@ def explain(
 class _ExplainReader:
     """:class:`gateway.decision.RequestReader` over what ``explain`` was given."""
 
-    def __init__(self, facts: Facts) -> None:
-        self._facts = facts
+    def __init__(self, fields: RequestFields, client_ip: str | None) -> None:
+        self._fields = fields
+        self._client_ip = client_ip
 
-    async def fields(self) -> dict[str, object]:
-        return dict(self._facts.fields)
+    async def fields(self, reading: Iterable[str]) -> Mapping[str, object]:
+        # As the gateway (gateway.body.certain): a field the rule reads given twice,
+        # or read differently by upstreams, is refused.
+        unsure = self._fields.unsure(reading)
+        if unsure:
+            raise ambiguous(unsure)
+        return self._fields.values
 
     def client_ip(self) -> str | None:
-        return self._facts.client_ip
+        return self._client_ip
 
 
 async def _no_claims(name: str, *, rule: str, sub: str) -> bool:
@@ -390,21 +410,22 @@ def _facts(
     body: bytes | None,
     content_type: str,
     client_ip: str | None,
-) -> tuple[Facts, str | None]:
+) -> tuple[Facts, str | None, RequestFields]:
     """The facts a rule's when sees, as the gateway would build them (no session)."""
-    query = MultiDict(parse_qsl(raw_query, keep_blank_values=True))
+    query = raw_query
     note = None
     data = body or b""
     if len(data) > config.step_up.max_body_bytes:
         # The gateway does not read past max_body: nothing is known about the fields.
-        data, content_type, query = b"", "", MultiDict()
+        data, content_type, query = b"", "", ""
         note = "larger than step_up.max_body: no fields are read, conditions on them count as true"
     if body is None:
         content_type = ""
     elif note is None and not readable_body(content_type, data):
         note = f"not readable as {content_type}: no fields, conditions on them count as true"
-    fields = extract_fields(content_type, data, query)
-    return Facts(fields=fields, client_ip=client_ip, proven_ip=None, auth_age_s=None), note
+    fields = read_fields(content_type, data, query)
+    facts = Facts(fields=fields.values, client_ip=client_ip, proven_ip=None, auth_age_s=None)
+    return facts, note, fields
 
 
 def _fields_read(rule: Rule | None) -> frozenset[str]:

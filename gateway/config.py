@@ -15,6 +15,7 @@ does I/O.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import ipaddress
 import os
@@ -31,11 +32,11 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
 from gateway import model
+from gateway.cel import parse_when
 from gateway.conditions import MAX_DEPTH as MAX_CONDITION_DEPTH
 from gateway.conditions import (
     ConditionError,
     is_field_name,
-    parse_condition,
     parse_duration_s,
 )
 from gateway.errors import ConfigError, ConfigProblem
@@ -63,6 +64,36 @@ DEFAULT_UPSTREAM_CONNECT_TIMEOUT_S = 5.0
 # nginx's proxy_read_timeout default is 60 s; apps behind proxies are tuned for it.
 DEFAULT_UPSTREAM_TIMEOUT_S = 60.0
 DEFAULT_ACCESS_LOG = True
+# Client connections one process holds before it stops accepting (new ones then wait
+# in the kernel's listen backlog): nginx's worker_connections in its shipped config.
+# Each may also hold an upstream and a Redis connection: the process raises its open
+# file limit to the hard limit at start and warns when this does not fit.
+DEFAULT_MAX_CONNECTIONS = 1024
+# Apache mod_reqtimeout's header=20 (nginx's client_header_timeout is 60 s): a
+# browser sends its request head in one packet; 20 s is 8 KiB at 500 bytes/s.
+DEFAULT_HEADER_TIMEOUT_S = 20.0
+# Apache mod_reqtimeout's body=20,MinRate=500 (see gateway.connections).
+DEFAULT_BODY_TIMEOUT_S = 20.0
+# nginx's keepalive_timeout default: longer than the 60 s idle timeout of common load
+# balancers, so the balancer closes an idle connection first (a backend closing first
+# races the balancer's next request on it, which then fails).
+DEFAULT_KEEPALIVE_TIMEOUT_S = 75.0
+# nginx's keepalive_requests default (since 1.19.10).
+DEFAULT_KEEPALIVE_REQUESTS = 1000
+# After a worker restarts or a replica is added, keep-alive clients stay where they
+# are until their connection ends: at 10 s, load is spread again within seconds,
+# for one TCP handshake (well under a millisecond on a LAN) per connection per 10 s.
+# nginx's keepalive_time (1 h) bounds memory, not balance.
+DEFAULT_KEEPALIVE_MAX_AGE_S = 10.0
+MAX_CONNECTIONS_LIMIT = 100_000
+# Each Redis command holds one pooled connection for well under a millisecond, so a
+# quarter of the client connections in Redis at once is already a burst; six
+# processes of 256 stay far below Redis's maxclients (10,000).
+REDIS_POOL_SHARE = 4
+# A Redis that answers but whose pool is busy: wait this long, then answer 503 with
+# Retry-After (back-pressure). A Redis that does not answer fails faster (0.5 s).
+DEFAULT_REDIS_POOL_TIMEOUT_S = 5.0
+MAX_REDIS_POOL_SIZE = 10_000
 DEFAULT_LOG_LEVEL = "info"
 # OIDC Core 5.4: profile and email fill X-Auth-Email and the name shown on pages.
 DEFAULT_SCOPES = ("openid", "profile", "email")
@@ -657,6 +688,9 @@ class _Validator:
         if top.get("step_up") is not None:
             step_up = self.section(top, "step_up", self.step_up) or step_up
         if server is not None and session is not None:
+            if session.redis_pool_size == 0:
+                pool_size = max(1, server.max_connections // REDIS_POOL_SHARE)
+                session = dataclasses.replace(session, redis_pool_size=pool_size)
             self.check_cookie_secure(server, session, top)
             self.check_once(server, session)
             if server.workers > 1 and session.store == "memory":
@@ -706,6 +740,12 @@ class _Validator:
                 "log_level",
                 "hosts",
                 "case_insensitive_paths",
+                "max_connections",
+                "header_timeout",
+                "body_timeout",
+                "keepalive_timeout",
+                "keepalive_requests",
+                "keepalive_max_age",
             ),
         )
         listen_host, listen_port = self.required(m, "listen", self.host_port, ("", 0))
@@ -737,6 +777,28 @@ class _Validator:
             ),
             hosts=self.optional(m, "hosts", self.hosts, ()),
             case_insensitive_paths=self.optional(m, "case_insensitive_paths", self.boolean, False),
+            max_connections=self.optional(
+                m,
+                "max_connections",
+                lambda n, p: self.bounded_integer(n, p, 1, MAX_CONNECTIONS_LIMIT),
+                DEFAULT_MAX_CONNECTIONS,
+            ),
+            header_timeout_s=self.optional(
+                m, "header_timeout", self.timeout_s, DEFAULT_HEADER_TIMEOUT_S
+            ),
+            body_timeout_s=self.optional(m, "body_timeout", self.timeout_s, DEFAULT_BODY_TIMEOUT_S),
+            keepalive_timeout_s=self.optional(
+                m, "keepalive_timeout", self.timeout_s, DEFAULT_KEEPALIVE_TIMEOUT_S
+            ),
+            keepalive_requests=self.optional(
+                m,
+                "keepalive_requests",
+                lambda n, p: self.bounded_integer(n, p, 1, 2**31 - 1),
+                DEFAULT_KEEPALIVE_REQUESTS,
+            ),
+            keepalive_max_age_s=self.optional(
+                m, "keepalive_max_age", self.timeout_s, DEFAULT_KEEPALIVE_MAX_AGE_S
+            ),
         )
 
     def hosts(self, node: Node, path: str) -> tuple[str, ...]:
@@ -746,6 +808,12 @@ class _Validator:
             with contextlib.suppress(_Invalid):
                 result.append(self.rule_host(item, item_path))
         return tuple(result)
+
+    def bounded_integer(self, node: Node, path: str, low: int, high: int) -> int:
+        value = self.integer(node, path)
+        if not low <= value <= high:
+            raise self.fail(path, f"must be between {low} and {high} (got {value})", node)
+        return value
 
     def public_url(self, node: Node, path: str) -> str:
         text, parts = self.http_url(node, path, what="public_url")
@@ -972,6 +1040,8 @@ class _Validator:
                 "idle_timeout",
                 "lifetime",
                 "transaction_ttl",
+                "redis_pool_size",
+                "redis_pool_timeout",
             ),
         )
         store = self.optional(m, "store", lambda n, p: self.choice(n, p, STORES), DEFAULT_STORE)
@@ -991,6 +1061,16 @@ class _Validator:
             lifetime_s=self.optional(m, "lifetime", self.positive_duration_s, DEFAULT_LIFETIME_S),
             transaction_ttl_s=self.optional(
                 m, "transaction_ttl", self.positive_duration_s, DEFAULT_TRANSACTION_TTL_S
+            ),
+            # 0: not given; sized from server.max_connections once both are read.
+            redis_pool_size=self.optional(
+                m,
+                "redis_pool_size",
+                lambda n, p: self.bounded_integer(n, p, 1, MAX_REDIS_POOL_SIZE),
+                0,
+            ),
+            redis_pool_timeout_s=self.optional(
+                m, "redis_pool_timeout", self.timeout_s, DEFAULT_REDIS_POOL_TIMEOUT_S
             ),
         )
 
@@ -1378,10 +1458,10 @@ class _Validator:
             self.note(path, ONCE_NEEDS_ONE_CONSUMER, node)
 
     def when(self, node: Node, path: str) -> Any:
-        """A ``when`` value, parsed by :func:`gateway.conditions.parse_condition`."""
+        """A ``when`` value: CEL, or the old syntax (:func:`gateway.cel.parse_when`)."""
         value = self.plain(node, path, 0)
         try:
-            return parse_condition(value)
+            return parse_when(value)
         except ConditionError as exc:
             where_path, where_node = self.locate(node, path, exc.where)
             raise self.fail(where_path, exc.message, where_node) from None

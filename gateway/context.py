@@ -53,6 +53,11 @@ class Context(Protocol):
     @property
     def provider(self) -> ProviderClient: ...
 
+    @property
+    def draining(self) -> bool:
+        """SIGTERM received: finishing what is in flight (gateway.connections)."""
+        ...
+
     # -- the request ------------------------------------------------------------
 
     def judged_host(self, request: web.BaseRequest, rules: RuleSet) -> str | None: ...

@@ -20,18 +20,23 @@ the store).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+import structlog
+
 from gateway import assurance
-from gateway.conditions import Facts, binding_digest, binding_values
+from gateway.conditions import Facts
 from gateway.errors import GatewayError
+from gateway.fields import binding_digest, binding_values
 from gateway.model import AssuranceConfig, Rule
 from gateway.policy import Allow, Challenge, Decision, Deny, decide
 from gateway.risk_policy import RiskFacts, RiskOutcome, effective_requirement
 from gateway.rules import RuleSet
 from gateway.session.model import Session
+
+log = structlog.get_logger("gateway")  # the name the proxy's lines have
 
 __all__ = [
     "DECISION_LABEL",
@@ -57,11 +62,18 @@ class RequestReader(Protocol):
     """What is read from a request only when a rule needs it.
 
     Either may refuse the request (a body too large to hold: 413; forwarded
-    headers that disagree: 400), so neither is read for a rule that does not ask.
+    headers that disagree: 400; a field read twice: 400), so neither is read for a
+    rule that does not ask.
     """
 
-    async def fields(self) -> dict[str, object]:
-        """Form, JSON or multipart text fields, then the query's."""
+    async def fields(self, reading: Iterable[str]) -> Mapping[str, object]:
+        """Form, JSON or multipart fields, then the query's (:mod:`gateway.fields`).
+
+        ``reading`` names the fields the rule reads: raises
+        :class:`gateway.errors.BadRequest` when one of them is given twice or read
+        differently by upstreams (it could be judged as one value and acted on as
+        another).
+        """
         ...
 
     def client_ip(self) -> str | None:
@@ -149,15 +161,18 @@ async def decide_request(
     claim_once: ClaimOnce,
     session_error: GatewayError | None = None,
     skipped: list[Rule] | None = None,
+    log_unknown: bool = True,
 ) -> Decision:
     """Judge a request: the rule that applies, what it requires now, and the answer.
 
     ``session_error`` is why the session could not be loaded (the store is down):
     raised when the chosen rule needs a session, ignored otherwise. ``risk`` None
     leaves risk engines unasked (``explain`` reports them instead). ``skipped``
-    collects the rules passed over because their ``when`` did not hold.
+    collects the rules passed over because their ``when`` did not hold;
+    ``log_unknown`` False leaves out the ``when_unknown`` line (``explain`` shows
+    the unknowns in its answer).
     """
-    rule = await choose_rule(facts, rules, now, skipped=skipped)
+    rule = await choose_rule(facts, rules, now, skipped=skipped, log_unknown=log_unknown)
     _session_needed(rule, session_error)
     session = facts.session
     judged = rule
@@ -167,7 +182,8 @@ async def decide_request(
             return Deny(403, "risk_engine_denied", rule)
     binding = None
     if judged is not None and judged.require.bind:
-        binding = binding_digest(judged.require.bind, await facts.read.fields())
+        bound = await facts.read.fields(judged.require.bind)
+        binding = binding_digest(judged.require.bind, bound)
     decision = decide(judged, session, assurance_cfg, now, binding=binding)
     if isinstance(decision, Allow) and judged is not None and judged.require.once:
         return await _spend_proof(decision, session, assurance_cfg, claim_once)
@@ -175,22 +191,36 @@ async def decide_request(
 
 
 async def choose_rule(
-    facts: RequestFacts, rules: RuleSet, now: float, *, skipped: list[Rule] | None = None
+    facts: RequestFacts,
+    rules: RuleSet,
+    now: float,
+    *,
+    skipped: list[Rule] | None = None,
+    log_unknown: bool = True,
 ) -> Rule | None:
-    """The first matching rule whose ``when`` holds (or that has none)."""
+    """The first matching rule whose ``when`` holds (or that has none).
+
+    A ``when`` that cannot be evaluated counts as true: the stricter rule applies
+    (fail closed), and a ``when_unknown`` line names what was unknown (never values).
+    """
     session = facts.session
     for candidate in rules.candidates_for(facts.method, facts.host, facts.path):
         condition = candidate.when
         if condition is None:
             return candidate
         client_ip = facts.read.client_ip()  # before the body: a 400 outranks a 413
+        reading = condition.fields()
         seen = Facts(
-            fields=await facts.read.fields() if condition.fields() else {},
+            fields=await facts.read.fields(reading) if reading else {},
             client_ip=client_ip,
             proven_ip=session.ip if session is not None else None,
             auth_age_s=now - session.auth_time if session is not None else None,
         )
-        if condition.holds(seen):
+        verdict = condition.evaluate(seen)
+        if verdict is None and log_unknown:  # fail closed: the stricter rule applies; say why
+            unknown = sorted(condition.unknowns(seen))
+            log.info("when_unknown", rule=candidate.name, unknown=unknown)
+        if verdict is not False:
             return candidate
         if skipped is not None:
             skipped.append(candidate)
@@ -225,7 +255,7 @@ async def _with_risk(
     """``rule`` with what its risk engine adds; None when the engine says deny."""
     session = facts.session
     wanted = set(rule.require.bind) | (set(rule.when.fields()) if rule.when else set())
-    fields = binding_values(sorted(wanted), await facts.read.fields()) if wanted else {}
+    fields = binding_values(sorted(wanted), await facts.read.fields(wanted)) if wanted else {}
     held = assurance.highest(assurance_cfg.levels, session.proofs) if session else None
     risk_facts = RiskFacts(
         subject=session.sub if session else None,

@@ -9,10 +9,13 @@ into responses (a small HTML page for browsers, JSON for everything else).
     ├── Forbidden                403: no rule matches, or the rule denies
     ├── NotFound                 404: unknown internal endpoint
     ├── MisdirectedRequest       421: a Host the configuration does not know
+    ├── RequestTimeout           408: the client sent its body too slowly
     ├── ProviderError            502/503: the OpenID Provider failed or is unreachable
     ├── UpstreamError            502: the upstream could not be reached
     │   └── UpstreamTimeout      504: the upstream did not answer in time
     ├── StoreUnavailable         503: the session store does not answer
+    │   └── StoreBusy            503 + Retry-After: it answers, but every connection
+    │                            to it stayed busy too long (back-pressure)
     └── Busy                     503 + Retry-After: a bounded store is full for now
 
     ConfigError                  not an HTTP error: the config file is invalid
@@ -67,6 +70,13 @@ class MisdirectedRequest(GatewayError):
     title = "Misdirected request"
 
 
+class RequestTimeout(GatewayError):
+    """The client sent its request too slowly; the connection is closed after the answer."""
+
+    status = 408
+    title = "Request timeout"
+
+
 class ProviderError(GatewayError):
     status = 502
     title = "Identity provider error"
@@ -90,6 +100,16 @@ class UpstreamTimeout(UpstreamError):
 class StoreUnavailable(GatewayError):
     status = 503
     title = "Session store unavailable"
+
+
+class StoreBusy(StoreUnavailable):
+    """A subclass, so routes that need no session keep working here too."""
+
+    title = "Busy"
+
+    def __init__(self, message: str, *, reason: str | None = None, retry_after_s: int) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)

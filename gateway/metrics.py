@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
@@ -15,6 +15,15 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
 
 
 _Child = TypeVar("_Child")
+
+
+class PoolUse(Protocol):
+    @property
+    def pool_in_use(self) -> int: ...
+    @property
+    def pool_waiting(self) -> int: ...
+    @property
+    def pool_max(self) -> int: ...
 
 
 def _child(
@@ -115,11 +124,59 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self.connections_closed = Counter(
+            "stepup_connections_closed_total",
+            "Keep-alive ended by the gateway (max_requests, max_age, draining, room).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.client_timeouts = Counter(
+            "stepup_client_timeouts_total",
+            "Client connections closed for sending too slowly (head, body).",
+            ["phase"],
+            registry=self.registry,
+        )
+        self.store_busy = Counter(
+            "stepup_store_busy_total",
+            "Requests answered 503 because every Redis connection stayed busy too long.",
+            registry=self.registry,
+        )
+        self.connections = Gauge(
+            "stepup_connections",
+            "Client connections open in this process.",
+            registry=self.registry,
+        )
+        self.accepting = Gauge(
+            "stepup_accepting",
+            "1 while under server.max_connections; 0 while new connections wait.",
+            registry=self.registry,
+        )
+        self.store_pool = Gauge(
+            "stepup_store_pool_connections",
+            "Redis commands in flight (in_use), waiting for a connection, and the pool size.",
+            ["state"],
+            registry=self.registry,
+        )
         self.ready = Gauge(
             "stepup_ready",
             "1 when provider metadata, keys and the store are ready.",
             registry=self.registry,
         )
+
+    def watch_connections(self, open_now: Callable[[], int], accepting: Callable[[], int]) -> None:
+        """Read the connection gauges from the server when scraped."""
+        self.connections.set_function(open_now)
+        self.accepting.set_function(accepting)
+
+    def watch_store_pool(self, pool: Callable[[], PoolUse | None]) -> None:
+        """Read the Redis pool gauges from the current store when scraped."""
+        for state in ("in_use", "waiting", "max"):
+
+            def read(state: str = state) -> float:
+                use = pool()
+                return 0.0 if use is None else float(getattr(use, f"pool_{state}"))
+
+            self.store_pool.labels(state).set_function(read)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

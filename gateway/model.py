@@ -34,6 +34,13 @@ class ServerConfig:
     hosts: tuple[str, ...] = ()
     # Match rules' paths ignoring ASCII case, for every upstream (see UpstreamConfig).
     case_insensitive_paths: bool = False
+    # Client connections (gateway.connections): see the defaults' reasons in config.py.
+    max_connections: int = 1024
+    header_timeout_s: float = 20.0
+    body_timeout_s: float = 20.0
+    keepalive_timeout_s: float = 75.0
+    keepalive_requests: int = 1000
+    keepalive_max_age_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +79,8 @@ class SessionConfig:
     idle_timeout_s: int = 30 * 60
     lifetime_s: int = 12 * 60 * 60
     transaction_ttl_s: int = 10 * 60
+    redis_pool_size: int = 256  # Redis commands in flight per process, at most (0: derived)
+    redis_pool_timeout_s: float = 5.0  # the longest wait for one of them
 
     @property
     def store_settings(self) -> tuple[object, ...]:
@@ -86,6 +95,8 @@ class SessionConfig:
             self.lifetime_s,
             self.redis_url,
             self.redis_prefix,
+            self.redis_pool_size,
+            self.redis_pool_timeout_s,
         )
 
 

@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import errors
+from gateway.connections import body_deadline
 from gateway.headers import FramingError
 from gateway.upstream_pool import UpstreamConnectError
 
@@ -33,8 +34,10 @@ BODY_IDLE_TIMEOUT_S = 60.0
 class RequestBodyStream:
     """The client's body as the upstream request's data, chunk by chunk as it comes.
 
-    Fails with TimeoutError when the client sends nothing for ``idle_timeout_s``;
-    the time the upstream takes to read a chunk does not count.
+    Fails with TimeoutError when the client sends nothing for ``idle_timeout_s``
+    (``server.body_timeout``), or trickles it slower than the minimum rate of
+    :func:`gateway.connections.body_deadline`; a single wait for the upstream to take
+    a chunk does not count against the first bound.
 
     A client that sent ``Expect: 100-continue`` is told to go on only now, when
     the request was allowed and the upstream is connected (RFC 9110 10.1.1); a
@@ -64,13 +67,23 @@ class RequestBodyStream:
         read = request.content.readany
         try:
             # One timer for the whole body, moved per chunk: cheaper than wait_for.
+            started = loop.time()
+            received = 0
             async with asyncio.timeout(None) as deadline:
                 while True:
-                    deadline.reschedule(loop.time() + self._idle_timeout_s)
+                    deadline.reschedule(
+                        body_deadline(
+                            started=started,
+                            now=loop.time(),
+                            received_bytes=received,
+                            timeout_s=self._idle_timeout_s,
+                        )
+                    )
                     chunk = await read()
                     deadline.reschedule(None)
                     if not chunk:
                         return
+                    received += len(chunk)
                     yield chunk
         except TimeoutError:
             self.stalled = True

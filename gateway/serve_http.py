@@ -1,7 +1,10 @@
 """The low-level aiohttp server the gateway runs on: one handler, no router.
 
-Connections and the HTTP parser are aiohttp's; here its own error answers are
-replaced by the gateway's, and requests get an id when they bring none.
+The HTTP parser is aiohttp's, the connections' limits and timeouts
+:mod:`gateway.connections`'; here aiohttp's own error answers are replaced by the
+gateway's, requests get an id when they bring none, and :class:`ConnectionHooks`
+is what the server asks of the gateway about its connections (and what
+``/metrics`` and ``/readyz`` read back).
 """
 
 from __future__ import annotations
@@ -15,7 +18,12 @@ from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from gateway import logs
+from gateway.connections import ConnectionPolicy, GuardedHandler, GuardedServer
 from gateway.errors import BadRequest, GatewayError, MethodNotAllowed
+from gateway.metrics import Metrics
+from gateway.model import ServerConfig
+from gateway.session.redis_store import RedisStore
+from gateway.session.stores import SessionStore
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -40,8 +48,60 @@ def new_request_id() -> str:
     return f"{random.getrandbits(64):016x}"
 
 
-class _RequestHandler(RequestHandler):
-    """aiohttp's connection handler, with its error answers replaced by ours.
+class ConnectionHooks:
+    """The :class:`gateway.app.Gateway`'s side of its connections (gateway.connections).
+
+    The server reads the policy on each connection (so a reload applies to new
+    ones), and reports closes and timeouts here for the metrics.
+    """
+
+    metrics: Metrics
+    store: SessionStore
+    server: GuardedServer | None  # set by make_server
+    _aux_redis: RedisStore | None
+    _connection_policy: ConnectionPolicy
+
+    def apply_connection_settings(self, server: ServerConfig) -> None:
+        self._connection_policy = ConnectionPolicy(
+            max_connections=server.max_connections,
+            header_timeout_s=server.header_timeout_s,
+            body_timeout_s=server.body_timeout_s,
+            keepalive_timeout_s=server.keepalive_timeout_s,
+            keepalive_requests=server.keepalive_requests,
+            keepalive_max_age_s=server.keepalive_max_age_s,
+        )
+
+    def connection_policy(self) -> ConnectionPolicy:
+        return self._connection_policy
+
+    def connection_closed(self, reason: str) -> None:
+        self.metrics.connections_closed.labels(reason).inc()
+
+    def client_timed_out(self, phase: str) -> None:
+        self.metrics.client_timeouts.labels(phase).inc()
+
+    @property
+    def draining(self) -> bool:
+        """SIGTERM received: finishing what is in flight, taking nothing new."""
+        return self.server is not None and self.server.draining
+
+    def open_connections(self) -> int:
+        return self.server.open_connections if self.server is not None else 0
+
+    def accepting(self) -> int:
+        listener = self.server.listener if self.server is not None else None
+        return 0 if listener is None or listener.paused else 1
+
+    def store_pool(self) -> RedisStore | None:
+        """The Redis store whose pool /metrics shows (sessions, or one-time records)."""
+        if isinstance(self.store, RedisStore):
+            return self.store
+        return self._aux_redis
+
+
+class _RequestHandler(GuardedHandler):
+    """The connection handler (limits and timeouts: :mod:`gateway.connections`), with
+    aiohttp's error answers replaced by ours.
 
     aiohttp answers requests its HTTP parser refuses (bad method, smuggling shapes,
     malformed headers) itself, with a text body that echoes the offending bytes —
@@ -87,19 +147,25 @@ class HeadersTooLarge(GatewayError):
     title = "Request headers too large"
 
 
-class _Server(web.Server):
+class _Server(GuardedServer):
     def __init__(self, gateway: Gateway) -> None:
         super().__init__(
-            gateway.handle, handler_cancellation=True, max_field_size=MAX_HEADER_FIELD_BYTES
+            gateway.handle,
+            gateway.connection_policy,
+            on_close=gateway.connection_closed,
+            on_timeout=gateway.client_timed_out,
+            handler_cancellation=True,
+            max_field_size=MAX_HEADER_FIELD_BYTES,
         )
         self._gateway = gateway
+        gateway.server = self
 
     def __call__(self) -> RequestHandler:
-        handler = _RequestHandler(self, loop=self._loop, **self._kwargs)
+        handler = _RequestHandler(self, loop=self._loop, **self.handler_kwargs())
         handler.gateway = self._gateway
         return handler
 
 
-def make_server(gateway: Gateway) -> web.Server:
+def make_server(gateway: Gateway) -> GuardedServer:
     """The low-level aiohttp server: one handler, no router, no middleware chain."""
     return _Server(gateway)

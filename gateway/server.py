@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
+import resource
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -15,7 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway import logs
 from gateway.app import Gateway, ReloadRefused, make_server
 from gateway.assertion import AssertionKeyError
+from gateway.cel import old_syntax_rewrites
 from gateway.config import load_config
+from gateway.connections import Listener, listening_sockets
 from gateway.errors import ConfigError
 from gateway.model import Config
 
@@ -25,6 +29,13 @@ log = structlog.get_logger("gateway.server")
 # pod as a symlink swap within about a minute; two seconds more does not matter,
 # and a stat() every two seconds costs nothing.
 CONFIG_POLL_S = 2.0
+# Connections the kernel completes while the process is at server.max_connections wait
+# here (Linux caps it at net.core.somaxconn, 4096 by default since 5.4).
+LISTEN_BACKLOG = 1024
+# A client connection, and the upstream connection it may hold; plus the process's own
+# files (Redis pool, logs, the metrics listener, the provider client).
+FDS_PER_CONNECTION = 2
+FDS_RESERVED = 512
 
 
 def _file_identity(path: str) -> tuple[int, int, int, int] | None:
@@ -97,21 +108,20 @@ async def run_gateway(
         gateway = Gateway(config, clock=clock, assertion_key=assertion_key)
     await gateway.start()
     server = config.server
-    runner = web.ServerRunner(
-        make_server(gateway), shutdown_timeout=server.shutdown_timeout_s, access_log=None
-    )
+    web_server = make_server(gateway)
+    listener: Listener | None = None
     metrics_runner: web.AppRunner | None = None
     watcher: asyncio.Task[None] | None = None
     try:
-        await runner.setup()
-        site = web.TCPSite(
-            runner,
+        sockets = listening_sockets(
             server.listen_host,
             server.listen_port,
             reuse_port=server.workers > 1,
-            backlog=1024,
+            backlog=LISTEN_BACKLOG,
         )
-        await site.start()
+        listener = Listener(web_server, sockets)
+        listener.start()
+        check_file_limit(server.max_connections)
         metrics_runner = await _start_metrics(gateway, config)
         if config_path is not None:
             watcher = asyncio.create_task(
@@ -134,14 +144,41 @@ async def run_gateway(
                 await result
         await stop.wait()
     finally:
-        log.info("draining", shutdown_timeout_s=server.shutdown_timeout_s)
+        shutdown_timeout_s = gateway.config.server.shutdown_timeout_s
+        log.info("draining", shutdown_timeout_s=shutdown_timeout_s)
         if watcher is not None:
             watcher.cancel()
-        await runner.cleanup()
+        # Ready no more, take no new connection (but those the kernel already
+        # completed), answer what was received with Connection: close, close idle
+        # connections between requests; force only what outlives shutdown_timeout.
+        web_server.draining = True
+        if listener is not None:
+            await listener.close()
+        forced = await web_server.drain(shutdown_timeout_s)
+        if forced:
+            log.warning("drain_timeout", connections_closed=forced)
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         await gateway.close()
         log.info("stopped")
+
+
+def check_file_limit(max_connections: int) -> None:
+    """Raise the open-file limit to its hard limit (as nginx's worker_rlimit_nofile
+    or Go's runtime do) and warn when ``max_connections`` still does not fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    needed = max_connections * FDS_PER_CONNECTION + FDS_RESERVED
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "file_limit_low",
+            open_files_limit=soft,
+            needed=needed,
+            hint="raise ulimit -n or lower server.max_connections",
+        )
 
 
 async def _start_metrics(gateway: Gateway, config: Config) -> web.AppRunner | None:
@@ -200,6 +237,8 @@ def run_one(
 ) -> int:
     """One serving process (the whole gateway, or one worker of several)."""
     logs.configure(config.server.log_level)
+    for path, rewrite in old_syntax_rewrites(config.rules):
+        log.warning("when_old_syntax", path=path, cel=rewrite)
     try:
         import uvloop
 

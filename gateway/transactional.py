@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.conditions import binding_digest, media_type
+from gateway.fields import binding_digest, media_type
 from gateway.model import Level
 from gateway.responses import wants_html
 

@@ -433,8 +433,6 @@ def explained_with(config_file: Path, *args: str) -> dict[str, Any]:
         (["--content-type", "application/json", "--client-ip", "10.0.0.1",
           "--body", '{"amount": 50.5, "payee": {"iban": "DE89"}}'],
          {**STALE, "skipped": [SKIPPED_LARGE]}, {"amount": "50.5", "payee.iban": "DE89"}),
-        (["--body", "amount=1&amount=5000", "--client-ip", "10.1.2.3"],
-         {**LARGE, "unknown": ["amount"]}, {"amount": None, "payee.iban": None}),
     ],
 )  # fmt: skip
 def test_explain_evaluates_when(
@@ -458,12 +456,32 @@ def test_explain_reads_the_query(conditions_file: Path) -> None:
         conditions_file, "--client-ip", "10.0.0.1", "POST", "/api/payments/1?amount=5"
     )
     assert (output["rule"], output["fields"]["amount"]) == ("stale-session", "5")
-    # the body wins over the query, and where they disagree nothing is known
-    output = explained_with(
-        conditions_file, "--client-ip", "10.0.0.1", "--body", "amount=5000", "POST",
-        "/api/payments/1?amount=5",
+
+
+@pytest.mark.parametrize(
+    ("body", "url"),
+    [
+        ("amount=1&amount=5000", "/api/payments/1"),
+        ("amount=5000", "/api/payments/1?amount=5"),  # body and query
+        ("%20amount=5000", "/api/payments/1"),  # PHP reads it as amount
+    ],
+)
+def test_explain_refuses_a_field_a_rule_reads_twice(
+    conditions_file: Path, body: str, url: str
+) -> None:
+    result = gateway(
+        "explain", "--config", str(conditions_file), "--client-ip", "10.0.0.1", "--body", body,
+        "POST", url,
     )  # fmt: skip
-    assert (output["rule"], output["unknown"]) == ("large-payments", ["amount"])
+    no_traceback(result)
+    assert result.returncode == 2
+    output = json.loads(result.stdout)
+    assert (output["rule"], output["reason"], output["status"]) == (
+        "large-payments",
+        "ambiguous_field",
+        400,
+    )
+    assert "amount" in output["error"]
 
 
 def test_explain_with_an_unreadable_body(conditions_file: Path) -> None:

@@ -213,6 +213,18 @@ BAD = [
      "server.log_level", "unknown value 'verbose'"),
     ("timeout-zero", [("gw.example.com\n", "gw.example.com\n  upstream_timeout: 0\n")], 4,
      "server.upstream_timeout", "must be longer than 0 seconds"),
+    ("max-connections-zero",
+     [("gw.example.com\n", "gw.example.com\n  max_connections: 0\n")], 4,
+     "server.max_connections", "must be between 1 and 100000 (got 0)"),
+    ("keepalive-requests-text",
+     [("gw.example.com\n", "gw.example.com\n  keepalive_requests: many\n")], 4,
+     "server.keepalive_requests", "expected an integer"),
+    ("header-timeout-zero",
+     [("gw.example.com\n", "gw.example.com\n  header_timeout: 0\n")], 4,
+     "server.header_timeout", "must be longer than 0 seconds"),
+    ("keepalive-max-age-junk",
+     [("gw.example.com\n", "gw.example.com\n  keepalive_max_age: soon\n")], 4,
+     "server.keepalive_max_age", "invalid duration 'soon'"),
     ("proxies-host-bits",
      [("gw.example.com\n", "gw.example.com\n  trusted_proxies: [10.1.2.3/8]\n")], 4,
      "server.trusted_proxies[0]", "did you mean 10.0.0.0/8?"),
@@ -496,6 +508,19 @@ def test_max_age_zero_is_a_new_sign_in_for_every_request(written: str) -> None:
     assert config.rules[0].require == model.Requirement("mfa", max_age_s=None, once=True)
 
 
+def test_connection_limits_and_the_pool_sized_from_them() -> None:
+    text = edited(
+        ("gw.example.com\n", "gw.example.com\n  max_connections: 200\n  keepalive_max_age: 1m\n")
+    )
+    config = load(text)
+    assert (config.server.max_connections, config.server.keepalive_max_age_s) == (200, 60.0)
+    assert config.session.redis_pool_size == 50  # a quarter of max_connections
+    text = edited(
+        ("0123456789abcdef\n", "0123456789abcdef\n  redis_pool_size: 7\n  redis_pool_timeout: 2s\n")
+    )
+    assert (load(text).session.redis_pool_size, load(text).session.redis_pool_timeout_s) == (7, 2.0)
+
+
 def test_fractional_timeouts_are_kept() -> None:
     text = edited(("gw.example.com\n", "gw.example.com\n  upstream_timeout: 2.5\n"))
     assert load(text).server.upstream_timeout_s == 2.5
@@ -562,6 +587,12 @@ def test_defaults() -> None:
                 "upstream_timeout_s": cfg.DEFAULT_UPSTREAM_TIMEOUT_S,
                 "access_log": cfg.DEFAULT_ACCESS_LOG,
                 "log_level": cfg.DEFAULT_LOG_LEVEL,
+                "max_connections": cfg.DEFAULT_MAX_CONNECTIONS,
+                "header_timeout_s": cfg.DEFAULT_HEADER_TIMEOUT_S,
+                "body_timeout_s": cfg.DEFAULT_BODY_TIMEOUT_S,
+                "keepalive_timeout_s": cfg.DEFAULT_KEEPALIVE_TIMEOUT_S,
+                "keepalive_requests": cfg.DEFAULT_KEEPALIVE_REQUESTS,
+                "keepalive_max_age_s": cfg.DEFAULT_KEEPALIVE_MAX_AGE_S,
             },
         ),
         (
@@ -585,6 +616,8 @@ def test_defaults() -> None:
                 "idle_timeout_s": cfg.DEFAULT_IDLE_TIMEOUT_S,
                 "lifetime_s": cfg.DEFAULT_LIFETIME_S,
                 "transaction_ttl_s": cfg.DEFAULT_TRANSACTION_TTL_S,
+                "redis_pool_size": cfg.DEFAULT_MAX_CONNECTIONS // cfg.REDIS_POOL_SHARE,
+                "redis_pool_timeout_s": cfg.DEFAULT_REDIS_POOL_TIMEOUT_S,
             },
         ),
         (

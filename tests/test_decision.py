@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
-from gateway.conditions import binding_digest, parse_condition
+from gateway.conditions import parse_condition
 from gateway.decision import (
     Allow,
     Challenge,
@@ -23,7 +24,8 @@ from gateway.decision import (
     decide_plain,
     decide_request,
 )
-from gateway.errors import StoreUnavailable
+from gateway.errors import BadRequest, StoreUnavailable
+from gateway.fields import ambiguous, binding_digest
 from gateway.model import AssuranceConfig, Level, Match, Requirement, RiskConfig, Rule
 from gateway.risk_policy import RiskFacts, RiskOutcome
 from gateway.rules import RuleSet
@@ -65,9 +67,11 @@ class Reader:
     values: dict[str, object] = field(default_factory=dict)
     ip: str | None = "192.0.2.1"
     reads: list[str] = field(default_factory=list)
+    named: list[list[str]] = field(default_factory=list)  # the names each read asked for
 
-    async def fields(self) -> dict[str, object]:
+    async def fields(self, reading: Iterable[str]) -> Mapping[str, object]:
         self.reads.append("fields")
+        self.named.append(sorted(reading))
         return self.values
 
     def client_ip(self) -> str | None:
@@ -186,6 +190,48 @@ def test_the_risk_engines_answer_becomes_the_requirement(
     if isinstance(decision, Deny):
         assert decision == Deny(403, "risk_engine_denied", risky)
     assert asked[0].fields == {"amount": "7"} and asked[0].level == "mfa"
+
+
+def test_the_reader_is_told_which_fields_each_step_reads() -> None:
+    # Only the names a rule reads may be refused as ambiguous (gateway.fields):
+    # the when's, then the risk engine's (bind and when), then bind's.
+    async def engine(r: Rule, facts: RiskFacts, session_id: str | None, now: float) -> RiskOutcome:
+        return RiskOutcome("allow")
+
+    reader = Reader({"amount": "7", "payee": "DE89"})
+    bound = rule(
+        "bound",
+        "mfa",
+        bind=("payee",),
+        risk=RiskConfig(url="http://127.0.0.1:9/"),
+        when=parse_condition("amount > 1"),
+    )
+    decide([bound], signed_in(), reader, risk=engine)
+    assert reader.named == [["amount"], ["amount", "payee"], ["payee"]]
+
+
+def test_an_ambiguous_field_refuses_the_request() -> None:
+    class Ambiguous(Reader):
+        async def fields(self, reading: Iterable[str]) -> Mapping[str, object]:
+            raise ambiguous(sorted(reading))
+
+    with pytest.raises(BadRequest) as refused:
+        decide([rule("big", "mfa", when=parse_condition("amount > 100"))], None, Ambiguous())
+    assert refused.value.reason == "ambiguous_field"
+
+
+def test_a_when_that_cannot_be_evaluated_chooses_its_rule_and_says_why() -> None:
+    big = rule("big", "phishing-resistant", when=parse_condition("amount > 100"))
+    small = rule("small", "mfa", index=1)
+    with capture_logs() as logs:
+        decision = decide([big, small], signed_in(), Reader({"amount": "lots"}))
+    assert isinstance(decision, Challenge) and decision.rule == big  # fail closed
+    assert logs == [
+        {"event": "when_unknown", "rule": "big", "unknown": ["amount"], "log_level": "info"}
+    ]
+    with capture_logs() as logs:
+        decide([big, small], signed_in(), Reader({"amount": "lots"}), log_unknown=False)
+    assert logs == []
 
 
 def test_a_one_time_proof_is_spent_by_the_first_request_only() -> None:

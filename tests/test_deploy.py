@@ -273,6 +273,9 @@ def test_template_blocks_are_balanced(template: Path) -> None:
         ),
         ("_helpers.tpl", "{{- toYaml $config }}"),
         ("hpa.yaml", "apiVersion: autoscaling/v2"),
+        # A grace period shorter than the pause plus the drain kills pods mid-request.
+        ("deployment.yaml", "must be above preStopSleepSeconds + config.server.shutdown_timeout"),
+        ("deployment.yaml", 'command: ["sleep", "{{ .Values.preStopSleepSeconds }}"]'),
         ("pdb.yaml", "(gt $replicas 1)"),
         ("servicemonitor.yaml", "apiVersion: monitoring.coreos.com/v1"),
     ],

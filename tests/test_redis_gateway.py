@@ -14,10 +14,13 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
-from tests.conftest import free_port
+from gateway.session.redis_store import RedisStore
+from tests.conftest import SESSION_SECRET, free_port
 from tests.test_gateway import COOKIE, PHR_USER, sign_in
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
@@ -149,3 +152,103 @@ async def test_redis_outage_fails_closed_and_recovers(make_stack, browser, api, 
     # The private Redis kept nothing on disk, so the session is gone: a new sign-in works.
     final = await browser.follow(f"{stack.url}/app/x")
     assert final.status == 200
+
+
+# -- the pool under load ------------------------------------------------------------
+
+
+async def test_requests_wait_in_line_for_a_small_pool_instead_of_failing(
+    make_stack, browser, prefix
+):
+    pool = "redis_pool_size: 2\nredis_pool_timeout: 5s\n"
+    stack = await make_stack(store="redis", session_extra=redis_session(prefix) + pool)
+    await sign_in(stack, browser)
+    cookie = {"Cookie": f"{COOKIE}={browser.cookie(COOKIE)}"}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def one() -> int:
+            async with http.get(f"{stack.url}/app/x", headers=cookie) as resp:
+                await resp.read()
+                return resp.status
+
+        statuses = await asyncio.gather(*(one() for _ in range(200)))
+    assert statuses.count(200) == 200
+
+
+async def test_a_busy_pool_is_back_pressure_not_an_outage(make_stack, browser, api, prefix):
+    pool = "redis_pool_size: 2\nredis_pool_timeout: 0.3\n"
+    stack = await make_stack(store="redis", session_extra=redis_session(prefix) + pool)
+    await sign_in(stack, browser)
+    cookie = {"Cookie": f"{COOKIE}={browser.cookie(COOKIE)}"}
+    store = stack.gateway.store
+    assert isinstance(store, RedisStore)
+    release = asyncio.Event()
+    # Two commands that take their time hold both connections.
+    holders = [asyncio.create_task(store._run("hold", release.wait())) for _ in range(2)]
+    await asyncio.sleep(0)
+    with capture_logs() as logs:
+        async with api.get(f"{stack.url}/app/x", headers=cookie) as resp:
+            assert resp.status == 503
+            assert resp.headers["Retry-After"] == "1"
+            assert (await resp.json())["error"] == "store_busy"
+    assert [e for e in logs if e["event"] == "store_busy"]
+    assert not [e for e in logs if e["event"] == "session_store_unavailable"]
+    async with api.get(f"{stack.url}/public/x") as resp:
+        assert resp.status == 200  # a route that needs no session is not held up
+    async with api.get(f"{stack.url}/_gateway/readyz") as resp:
+        assert resp.status == 200  # busy is not down: the probe has its own connections
+    async with api.get(f"{stack.url}/_gateway/metrics") as resp:
+        text = await resp.text()
+    assert 'stepup_store_pool_connections{state="in_use"} 2.0' in text
+    assert 'stepup_store_pool_connections{state="max"} 2.0' in text
+    assert "stepup_store_busy_total 1.0" in text
+    release.set()
+    await asyncio.gather(*holders)
+    async with api.get(f"{stack.url}/app/x", headers=cookie) as resp:
+        assert resp.status == 200
+
+
+async def test_pool_waiters_show_in_metrics(prefix):
+    store = RedisStore.from_url(
+        REDIS_URL,
+        (SESSION_SECRET.encode(),),
+        idle_timeout_s=60,
+        lifetime_s=600,
+        prefix=prefix,
+        pool_size=1,
+        pool_timeout_s=5,
+    )
+    release = asyncio.Event()
+    holder = asyncio.create_task(store._run("hold", release.wait()))
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(store._run("ping", store._redis.ping()))
+    await asyncio.sleep(0.05)
+    assert (store.pool_in_use, store.pool_waiting, store.pool_max) == (1, 1, 1)
+    release.set()
+    assert await waiter
+    await holder
+    assert (store.pool_in_use, store.pool_waiting) == (0, 0)
+    await store.close()
+
+
+async def test_a_signed_in_request_costs_one_redis_round_trip(make_stack, browser, api, prefix):
+    """What the pool is sized for: a request holds one pooled connection for one
+    command (HGET of its session); nothing is left to pipeline."""
+    stack = await make_stack(store="redis", session_extra=redis_session(prefix))
+    await sign_in(stack, browser)
+    cookie = {"Cookie": f"{COOKIE}={browser.cookie(COOKIE)}"}
+    store = stack.gateway.store
+    assert isinstance(store, RedisStore)
+    sent: list[str] = []
+    real = store._redis.execute_command
+
+    async def counted(*args, **options):  # the real command, counted on the way
+        sent.append(str(args[0]))
+        return await real(*args, **options)
+
+    store._redis.execute_command = counted  # type: ignore[method-assign]
+    for _ in range(10):
+        async with api.get(f"{stack.url}/app/x", headers=cookie) as resp:
+            assert resp.status == 200
+    assert sent == ["HGET"] * 10

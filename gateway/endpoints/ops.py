@@ -24,6 +24,11 @@ async def healthz(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
 
 
 async def readyz(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
+    if ctx.draining:
+        # Load balancers that probe take the process out before its listener
+        # closes (Kubernetes also removes a terminating pod on its own).
+        ctx.metrics.ready.set(0)
+        return web.json_response({"ready": False, "draining": True}, status=503)
     provider_ready = ctx.provider.ready
     if not provider_ready:
         try:

@@ -8,6 +8,8 @@ session it belongs to, a request kept across a step-up, judged again by
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import structlog
 from aiohttp import web
 
@@ -31,8 +33,8 @@ class _KeptReader:
         self._body = body
         self._client_ip = client_ip
 
-    async def fields(self) -> dict[str, object]:
-        return await self._body.fields()
+    async def fields(self, reading: Iterable[str]) -> Mapping[str, object]:
+        return await self._body.fields(reading)
 
     def client_ip(self) -> str | None:
         return self._client_ip

@@ -34,6 +34,8 @@ def make_store(cfg: model.SessionConfig) -> SessionStore:
             idle_timeout_s=cfg.idle_timeout_s,
             lifetime_s=cfg.lifetime_s,
             prefix=cfg.redis_prefix,
+            pool_size=cfg.redis_pool_size,
+            pool_timeout_s=cfg.redis_pool_timeout_s,
         )
     raise errors.ConfigError(
         [errors.ConfigProblem("session.store", f"store {cfg.store!r} is not available")]
@@ -55,6 +57,8 @@ def make_aux(
             idle_timeout_s=cfg.idle_timeout_s,
             lifetime_s=cfg.lifetime_s,
             prefix=cfg.redis_prefix,
+            pool_size=cfg.redis_pool_size,
+            pool_timeout_s=cfg.redis_pool_timeout_s,
         )
         return redis, redis
     return LocalAux(clock=clock), None

@@ -34,16 +34,27 @@ index upkeep, deletion by subject) is one Lua script, so it is atomic and a
 failover or a concurrent request never leaves half of it done.
 
 Errors: every Redis or socket error, including a timeout, raises
-:class:`errors.StoreUnavailable` (503). Nothing here ever answers "no session"
-because Redis did not answer.
+:class:`errors.StoreUnavailable` (503 ``store_down``). Nothing here ever answers
+"no session" because Redis did not answer.
+
+Load: at most ``pool_size`` commands are in flight per process; the others wait in
+line (first come, first served) for up to ``pool_timeout_s``, then raise
+:class:`errors.StoreBusy` (503 ``store_busy`` with Retry-After): a busy gateway is
+back-pressure, not an outage. redis-py's own pool would instead fail at once with
+"Too many connections", which is indistinguishable from a Redis that is down.
+A request makes one round trip in the common case (HGET of its session; a save
+when its idle timer is refreshed, a SET NX for a one-time proof), so there is
+nothing to pipeline.
 
 Which URLs work (and why Cluster does not) is in :mod:`gateway.session.redis_url`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import inspect
 import json
 import math
 import secrets
@@ -81,6 +92,15 @@ CONNECT_TIMEOUT_S = 0.5
 # error, and bounds a failing call at about 2 x 0.5 s. redis-py's default (three
 # retries with exponential backoff up to 10 s) would hold requests for seconds.
 RETRIES = 1
+# Pool connections kept beyond ``pool_size`` for readiness probes, which must not
+# wait behind requests: a probe failing because the pool is busy would take a
+# loaded process out of its Service and move its load onto the others.
+PROBE_CONNECTIONS = 4
+# The default when none is given (the config derives it from server.max_connections).
+DEFAULT_POOL_SIZE = 256
+DEFAULT_POOL_TIMEOUT_S = 5.0
+# Retry-After of a store_busy answer: a moment, not a guess at an outage's length.
+BUSY_RETRY_AFTER_S = 1
 # Sessions opened from the sealed bytes Redis returned: one decryption per change.
 OPENED_MEMO_ENTRIES = 4096
 OPENED_MEMO_BYTES = 8 * 1024 * 1024
@@ -88,6 +108,7 @@ OPENED_MEMO_BYTES = 8 * 1024 * 1024
 _JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False)
 _DOWN = (RedisError, OSError)  # OSError covers ConnectionError and TimeoutError
 _UNAVAILABLE = "The session store is not answering; try again shortly."
+_BUSY = "The gateway is busy; try again in a moment."
 
 T = TypeVar("T")
 
@@ -191,6 +212,36 @@ return count
 )
 
 
+class _Slots:
+    """At most ``size`` holders at once; the others wait in line, each with a deadline."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.in_use = 0
+        self.waiting = 0
+        self._semaphore = asyncio.Semaphore(size)
+
+    async def acquire(self, timeout_s: float) -> bool:
+        """True once a slot is held; False when none came free within ``timeout_s``."""
+        if self._semaphore.locked():
+            self.waiting += 1
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._semaphore.acquire()
+            except TimeoutError:
+                return False
+            finally:
+                self.waiting -= 1
+        else:
+            await self._semaphore.acquire()  # free: returns without suspending
+        self.in_use += 1
+        return True
+
+    def release(self) -> None:
+        self.in_use -= 1
+        self._semaphore.release()
+
+
 class RedisStore:
     """Sessions in Redis behind an opaque 256-bit handle; see the module docstring.
 
@@ -208,8 +259,12 @@ class RedisStore:
         lifetime_s: float,
         prefix: str = DEFAULT_PREFIX,
         also_close: Sequence[Redis] = (),
+        pool_size: int = DEFAULT_POOL_SIZE,
+        pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
     ) -> None:
         self._redis = client
+        self._slots = _Slots(pool_size)
+        self._pool_timeout_s = pool_timeout_s
         self._also_close = tuple(also_close)
         self._sealer = Sealer(secrets, REDIS_SESSION_PURPOSE)
         self._tx_sealer = Sealer(secrets, REDIS_TX_PURPOSE)
@@ -238,9 +293,11 @@ class RedisStore:
         idle_timeout_s: float,
         lifetime_s: float,
         prefix: str = DEFAULT_PREFIX,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
     ) -> RedisStore:
         """A store for ``url`` (see :mod:`gateway.session.redis_url`). Connects lazily."""
-        client, also_close = connect(url)
+        client, also_close = connect(url, max_connections=pool_size + PROBE_CONNECTIONS)
         return cls(
             client,
             secrets,
@@ -248,7 +305,23 @@ class RedisStore:
             lifetime_s=lifetime_s,
             prefix=prefix,
             also_close=also_close,
+            pool_size=pool_size,
+            pool_timeout_s=pool_timeout_s,
         )
+
+    # -- pool use, for /metrics ----------------------------------------------------
+
+    @property
+    def pool_in_use(self) -> int:
+        return self._slots.in_use
+
+    @property
+    def pool_waiting(self) -> int:
+        return self._slots.waiting
+
+    @property
+    def pool_max(self) -> int:
+        return self._slots.size
 
     # -- SessionStore ------------------------------------------------------------
 
@@ -323,8 +396,11 @@ class RedisStore:
         )
 
     async def ping(self) -> bool:
-        """True when Redis answers; raises :class:`errors.StoreUnavailable` when it does not."""
-        return bool(await self._run("ping", self._redis.ping()))
+        """True when Redis answers; raises :class:`errors.StoreUnavailable` when it does not.
+
+        Not in line behind requests (see PROBE_CONNECTIONS): a busy pool is not down.
+        """
+        return bool(await self._call("ping", self._redis.ping()))
 
     # -- back-channel logout -----------------------------------------------------
 
@@ -494,6 +570,21 @@ class RedisStore:
         return Session.from_dict(payload.get("s"))
 
     async def _run(self, operation: str, call: Awaitable[T]) -> T:
+        """``call`` once one of the pool's slots is free (see the module docstring)."""
+        slots = self._slots
+        if not await slots.acquire(self._pool_timeout_s):
+            if inspect.iscoroutine(call):
+                call.close()  # never sent
+            log.warning(
+                "store_busy", operation=operation, waiting=slots.waiting, pool_size=slots.size
+            )
+            raise errors.StoreBusy(_BUSY, reason="store_busy", retry_after_s=BUSY_RETRY_AFTER_S)
+        try:
+            return await self._call(operation, call)
+        finally:
+            slots.release()
+
+    async def _call(self, operation: str, call: Awaitable[T]) -> T:
         try:
             return await call
         except _DOWN as exc:
@@ -527,12 +618,13 @@ def _is_refusal(exc: BaseException) -> bool:
     )
 
 
-def connect(url: str) -> tuple[Redis, tuple[Redis, ...]]:
+def connect(url: str, *, max_connections: int) -> tuple[Redis, tuple[Redis, ...]]:
     """A client for ``url`` and the other clients it needs closed (the sentinels').
 
-    Nothing connects until the first command.
+    Nothing connects until the first command; at most ``max_connections`` are opened.
     """
     options: dict[str, Any] = {
+        "max_connections": max_connections,
         "socket_timeout": SOCKET_TIMEOUT_S,
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
         "retry": Retry(NoBackoff(), RETRIES),

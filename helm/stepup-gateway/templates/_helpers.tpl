@@ -52,6 +52,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if $listen }}{{ splitList ":" $listen | last }}{{ end }}
 {{- end }}
 
+{{/* config.server.shutdown_timeout in seconds (30 when unset): an integer, "Ns" or "Nm". */}}
+{{- define "stepup-gateway.shutdownSeconds" -}}
+{{- $timeout := index .Values.config.server "shutdown_timeout" | default 30 | toString }}
+{{- if hasSuffix "m" $timeout }}{{ mul (trimSuffix "m" $timeout | atoi) 60 }}{{ else }}{{ trimSuffix "s" $timeout | atoi }}{{ end }}
+{{- end }}
+
 {{- define "stepup-gateway.internalPrefix" -}}
 {{- index .Values.config.server "internal_prefix" | default "/_gateway" }}
 {{- end }}
