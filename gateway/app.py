@@ -1451,7 +1451,7 @@ class Gateway:
                 "The identity provider cannot be reached.", reason=exc.reason
             ) from exc
         try:
-            answer = parse_callback(meta, params)
+            answer = parse_callback(meta, params, profile=self.config.oidc.profile)
         except BadRequest as exc:
             return finish(self.step_up_failed(request, tx, level_name, exc.reason))
         if answer.error is not None:
@@ -1479,6 +1479,7 @@ class Gateway:
                 nonce=tx.nonce,
                 now=now,
                 require_auth_time=tx.requested_max_age_s is not None,
+                levels=self.config.assurance.levels,
             )
         except IdTokenError as exc:
             text = "The sign-in answer could not be verified."
@@ -1496,6 +1497,11 @@ class Gateway:
                 # A code used twice (back button, reload) or bound to another
                 # transaction's PKCE verifier: the user's doing, not an outage.
                 return finish(self.step_up_failed(request, tx, level_name, "invalid_grant"))
+            if exc.reason == "unmet_authentication_requirements":  # the profile's reading
+                reason, text = f"provider_{exc.reason}", PROVIDER_ERROR_TEXT[exc.reason]
+                return finish(
+                    self.step_up_failed(request, tx, level_name, reason, status=403, text=text)
+                )
             self.metrics.challenges.labels("failed", level_name).inc()
             audit.info("step_up_failure", rule=tx.rule, need=level_name, reason=exc.reason)
             raise

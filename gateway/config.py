@@ -41,6 +41,7 @@ from gateway.conditions import (
 )
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.model import MAX_ASSERTION_TTL_S
+from gateway.oidc import profiles
 from gateway.paths import canonical_rule_host
 from gateway.rules import compile_glob
 from gateway.session.crypto import MIN_SECRET_BYTES
@@ -102,6 +103,8 @@ DEFAULT_CLIENT_AUTH = "client_secret_basic"
 # OIDC Core 5.5.1.1: an essential acr makes some providers fail the login outright instead
 # of doing their best; the gateway checks the acr it gets back either way.
 DEFAULT_ESSENTIAL_ACR = False
+# gateway.oidc.profiles: plain OpenID Connect acr_values / acr / amr.
+DEFAULT_PROFILE = "generic"
 # An email the provider has not verified is whatever the user typed; forwarding it as
 # X-Auth-Email lets anyone claim anyone's address (the "nOAuth" takeovers of 2023).
 DEFAULT_ASSUME_EMAIL_VERIFIED = False
@@ -670,7 +673,16 @@ class _Validator:
         upstreams = self.section(top, "upstreams", self.upstreams)
         oidc = self.section(top, "oidc", self.oidc)
         session = self.section(top, "session", self.session)
-        assurance = self.section(top, "assurance", self.assurance)
+        profile = profiles.get(oidc.profile if oidc is not None else "generic")
+        if top.get("assurance") is None and profile.default_levels:
+            # A provider profile ships levels its provider asserts out of the box.
+            assurance: model.AssuranceConfig | None = model.AssuranceConfig(
+                levels=profile.default_levels
+            )
+        else:
+            assurance = self.section(
+                top, "assurance", lambda node, path: self.assurance(node, path, profile)
+            )
         rules = self.section(
             top, "rules", lambda node, path: self.rules(node, path, assurance, upstreams)
         )
@@ -924,6 +936,7 @@ class _Validator:
                 "scopes",
                 "client_auth",
                 "essential_acr",
+                "profile",
                 "assume_email_verified",
                 "clock_skew",
                 "algorithms",
@@ -942,6 +955,9 @@ class _Validator:
                 DEFAULT_CLIENT_AUTH,
             ),
             essential_acr=self.optional(m, "essential_acr", self.boolean, DEFAULT_ESSENTIAL_ACR),
+            profile=self.optional(
+                m, "profile", lambda n, p: self.choice(n, p, profiles.NAMES), DEFAULT_PROFILE
+            ),
             assume_email_verified=self.optional(
                 m, "assume_email_verified", self.boolean, DEFAULT_ASSUME_EMAIL_VERIFIED
             ),
@@ -1198,11 +1214,15 @@ class _Validator:
             node,
         )
 
-    def assurance(self, node: Node, path: str) -> model.AssuranceConfig:
+    def assurance(self, node: Node, path: str, profile: profiles.Profile) -> model.AssuranceConfig:
         m = self.mapping(node, path, ("levels",))
         levels_node = m.get("levels")
         if levels_node is None:
-            raise self.fail(m.child("levels"), "required key is missing", node)
+            if profile.default_levels:
+                return model.AssuranceConfig(levels=profile.default_levels)
+            raise self.fail(
+                m.child("levels"), "required key is missing (or set oidc.profile)", node
+            )
         before = len(self.problems)
         levels: list[model.Level] = []
         seen: dict[str, int] = {}
@@ -1222,6 +1242,18 @@ class _Validator:
             levels.append(level)
         if len(self.problems) > before:
             raise _Invalid  # rules are then not checked against a partial list of levels
+        # A level the profile's provider never asserts would be a step-up that can
+        # never succeed: refused here rather than discovered by a locked-out user.
+        items = [item for _path, item in self.items(levels_node, m.child("levels"))]
+        for index, key, message in profiles.level_problems(profile, levels):
+            item_node = items[index] if index < len(items) else None
+            self.note(
+                f"{m.child('levels')}[{index}].{key}",
+                f"{message} (oidc.profile: {profile.name})",
+                item_node,
+            )
+        if len(self.problems) > before:
+            raise _Invalid
         return model.AssuranceConfig(levels=tuple(levels))
 
     def level(self, node: Node, path: str, rank: int) -> model.Level:

@@ -60,6 +60,8 @@ class OidcConfig:
     scopes: tuple[str, ...] = ("openid", "profile", "email")
     client_auth: str = "client_secret_basic"  # or "client_secret_post"
     essential_acr: bool = False
+    # gateway.oidc.profiles: how this provider is asked for a level and how it answers.
+    profile: str = "generic"
     # OIDC Core 5.1: email_verified false or absent means the provider vouches for no
     # such thing; true takes an ID token without the claim as verified (see README).
     assume_email_verified: bool = False

@@ -1,4 +1,8 @@
-"""OpenID Connect client: pure checks in :mod:`.flow`, provider I/O in :mod:`.provider`."""
+"""OpenID Connect client: pure checks in :mod:`.flow` and :mod:`.profiles`, provider I/O
+in :mod:`.provider` (imported on first use, so that ``check`` and ``explain``, which read
+profiles, load no HTTP client)."""
+
+from typing import TYPE_CHECKING, Any
 
 from gateway.oidc.flow import (
     Callback,
@@ -14,7 +18,9 @@ from gateway.oidc.flow import (
     random_token,
     verify_id_token,
 )
-from gateway.oidc.provider import ProviderClient
+
+if TYPE_CHECKING:
+    from gateway.oidc.provider import ProviderClient
 
 __all__ = [
     "Callback",
@@ -31,3 +37,11 @@ __all__ = [
     "random_token",
     "verify_id_token",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ProviderClient":
+        from gateway.oidc.provider import ProviderClient
+
+        return ProviderClient
+    raise AttributeError(name)

@@ -23,6 +23,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from gateway import errors, model
+from gateway.oidc import profiles
 
 # OIDC Core 3.1.3.7 (10): "The iat Claim can be used to reject tokens that were
 # issued too far away from the current time". The code was exchanged moments ago,
@@ -221,8 +222,8 @@ def authorization_url(
 ) -> str:
     """Build the authorization request URL (OIDC Core 3.1.2.1, RFC 7636, RFC 9470).
 
-    ``acr_values`` keeps the caller's order (strongest first). With ``max_age_s == 0``
-    ``prompt=login`` is added too, since some providers only honour max_age > 0.
+    ``acr_values`` keeps the caller's order (strongest first); the provider profile
+    (:mod:`gateway.oidc.profiles`) decides how they and ``max_age_s`` are sent.
     """
     params: dict[str, str] = {
         "response_type": "code",
@@ -234,17 +235,13 @@ def authorization_url(
         "code_challenge": code_challenge,
         "code_challenge_method": "S256",
     }
-    if acr_values:
-        params["acr_values"] = " ".join(acr_values)
-        if cfg.essential_acr:
-            # OIDC Core 5.5.1.1: an essential acr request makes the provider fail
-            # rather than silently log the user in at a lower level.
-            claims = {"id_token": {"acr": {"essential": True, "values": list(acr_values)}}}
-            params["claims"] = json.dumps(claims, separators=(",", ":"))
-    if max_age_s is not None:
-        params["max_age"] = str(max_age_s)
-        if max_age_s == 0:
-            params["prompt"] = "login"
+    # How the level is asked for is the provider profile's business (acr_values, an
+    # essential acr or acrs in the claims parameter, max_age or prompt=login).
+    params.update(
+        profiles.authorization_params(
+            profiles.get(cfg.profile), acr_values, max_age_s, essential_acr=cfg.essential_acr
+        )
+    )
     if login_hint:
         params["login_hint"] = login_hint
     for name, value in (extra or {}).items():
@@ -317,18 +314,24 @@ def check_callback_iss(meta: ProviderMetadata, params: Mapping[str, str]) -> Non
         )
 
 
-def parse_callback(meta: ProviderMetadata, params: Mapping[str, str]) -> Callback:
+def parse_callback(
+    meta: ProviderMetadata, params: Mapping[str, str], *, profile: str = "generic"
+) -> Callback:
     """Read the authorization response (OIDC Core 3.1.2.5-6) after the RFC 9207 check.
 
     Raises :class:`CallbackError` for an unusable response. A provider error such as
     ``access_denied`` or ``unmet_authentication_requirements`` is returned, not
-    raised, because what to show the user is the caller's decision.
+    raised, because what to show the user is the caller's decision. An error that the
+    provider ``profile`` reads as "this user cannot meet the level" (an Entra
+    Conditional Access block) comes back as ``unmet_authentication_requirements``.
     """
     check_callback_iss(meta, params)
     state = params.get("state") or None
     error = params.get("error")
     if error is not None:
         code = error if _ERROR_CODE.fullmatch(error) else "invalid_error"
+        if profiles.cannot_meet(profiles.get(profile), code, params.get("error_description")):
+            code = profiles.UNMET
         return Callback(state=state, error=code, error_description=params.get("error_description"))
     code_value = params.get("code")
     if not code_value:
@@ -361,17 +364,30 @@ def _form_encode(value: str) -> str:
     return urlencode({"": value})[1:]
 
 
-def parse_token_response(status: int, body: object) -> Mapping[str, object]:
+def parse_token_response(
+    status: int, body: object, *, profile: str = "generic"
+) -> Mapping[str, object]:
     """Check a token endpoint answer (RFC 6749 5.1/5.2, OIDC Core 3.1.3.3).
 
     Raises :class:`errors.ProviderError` whose ``reason`` is the provider's error
     code (``invalid_grant`` ...) when it refused, ``token_response_invalid`` when
-    the answer is not a usable token response. Never echoes the body.
+    the answer is not a usable token response. Never echoes the body. An error the
+    ``profile`` reads as "cannot meet the level" (Entra's ``error_codes`` 53000-53004)
+    has the reason ``unmet_authentication_requirements``.
     """
     if isinstance(body, Mapping) and "error" in body and status != 200:
         raw_code = body.get("error")
         code = raw_code if isinstance(raw_code, str) and _ERROR_CODE.fullmatch(raw_code) else None
         code = code or "invalid_error"
+        description = body.get("error_description")
+        error_codes = body.get("error_codes")
+        if profiles.cannot_meet(
+            profiles.get(profile),
+            code,
+            description if isinstance(description, str) else None,
+            error_codes if isinstance(error_codes, list) else (),
+        ):
+            code = profiles.UNMET
         raise errors.ProviderError(
             f"The identity provider refused the sign-in ({code}).", reason=code
         )
@@ -412,6 +428,9 @@ class IdTokenClaims:
     # OIDC Core 5.1: true, false, or None when the provider did not say. Anything but
     # a JSON boolean (a string "true", a number) is read as False: not vouched for.
     email_verified: bool | None = None
+    # Entra's authentication contexts ("acrs", an array of c1..c99), read by the entra
+    # profile; bounded like amr.
+    acrs: tuple[str, ...] = ()
 
 
 def unverified_header(token: str) -> dict[str, Any]:
@@ -549,6 +568,18 @@ def _read_claims(payload: Mapping[str, object]) -> IdTokenClaims:
     else:
         raise IdTokenError("malformed", claim="amr")
 
+    acrs_value = payload.get("acrs")
+    if acrs_value is None:
+        acrs: tuple[str, ...] = ()
+    elif isinstance(acrs_value, list) and all(isinstance(item, str) for item in acrs_value):
+        acrs = tuple(acrs_value)
+    else:
+        raise IdTokenError("malformed", claim="acrs")
+    if len(acrs) > MAX_AMR_VALUES:
+        raise IdTokenError("claim_value", claim="acrs")
+    for context in acrs:
+        check_header_claim("acrs", context, MAX_AMR_VALUE_BYTES)
+
     sub = string("sub", required=True)
     if not sub:
         raise IdTokenError("sub")
@@ -578,6 +609,7 @@ def _read_claims(payload: Mapping[str, object]) -> IdTokenClaims:
         email_verified=(
             None if "email_verified" not in payload else payload["email_verified"] is True
         ),
+        acrs=acrs,
     )
 
 

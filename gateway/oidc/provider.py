@@ -9,9 +9,10 @@ become :class:`errors.ProviderUnavailable`; answers we cannot use become
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
@@ -19,6 +20,8 @@ import jwt
 import structlog
 
 from gateway import errors, model
+from gateway.model import Level
+from gateway.oidc import profiles
 from gateway.oidc.flow import (
     IdTokenClaims,
     IdTokenError,
@@ -194,18 +197,26 @@ class ProviderClient:
         if status in (502, 503, 504):
             raise self._status_error("token", status)
         try:
-            return parse_token_response(status, body)
+            return parse_token_response(status, body, profile=self._cfg.profile)
         except errors.ProviderError as exc:
             problem = "invalid" if exc.reason.startswith("token_response") else "rejected"
             self._report("token", problem, exc)
             raise
 
     async def verify(
-        self, id_token: str, *, nonce: str, now: float, require_auth_time: bool = False
+        self,
+        id_token: str,
+        *,
+        nonce: str,
+        now: float,
+        require_auth_time: bool = False,
+        levels: Sequence[Level] = (),
     ) -> IdTokenClaims:
         """Verify an ID token: pick the key by its header, then run every check
-        (``require_auth_time`` when the request carried ``max_age``)."""
-        return verify_id_token(
+        (``require_auth_time`` when the request carried ``max_age``). Its ``acr`` is
+        then the one the provider profile reads from it against ``levels`` (Entra:
+        the strongest ``acrs`` context a level names)."""
+        claims = verify_id_token(
             id_token,
             await self._key_of(id_token),
             issuer=self._cfg.issuer,
@@ -216,6 +227,10 @@ class ProviderClient:
             allowed_algs=self._cfg.algorithms,
             require_auth_time=require_auth_time,
         )
+        acr = profiles.asserted_acr(
+            profiles.get(self._cfg.profile), claims.acr, claims.acrs, levels
+        )
+        return claims if acr == claims.acr else dataclasses.replace(claims, acr=acr)
 
     async def _key_of(self, token: str) -> jwt.PyJWK:
         """The provider key a signed token names in its header (nothing trusted yet)."""

@@ -209,6 +209,7 @@ class _Grant:
     authenticated_at: float
     sid: str
     issued_at: float
+    request: dict[str, str] = field(default_factory=dict)  # the authorization request
 
 
 # ------------------------------------------------------------------------ the OP
@@ -307,8 +308,10 @@ class OpenIdProvider:
         acr_values: list[str] | None = None,
         authenticated_at: float | None = None,
         sid: str | None = None,
+        request: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """The claims the next ID token gets, after every knob is applied."""
+        """The claims the next ID token gets, after every knob is applied. ``request``
+        is the authorization request, for vendor stand-ins that answer from it."""
         b = self.behaviour
         now = self.now()
         aud: str | list[str]
@@ -437,6 +440,9 @@ class OpenIdProvider:
             return back(error="invalid_request", error_description="PKCE with S256 is required")
         if self.behaviour.authorize_error:
             return back(error=self.behaviour.authorize_error)
+        refusal = self.refuse_authorization(params)
+        if refusal is not None:
+            return back(**refusal)
         code = secrets.token_urlsafe(24)
         now = self.now()
         self._codes[code] = _Grant(
@@ -448,8 +454,14 @@ class OpenIdProvider:
             authenticated_at=now,
             sid=secrets.token_urlsafe(8),
             issued_at=now,
+            request=dict(params),
         )
         return back(code=code)
+
+    def refuse_authorization(self, params: Mapping[str, str]) -> dict[str, str] | None:
+        """An error answer (``error``, ``error_description``) for this request, or None.
+        Vendor stand-ins (tests/support/vendors.py) refuse what their vendor refuses."""
+        return None
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
         self.hits["token"] += 1
@@ -486,6 +498,7 @@ class OpenIdProvider:
             acr_values=grant.acr_values,
             authenticated_at=grant.authenticated_at,
             sid=grant.sid,
+            request=grant.request,
         )
         access_token = secrets.token_urlsafe(24)
         self._access_tokens[access_token] = self.behaviour.user.sub
