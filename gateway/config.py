@@ -955,9 +955,7 @@ class _Validator:
                 DEFAULT_CLIENT_AUTH,
             ),
             essential_acr=self.optional(m, "essential_acr", self.boolean, DEFAULT_ESSENTIAL_ACR),
-            profile=self.optional(
-                m, "profile", lambda n, p: self.choice(n, p, profiles.NAMES), DEFAULT_PROFILE
-            ),
+            profile=self.optional(m, "profile", self.profile, DEFAULT_PROFILE),
             assume_email_verified=self.optional(
                 m, "assume_email_verified", self.boolean, DEFAULT_ASSUME_EMAIL_VERIFIED
             ),
@@ -965,6 +963,19 @@ class _Validator:
             algorithms=self.optional(m, "algorithms", self.algorithms, DEFAULT_ALGORITHMS),
             http_timeout_s=self.optional(m, "http_timeout", self.timeout_s, DEFAULT_HTTP_TIMEOUT_S),
         )
+
+    def profile(self, node: Node, path: str) -> str:
+        name = self.choice(node, path, profiles.NAMES)
+        if name == "fapi2":
+            # Refused rather than accepted as the generic profile: an operator asking
+            # for FAPI 2.0 must not silently get a front-channel request and a secret.
+            raise self.fail(
+                path,
+                "fapi2 is not available in this version (pushed authorization requests "
+                "and private_key_jwt are not implemented yet)",
+                node,
+            )
+        return name
 
     def issuer(self, node: Node, path: str) -> str:
         # Kept verbatim, trailing slash included: OIDC Core 3.1.3.7 compares the id
