@@ -408,7 +408,7 @@ class Gateway:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._provider = ProviderClient(
-            self.config.oidc, self._http, on_error=self._count_provider_error
+            self.config.oidc, self._http, on_error=self._count_provider_error, wall_clock=self.clock
         )
         self.risk = RiskClient(self._http)
         self.aux = self._make_aux()
@@ -457,7 +457,9 @@ class Gateway:
         provider = self._provider
         if new.oidc != old.oidc:
             assert self._http is not None
-            provider = ProviderClient(new.oidc, self._http, on_error=self._count_provider_error)
+            provider = ProviderClient(
+                new.oidc, self._http, on_error=self._count_provider_error, wall_clock=self.clock
+            )
             try:
                 await provider.load()
             except ProviderError as exc:
@@ -1335,6 +1337,7 @@ class Gateway:
             max_age_s=tx.requested_max_age_s,
             extra=extra or None,
         )
+        url = await self.provider.push_authorization(url)  # oidc.par: RFC 9126
         response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
         ttl_s = self.config.session.transaction_ttl_s
         tx_name = tx_cookie_name(self.tx_base, tx.state, self.secure)

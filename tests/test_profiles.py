@@ -213,10 +213,3 @@ def test_explain_shows_the_step_up_request(tmp_path: Path) -> None:
         "claims": '{"id_token":{"acrs":{"essential":true,"value":"c1"}}}',
         "prompt": "login",
     }
-
-
-def test_fapi2_is_refused_until_it_is_implemented() -> None:
-    with pytest.raises(ConfigError) as info:
-        load_config_text(config_text("fapi2"), "c.yaml", {})
-    found = {p.key_path: p.message for p in info.value.problems}
-    assert "not available" in found["oidc.profile"]

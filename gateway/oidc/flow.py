@@ -292,16 +292,19 @@ class Callback:
     error_description: str | None = None
 
 
-def check_callback_iss(meta: ProviderMetadata, params: Mapping[str, str]) -> None:
+def check_callback_iss(
+    meta: ProviderMetadata, params: Mapping[str, str], *, required: bool = False
+) -> None:
     """RFC 9207 mix-up defence on the authorization response.
 
     When the provider advertises ``authorization_response_iss_parameter_supported``
-    the ``iss`` parameter must be present and equal the issuer (RFC 9207 2.4);
-    when it does not advertise it, an ``iss`` that is present must still match.
+    (or ``required``: FAPI 2.0 Security Profile 5.3.3.2) the ``iss`` parameter must be
+    present and equal the issuer (RFC 9207 2.4); when it does not advertise it, an
+    ``iss`` that is present must still match.
     """
     iss = params.get("iss")
     if iss is None:
-        if meta.iss_parameter_supported:
+        if meta.iss_parameter_supported or required:
             raise CallbackError(
                 "The sign-in response did not say which provider sent it.",
                 reason="callback_iss_missing",
@@ -325,7 +328,7 @@ def parse_callback(
     provider ``profile`` reads as "this user cannot meet the level" (an Entra
     Conditional Access block) comes back as ``unmet_authentication_requirements``.
     """
-    check_callback_iss(meta, params)
+    check_callback_iss(meta, params, required=profile == "fapi2")
     state = params.get("state") or None
     error = params.get("error")
     if error is not None:

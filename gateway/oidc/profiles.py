@@ -211,7 +211,12 @@ PROFILES: Mapping[str, Profile] = {
     ),
     # FAPI 2.0 Security Profile: the request travels by PAR, so acr_values and max_age
     # are as the generic profile sends them.
-    "fapi2": dataclasses.replace(_GENERIC, name="fapi2"),
+    "fapi2": dataclasses.replace(
+        _GENERIC,
+        name="fapi2",
+        note="pushed authorization requests, private_key_jwt, DPoP-bound tokens, "
+        "PKCE S256 and the RFC 9207 iss are required; asks with acr_values",
+    ),
 }
 
 NAMES = tuple(PROFILES)
