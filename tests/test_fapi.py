@@ -233,3 +233,19 @@ async def test_fapi2_needs_iss_on_the_callback_even_when_not_advertised(
     assert final.status == 400
     assert stack.op.token_requests == []  # refused before the code was redeemed
     assert stack.seen == []
+
+
+def test_a_broken_key_is_logged_once_and_a_fixed_one_taken(key_file) -> None:
+    from structlog.testing import capture_logs
+
+    write_key(key_file, ec.generate_private_key(ec.SECP256R1()))
+    keys = ClientKeyFile(str(key_file))
+    key_file.write_bytes(b"not a key at all")
+    with capture_logs() as logs:
+        keys.current()
+        keys.current()
+    assert [entry["event"] for entry in logs] == ["client_key_reload_failed"]
+    (fixed,) = write_key(key_file, rsa.generate_private_key(65537, 2048))
+    with capture_logs() as logs:
+        assert keys.current().kid == fixed.kid
+    assert [entry["event"] for entry in logs] == ["client_key_reloaded"]

@@ -25,16 +25,18 @@ class ClientKeyFile:
     def __init__(self, path: str) -> None:
         self._path = path
         self._stamp: tuple[int, int, int] | None = None
+        self._bad_stamp: tuple[int, int, int] | None = None  # a broken version, read once
         self._keys: tuple[SigningKey, ...] = ()
         self.current()  # fail at start-up, not at the first sign-in
 
     def current(self) -> SigningKey:
         """The key that signs now. Raises :class:`ClientKeyError` only if no key was
         ever loaded."""
+        stamp = None
         try:
             info = os.stat(self._path)
             stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
-            if stamp != self._stamp:
+            if stamp not in (self._stamp, self._bad_stamp):
                 with open(self._path, "rb") as handle:
                     keys = load_pem_keys(handle.read())
                 if self._stamp is not None:
@@ -43,5 +45,7 @@ class ClientKeyFile:
         except (OSError, ClientKeyError) as exc:
             if not self._keys:
                 raise ClientKeyError(f"cannot use oidc.client_key_file: {exc}") from None
-            log.warning("client_key_reload_failed", kept_kid=self._keys[0].kid)
+            if stamp is not None and stamp != self._bad_stamp:
+                self._bad_stamp = stamp  # logged once per broken version, not per request
+                log.warning("client_key_reload_failed", kept_kid=self._keys[0].kid)
         return self._keys[0]
