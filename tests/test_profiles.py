@@ -84,6 +84,19 @@ def test_asserted_acr(profile, acr, acrs, expected) -> None:
 
 
 @pytest.mark.parametrize(
+    ("profile", "payload", "expected"),
+    [
+        ("entra", {"acrs": ["c1"], "acr": "1"}, "c1"),  # an Entra v1.0 access token
+        ("entra", {"acrs": "c2"}, SIGNED_IN_ACR),  # not a list: no context from it
+        ("okta", {"acr": "urn:okta:loa:2fa:any"}, "urn:okta:loa:2fa:any"),
+        ("keycloak", {"acr": 2}, None),  # not a string: no level
+    ],
+)
+def test_token_acr_reads_access_token_claims(profile, payload, expected) -> None:
+    assert profiles.token_acr(profiles.get(profile), payload, LEVELS) == expected
+
+
+@pytest.mark.parametrize(
     ("profile", "error", "description", "codes", "expected"),
     [
         ("generic", "unmet_authentication_requirements", None, [], True),

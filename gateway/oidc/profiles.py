@@ -296,6 +296,19 @@ def asserted_acr(
     return acr
 
 
+def token_acr(
+    profile: Profile, payload: Mapping[str, object], levels: Sequence[Level]
+) -> str | None:
+    """:func:`asserted_acr` for any verified token's claims, access tokens included:
+    Entra puts ``acrs`` in access tokens too ("Access token claims reference"), Okta and
+    Keycloak put ``acr`` there. A claim of the wrong type counts as absent (fails closed:
+    no level from it)."""
+    acr = payload.get("acr")
+    acrs = payload.get("acrs")
+    contexts = tuple(v for v in acrs if isinstance(v, str)) if isinstance(acrs, list) else ()
+    return asserted_acr(profile, acr if isinstance(acr, str) else None, contexts, levels)
+
+
 def cannot_meet(
     profile: Profile,
     error: str | None,
