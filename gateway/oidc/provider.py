@@ -274,8 +274,11 @@ class ProviderClient:
             audience = meta.issuer if self._cfg.profile == "fapi2" else url
             try:
                 key = self._client_key.current()
-            except fapi.ClientKeyError as exc:
-                raise errors.ProviderError(str(exc), reason="client_key_unusable") from None
+            except fapi.ClientKeyError:
+                # Unreachable after start-up (the last good key is kept); no path shown.
+                raise errors.ProviderError(
+                    "The gateway's client key cannot be used.", reason="client_key_unusable"
+                ) from None
             headers: dict[str, str] = {}
             fields = fapi.client_assertion_fields(
                 key, client_id=self._cfg.client_id, audience=audience, now=now
