@@ -1,6 +1,6 @@
-"""OpenID Connect client: pure checks in :mod:`.flow` and :mod:`.profiles`, provider I/O
-in :mod:`.provider` (imported on first use, so that ``check`` and ``explain``, which read
-profiles, load no HTTP client)."""
+"""OpenID Connect client: pure checks in :mod:`.flow` (the flow), :mod:`.tokens` (ID and
+logout tokens) and :mod:`.profiles`, provider I/O in :mod:`.provider` (imported on first
+use, so that ``check`` and ``explain``, which read profiles, load no HTTP client)."""
 
 from typing import TYPE_CHECKING, Any
 
