@@ -126,6 +126,21 @@ async def test_entra_conditional_access_block_shows_a_clear_page(start, browser)
     assert len(seen) == 1
 
 
+async def test_entra_block_at_the_token_endpoint_shows_the_same_page(start, browser):
+    # Entra can refuse at the token endpoint too: an error with numeric error_codes
+    # (53003, blocked by Conditional Access), read as "cannot meet", not an outage.
+    url, op, seen = await start("entra", base="signed-in")
+    assert (await browser.follow(f"{url}/app/home")).status == 200
+    op.behaviour.token_error = "invalid_grant"
+    op.behaviour.token_error_codes = (53003,)
+    final = await browser.follow(f"{url}/payees/list")
+    assert final.status == 403
+    assert "A stronger sign-in is needed" in final.body
+    assert "no sign-in method strong enough" in final.body
+    assert len(op.authorization_requests) == 2
+    assert len(seen) == 1
+
+
 async def test_okta_steps_up_with_its_predefined_acr_values(start, browser):
     url, op, seen = await start("okta")
     sign_in, step_up = await _sign_in_then_step_up(browser, url, op)

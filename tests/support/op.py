@@ -161,6 +161,7 @@ class OpBehaviour:
     callback_iss: str | None = None  # replaces iss on the redirect back
     # --- token endpoint
     token_error: str | None = None  # e.g. "invalid_grant", answered with 400
+    token_error_codes: tuple[int, ...] = ()  # Entra's numeric "error_codes" beside it
     token_status: int = 200  # anything else: that status with a plain-text body
     token_response: dict[str, Any] | None = None  # replaces a successful response body
     # --- discovery / JWKS
@@ -518,7 +519,7 @@ class OpenIdProvider:
         if self.behaviour.token_status != 200:
             return web.Response(status=self.behaviour.token_status, text="unavailable")
         if self.behaviour.token_error:
-            return _oauth_error(self.behaviour.token_error)
+            return _oauth_error(self.behaviour.token_error, codes=self.behaviour.token_error_codes)
         if fields.get("grant_type") != "authorization_code":
             return _oauth_error("unsupported_grant_type")
         grant = self._codes.pop(fields.get("code", ""), None)  # single use
@@ -769,10 +770,13 @@ def _oauth_error(
     *,
     status: int = 400,
     headers: Mapping[str, str] | None = None,
+    codes: tuple[int, ...] = (),
 ) -> web.Response:
-    body = {"error": code}
+    body: dict[str, Any] = {"error": code}
     if description:
         body["error_description"] = description
+    if codes:
+        body["error_codes"] = list(codes)
     return web.json_response(
         body, status=status, headers={"Cache-Control": "no-store", **(headers or {})}
     )
