@@ -198,7 +198,7 @@ class Gateway(ConnectionHooks):
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._provider = ProviderClient(
-            self.config.oidc, self._http, on_error=self._count_provider_error
+            self.config.oidc, self._http, on_error=self._count_provider_error, wall_clock=self.clock
         )
         self.risk = RiskClient(self._http)
         self.aux, self._aux_redis = make_aux(self.config.session, self.store, self.clock)
@@ -248,7 +248,9 @@ class Gateway(ConnectionHooks):
         provider = self._provider
         if new.oidc != old.oidc:
             assert self._http is not None
-            provider = ProviderClient(new.oidc, self._http, on_error=self._count_provider_error)
+            provider = ProviderClient(
+                new.oidc, self._http, on_error=self._count_provider_error, wall_clock=self.clock
+            )
             try:
                 await provider.load()
             except ProviderError as exc:

@@ -334,6 +334,7 @@ async def start_round_trip(
         max_age_s=tx.requested_max_age_s,
         extra=extra or None,
     )
+    url = await ctx.provider.push_authorization(url)  # oidc.par: RFC 9126
     response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
     ttl_s = ctx.config.session.transaction_ttl_s
     tx_name = tx_cookie_name(ctx.tx_base, tx.state, ctx.secure)

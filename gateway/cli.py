@@ -27,6 +27,7 @@ from gateway.decision import SITE_PATH_METHODS, RequestFacts, decide_request, si
 from gateway.errors import BadRequest, ConfigError
 from gateway.fields import RequestFields, ambiguous, binding_values, read_fields, readable_body
 from gateway.model import Config, Requirement, RiskConfig, Rule
+from gateway.oidc import profiles
 from gateway.paths import canonical_host, normalize_path
 from gateway.rules import RuleSet
 
@@ -170,7 +171,11 @@ def _check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     for path, rewrite in old_syntax_rewrites(config.rules):
         print(rewrite_notice(path, rewrite), file=sys.stderr)
-    print("ok")
+    profile = profiles.get(config.oidc.profile)
+    if profile.name == "generic":
+        print("ok")
+    else:  # what the provider profile implies, so a surprise shows before the first sign-in
+        print(f"ok (profile {profile.name}: {profiles.describe(profile)})")
     return EXIT_OK
 
 
@@ -368,7 +373,26 @@ def explain(
         result["risk"] = _risk(rule.risk)
     if rule.upstream_challenge:
         result["upstream_challenge"] = True
+    authorization = _authorization(config, rule.require)
+    if authorization is not None:
+        result["authorization"] = authorization
     return {**result, **extra}, EXIT_OK
+
+
+def _authorization(config: Config, require: Requirement) -> dict[str, str] | None:
+    """The step-up parameters of the authorization request the rule's challenge sends,
+    in the provider profile's dialect (the ones every request carries left out). Shown
+    with a provider profile set, where they differ from plain ``acr_values``."""
+    level = config.assurance.level(require.level) if require.level is not None else None
+    if level is None or config.oidc.profile == "generic":
+        return None
+    max_age_s = 0 if require.once else require.max_age_s
+    return profiles.authorization_params(
+        profiles.get(config.oidc.profile),
+        level.acr,
+        max_age_s,
+        essential_acr=config.oidc.essential_acr,
+    )
 
 
 class _ExplainReader:

@@ -58,8 +58,14 @@ class OidcConfig:
     client_id: str
     client_secret: str
     scopes: tuple[str, ...] = ("openid", "profile", "email")
-    client_auth: str = "client_secret_basic"  # or "client_secret_post"
+    client_auth: str = "client_secret_basic"  # client_secret_post | private_key_jwt
     essential_acr: bool = False
+    # gateway.oidc.profiles: how this provider is asked for a level and how it answers.
+    profile: str = "generic"
+    # FAPI 2.0 client parts (gateway.oidc.fapi).
+    client_key_file: str | None = None  # private_key_jwt signing key(s), PEM; first signs
+    par: bool = False  # RFC 9126 pushed authorization requests
+    dpop: bool = False  # RFC 9449 DPoP-bound tokens at the token endpoint
     # OIDC Core 5.1: email_verified false or absent means the provider vouches for no
     # such thing; true takes an ID token without the claim as verified (see README).
     assume_email_verified: bool = False

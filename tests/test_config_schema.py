@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
@@ -218,8 +220,8 @@ SCHEMA_BAD = [
      "config.yaml:8 oidc.client_id: must not be empty"),
     ("required-key", [("  - name: public\n    match: {path: /public/**}\n", "  - name: public\n")],
      "config.yaml:25 rules[1].match: required key is missing"),
-    ("required-section", [("assurance:\n  levels:", "assurancee:\n  levels:")],
-     "config.yaml:1 assurance: required section is missing"),
+    ("required-section", [("\nsession:\n", "\nsesion:\n")],
+     "config.yaml:1 session: required section is missing"),
     ("duration", [("client_secret: s3cret", "client_secret: s3cret\n  clock_skew: 1.5")],
      "config.yaml:10 oidc.clock_skew: invalid duration '1.5': use whole seconds (300) or a "
      "number with a unit s, m, h or d (90s, 5m, 12h, 1d)"),
@@ -343,6 +345,10 @@ oidc:
   scopes: [openid, email]
   client_auth: client_secret_post
   essential_acr: true
+  profile: keycloak
+  client_key_file: client-key.pem
+  par: true
+  dpop: true
   assume_email_verified: true
   clock_skew: 30s
   algorithms: [ES256]
@@ -395,6 +401,14 @@ step_up:
 def maximal_files(tmp_path: Path) -> list[str]:
     """The maximal config, and its variant with secrets read from files."""
     (tmp_path / "client").write_text("client-secret\n")
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "client-key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     (tmp_path / "session").write_text(SECRET + "\n")
     with_files = MAXIMAL.replace("  client_secret: s\n", "  client_secret_file: client\n")
     with_files = re.sub(r"  secret: \[.*\]\n", "  secret_file: session\n", with_files)

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import os
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -45,6 +46,7 @@ from gateway.config.defaults import (
     DEFAULT_LOG_LEVEL,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PROFILE,
     DEFAULT_REDIS_POOL_TIMEOUT_S,
     DEFAULT_REDIS_PREFIX,
     DEFAULT_SCOPES,
@@ -73,6 +75,7 @@ from gateway.config.loader import (
     _Map,
 )
 from gateway.config.schema import suggest as _suggest
+from gateway.oidc import fapi, profiles
 from gateway.session.crypto import MIN_SECRET_BYTES
 from gateway.session.redis_url import REDIS_SCHEMES, is_sentinel_url, parse_sentinel_url, scheme_of
 
@@ -112,7 +115,16 @@ class _Validator(_RuleBuilders):
         upstreams = self.section(top, "upstreams", self.upstreams)
         oidc = self.section(top, "oidc", self.oidc)
         session = self.section(top, "session", self.session)
-        assurance = self.section(top, "assurance", self.assurance)
+        profile = profiles.get(oidc.profile if oidc is not None else "generic")
+        if top.get("assurance") is None and profile.default_levels:
+            # A provider profile ships levels its provider asserts out of the box.
+            assurance: model.AssuranceConfig | None = model.AssuranceConfig(
+                levels=profile.default_levels
+            )
+        else:
+            assurance = self.section(
+                top, "assurance", lambda node, path: self.assurance(node, path, profile)
+            )
         rules = self.section(
             top, "rules", lambda node, path: self.rules(node, path, assurance, upstreams)
         )
@@ -366,24 +378,58 @@ class _Validator(_RuleBuilders):
                 "scopes",
                 "client_auth",
                 "essential_acr",
+                "profile",
+                "client_key_file",
+                "par",
+                "dpop",
                 "assume_email_verified",
                 "clock_skew",
                 "algorithms",
                 "http_timeout",
             ),
         )
+        profile = self.optional(m, "profile", self.profile, DEFAULT_PROFILE)
+        fapi2 = profile == "fapi2"
+        # FAPI 2.0 Security Profile 5.3: private_key_jwt (or mTLS), PAR and sender-
+        # constrained tokens; the profile turns them on and refuses weaker settings.
+        client_auth = self.optional(
+            m,
+            "client_auth",
+            lambda n, p: self.choice(n, p, CLIENT_AUTH_METHODS),
+            "private_key_jwt" if fapi2 else DEFAULT_CLIENT_AUTH,
+        )
+        par = self.optional(m, "par", self.boolean, fapi2)
+        dpop = self.optional(m, "dpop", self.boolean, fapi2)
+        if fapi2:
+            for key, value, wanted in (
+                ("client_auth", client_auth, "private_key_jwt"),
+                ("par", par, True),
+                ("dpop", dpop, True),
+            ):
+                if value != wanted:
+                    self.note(
+                        m.child(key),
+                        f"profile fapi2 needs {key}: {str(wanted).lower()} "
+                        "(FAPI 2.0 Security Profile 5.3)",
+                        m.get(key),
+                    )
+        private_key_jwt = client_auth == "private_key_jwt"
+        key_file = self.optional(m, "client_key_file", self.client_key_file, None)
+        if private_key_jwt and key_file is None and m.get("client_key_file") is None:
+            self.note(
+                m.child("client_key_file"), "required with client_auth: private_key_jwt", m.node
+            )
         return model.OidcConfig(
             issuer=self.required(m, "issuer", self.issuer, ""),
             client_id=self.required(m, "client_id", self.text, ""),
-            client_secret=self.client_secret(m),
+            client_secret="" if private_key_jwt else self.client_secret(m),
             scopes=self.optional(m, "scopes", self.scopes, DEFAULT_SCOPES),
-            client_auth=self.optional(
-                m,
-                "client_auth",
-                lambda n, p: self.choice(n, p, CLIENT_AUTH_METHODS),
-                DEFAULT_CLIENT_AUTH,
-            ),
+            client_auth=client_auth,
+            client_key_file=key_file,
+            par=par,
+            dpop=dpop,
             essential_acr=self.optional(m, "essential_acr", self.boolean, DEFAULT_ESSENTIAL_ACR),
+            profile=profile,
             assume_email_verified=self.optional(
                 m, "assume_email_verified", self.boolean, DEFAULT_ASSUME_EMAIL_VERIFIED
             ),
@@ -391,6 +437,21 @@ class _Validator(_RuleBuilders):
             algorithms=self.optional(m, "algorithms", self.algorithms, DEFAULT_ALGORITHMS),
             http_timeout_s=self.optional(m, "http_timeout", self.timeout_s, DEFAULT_HTTP_TIMEOUT_S),
         )
+
+    def profile(self, node: Node, path: str) -> str:
+        return self.choice(node, path, profiles.NAMES)
+
+    def client_key_file(self, node: Node, path: str) -> str:
+        """Read and checked now (a broken key is a config error, not a failed sign-in);
+        the gateway re-reads it when it changes (gateway.oidc.client_keys)."""
+        file_path = self.resolve_path(self.text(node, path))
+        try:
+            fapi.load_pem_keys(Path(file_path).read_bytes())
+        except OSError as exc:
+            raise self.fail(path, f"cannot read {file_path}: {exc.strerror or exc}", node) from None
+        except fapi.ClientKeyError as exc:
+            raise self.fail(path, f"{file_path}: {exc}", node) from None
+        return file_path
 
     def issuer(self, node: Node, path: str) -> str:
         # Kept verbatim, trailing slash included: OIDC Core 3.1.3.7 compares the id

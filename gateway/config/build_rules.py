@@ -50,16 +50,21 @@ from gateway.config.loader import (
 )
 from gateway.config.schema import suggest as _suggest
 from gateway.model import MAX_ASSERTION_TTL_S
+from gateway.oidc import profiles
 from gateway.paths import canonical_rule_host
 from gateway.rules import compile_glob
 
 
 class _RuleBuilders(_Reader):
-    def assurance(self, node: Node, path: str) -> model.AssuranceConfig:
+    def assurance(self, node: Node, path: str, profile: profiles.Profile) -> model.AssuranceConfig:
         m = self.mapping(node, path, ("levels",))
         levels_node = m.get("levels")
         if levels_node is None:
-            raise self.fail(m.child("levels"), "required key is missing", node)
+            if profile.default_levels:
+                return model.AssuranceConfig(levels=profile.default_levels)
+            raise self.fail(
+                m.child("levels"), "required key is missing (or set oidc.profile)", node
+            )
         before = len(self.problems)
         levels: list[model.Level] = []
         seen: dict[str, int] = {}
@@ -79,6 +84,18 @@ class _RuleBuilders(_Reader):
             levels.append(level)
         if len(self.problems) > before:
             raise _Invalid  # rules are then not checked against a partial list of levels
+        # A level the profile's provider never asserts would be a step-up that can
+        # never succeed: refused here rather than discovered by a locked-out user.
+        items = [item for _path, item in self.items(levels_node, m.child("levels"))]
+        for index, key, message in profiles.level_problems(profile, levels):
+            item_node = items[index] if index < len(items) else None
+            self.note(
+                f"{m.child('levels')}[{index}].{key}",
+                f"{message} (oidc.profile: {profile.name})",
+                item_node,
+            )
+        if len(self.problems) > before:
+            raise _Invalid
         return model.AssuranceConfig(levels=tuple(levels))
 
     def level(self, node: Node, path: str, rank: int) -> model.Level:

@@ -110,6 +110,8 @@ DEFAULT_CLIENT_AUTH: str = default("oidc.client_auth")
 # OIDC Core 5.5.1.1: an essential acr makes some providers fail the login outright instead
 # of doing their best; the gateway checks the acr it gets back either way.
 DEFAULT_ESSENTIAL_ACR: bool = default("oidc.essential_acr")
+# gateway.oidc.profiles: plain OpenID Connect acr_values / acr / amr.
+DEFAULT_PROFILE: str = default("oidc.profile")
 # An email the provider has not verified is whatever the user typed; forwarding it as
 # X-Auth-Email lets anyone claim anyone's address (the "nOAuth" takeovers of 2023).
 DEFAULT_ASSUME_EMAIL_VERIFIED: bool = default("oidc.assume_email_verified")
@@ -185,7 +187,7 @@ MAX_DETAILS_TYPE_CHARS = 200
 
 STORES = ("cookie", "memory", "redis")
 RISK_ON_ERROR = ("step_up", "deny")
-CLIENT_AUTH_METHODS = ("client_secret_basic", "client_secret_post")
+CLIENT_AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # RFC 7518 3.1 and RFC 8037 3.1 signature algorithms an id token may use.
 KNOWN_ALGORITHMS = (

@@ -86,7 +86,7 @@ async def callback(ctx: Context, request: web.BaseRequest) -> web.StreamResponse
         ctx.metrics.challenges.labels("failed", level_name).inc()
         raise ProviderError("The identity provider cannot be reached.", reason=exc.reason) from exc
     try:
-        answer = parse_callback(meta, params)
+        answer = parse_callback(meta, params, profile=ctx.config.oidc.profile)
     except BadRequest as exc:
         return finish(step_up_failed(ctx, request, tx, level_name, exc.reason))
     if answer.error is not None:
@@ -112,6 +112,7 @@ async def callback(ctx: Context, request: web.BaseRequest) -> web.StreamResponse
             nonce=tx.nonce,
             now=now,
             require_auth_time=tx.requested_max_age_s is not None,
+            levels=ctx.config.assurance.levels,
         )
     except IdTokenError as exc:
         text = "The sign-in answer could not be verified."
@@ -129,6 +130,11 @@ async def callback(ctx: Context, request: web.BaseRequest) -> web.StreamResponse
             # A code used twice (back button, reload) or bound to another
             # transaction's PKCE verifier: the user's doing, not an outage.
             return finish(step_up_failed(ctx, request, tx, level_name, "invalid_grant"))
+        if exc.reason == "unmet_authentication_requirements":  # the profile's reading
+            reason, text = f"provider_{exc.reason}", PROVIDER_ERROR_TEXT[exc.reason]
+            return finish(
+                step_up_failed(ctx, request, tx, level_name, reason, status=403, text=text)
+            )
         ctx.metrics.challenges.labels("failed", level_name).inc()
         audit.info("step_up_failure", rule=tx.rule, need=level_name, reason=exc.reason)
         raise

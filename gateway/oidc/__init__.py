@@ -1,5 +1,8 @@
-"""OpenID Connect client: pure checks in :mod:`.flow` (the flow) and :mod:`.tokens` (ID and
-logout tokens), provider I/O in :mod:`.provider`."""
+"""OpenID Connect client: pure checks in :mod:`.flow` (the flow), :mod:`.tokens` (ID and
+logout tokens) and :mod:`.profiles`, provider I/O in :mod:`.provider` (imported on first
+use, so that ``check`` and ``explain``, which read profiles, load no HTTP client)."""
+
+from typing import TYPE_CHECKING, Any
 
 from gateway.oidc.flow import (
     Callback,
@@ -15,7 +18,9 @@ from gateway.oidc.flow import (
     random_token,
     verify_id_token,
 )
-from gateway.oidc.provider import ProviderClient
+
+if TYPE_CHECKING:
+    from gateway.oidc.provider import ProviderClient
 
 __all__ = [
     "Callback",
@@ -32,3 +37,11 @@ __all__ = [
     "random_token",
     "verify_id_token",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ProviderClient":
+        from gateway.oidc.provider import ProviderClient
+
+        return ProviderClient
+    raise AttributeError(name)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import re
 import secrets
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from gateway import errors, model
+from gateway.oidc import profiles
 from gateway.oidc.tokens import (
     BACKCHANNEL_LOGOUT_EVENT,
     ID_TOKEN_MAX_AGE_S,
@@ -224,8 +224,8 @@ def authorization_url(
 ) -> str:
     """Build the authorization request URL (OIDC Core 3.1.2.1, RFC 7636, RFC 9470).
 
-    ``acr_values`` keeps the caller's order (strongest first). With ``max_age_s == 0``
-    ``prompt=login`` is added too, since some providers only honour max_age > 0.
+    ``acr_values`` keeps the caller's order (strongest first); the provider profile
+    (:mod:`gateway.oidc.profiles`) decides how they and ``max_age_s`` are sent.
     """
     params: dict[str, str] = {
         "response_type": "code",
@@ -237,17 +237,13 @@ def authorization_url(
         "code_challenge": code_challenge,
         "code_challenge_method": "S256",
     }
-    if acr_values:
-        params["acr_values"] = " ".join(acr_values)
-        if cfg.essential_acr:
-            # OIDC Core 5.5.1.1: an essential acr request makes the provider fail
-            # rather than silently log the user in at a lower level.
-            claims = {"id_token": {"acr": {"essential": True, "values": list(acr_values)}}}
-            params["claims"] = json.dumps(claims, separators=(",", ":"))
-    if max_age_s is not None:
-        params["max_age"] = str(max_age_s)
-        if max_age_s == 0:
-            params["prompt"] = "login"
+    # How the level is asked for is the provider profile's business (acr_values, an
+    # essential acr or acrs in the claims parameter, max_age or prompt=login).
+    params.update(
+        profiles.authorization_params(
+            profiles.get(cfg.profile), acr_values, max_age_s, essential_acr=cfg.essential_acr
+        )
+    )
     if login_hint:
         params["login_hint"] = login_hint
     for name, value in (extra or {}).items():
@@ -298,16 +294,19 @@ class Callback:
     error_description: str | None = None
 
 
-def check_callback_iss(meta: ProviderMetadata, params: Mapping[str, str]) -> None:
+def check_callback_iss(
+    meta: ProviderMetadata, params: Mapping[str, str], *, required: bool = False
+) -> None:
     """RFC 9207 mix-up defence on the authorization response.
 
     When the provider advertises ``authorization_response_iss_parameter_supported``
-    the ``iss`` parameter must be present and equal the issuer (RFC 9207 2.4);
-    when it does not advertise it, an ``iss`` that is present must still match.
+    (or ``required``: FAPI 2.0 Security Profile 5.3.3.2) the ``iss`` parameter must be
+    present and equal the issuer (RFC 9207 2.4); when it does not advertise it, an
+    ``iss`` that is present must still match.
     """
     iss = params.get("iss")
     if iss is None:
-        if meta.iss_parameter_supported:
+        if meta.iss_parameter_supported or required:
             raise CallbackError(
                 "The sign-in response did not say which provider sent it.",
                 reason="callback_iss_missing",
@@ -320,18 +319,24 @@ def check_callback_iss(meta: ProviderMetadata, params: Mapping[str, str]) -> Non
         )
 
 
-def parse_callback(meta: ProviderMetadata, params: Mapping[str, str]) -> Callback:
+def parse_callback(
+    meta: ProviderMetadata, params: Mapping[str, str], *, profile: str = "generic"
+) -> Callback:
     """Read the authorization response (OIDC Core 3.1.2.5-6) after the RFC 9207 check.
 
     Raises :class:`CallbackError` for an unusable response. A provider error such as
     ``access_denied`` or ``unmet_authentication_requirements`` is returned, not
-    raised, because what to show the user is the caller's decision.
+    raised, because what to show the user is the caller's decision. An error that the
+    provider ``profile`` reads as "this user cannot meet the level" (an Entra
+    Conditional Access block) comes back as ``unmet_authentication_requirements``.
     """
-    check_callback_iss(meta, params)
+    check_callback_iss(meta, params, required=profile == "fapi2")
     state = params.get("state") or None
     error = params.get("error")
     if error is not None:
         code = error if _ERROR_CODE.fullmatch(error) else "invalid_error"
+        if profiles.cannot_meet(profiles.get(profile), code, params.get("error_description")):
+            code = profiles.UNMET
         return Callback(state=state, error=code, error_description=params.get("error_description"))
     code_value = params.get("code")
     if not code_value:
@@ -364,17 +369,30 @@ def _form_encode(value: str) -> str:
     return urlencode({"": value})[1:]
 
 
-def parse_token_response(status: int, body: object) -> Mapping[str, object]:
+def parse_token_response(
+    status: int, body: object, *, profile: str = "generic"
+) -> Mapping[str, object]:
     """Check a token endpoint answer (RFC 6749 5.1/5.2, OIDC Core 3.1.3.3).
 
     Raises :class:`errors.ProviderError` whose ``reason`` is the provider's error
     code (``invalid_grant`` ...) when it refused, ``token_response_invalid`` when
-    the answer is not a usable token response. Never echoes the body.
+    the answer is not a usable token response. Never echoes the body. An error the
+    ``profile`` reads as "cannot meet the level" (Entra's ``error_codes`` 53000-53004)
+    has the reason ``unmet_authentication_requirements``.
     """
     if isinstance(body, Mapping) and "error" in body and status != 200:
         raw_code = body.get("error")
         code = raw_code if isinstance(raw_code, str) and _ERROR_CODE.fullmatch(raw_code) else None
         code = code or "invalid_error"
+        description = body.get("error_description")
+        error_codes = body.get("error_codes")
+        if profiles.cannot_meet(
+            profiles.get(profile),
+            code,
+            description if isinstance(description, str) else None,
+            error_codes if isinstance(error_codes, list) else (),
+        ):
+            code = profiles.UNMET
         raise errors.ProviderError(
             f"The identity provider refused the sign-in ({code}).", reason=code
         )

@@ -9,9 +9,10 @@ become :class:`errors.ProviderUnavailable`; answers we cannot use become
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
@@ -19,6 +20,9 @@ import jwt
 import structlog
 
 from gateway import errors, model
+from gateway.model import Level
+from gateway.oidc import fapi, profiles
+from gateway.oidc.client_keys import ClientKeyFile
 from gateway.oidc.flow import (
     IdTokenClaims,
     IdTokenError,
@@ -60,6 +64,8 @@ RETRY_AFTER_FAILURE_S = 10
 # Discovery documents and key sets are a few KiB; the cap stops a broken or
 # hostile provider from filling our memory.
 MAX_RESPONSE_BYTES = 1024 * 1024
+# RFC 9449 8: a nonce is an opaque short string; a long one is not worth keeping.
+MAX_DPOP_NONCE_CHARS = 256
 
 
 class ProviderClient:
@@ -79,6 +85,7 @@ class ProviderClient:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_error: Callable[[str], None] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._cfg = cfg
         self._http = http
@@ -97,6 +104,16 @@ class ProviderClient:
         self._jwks_attempts = 0  # fetches started, so a waiter can tell a newer one ran
         self._jwks_error: errors.ProviderError | None = None
         self._jwks_lock = asyncio.Lock()
+        # FAPI 2.0 client parts (gateway.oidc.fapi): the private_key_jwt key file, the
+        # gateway's own DPoP key pair and the last DPoP nonce the provider sent.
+        self._client_key = (
+            ClientKeyFile(cfg.client_key_file)
+            if cfg.client_auth == "private_key_jwt" and cfg.client_key_file
+            else None
+        )
+        self._dpop_key = fapi.new_dpop_key() if cfg.dpop else None
+        self._dpop_nonce: str | None = None
+        self._wall_clock = wall_clock
 
     # ------------------------------------------------------------------ public API
 
@@ -181,31 +198,114 @@ class ProviderClient:
         code (``invalid_grant`` ...) as ``reason``.
         """
         meta = await self.metadata()
-        headers, fields = token_request_auth(self._cfg)
         form = {
             "grant_type": "authorization_code",
             "code": code,
             "redirect_uri": redirect_uri,
             "code_verifier": code_verifier,
-            **fields,
         }
-        headers["Accept"] = "application/json"
-        status, body = await self._request("token", "POST", meta.token_endpoint, form, headers)
+        url = meta.token_endpoint
+        status, body = await self._authenticated_post("token", meta, url, form)
+        if self._dpop_key is not None and _asks_for_dpop_nonce(status, body):
+            # RFC 9449 8: the provider wants its nonce in the proof; one retry with it
+            # (a fresh client assertion too: its jti must not be used twice).
+            status, body = await self._authenticated_post("token", meta, url, form)
         if status in (502, 503, 504):
             raise self._status_error("token", status)
         try:
-            return parse_token_response(status, body)
+            tokens = parse_token_response(status, body, profile=self._cfg.profile)
         except errors.ProviderError as exc:
             problem = "invalid" if exc.reason.startswith("token_response") else "rejected"
             self._report("token", problem, exc)
             raise
+        if self._dpop_key is not None and str(tokens.get("token_type", "")).lower() != "dpop":
+            # RFC 9449 5: a DPoP-bound token comes with token_type DPoP. A provider that
+            # ignored the proof issued a bearer token: refused, the binding was asked for.
+            error = errors.ProviderError(
+                "The identity provider did not bind the tokens to the gateway's key.",
+                reason="token_not_dpop_bound",
+            )
+            self._report("token", "invalid", error)
+            raise error
+        return tokens
+
+    async def push_authorization(self, authorization_url: str) -> str:
+        """With ``oidc.par``: push the request's parameters to the provider (RFC 9126 2)
+        and return the redirect that carries only ``client_id`` and ``request_uri``.
+        Without it, ``authorization_url`` unchanged."""
+        if not self._cfg.par:
+            return authorization_url
+        meta = await self.metadata()
+        endpoint = meta.raw.get("pushed_authorization_request_endpoint")
+        if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
+            error = errors.ProviderError(
+                "The identity provider offers no pushed authorization requests.",
+                reason="par_not_offered",
+            )
+            self._report("par", "invalid", error)
+            raise error
+        form = fapi.par_request(authorization_url)
+        status, body = await self._authenticated_post("par", meta, endpoint, form, dpop=False)
+        if status in (502, 503, 504):
+            raise self._status_error("par", status)
+        try:
+            request_uri = fapi.parse_par_response(status, body)
+        except errors.ProviderError as exc:
+            self._report("par", "rejected", exc)
+            raise
+        return fapi.pushed_authorization_url(
+            meta.authorization_endpoint, self._cfg.client_id, request_uri
+        )
+
+    async def _authenticated_post(
+        self,
+        endpoint: str,
+        meta: ProviderMetadata,
+        url: str,
+        form: Mapping[str, str],
+        *,
+        dpop: bool = True,
+    ) -> tuple[int, object]:
+        """POST ``form`` to ``url`` with client authentication (and a DPoP proof)."""
+        now = self._wall_clock()
+        if self._client_key is not None:
+            # FAPI 2.0 5.3.2.1: the audience is the issuer; elsewhere the endpoint, which
+            # is what Okta and Entra require (and RFC 9126 2 accepts either).
+            audience = meta.issuer if self._cfg.profile == "fapi2" else url
+            try:
+                key = self._client_key.current()
+            except fapi.ClientKeyError:
+                # Unreachable after start-up (the last good key is kept); no path shown.
+                raise errors.ProviderError(
+                    "The gateway's client key cannot be used.", reason="client_key_unusable"
+                ) from None
+            headers: dict[str, str] = {}
+            fields = fapi.client_assertion_fields(
+                key, client_id=self._cfg.client_id, audience=audience, now=now
+            )
+        else:
+            headers, fields = token_request_auth(self._cfg)
+        headers["Accept"] = "application/json"
+        if dpop and self._dpop_key is not None:
+            headers["DPoP"] = fapi.dpop_proof(
+                self._dpop_key, method="POST", url=url, now=now, nonce=self._dpop_nonce
+            )
+        return await self._request(endpoint, "POST", url, {**form, **fields}, headers)
 
     async def verify(
-        self, id_token: str, *, nonce: str, now: float, require_auth_time: bool = False
+        self,
+        id_token: str,
+        *,
+        nonce: str,
+        now: float,
+        require_auth_time: bool = False,
+        levels: Sequence[Level] = (),
     ) -> IdTokenClaims:
         """Verify an ID token: pick the key by its header, then run every check
-        (``require_auth_time`` when the request carried ``max_age``)."""
-        return verify_id_token(
+        (``require_auth_time`` when the request carried ``max_age``). Its ``acr`` is
+        then the one the provider profile reads from it against ``levels`` (Entra:
+        the strongest ``acrs`` context a level names)."""
+        claims = verify_id_token(
             id_token,
             await self._key_of(id_token),
             issuer=self._cfg.issuer,
@@ -216,6 +316,10 @@ class ProviderClient:
             allowed_algs=self._cfg.algorithms,
             require_auth_time=require_auth_time,
         )
+        acr = profiles.asserted_acr(
+            profiles.get(self._cfg.profile), claims.acr, claims.acrs, levels
+        )
+        return claims if acr == claims.acr else dataclasses.replace(claims, acr=acr)
 
     async def _key_of(self, token: str) -> jwt.PyJWK:
         """The provider key a signed token names in its header (nothing trusted yet)."""
@@ -357,6 +461,9 @@ class ProviderClient:
             ) as response:
                 raw = await _read_capped(response)
                 status = response.status
+                nonce = response.headers.get("DPoP-Nonce")
+                if nonce is not None and len(nonce) <= MAX_DPOP_NONCE_CHARS:
+                    self._dpop_nonce = nonce  # RFC 9449 8: use it in the next proof
         except TimeoutError as exc:
             error: errors.ProviderError = errors.ProviderUnavailable(
                 "The identity provider did not answer in time.", reason=f"{endpoint}_timeout"
@@ -423,6 +530,15 @@ def _warn_about_mismatches(meta: ProviderMetadata, cfg: model.OidcConfig) -> Non
         )
     if meta.code_challenge_methods and "S256" not in meta.code_challenge_methods:
         log.warning("provider_pkce_s256_not_advertised")
+    has_par = isinstance(meta.raw.get("pushed_authorization_request_endpoint"), str)
+    if cfg.par and not has_par:
+        log.warning("provider_par_not_offered")  # every sign-in will fail: RFC 9126 5
+    if not cfg.par and meta.raw.get("require_pushed_authorization_requests") is True:
+        log.warning("provider_requires_par", hint="set oidc.par: true")
+
+
+def _asks_for_dpop_nonce(status: int, body: object) -> bool:
+    return status == 400 and isinstance(body, Mapping) and body.get("error") == "use_dpop_nonce"
 
 
 class _TooLarge(Exception):

@@ -96,6 +96,9 @@ class IdTokenClaims:
     # OIDC Core 5.1: true, false, or None when the provider did not say. Anything but
     # a JSON boolean (a string "true", a number) is read as False: not vouched for.
     email_verified: bool | None = None
+    # Entra's authentication contexts ("acrs", an array of c1..c99), read by the entra
+    # profile; bounded like amr.
+    acrs: tuple[str, ...] = ()
 
 
 def unverified_header(token: str) -> dict[str, Any]:
@@ -233,6 +236,18 @@ def _read_claims(payload: Mapping[str, object]) -> IdTokenClaims:
     else:
         raise IdTokenError("malformed", claim="amr")
 
+    acrs_value = payload.get("acrs")
+    if acrs_value is None:
+        acrs: tuple[str, ...] = ()
+    elif isinstance(acrs_value, list) and all(isinstance(item, str) for item in acrs_value):
+        acrs = tuple(acrs_value)
+    else:
+        raise IdTokenError("malformed", claim="acrs")
+    if len(acrs) > MAX_AMR_VALUES:
+        raise IdTokenError("claim_value", claim="acrs")
+    for context in acrs:
+        check_header_claim("acrs", context, MAX_AMR_VALUE_BYTES)
+
     sub = string("sub", required=True)
     if not sub:
         raise IdTokenError("sub")
@@ -262,6 +277,7 @@ def _read_claims(payload: Mapping[str, object]) -> IdTokenClaims:
         email_verified=(
             None if "email_verified" not in payload else payload["email_verified"] is True
         ),
+        acrs=acrs,
     )
 
 

@@ -107,8 +107,12 @@ class OpClient:
     client_id: str = "gateway"
     client_secret: str = "test-client-secret"  # a test fixture, not a real secret
     redirect_uris: list[str] = field(default_factory=list)
-    auth_method: str = "client_secret_basic"  # or "client_secret_post"
+    auth_method: str = "client_secret_basic"  # client_secret_post | private_key_jwt
     post_logout_redirect_uris: list[str] = field(default_factory=list)
+    # private_key_jwt (RFC 7523): the registered public keys, as JWKs with a kid.
+    jwks: list[dict[str, Any]] = field(default_factory=list)
+    require_par: bool = False  # RFC 9126 5: refuse an authorization request not pushed
+    require_dpop: bool = False  # RFC 9449: refuse a token request without a DPoP proof
 
 
 @dataclass
@@ -157,12 +161,15 @@ class OpBehaviour:
     callback_iss: str | None = None  # replaces iss on the redirect back
     # --- token endpoint
     token_error: str | None = None  # e.g. "invalid_grant", answered with 400
+    token_error_codes: tuple[int, ...] = ()  # Entra's numeric "error_codes" beside it
     token_status: int = 200  # anything else: that status with a plain-text body
     token_response: dict[str, Any] | None = None  # replaces a successful response body
     # --- discovery / JWKS
     discovery_status: int = 200
     jwks_status: int = 200
     discovery_overrides: dict[str, Any] = field(default_factory=dict)  # None drops a member
+    # --- DPoP (RFC 9449 8): demand this nonce in proofs (use_dpop_nonce until it comes)
+    dpop_nonce: str | None = None
 
 
 # Name -> (knobs, the IdTokenError.reason the gateway must answer with). One check
@@ -209,6 +216,7 @@ class _Grant:
     authenticated_at: float
     sid: str
     issued_at: float
+    request: dict[str, str] = field(default_factory=dict)  # the authorization request
 
 
 # ------------------------------------------------------------------------ the OP
@@ -236,6 +244,11 @@ class OpenIdProvider:
         self.token_requests: list[dict[str, str]] = []  # client_secret removed
         self.end_session_requests: list[dict[str, str]] = []
         self._codes: dict[str, _Grant] = {}
+        self.pushed_requests: list[dict[str, str]] = []  # client assertion removed
+        self._pushed: dict[str, tuple[str, dict[str, str], float]] = {}  # uri -> client, params
+        self._seen_jti: set[str] = set()  # client assertions and DPoP proofs: used once
+        self.dpop_jkt: list[str | None] = []  # per token response, the key it was bound to
+        self.assertion_kids: list[str | None] = []  # per accepted client assertion
         self._access_tokens: dict[str, str] = {}  # token -> sub
         self.server: Any = None  # the TestServer, when started with start_op()
         self.app = self._make_app()
@@ -281,7 +294,15 @@ class OpenIdProvider:
             "subject_types_supported": ["public"],
             "grant_types_supported": ["authorization_code"],
             "id_token_signing_alg_values_supported": ["RS256", "ES256"],
-            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+            "token_endpoint_auth_methods_supported": [
+                "client_secret_basic",
+                "client_secret_post",
+                "private_key_jwt",
+            ],
+            "token_endpoint_auth_signing_alg_values_supported": ["ES256", "PS256"],
+            "pushed_authorization_request_endpoint": f"{base}/par",
+            "require_pushed_authorization_requests": False,
+            "dpop_signing_alg_values_supported": ["ES256", "PS256"],
             "code_challenge_methods_supported": ["S256"],
             "scopes_supported": ["openid", "profile", "email"],
             "claims_supported": ["sub", "iss", "acr", "amr", "auth_time", "email", "name", "sid"],
@@ -307,8 +328,10 @@ class OpenIdProvider:
         acr_values: list[str] | None = None,
         authenticated_at: float | None = None,
         sid: str | None = None,
+        request: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """The claims the next ID token gets, after every knob is applied."""
+        """The claims the next ID token gets, after every knob is applied. ``request``
+        is the authorization request, for vendor stand-ins that answer from it."""
         b = self.behaviour
         now = self.now()
         aud: str | list[str]
@@ -389,6 +412,7 @@ class OpenIdProvider:
         app.router.add_get("/jwks", self._jwks)
         app.router.add_route("*", "/authorize", self._authorize)
         app.router.add_post("/token", self._token)
+        app.router.add_post("/par", self._par)
         app.router.add_route("*", "/userinfo", self._userinfo)
         app.router.add_route("*", "/end_session", self._end_session)
         return app
@@ -408,10 +432,21 @@ class OpenIdProvider:
     async def _authorize(self, request: web.Request) -> web.StreamResponse:
         self.hits["authorize"] += 1
         params = await _params(request)
-        self.authorization_requests.append(params)
         client = self.clients.get(params.get("client_id", ""))
         if client is None:
+            self.authorization_requests.append(params)
             return web.Response(status=400, text="unknown client_id")
+        if "request_uri" in params:
+            # RFC 9126 4: the pushed parameters, once, for the client that pushed them.
+            pushed = self._pushed.pop(params["request_uri"], None)
+            if pushed is None or pushed[0] != client.client_id or self.now() > pushed[2]:
+                self.authorization_requests.append(params)
+                return web.Response(status=400, text="unknown or expired request_uri")
+            params = {**pushed[1], "client_id": client.client_id, "_pushed": "1"}
+        elif client.require_par:
+            self.authorization_requests.append(params)
+            return web.Response(status=400, text="pushed authorization request required")
+        self.authorization_requests.append(params)
         redirect_uri = params.get("redirect_uri", "")
         if redirect_uri not in client.redirect_uris:
             # RFC 6749 4.1.2.1: never redirect to an unregistered URI.
@@ -437,6 +472,9 @@ class OpenIdProvider:
             return back(error="invalid_request", error_description="PKCE with S256 is required")
         if self.behaviour.authorize_error:
             return back(error=self.behaviour.authorize_error)
+        refusal = self.refuse_authorization(params)
+        if refusal is not None:
+            return back(**refusal)
         code = secrets.token_urlsafe(24)
         now = self.now()
         self._codes[code] = _Grant(
@@ -448,24 +486,40 @@ class OpenIdProvider:
             authenticated_at=now,
             sid=secrets.token_urlsafe(8),
             issued_at=now,
+            request=dict(params),
         )
         return back(code=code)
+
+    def refuse_authorization(self, params: Mapping[str, str]) -> dict[str, str] | None:
+        """An error answer (``error``, ``error_description``) for this request, or None.
+        Vendor stand-ins (tests/support/vendors.py) refuse what their vendor refuses."""
+        return None
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
         self.hits["token"] += 1
         form = dict(await request.post())
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
         client, method, problem = self._authenticate_client(request, fields)
-        recorded = {k: v for k, v in fields.items() if k != "client_secret"}
+        recorded = {
+            k: v for k, v in fields.items() if k not in ("client_secret", "client_assertion")
+        }
         recorded["auth_method"] = method or "none"
+        recorded["dpop"] = "yes" if "DPoP" in request.headers else "no"
         self.token_requests.append(recorded)
         if client is None:
             headers = {"WWW-Authenticate": 'Basic realm="op"'} if method == "basic" else {}
             return _oauth_error(problem or "invalid_client", status=401, headers=headers)
+        jkt, dpop_error = self._check_dpop(request)
+        if dpop_error == "use_dpop_nonce":
+            return _oauth_error(
+                "use_dpop_nonce", headers={"DPoP-Nonce": self.behaviour.dpop_nonce or ""}
+            )
+        if dpop_error is not None or (client.require_dpop and jkt is None):
+            return _oauth_error("invalid_dpop_proof")
         if self.behaviour.token_status != 200:
             return web.Response(status=self.behaviour.token_status, text="unavailable")
         if self.behaviour.token_error:
-            return _oauth_error(self.behaviour.token_error)
+            return _oauth_error(self.behaviour.token_error, codes=self.behaviour.token_error_codes)
         if fields.get("grant_type") != "authorization_code":
             return _oauth_error("unsupported_grant_type")
         grant = self._codes.pop(fields.get("code", ""), None)  # single use
@@ -486,22 +540,126 @@ class OpenIdProvider:
             acr_values=grant.acr_values,
             authenticated_at=grant.authenticated_at,
             sid=grant.sid,
+            request=grant.request,
         )
         access_token = secrets.token_urlsafe(24)
         self._access_tokens[access_token] = self.behaviour.user.sub
+        self.dpop_jkt.append(jkt)
         body = self.behaviour.token_response or {
             "access_token": access_token,
-            "token_type": "Bearer",
+            "token_type": "DPoP" if jkt is not None else "Bearer",
             "expires_in": 300,
             "id_token": id_token,
             "scope": "openid profile email",
         }
         return web.json_response(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
+    async def _par(self, request: web.Request) -> web.StreamResponse:
+        """RFC 9126 2: authenticate the client, keep the parameters, answer 201."""
+        self.hits["par"] += 1
+        form = dict(await request.post())
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        client, method, problem = self._authenticate_client(request, fields)
+        recorded = {
+            k: v for k, v in fields.items() if k not in ("client_secret", "client_assertion")
+        }
+        recorded["auth_method"] = method or "none"
+        self.pushed_requests.append(recorded)
+        if client is None:
+            return _oauth_error(problem or "invalid_client", status=401)
+        if "request_uri" in fields:  # RFC 9126 2.1: MUST NOT be pushed
+            return _oauth_error("invalid_request", "request_uri is not allowed here")
+        redirect_uri = fields.get("redirect_uri", "")
+        if redirect_uri not in client.redirect_uris:
+            return _oauth_error("invalid_request", "redirect_uri is not registered")
+        params = {
+            k: v
+            for k, v in fields.items()
+            if k not in ("client_secret", "client_assertion", "client_assertion_type", "client_id")
+        }
+        uri = f"urn:ietf:params:oauth:request_uri:{secrets.token_urlsafe(16)}"
+        self._pushed[uri] = (client.client_id, params, self.now() + 60)
+        return web.json_response({"request_uri": uri, "expires_in": 60}, status=201)
+
+    def _check_client_assertion(self, fields: Mapping[str, str]) -> OpClient | None:
+        """RFC 7523 3 / OIDC Core 9: signature by a registered key, iss = sub = the
+        client, aud this provider, unexpired, jti never seen before."""
+        if fields.get("client_assertion_type") != (
+            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+        ):
+            return None
+        assertion = fields.get("client_assertion", "")
+        try:
+            header = jwt.get_unverified_header(assertion)
+            unverified = jwt.decode(assertion, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            return None
+        client = self.clients.get(str(unverified.get("iss", "")))
+        if client is None or client.auth_method != "private_key_jwt":
+            return None
+        if fields.get("client_id", client.client_id) != client.client_id:
+            return None
+        for jwk in client.jwks:
+            if header.get("kid") not in (None, jwk.get("kid")):
+                continue
+            try:
+                claims = jwt.decode(
+                    assertion,
+                    jwt.PyJWK(jwk).key,
+                    algorithms=[header.get("alg", "")]
+                    if header.get("alg") in ("ES256", "PS256")
+                    else [],
+                    audience=[self.issuer, f"{self.issuer}/token", f"{self.issuer}/par"],
+                    issuer=client.client_id,
+                    options={"require": ["exp", "jti", "sub", "aud", "iss"]},
+                    leeway=5,
+                )
+            except jwt.PyJWTError:
+                continue
+            if claims["sub"] != client.client_id or claims["jti"] in self._seen_jti:
+                return None
+            self._seen_jti.add(claims["jti"])
+            self.assertion_kids.append(header.get("kid"))
+            return client
+        return None
+
+    def _check_dpop(self, request: web.Request) -> tuple[str | None, str | None]:
+        """(JWK thumbprint of a valid DPoP proof, or None; the error, or None)."""
+        proof = request.headers.get("DPoP")
+        if proof is None:
+            return None, None
+        try:
+            header = jwt.get_unverified_header(proof)
+            if header.get("typ") != "dpop+jwt" or header.get("alg") not in ("ES256", "PS256"):
+                return None, "invalid_dpop_proof"
+            jwk = header.get("jwk")
+            claims = jwt.decode(proof, jwt.PyJWK(jwk).key, algorithms=[header["alg"]])
+        except (jwt.PyJWTError, TypeError, KeyError):
+            return None, "invalid_dpop_proof"
+        if (
+            claims.get("htm") != "POST"
+            or claims.get("htu") != f"{self.issuer}/token"
+            or abs(self.now() - float(claims.get("iat", 0))) > 60
+            or claims.get("jti") in self._seen_jti
+        ):
+            return None, "invalid_dpop_proof"
+        if (
+            self.behaviour.dpop_nonce is not None
+            and claims.get("nonce") != self.behaviour.dpop_nonce
+        ):
+            return None, "use_dpop_nonce"
+        self._seen_jti.add(claims["jti"])
+        required = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n")}[jwk["kty"]]
+        canonical = json.dumps({k: jwk[k] for k in required}, separators=(",", ":"), sort_keys=True)
+        return _b64(hashlib.sha256(canonical.encode()).digest()), None
+
     def _authenticate_client(
         self, request: web.Request, fields: Mapping[str, str]
     ) -> tuple[OpClient | None, str | None, str | None]:
-        """(client, "basic"|"post"|None, error) per RFC 6749 2.3.1."""
+        """(client, "basic"|"post"|"private_key_jwt"|None, error) per RFC 6749 2.3.1."""
+        if "client_assertion" in fields:
+            client = self._check_client_assertion(fields)
+            return client, "private_key_jwt", None if client else "invalid_client"
         header = request.headers.get("Authorization", "")
         has_post = "client_secret" in fields
         if header[:6].lower() == "basic ":
@@ -612,10 +770,13 @@ def _oauth_error(
     *,
     status: int = 400,
     headers: Mapping[str, str] | None = None,
+    codes: tuple[int, ...] = (),
 ) -> web.Response:
-    body = {"error": code}
+    body: dict[str, Any] = {"error": code}
     if description:
         body["error_description"] = description
+    if codes:
+        body["error_codes"] = list(codes)
     return web.json_response(
         body, status=status, headers={"Cache-Control": "no-store", **(headers or {})}
     )
