@@ -161,6 +161,21 @@ MAX_KEEP_BUDGET_BYTES = 4 * 1024 * 1024 * 1024
 MAX_DETAILS_TYPE_CHARS = 200
 
 STORES = ("cookie", "memory", "redis")
+TOKEN_KINDS = ("jwt", "introspection")
+DPOP_MODES = ("off", "allowed", "required")
+CREDENTIALS = ("session", "token", "any")
+# RFC 9449 11.1: a proof is good for a short window around its iat; a minute either way
+# absorbs ordinary clock drift while keeping the jti records (and replays) short-lived.
+DEFAULT_DPOP_MAX_AGE_S = 60
+MAX_DPOP_MAX_AGE_S = 5 * 60
+# RFC 7662 4: a cached answer may outlive a revocation; a minute bounds that window.
+DEFAULT_INTROSPECTION_CACHE_S = 60
+MAX_INTROSPECTION_CACHE_S = 10 * 60
+# Verified tokens (and introspection answers) kept per process, each a few hundred bytes.
+DEFAULT_TOKEN_CACHE_ENTRIES = 10_000
+MAX_TOKEN_CACHE_ENTRIES = 1_000_000
+# DPoP proofs: asymmetric only (RFC 9449 4.2: no MAC, no none).
+DEFAULT_DPOP_ALGORITHMS = ("ES256", "ES384", "EdDSA", "PS256", "RS256")
 RISK_ON_ERROR = ("step_up", "deny")
 CLIENT_AUTH_METHODS = ("client_secret_basic", "client_secret_post")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -312,6 +327,8 @@ class _Validator:
         self.problems: list[ConfigProblem] = []
         # (key path, node) of every require.once: true, checked against the store.
         self.once_nodes: list[tuple[str, Node]] = []
+        # (key path, node) of every rules[].credentials, checked against the api section.
+        self.credential_nodes: list[tuple[str, Node]] = []
         # public_url's scheme once read: hosts in rules and server.hosts drop its default
         # port only (":80" under https is another origin); both 80 and 443 until then.
         self.public_scheme: str | None = None
@@ -662,6 +679,7 @@ class _Validator:
                     "rules",
                     "assertion",
                     "step_up",
+                    "api",
                 ),
             )
         except _Invalid:
@@ -687,6 +705,14 @@ class _Validator:
         )
         if top.get("step_up") is not None:
             step_up = self.section(top, "step_up", self.step_up) or step_up
+        api = self.section(top, "api", self.api) if top.get("api") is not None else None
+        if api is None and top.get("api") is None:
+            for cred_path, cred_node in self.credential_nodes:
+                self.note(
+                    cred_path,
+                    "needs the api section: without it the gateway accepts no access tokens",
+                    cred_node,
+                )
         if server is not None and session is not None:
             if session.redis_pool_size == 0:
                 pool_size = max(1, server.max_connections // REDIS_POOL_SHARE)
@@ -720,6 +746,7 @@ class _Validator:
             assertion=assertion,
             source=self.source,
             step_up=step_up,
+            api=api,
         )
 
     def server(self, node: Node, path: str) -> model.ServerConfig:
@@ -901,12 +928,18 @@ class _Validator:
         """An upstream: its URL, or ``{url: URL, case_insensitive_paths: BOOL}``."""
         if not isinstance(node, MappingNode):
             return model.UpstreamConfig(name=name, url=self.upstream_url(node, path))
-        m = self.mapping(node, path, ("url", "case_insensitive_paths"))
+        m = self.mapping(node, path, ("url", "case_insensitive_paths", "pass_authorization"))
         url = self.required(m, "url", lambda n, p: self.upstream_url(n, p), "")
         case_insensitive = self.optional(m, "case_insensitive_paths", self.boolean, False)
+        pass_authorization = self.optional(m, "pass_authorization", self.boolean, False)
         if not url:
             raise _Invalid
-        return model.UpstreamConfig(name=name, url=url, case_insensitive_paths=case_insensitive)
+        return model.UpstreamConfig(
+            name=name,
+            url=url,
+            case_insensitive_paths=case_insensitive,
+            pass_authorization=pass_authorization,
+        )
 
     def upstream_url(self, node: Node, path: str) -> str:
         text, _parts = self.http_url(node, path, what="upstream URL")
@@ -1292,9 +1325,13 @@ class _Validator:
                 "upstream",
                 "allow_method_override",
                 "upstream_challenge",
+                "credentials",
             ),
         )
         before = len(self.problems)
+        credentials_node = m.get("credentials")
+        if credentials_node is not None:
+            self.credential_nodes.append((m.child("credentials"), credentials_node))
         rule = model.Rule(
             name=self.required(m, "name", self.name, ""),
             index=index,
@@ -1310,6 +1347,9 @@ class _Validator:
             upstream_challenge=self.optional(m, "upstream_challenge", self.boolean, False),
             when=self.optional(m, "when", self.when, None),
             risk=self.optional(m, "risk", self.risk, None),
+            credentials=self.optional(
+                m, "credentials", lambda n, p: self.choice(n, p, CREDENTIALS), "any"
+            ),
         )
         if rule.when is not None and rule.require.level is None:
             self.note(
@@ -1524,6 +1564,72 @@ class _Validator:
                 "rule waits for the risk engine",
                 node,
             )
+        return seconds
+
+    def api(self, node: Node, path: str) -> model.ApiConfig:
+        m = self.mapping(
+            node,
+            path,
+            (
+                "audience",
+                "tokens",
+                "dpop",
+                "algorithms",
+                "dpop_algorithms",
+                "dpop_nonce",
+                "dpop_max_age",
+                "introspection_cache",
+                "cache_entries",
+            ),
+        )
+        before = len(self.problems)
+        config = model.ApiConfig(
+            audience=self.required(m, "audience", self.text, ""),
+            tokens=self.optional(m, "tokens", self.token_kinds, ("jwt",)),
+            dpop=self.optional(m, "dpop", lambda n, p: self.choice(n, p, DPOP_MODES), "allowed"),
+            algorithms=self.optional(m, "algorithms", self.algorithms, DEFAULT_ALGORITHMS),
+            dpop_algorithms=self.optional(
+                m, "dpop_algorithms", self.algorithms, DEFAULT_DPOP_ALGORITHMS
+            ),
+            dpop_nonce=self.optional(m, "dpop_nonce", self.boolean, False),
+            dpop_max_age_s=self.optional(
+                m,
+                "dpop_max_age",
+                lambda n, p: self.bounded_duration(n, p, 1, MAX_DPOP_MAX_AGE_S),
+                DEFAULT_DPOP_MAX_AGE_S,
+            ),
+            introspection_cache_s=self.optional(
+                m,
+                "introspection_cache",
+                lambda n, p: self.bounded_duration(n, p, 0, MAX_INTROSPECTION_CACHE_S),
+                DEFAULT_INTROSPECTION_CACHE_S,
+            ),
+            cache_entries=self.optional(
+                m,
+                "cache_entries",
+                lambda n, p: self.bounded_integer(n, p, 0, MAX_TOKEN_CACHE_ENTRIES),
+                DEFAULT_TOKEN_CACHE_ENTRIES,
+            ),
+        )
+        if m.get("audience") is not None and not config.audience.strip():
+            self.note(m.child("audience"), "must not be empty", m.get("audience"))
+        if config.dpop_nonce and config.dpop == "off":
+            self.note(m.child("dpop_nonce"), "needs dpop: allowed or required", m.get("dpop_nonce"))
+        if len(self.problems) > before:
+            raise _Invalid
+        return config
+
+    def token_kinds(self, node: Node, path: str) -> tuple[str, ...]:
+        kinds: list[str] = []
+        for item_path, item in self.items(node, path):
+            with contextlib.suppress(_Invalid):
+                kinds.append(self.choice(item, item_path, TOKEN_KINDS))
+        return tuple(dict.fromkeys(kinds))
+
+    def bounded_duration(self, node: Node, path: str, low: int, high: int) -> int:
+        seconds = self.duration_s(node, path)
+        if not low <= seconds <= high:
+            raise self.fail(path, f"must be between {low}s and {high}s", node)
         return seconds
 
     def step_up(self, node: Node, path: str) -> model.StepUpConfig:
