@@ -51,6 +51,7 @@ from gateway.errors import (
     RequestTimeout,
     StoreBusy,
     StoreUnavailable,
+    Unauthorized,
 )
 from gateway.fields import (
     RequestFields,
@@ -104,6 +105,7 @@ from gateway.session.transaction import (
     tx_cookie_name,
     tx_cookies_to_drop,
 )
+from gateway.tokens.gate import Presented, TokenGate, judged_url, presented_token
 from gateway.transactional import (
     KeptLedger,
     KeptRequest,
@@ -350,6 +352,13 @@ class Gateway:
         self.session_cookie = cookie_name(config.session.cookie_name, secure)
         self.tx_base = f"{config.session.cookie_name}_tx"
         self.scheme = urlsplit(config.server.public_url).scheme
+        self.public_host = canonical_host(urlsplit(config.server.public_url).netloc, self.scheme)
+        # The resource server for API clients' access tokens (None: cookies only).
+        self.tokens = (
+            TokenGate(config.api, config.oidc, config.session.secrets[0])
+            if config.api is not None
+            else None
+        )
         self.prefix = config.server.internal_prefix
         self.redirect_uri = f"{config.server.public_url}{self.prefix}/callback"
         self.header_prefix = config.assertion.header_prefix
@@ -629,12 +638,18 @@ class Gateway:
         rules.require_known_method(request.method)
         host = self.judged_host(request, rules)
         store_down: StoreUnavailable | None = None
-        try:
-            session = await self.load_session(request)
-        except StoreUnavailable as exc:
-            # Only requests that need a session fail (closed, with a 503 below);
-            # routes that need no sign-in keep working while the store is down.
-            session, store_down = None, exc
+        tokens = self.tokens
+        # An access token, when there is one, is the credential: never a cookie beside it.
+        presented = presented_token(request.headers) if tokens is not None else None
+        if presented is not None:
+            session: Session | None = await self.token_session(presented, request, host, path)
+        else:
+            try:
+                session = await self.load_session(request)
+            except StoreUnavailable as exc:
+                # Only requests that need a session fail (closed, with a 503 below);
+                # routes that need no sign-in keep working while the store is down.
+                session, store_down = None, exc
         now = self.clock()
         body = RequestBody(
             request, config.step_up.max_body_bytes, query, config.server.body_timeout_s
@@ -644,6 +659,8 @@ class Gateway:
         if rule is not None and rule.when is not None:
             rule = await self.choose_rule(request, rules, host, path, session, body, now)
         rule_name = rule.name if rule is not None else None
+        if tokens is not None and tokens.ignores_cookie(rule, presented):
+            session, store_down = None, None  # rules[].credentials: token
         if store_down is not None and (rule is None or rule.require.level is not None):
             raise store_down
         judged = rule
@@ -663,11 +680,27 @@ class Gateway:
         path_qs = path if query is None else f"{path}?{query}"
         if isinstance(decision, Allow):
             return rule_name, await self.forward(
-                request, decision, session, path_qs, request_id, body=body
+                request, decision, session, path_qs, request_id, body=body, by_token=bool(presented)
             )
         if isinstance(decision, Challenge):
+            if tokens is not None and tokens.answers_challenge(decision, presented):
+                raise tokens.step_up_needed(decision, presented)  # RFC 9470: never a redirect
             return rule_name, await self.challenge(request, decision, path_qs, body, session)
         return rule_name, self.deny(request, decision)
+
+    async def token_session(
+        self, presented: Presented, request: web.BaseRequest, host: str | None, path: str
+    ) -> Session:
+        """The session-shaped value of the request's access token (:mod:`gateway.tokens`)."""
+        assert self.tokens is not None
+        return await self.tokens.authenticate(
+            presented,
+            method=request.method,
+            url=judged_url(self.scheme, host, self.public_host or "", path),
+            now=self.clock(),
+            provider=self.provider,
+            aux=self.aux,
+        )
 
     async def choose_rule(
         self,
@@ -859,17 +892,23 @@ class Gateway:
         *,
         body: RequestBody | None = None,
         kept: KeptRequest | None = None,
+        by_token: bool = False,
     ) -> web.StreamResponse:
-        """Send the request (or a ``kept`` one, replayed) upstream with assurance headers."""
+        """Send the request (or a ``kept`` one, replayed) upstream with assurance headers.
+        ``by_token``: judged by an access token (its ``session`` is the token's, unsaved)."""
         rule = decision.rule
         websocket = is_websocket(request)
         upstream_headers = self.upstream_request_headers(request, rule, request_id, websocket)
         if session is not None:
             # update() replaces: none of these came from the client (prefix stripped).
             upstream_headers.update(self.assurance_headers(session, decision.level, rule))
+        if by_token and not self.config.upstreams[rule.upstream].pass_authorization:
+            # The token's audience is the gateway (README: upstreams pass_authorization).
+            upstream_headers.popall("Authorization", None)
+            upstream_headers.popall("DPoP", None)
         refreshed: str | None = None
         now = self.clock()
-        if session is not None and session.touch_due(now):
+        if session is not None and not by_token and session.touch_due(now):
             refreshed = await self.store.save(
                 session.touched(now), now, previous=cookie_value(request, self.session_cookie)
             )
@@ -1135,7 +1174,10 @@ class Gateway:
                 )
         if not navigation and not form:
             if decision.reason == "no_session":
-                value = responses.www_authenticate(None, None)
+                # With api: every scheme the client may use (RFC 9110 11.6.1, RFC 9449 7.1).
+                value = (
+                    self.tokens.accepted if self.tokens else responses.www_authenticate(None, None)
+                )
                 message = "Sign-in required"
                 error = "unauthorized"
             else:
@@ -1991,6 +2033,16 @@ class Gateway:
     def error_response(self, request: web.BaseRequest, exc: GatewayError) -> web.StreamResponse:
         log_fn = log.warning if exc.status >= 500 else log.info
         log_fn("request_refused", status=exc.status, reason=exc.reason)
+        if isinstance(exc, Unauthorized):  # an API client: JSON and the challenge it acts on
+            unauthorized = web.Response(
+                status=exc.status,
+                text=responses.json_error(exc.error, exc.message, request_id_of()),
+                content_type="application/json",
+                headers={"WWW-Authenticate": exc.challenge, "Cache-Control": "no-store"},
+            )
+            if exc.dpop_nonce is not None:
+                unauthorized.headers["DPoP-Nonce"] = exc.dpop_nonce
+            return unauthorized
         response = self.page_response(
             request, exc.status, exc.title, [exc.message], error=exc.reason
         )

@@ -200,6 +200,22 @@ class ProviderClient:
             self._report("token", problem, exc)
             raise
 
+    async def introspect(self, token: str) -> tuple[int, object]:
+        """Ask the introspection endpoint about ``token`` (RFC 7662 2.1), authenticated as
+        the gateway's client exactly as at the token endpoint. Returns (status, JSON body);
+        a provider without the endpoint, or one that cannot be reached, raises."""
+        meta = await self.metadata()
+        if meta.introspection_endpoint is None:
+            raise errors.ProviderUnavailable(
+                "The token service offers no introspection.", reason="introspection_missing"
+            )
+        headers, fields = token_request_auth(self._cfg)
+        form = {"token": token, "token_type_hint": "access_token", **fields}
+        headers["Accept"] = "application/json"
+        return await self._request(
+            "introspection", "POST", meta.introspection_endpoint, form, headers
+        )
+
     async def verify(
         self, id_token: str, *, nonce: str, now: float, require_auth_time: bool = False
     ) -> IdTokenClaims:

@@ -1,0 +1,334 @@
+"""The request's access token: found, verified, bound to its DPoP key, remembered.
+
+The I/O side of :mod:`gateway.tokens`: keys through the provider client (the ID
+token's JWKS cache and refetch rules), introspection through it too, DPoP ``jti``
+records in the one-time record store (shared by every worker with Redis). Every
+refusal is an :class:`errors.Unauthorized` carrying its challenge; ``gateway.app``
+turns it into the response.
+
+A verified token becomes a :class:`Session` value (one proof: its ``acr``, ``amr``
+and ``auth_time``), so the decision unit, the ``X-Auth-*`` headers and the signed
+assertion treat it exactly like a signed-in browser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass
+
+import structlog
+from multidict import CIMultiDictProxy, MultiMapping
+
+from gateway import assurance, errors, model, responses
+from gateway.memo import Memo
+from gateway.oidc.flow import IdTokenError
+from gateway.oidc.provider import ProviderClient
+from gateway.policy import Challenge
+from gateway.session.aux import AuxStore
+from gateway.session.model import Proof, Session
+from gateway.tokens.claims import AccessClaims
+from gateway.tokens.dpop import make_nonce, nonce_valid, request_url, verify_proof
+from gateway.tokens.introspection import claims_from_introspection, introspection_answer
+from gateway.tokens.jwt_access import access_token_header, looks_like_jwt, verify_access_token
+
+log = structlog.get_logger("gateway.tokens")
+
+# RFC 6750 2.1: b64token. Anything else after "Bearer " is not a token.
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# A token is a few KiB at most (an RSA-signed JWT with many claims); the header limit
+# bounds it anyway, this keeps the digest and the checks from seeing more.
+MAX_TOKEN_CHARS = 16 * 1024
+# What one cache entry holds, about: the claims, the session value, the key.
+CACHE_ENTRY_BYTES = 1024
+TOKEN_SCHEMES = {"bearer": "Bearer", "dpop": "DPoP"}  # RFC 9110 11.1: case-insensitive
+
+
+@dataclass(frozen=True, slots=True)
+class Presented:
+    """The access token a request carries: its scheme, the token, its DPoP proofs."""
+
+    scheme: str  # "Bearer" | "DPoP"
+    token: str
+    proofs: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    claims: AccessClaims
+    session: Session
+    until: float  # reused until then: the token's exp (with the skew its check allows)
+
+
+def presented_token(headers: MultiMapping[str] | CIMultiDictProxy[str]) -> Presented | None:
+    """The request's ``Authorization: Bearer|DPoP TOKEN``, or None (no such header:
+    the request is judged by its session cookie). Several Authorization headers, or a
+    malformed token, are refused (RFC 6750 3.1 ``invalid_request``)."""
+    values = headers.getall("Authorization", [])
+    ours = [v for v in values if v.partition(" ")[0].lower() in TOKEN_SCHEMES]
+    if not ours:
+        return None
+    scheme_text, _, token = ours[0].partition(" ")
+    token = token.strip(" ")
+    if len(values) > 1 or len(token) > MAX_TOKEN_CHARS or not _TOKEN68.fullmatch(token):
+        log.info("access_token_refused", reason="malformed_authorization")
+        raise errors.Unauthorized(
+            "The Authorization header must hold exactly one token.",
+            reason="malformed_authorization",
+            error="invalid_request",
+            challenge='Bearer error="invalid_request"',
+            status=400,
+        )
+    return Presented(
+        scheme=TOKEN_SCHEMES[scheme_text.lower()],
+        token=token,
+        proofs=tuple(headers.getall("DPoP", [])),
+    )
+
+
+def session_of(claims: AccessClaims, digest: str, received_at: float) -> Session:
+    """The session-shaped value the decision unit judges. Without ``auth_time`` the
+    authentication is dated at the epoch: no ``max_age`` is met (fail closed), levels
+    without one still are."""
+    auth_time = (
+        assurance.proven_at(claims.auth_time, received_at) if claims.auth_time is not None else 0.0
+    )
+    # One proof per token: a one-time rule consumes the token (its id names it).
+    proof = Proof(acr=claims.acr, amr=claims.amr, auth_time=auth_time, id=f"at:{digest[:32]}")
+    created = float(claims.iat) if claims.iat is not None else received_at
+    return Session(
+        id=f"at-{digest[:22]}",
+        sub=claims.sub,
+        email=None,  # an access token vouches for no address (RFC 9068 has no email_verified)
+        name=None,
+        provider_sid=None,
+        id_token=None,
+        acr=claims.acr,
+        amr=claims.amr,
+        auth_time=auth_time,
+        proofs=(proof,),
+        created_at=created,
+        last_seen=received_at,
+    )
+
+
+class TokenGate:
+    """Access tokens for one configuration (rebuilt on reload, with its caches)."""
+
+    def __init__(self, api: model.ApiConfig, oidc: model.OidcConfig, secret: bytes) -> None:
+        self.api = api
+        self.oidc = oidc
+        # DPoP nonces: a key of their own, derived from the session secret so that every
+        # worker and replica issues and accepts the same nonces.
+        self._nonce_key = hmac.new(secret, b"stepup-gateway dpop-nonce", hashlib.sha256).digest()
+        entries = api.cache_entries
+        self._verified: Memo[bytes, Verified] | None = (
+            Memo(max_entries=entries, max_bytes=entries * CACHE_ENTRY_BYTES) if entries else None
+        )
+        algs = " ".join(api.dpop_algorithms)
+        self._dpop_challenge = f'DPoP algs="{algs}"'
+        if api.dpop == "off":
+            self.accepted = "Bearer"
+        elif api.dpop == "required":
+            self.accepted = self._dpop_challenge
+        else:  # RFC 9449 7.1: both challenges, the client picks
+            self.accepted = f"Bearer, {self._dpop_challenge}"
+
+    # -- the request's credential ----------------------------------------------------
+
+    async def authenticate(
+        self,
+        presented: Presented,
+        *,
+        method: str,
+        url: str,
+        now: float,
+        provider: ProviderClient,
+        aux: AuxStore,
+    ) -> Session:
+        """The session-shaped value of a valid token, or :class:`errors.Unauthorized`.
+
+        ``url`` is :func:`gateway.tokens.dpop.request_url` of the request as judged.
+        """
+        api, scheme = self.api, presented.scheme
+        if scheme == "DPoP" and api.dpop == "off":
+            raise self.refuse("Bearer", "dpop_disabled", "This API takes bearer tokens only.")
+        if scheme == "Bearer" and api.dpop == "required":
+            raise self.refuse("DPoP", "dpop_required", "This API needs DPoP-bound tokens.")
+        verified = await self.verified(presented.token, now, provider, scheme)
+        bound_to = verified.claims.jkt
+        if scheme == "Bearer":
+            if bound_to is not None:
+                # RFC 9449 7.1: a bound token is no bearer token; its key must prove itself.
+                raise self.refuse("DPoP", "bound_token_as_bearer", "This token needs DPoP.")
+            return verified.session
+        if bound_to is None:
+            raise self.refuse("DPoP", "token_not_bound", "This token is not DPoP-bound.")
+        if len(presented.proofs) != 1:
+            reason = "dpop_proof_missing" if not presented.proofs else "dpop_proofs_several"
+            raise self.refuse("DPoP", reason, "Send exactly one DPoP proof.")
+        try:
+            proof = verify_proof(
+                presented.proofs[0],
+                method=method,
+                url=url,
+                access_token=presented.token,
+                now=now,
+                max_age_s=api.dpop_max_age_s,
+                allowed_algs=api.dpop_algorithms,
+            )
+        except IdTokenError as exc:
+            raise self.refuse("DPoP", exc.reason, "The DPoP proof is not valid.") from None
+        if not hmac.compare_digest(proof.jkt, bound_to):
+            raise self.refuse(
+                "DPoP", "dpop_key_mismatch", "The DPoP proof's key is not the token's."
+            )
+        if api.dpop_nonce and not nonce_valid(
+            self._nonce_key, proof.nonce, now, api.dpop_max_age_s
+        ):
+            log.info("access_token_refused", reason="dpop_nonce")
+            raise errors.Unauthorized(
+                "Send the DPoP proof again with the nonce given.",
+                reason="dpop_nonce",
+                error="use_dpop_nonce",
+                challenge=f'{self._dpop_challenge}, error="use_dpop_nonce", '
+                'error_description="Resource server requires nonce in DPoP proof"',
+                dpop_nonce=make_nonce(self._nonce_key, now, api.dpop_max_age_s),
+            )
+        # RFC 9449 11.1: each proof once. Kept past the iat window on both sides, so a
+        # replay is refused for as long as the proof could pass the time check.
+        if not await aux.claim_once(f"dpop:{proof.jkt}:{proof.jti}", 2 * api.dpop_max_age_s + 1):
+            raise self.refuse("DPoP", "dpop_replay", "This DPoP proof was used before.")
+        return verified.session
+
+    async def verified(
+        self, token: str, now: float, provider: ProviderClient, scheme: str
+    ) -> Verified:
+        """The token's claims and session, from the cache (by SHA-256) while it lives."""
+        digest_bytes = hashlib.sha256(token.encode("ascii")).digest()
+        cache = self._verified
+        cached = cache.get(digest_bytes) if cache is not None else None
+        if cached is not None and now < cached.until:
+            return cached
+        try:
+            claims, until = await self._verify(token, now, provider)
+        except IdTokenError as exc:
+            raise self.refuse(scheme, exc.reason, self._describe(exc.reason)) from None
+        verified = Verified(claims, session_of(claims, digest_bytes.hex(), now), until)
+        if cache is not None and until > now:
+            cache.put(digest_bytes, verified, CACHE_ENTRY_BYTES)
+        return verified
+
+    async def _verify(
+        self, token: str, now: float, provider: ProviderClient
+    ) -> tuple[AccessClaims, float]:
+        api, skew_s = self.api, self.oidc.clock_skew_s
+        if "jwt" in api.tokens and (looks_like_jwt(token) or "introspection" not in api.tokens):
+            header = access_token_header(token, api.algorithms)
+            key = await provider.key_for(header.get("kid"), header["alg"])
+            claims = verify_access_token(
+                token,
+                key,
+                issuer=self.oidc.issuer,
+                audience=api.audience,
+                now=now,
+                skew_s=skew_s,
+                allowed_algs=api.algorithms,
+            )
+            assert claims.exp is not None  # required for JWTs
+            return claims, float(claims.exp + skew_s)
+        status, body = await provider.introspect(token)
+        claims = claims_from_introspection(
+            introspection_answer(status, body),
+            issuer=self.oidc.issuer,
+            audience=api.audience,
+            now=now,
+            skew_s=skew_s,
+        )
+        # RFC 7662 4: a cached answer hides a revocation; never past exp, never long.
+        until = now + api.introspection_cache_s
+        if claims.exp is not None:
+            until = min(until, float(claims.exp + skew_s))
+        return claims, until
+
+    # -- what the rule takes, and the challenges ----------------------------------------
+
+    def ignores_cookie(self, rule: model.Rule | None, presented: Presented | None) -> bool:
+        """``rules[].credentials``: True when a cookie session must be ignored (a
+        token-only rule); a token on a session-only rule is refused."""
+        if rule is None:
+            return False
+        if presented is not None and rule.credentials == "session":
+            raise self.refuse(
+                presented.scheme, "token_not_accepted", "This address takes no access tokens."
+            )
+        return presented is None and rule.credentials == "token"
+
+    @staticmethod
+    def answers_challenge(decision: Challenge, presented: Presented | None) -> bool:
+        """Whether a step-up is this module's 401 rather than the browser round trip."""
+        return presented is not None or decision.rule.credentials == "token"
+
+    def step_up_needed(
+        self, decision: Challenge, presented: Presented | None
+    ) -> errors.Unauthorized:
+        """The RFC 9470 challenge for a token that proves too little (never a redirect:
+        the client asks its authorization server for a new token and retries)."""
+        rule = decision.rule
+        if presented is None:  # a token-only rule and no token
+            log.info("access_token_missing", rule=rule.name)
+            return errors.Unauthorized(
+                "This address needs an access token.",
+                reason="no_token",
+                error="unauthorized",
+                challenge=self.accepted,
+            )
+        max_age_s = 0 if rule.require.once else decision.max_age_s
+        value = responses.www_authenticate(
+            decision.required, max_age_s, assurance.acr_values_for(decision.required)
+        )
+        if presented.scheme == "DPoP":  # RFC 9449 7.1: the scheme the token used
+            value = f"{self._dpop_challenge}, {value.removeprefix('Bearer ')}"
+        log.info(
+            "step_up_needed",
+            rule=rule.name,
+            need=decision.required.name,
+            have=decision.held.name if decision.held else None,
+            reason=decision.reason,
+            max_age_s=max_age_s,
+            credential="access_token",
+        )
+        return errors.Unauthorized(
+            responses.describe_need(decision.required, max_age_s),
+            reason=decision.reason,
+            error="insufficient_user_authentication",
+            challenge=value,
+        )
+
+    def refuse(self, scheme: str, reason: str, description: str) -> errors.Unauthorized:
+        log.info("access_token_refused", reason=reason)
+        if scheme == "DPoP":
+            challenge = f'{self._dpop_challenge}, error="invalid_token"'
+        else:
+            challenge = 'Bearer error="invalid_token"'
+        challenge += f', error_description="{description}"'
+        return errors.Unauthorized(
+            description, reason=reason, error="invalid_token", challenge=challenge
+        )
+
+    @staticmethod
+    def _describe(reason: str) -> str:
+        # The reason stays in the log; the client learns what it can act on.
+        if reason == "exp":
+            return "The access token expired."
+        return "The access token is not valid here."
+
+
+def judged_url(scheme: str, host: str | None, public_host: str, path: str) -> str:
+    """The URL a DPoP proof's htu must name: the public scheme, the request's canonical
+    Host (or public_url's host without one) and the normalised path."""
+    return request_url(scheme, host or public_host, path)
+
+
+__all__ = ["Presented", "TokenGate", "judged_url", "presented_token", "session_of"]
