@@ -11,26 +11,27 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import Stack, StackFactory, free_port
+from tests.conftest import Stack, StackFactory
 from tests.support.authz import (
     JWT_AUDIENCE,
     OTHER_AUDIENCE,
     AuthorizationServer,
     DpopKey,
     authorize,
+    authz,
     challenge_params,
     parts,
     sign,
-    start_authorization_server,
 )
 from tests.support.upstream import header_values
+
+__all__ = ["authz"]  # the fixture, imported for pytest
 
 RULES = """\
 rules:
@@ -54,13 +55,6 @@ rules:
 def api_section(**keys: str) -> str:
     lines = [f"  audience: {JWT_AUDIENCE}"] + [f"  {k}: {v}" for k, v in keys.items()]
     return "api:\n" + "\n".join(lines) + "\n"
-
-
-@pytest.fixture(scope="module")
-def authz() -> Iterator[AuthorizationServer]:
-    server = start_authorization_server(free_port())
-    yield server
-    server.stop()
 
 
 async def gateway_for(make_stack: StackFactory, authz: AuthorizationServer, **api: str) -> Stack:

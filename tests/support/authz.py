@@ -18,6 +18,7 @@ import os
 import secrets
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 import aiohttp
 import jwt
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 SERVER_DIR = Path(__file__).resolve().parent.parent / "oidc-provider"
@@ -70,6 +72,16 @@ def start_authorization_server(port: int) -> AuthorizationServer:
         process.wait(timeout=5)
         raise RuntimeError(f"the authorization server did not start (exit {process.returncode})")
     return AuthorizationServer(json.loads(line)["issuer"], process)
+
+
+@pytest.fixture(scope="module")
+def authz() -> Iterator[AuthorizationServer]:
+    """The authorization server, one process per test module (import this fixture)."""
+    from tests.conftest import free_port
+
+    server = start_authorization_server(free_port())
+    yield server
+    server.stop()
 
 
 def b64url(data: bytes) -> str:
