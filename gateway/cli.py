@@ -14,19 +14,24 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import TextIO
 from urllib.parse import urlsplit
 
-from gateway import __version__
+from gateway import __version__, assurance
 from gateway.cel import old_syntax_rewrites, rewrite_notice
 from gateway.conditions import Facts
 from gateway.config import load_config
 from gateway.errors import BadRequest, ConfigError
 from gateway.fields import RequestFields, ambiguous, binding_values, read_fields, readable_body
 from gateway.model import Config, Requirement, RiskConfig, Rule
+from gateway.oidc.flow import IdTokenError
 from gateway.paths import canonical_host, normalize_path
+from gateway.policy import Allow, Challenge, decide
 from gateway.rules import RuleSet
+from gateway.tokens import challenges
+from gateway.tokens.claims import check_claims, read_claims, session_of
 
 CONFIG_ENV = "GATEWAY_CONFIG"
 EXIT_OK = 0
@@ -106,6 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--client-ip", metavar="ADDRESS", help="the client's address, for client_ip conditions"
     )
+    explain.add_argument(
+        "--token-claims",
+        metavar="JSON",
+        help="judge the request as carrying an access token with these claims (needs api); "
+        "the signature is not checked, the claims are, against now",
+    )
+    explain.add_argument(
+        "--dpop",
+        action="store_true",
+        help="with --token-claims: the token is sent with the DPoP scheme",
+    )
     explain.set_defaults(handler=_explain)
 
     demo = commands.add_parser(
@@ -175,6 +191,22 @@ def _explain(args: argparse.Namespace) -> int:
     config = _load(args.config, sys.stderr)
     if config is None:
         return EXIT_CONFIG
+    token_claims: dict[str, object] | None = None
+    if args.token_claims is not None:
+        if config.api is None:
+            print("error: --token-claims needs the api section in the config", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            parsed = json.loads(args.token_claims)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            print("error: --token-claims must be a JSON object", file=sys.stderr)
+            return EXIT_USAGE
+        token_claims = parsed
+    elif args.dpop:
+        print("error: --dpop needs --token-claims", file=sys.stderr)
+        return EXIT_USAGE
     body = args.body.encode("utf-8", "surrogateescape") if args.body is not None else None
     result, status = explain(
         config,
@@ -183,6 +215,8 @@ def _explain(args: argparse.Namespace) -> int:
         body=body,
         content_type=args.content_type,
         client_ip=args.client_ip,
+        token_claims=token_claims,
+        token_scheme="DPoP" if args.dpop else "Bearer",
     )
     print(json.dumps(result, indent=2))
     return status
@@ -221,6 +255,9 @@ def explain(
     body: bytes | None = None,
     content_type: str = FORM_CONTENT_TYPE,
     client_ip: str | None = None,
+    token_claims: Mapping[str, object] | None = None,
+    token_scheme: str = "Bearer",  # noqa: S107 - an auth scheme, not a secret
+    now: float | None = None,
 ) -> tuple[dict[str, object], int]:
     """What the gateway would do with ``method url`` before looking at any session.
 
@@ -230,6 +267,9 @@ def explain(
     ``when`` are tried in order against the body, the URL's query and
     ``client_ip``; with no session, ``auth_age`` and ``client_ip_changed`` count
     as true (as anything unknown does).
+
+    With ``token_claims`` (and the ``api`` section) the request carries an access
+    token with those claims: ``"token"`` in the result says how it is judged.
     """
     public = urlsplit(config.server.public_url)
     scheme = public.scheme.lower()
@@ -343,7 +383,57 @@ def explain(
         result["risk"] = _risk(rule.risk)
     if rule.upstream_challenge:
         result["upstream_challenge"] = True
+    if config.api is not None:
+        result["credentials"] = rule.credentials
+    if token_claims is not None and config.api is not None:
+        result["token"] = judge_token(
+            config, rule, token_claims, token_scheme, time.time() if now is None else now
+        )
     return {**result, **extra}, EXIT_OK
+
+
+def judge_token(
+    config: Config, rule: Rule, claims: Mapping[str, object], scheme: str, now: float
+) -> dict[str, object]:
+    """How the gateway judges a token with ``claims`` on ``rule`` (signature and DPoP
+    proof taken as valid): the claim checks, then the decision, as the request path."""
+    api = config.api
+    assert api is not None
+    if rule.credentials == "session":
+        return {"decision": "invalid_token", "status": 401, "reason": "token_not_accepted"}
+    if (scheme == "DPoP" and api.dpop == "off") or (scheme == "Bearer" and api.dpop == "required"):
+        reason = "dpop_disabled" if scheme == "DPoP" else "dpop_required"
+        return {"decision": "invalid_token", "status": 401, "reason": reason}
+    try:
+        read = read_claims(claims)
+        check_claims(
+            read,
+            issuer=config.oidc.issuer,
+            audience=api.audience,
+            now=now,
+            skew_s=config.oidc.clock_skew_s,
+        )
+    except IdTokenError as exc:
+        refused: dict[str, object] = {"decision": "invalid_token", "status": 401}
+        refused["reason"] = exc.reason if exc.claim is None else f"{exc.reason} ({exc.claim})"
+        return refused
+    session = session_of(read, "explain", now)
+    decision = decide(rule, session, config.assurance, now)
+    held = assurance.highest(config.assurance.levels, session.proofs)
+    judged: dict[str, object] = {"level": held.name if held is not None else None}
+    if isinstance(decision, Allow):
+        judged.update(decision="allow", status=200)
+    elif isinstance(decision, Challenge):
+        value, _max_age_s = challenges.step_up(api, decision, scheme)
+        judged.update(
+            decision="challenge",
+            status=401,
+            reason=decision.reason,
+            www_authenticate=value,
+        )
+    else:
+        judged.update(decision="deny", status=decision.status, reason=decision.reason)
+    return judged
 
 
 def _facts(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from gateway import assurance
 from gateway.oidc.flow import (
     MAX_AMR_VALUE_BYTES,
     MAX_AMR_VALUES,
@@ -19,6 +20,7 @@ from gateway.oidc.flow import (
     check_header_claim,
     numeric_date,
 )
+from gateway.session.model import Proof, Session
 
 # RFC 7638 thumbprints are 43 characters; the bound keeps odd values out of logs and keys.
 MAX_JKT_CHARS = 128
@@ -139,3 +141,29 @@ def check_claims(
         raise TokenError("iat")
     if claims.auth_time is not None and claims.auth_time > now + skew_s:
         raise TokenError("auth_time")
+
+
+def session_of(claims: AccessClaims, digest: str, received_at: float) -> Session:
+    """The session-shaped value the decision unit judges. Without ``auth_time`` the
+    authentication is dated at the epoch: no ``max_age`` is met (fail closed), levels
+    without one still are."""
+    auth_time = (
+        assurance.proven_at(claims.auth_time, received_at) if claims.auth_time is not None else 0.0
+    )
+    # One proof per token: a one-time rule consumes the token (its id names it).
+    proof = Proof(acr=claims.acr, amr=claims.amr, auth_time=auth_time, id=f"at:{digest[:32]}")
+    created = float(claims.iat) if claims.iat is not None else received_at
+    return Session(
+        id=f"at-{digest[:22]}",
+        sub=claims.sub,
+        email=None,  # an access token vouches for no address (RFC 9068 has no email_verified)
+        name=None,
+        provider_sid=None,
+        id_token=None,
+        acr=claims.acr,
+        amr=claims.amr,
+        auth_time=auth_time,
+        proofs=(proof,),
+        created_at=created,
+        last_seen=received_at,
+    )

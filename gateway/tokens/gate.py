@@ -21,14 +21,15 @@ from dataclasses import dataclass
 import structlog
 from multidict import CIMultiDictProxy, MultiMapping
 
-from gateway import assurance, errors, model, responses
+from gateway import errors, model, responses
 from gateway.memo import Memo
 from gateway.oidc.flow import IdTokenError
 from gateway.oidc.provider import ProviderClient
 from gateway.policy import Challenge
 from gateway.session.aux import AuxStore
-from gateway.session.model import Proof, Session
-from gateway.tokens.claims import AccessClaims
+from gateway.session.model import Session
+from gateway.tokens import challenges
+from gateway.tokens.claims import AccessClaims, session_of
 from gateway.tokens.dpop import make_nonce, nonce_valid, request_url, verify_proof
 from gateway.tokens.introspection import claims_from_introspection, introspection_answer
 from gateway.tokens.jwt_access import access_token_header, looks_like_jwt, verify_access_token
@@ -87,32 +88,6 @@ def presented_token(headers: MultiMapping[str] | CIMultiDictProxy[str]) -> Prese
     )
 
 
-def session_of(claims: AccessClaims, digest: str, received_at: float) -> Session:
-    """The session-shaped value the decision unit judges. Without ``auth_time`` the
-    authentication is dated at the epoch: no ``max_age`` is met (fail closed), levels
-    without one still are."""
-    auth_time = (
-        assurance.proven_at(claims.auth_time, received_at) if claims.auth_time is not None else 0.0
-    )
-    # One proof per token: a one-time rule consumes the token (its id names it).
-    proof = Proof(acr=claims.acr, amr=claims.amr, auth_time=auth_time, id=f"at:{digest[:32]}")
-    created = float(claims.iat) if claims.iat is not None else received_at
-    return Session(
-        id=f"at-{digest[:22]}",
-        sub=claims.sub,
-        email=None,  # an access token vouches for no address (RFC 9068 has no email_verified)
-        name=None,
-        provider_sid=None,
-        id_token=None,
-        acr=claims.acr,
-        amr=claims.amr,
-        auth_time=auth_time,
-        proofs=(proof,),
-        created_at=created,
-        last_seen=received_at,
-    )
-
-
 class TokenGate:
     """Access tokens for one configuration (rebuilt on reload, with its caches)."""
 
@@ -126,14 +101,8 @@ class TokenGate:
         self._verified: Memo[bytes, Verified] | None = (
             Memo(max_entries=entries, max_bytes=entries * CACHE_ENTRY_BYTES) if entries else None
         )
-        algs = " ".join(api.dpop_algorithms)
-        self._dpop_challenge = f'DPoP algs="{algs}"'
-        if api.dpop == "off":
-            self.accepted = "Bearer"
-        elif api.dpop == "required":
-            self.accepted = self._dpop_challenge
-        else:  # RFC 9449 7.1: both challenges, the client picks
-            self.accepted = f"Bearer, {self._dpop_challenge}"
+        self._dpop_challenge = challenges.dpop_scheme(api)
+        self.accepted = challenges.accepted_schemes(api)
 
     # -- the request's credential ----------------------------------------------------
 
@@ -284,12 +253,7 @@ class TokenGate:
                 error="unauthorized",
                 challenge=self.accepted,
             )
-        max_age_s = 0 if rule.require.once else decision.max_age_s
-        value = responses.www_authenticate(
-            decision.required, max_age_s, assurance.acr_values_for(decision.required)
-        )
-        if presented.scheme == "DPoP":  # RFC 9449 7.1: the scheme the token used
-            value = f"{self._dpop_challenge}, {value.removeprefix('Bearer ')}"
+        value, max_age_s = challenges.step_up(self.api, decision, presented.scheme)
         log.info(
             "step_up_needed",
             rule=rule.name,
@@ -308,13 +272,11 @@ class TokenGate:
 
     def refuse(self, scheme: str, reason: str, description: str) -> errors.Unauthorized:
         log.info("access_token_refused", reason=reason)
-        if scheme == "DPoP":
-            challenge = f'{self._dpop_challenge}, error="invalid_token"'
-        else:
-            challenge = 'Bearer error="invalid_token"'
-        challenge += f', error_description="{description}"'
         return errors.Unauthorized(
-            description, reason=reason, error="invalid_token", challenge=challenge
+            description,
+            reason=reason,
+            error="invalid_token",
+            challenge=challenges.invalid_token(self.api, scheme, description),
         )
 
     @staticmethod
