@@ -949,11 +949,15 @@ class Gateway:
                     log.info("upstream_challenge_body_too_large", rule=rule.name)
             if body is not None and body.data is not None and request.body_exists:
                 data = body.data  # the bytes the rule engine read, sent as they came
-            # Only browsers are stepped up for the upstream; API clients get its
-            # challenge unchanged, even when a rule had to read their body.
-            if rule.upstream_challenge and (
-                (form and data is not None)
-                or responses.is_navigation(request.method, request.headers)
+            # Only browsers are stepped up for the upstream; API clients (and any request
+            # with an access token) get its challenge unchanged.
+            if (
+                rule.upstream_challenge
+                and not by_token
+                and (
+                    (form and data is not None)
+                    or responses.is_navigation(request.method, request.headers)
+                )
             ):
                 intercept = self.upstream_asks_step_up
         latency = self.metrics.upstream_latency.labels(rule.upstream)

@@ -343,3 +343,40 @@ async def test_malformed_authorization_is_invalid_request(
     )
     assert status == 400 and body["error"] == "invalid_request"
     assert headers["WWW-Authenticate"] == 'Bearer error="invalid_request"'
+
+
+async def test_upstream_challenge_reaches_a_token_client_unchanged(
+    make_stack: StackFactory, authz: AuthorizationServer, aiohttp_server: Any
+) -> None:
+    """A rule with upstream_challenge steps browsers up for the upstream; a request with
+    an access token is no browser session, even when it looks like a navigation."""
+    from aiohttp import web
+
+    asked = 'Bearer error="insufficient_user_authentication", acr_values="phr", max_age=60'
+
+    async def challenging(request: web.Request) -> web.Response:
+        return web.Response(status=401, headers={"WWW-Authenticate": asked})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", challenging)
+    server = await aiohttp_server(app)
+    rules = RULES.replace(
+        "    credentials: token\n", "    credentials: token\n    upstream_challenge: true\n"
+    )
+    stack = await make_stack(
+        rules=rules,
+        extra=api_section(),
+        issuer=authz.issuer,
+        upstream_url=str(server.make_url("")).rstrip("/"),
+    )
+    stack.clock.now = time.time()
+    tokens = await authorize(authz.issuer)
+    status, headers, _ = await call(
+        stack,
+        "GET",
+        "/api/accounts",
+        token=tokens.access_token,
+        headers={"Accept": "text/html", "Sec-Fetch-Mode": "navigate"},
+    )
+    assert status == 401 and "Location" not in headers
+    assert headers["WWW-Authenticate"] == asked
