@@ -380,3 +380,27 @@ async def test_upstream_challenge_reaches_a_token_client_unchanged(
     )
     assert status == 401 and "Location" not in headers
     assert headers["WWW-Authenticate"] == asked
+
+
+async def test_a_token_is_judged_never_the_cookie_beside_it(
+    make_stack: StackFactory, browser: Any
+) -> None:
+    """A browser session proving phishing-resistant does not carry a bad token through."""
+    from tests.test_gateway import COOKIE, PHR_USER, sign_in
+
+    stack = await make_stack(rules=RULES, extra=api_section())  # the Python test provider
+    stack.op.behaviour.user = PHR_USER
+    await sign_in(stack, browser, "/app/home")
+    cookie = browser.cookie(COOKIE)
+    assert cookie
+    sent = {"Cookie": f"{COOKIE}={cookie}"}
+    assert (await call(stack, "POST", "/api/transfers/1", headers=sent))[0] == 200
+    forwarded = len(stack.seen)
+    with capture_logs() as logs:
+        status, headers, body = await call(
+            stack, "POST", "/api/transfers/1", token="a.b.c", headers=sent
+        )
+    assert status == 401 and body["error"] == "invalid_token"
+    assert headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+    assert len(stack.seen) == forwarded
+    assert [e["reason"] for e in logs if e["event"] == "access_token_refused"] == ["malformed"]
