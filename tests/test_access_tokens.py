@@ -404,3 +404,19 @@ async def test_a_token_is_judged_never_the_cookie_beside_it(
     assert headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
     assert len(stack.seen) == forwarded
     assert [e["reason"] for e in logs if e["event"] == "access_token_refused"] == ["malformed"]
+
+
+async def test_unknown_kid_is_refused_without_waiting(
+    make_stack: StackFactory, authz: AuthorizationServer
+) -> None:
+    """The keys were fetched at start-up, under 5 s ago: an unknown kid may not refetch
+    yet, and the request is refused at once rather than held until it may."""
+    stack = await gateway_for(make_stack, authz)
+    good = (await authorize(authz.issuer)).access_token
+    bad = await resigned(authz, good, header={"kid": "not-a-key"})
+    started = time.monotonic()
+    with capture_logs() as logs:
+        status, _, body = await call(stack, "GET", "/api/accounts", token=bad)
+    assert time.monotonic() - started < 2
+    assert status == 401 and body["error"] == "invalid_token"
+    assert [e["reason"] for e in logs if e["event"] == "access_token_refused"] == ["kid"]

@@ -122,13 +122,15 @@ class ProviderClient:
             raise _copy(self._meta_error)
         return self._meta
 
-    async def key_for(self, kid: str | None, alg: str) -> jwt.PyJWK:
+    async def key_for(self, kid: str | None, alg: str, *, wait: bool = True) -> jwt.PyJWK:
         """The provider's key for a token header, bound to ``alg``.
 
         An unknown kid refetches the JWKS: at most one fetch per
         :data:`JWKS_REFETCH_INTERVAL_S`, shared by every request waiting for it, and
         waited for (at most that long) when the last one was too recent. Still
         unknown after a fetch that started after this call -> ``IdTokenError("kid")``.
+        ``wait=False`` (access tokens, which any request may carry): when the last fetch
+        was too recent, fail at once instead of holding the request for the next one.
         """
         if alg not in usable_algs(self._cfg.algorithms):
             raise IdTokenError("alg")  # before any fetch: the header is attacker-chosen
@@ -136,12 +138,14 @@ class ProviderClient:
         key = self._find_key(kid, alg)
         if key is not None:
             return key
-        key = await self._refetch_for_unknown_kid(kid, alg)
+        key = await self._refetch_for_unknown_kid(kid, alg, wait=wait)
         if key is None:
             raise IdTokenError("kid")
         return key
 
-    async def _refetch_for_unknown_kid(self, kid: str | None, alg: str) -> jwt.PyJWK | None:
+    async def _refetch_for_unknown_kid(
+        self, kid: str | None, alg: str, *, wait: bool = True
+    ) -> jwt.PyJWK | None:
         """The key after a JWKS fetch that was in flight or started after this call,
         or None.
 
@@ -166,7 +170,7 @@ class ProviderClient:
                     # A failure here propagates (old keys stay): the token may be fine.
                     await self._fetch_jwks_locked(raise_errors=True)
                     return self._find_key(kid, alg)
-            if waited:
+            if waited or not wait:
                 return None
             waited = True
             await self._sleep(min(wait_s, JWKS_REFETCH_INTERVAL_S))

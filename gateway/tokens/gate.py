@@ -195,7 +195,9 @@ class TokenGate:
         api, skew_s = self.api, self.oidc.clock_skew_s
         if "jwt" in api.tokens and (looks_like_jwt(token) or "introspection" not in api.tokens):
             header = access_token_header(token, api.algorithms)
-            key = await provider.key_for(header.get("kid"), header["alg"])
+            # No waiting for the next allowed JWKS fetch: tokens with made-up kids would
+            # otherwise hold each request (and connection) for up to 5 s.
+            key = await provider.key_for(header.get("kid"), header["alg"], wait=False)
             claims = verify_access_token(
                 token,
                 key,
