@@ -706,6 +706,16 @@ class _Validator:
         if top.get("step_up") is not None:
             step_up = self.section(top, "step_up", self.step_up) or step_up
         api = self.section(top, "api", self.api) if top.get("api") is not None else None
+        if api is not None and oidc is not None:
+            outside = [alg for alg in api.algorithms if alg not in oidc.algorithms]
+            if outside:
+                # The issuer's keys are looked up under oidc.algorithms (one JWKS cache).
+                self.note(
+                    "api.algorithms",
+                    f"{', '.join(outside)} not in oidc.algorithms: tokens signed so would "
+                    "be refused; add them there too",
+                    self.node_at(top, "api", "algorithms"),
+                )
         if api is None and top.get("api") is None:
             for cred_path, cred_node in self.credential_nodes:
                 self.note(

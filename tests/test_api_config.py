@@ -66,6 +66,7 @@ def test_api_every_key() -> None:
         (API + "  introspection_cache: 1h\n", "api.introspection_cache", "between"),
         (API + "  dpop: off\n  dpop_nonce: true\n", "api.dpop_nonce", "needs dpop"),
         (API + "  audiences: x\n", "api.audiences", "unknown key"),
+        (API + "  algorithms: [ES512]\n", "api.algorithms", "not in oidc.algorithms"),
     ],
 )
 def test_api_problems_name_the_key(section: str, key_path: str, fragment: str) -> None:
