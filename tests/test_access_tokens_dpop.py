@@ -213,6 +213,8 @@ async def test_introspection_cache_and_outage(make_stack: StackFactory) -> None:
         assert (await call(stack, "GET", "/api/accounts", token="not-a-token"))[0] == 401
         server.stop()
         assert (await call(stack, "GET", "/api/accounts", token=opaque))[0] == 200  # cached
+        # So is the inactive answer: a made-up token costs the server one request.
+        assert (await call(stack, "GET", "/api/accounts", token="not-a-token"))[0] == 401
         status, _, body = await call(stack, "GET", "/api/accounts", token=second)
         assert status == 503 and body["error"] == "introspection_unreachable"
         assert len(stack.seen) == 2

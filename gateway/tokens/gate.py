@@ -43,6 +43,7 @@ _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 MAX_TOKEN_CHARS = 16 * 1024
 # What one cache entry holds, about: the claims, the session value, the key.
 CACHE_ENTRY_BYTES = 1024
+INACTIVE_ENTRY_BYTES = 64  # a digest and a time
 TOKEN_SCHEMES = {"bearer": "Bearer", "dpop": "DPoP"}  # RFC 9110 11.1: case-insensitive
 
 
@@ -100,6 +101,12 @@ class TokenGate:
         entries = api.cache_entries
         self._verified: Memo[bytes, Verified] | None = (
             Memo(max_entries=entries, max_bytes=entries * CACHE_ENTRY_BYTES) if entries else None
+        )
+        # Introspected inactive -> until when that answer is reused. An inactive token
+        # never becomes active (RFC 7662 2.2), and without this every request with a
+        # made-up token would cost the authorization server a request.
+        self._inactive: Memo[bytes, float] | None = (
+            Memo(max_entries=entries, max_bytes=entries * INACTIVE_ENTRY_BYTES) if entries else None
         )
         self._dpop_challenge = challenges.dpop_scheme(api)
         self.accepted = challenges.accepted_schemes(api)
@@ -180,9 +187,17 @@ class TokenGate:
         cached = cache.get(digest_bytes) if cache is not None else None
         if cached is not None and now < cached.until:
             return cached
+        inactive = self._inactive
+        inactive_until = inactive.get(digest_bytes) if inactive is not None else None
+        if inactive_until is not None and now < inactive_until:
+            raise self.refuse(scheme, "inactive", self._describe("inactive"))
         try:
             claims, until = await self._verify(token, now, provider)
         except IdTokenError as exc:
+            if exc.reason == "inactive" and inactive is not None:
+                inactive.put(
+                    digest_bytes, now + self.api.introspection_cache_s, INACTIVE_ENTRY_BYTES
+                )
             raise self.refuse(scheme, exc.reason, self._describe(exc.reason)) from None
         verified = Verified(claims, session_of(claims, digest_bytes.hex(), now), until)
         if cache is not None and until > now:
