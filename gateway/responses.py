@@ -127,9 +127,16 @@ line-height:1.5}}h1{{font-size:1.4rem}}.muted{{color:#555}}</style></head>
 """
 
 
+# Every page of the gateway's own says what happened and offers a way on: its own
+# link when it has one (go back, sign in again), else the application's front page.
+BACK_TO_APP = '<p class="muted"><a href="/">Back to the application</a></p>'
+
+
 def page(title: str, paragraphs: list[str], *, raw_html: str = "") -> str:
     """A small, self-contained HTML page; every text is escaped."""
     body = "".join(f"<p>{html.escape(p)}</p>" for p in paragraphs) + raw_html
+    if "<a href=" not in raw_html:
+        body += BACK_TO_APP
     return PAGE.format(title=html.escape(title), body=body)
 
 

@@ -1025,8 +1025,8 @@ def test_step_up_keys_name_line_and_key(
         ("  keep_budget: lots", 32, "step_up.keep_budget", "between 1 byte and 4GiB"),
         ("  keep_budget: 8GiB", 32, "step_up.keep_budget", "between 1 byte and 4GiB"),
         ("  keep_budget: 512KiB", 32, "step_up.keep_budget", "smaller than step_up.max_body"),
-        ("  keep_per_client: 0", 32, "step_up.keep_per_client", "from 1 to 1000"),
-        ("  keep_per_client: many", 32, "step_up.keep_per_client", "from 1 to 1000"),
+        ("  keep_per_client: 0", 32, "step_up.keep_per_client", "must be between 1 and 1000"),
+        ("  keep_per_client: many", 32, "step_up.keep_per_client", "expected an integer"),
     ],
 )  # fmt: skip
 def test_step_up_section(

@@ -42,6 +42,14 @@ async def test_unmatched_request_is_denied_and_never_forwarded(stack, api):
     assert stack.seen == []
 
 
+async def test_a_refusal_page_says_what_happened_and_offers_a_way_back(stack, browser):
+    hop = await browser.get(f"{stack.url}/nothing/here")
+    assert hop.status == 403
+    page = hop.body
+    assert "<h1>" in page and 'href="/"' in page and "Back to the application" in page
+    assert stack.seen == []
+
+
 async def test_browser_navigation_without_session_is_sent_to_the_provider(stack, browser):
     hop = await browser.get(f"{stack.url}/app/home?tab=2")
     assert hop.status == 302

@@ -190,3 +190,18 @@ def test_max_age_has_no_leeway(age_s, max_age_s, allowed):
         NOW,
     )
     assert isinstance(decision, Allow if allowed else Challenge)
+
+
+@pytest.mark.parametrize(
+    ("raw_html", "back_links"),
+    [
+        ("", 1),  # an error page: the way back is the application's front page
+        ('<form method="post"><button>Sign out</button></form>', 1),
+        ('<p><a href="/transfers">Go back</a></p>', 0),  # it has its own way on
+    ],
+)
+def test_every_gateway_page_offers_a_way_back(raw_html: str, back_links: int) -> None:
+    text = responses.page("Access denied", ["No rule allows <this>."], raw_html=raw_html)
+    assert "<h1>Access denied</h1>" in text and "No rule allows &lt;this&gt;." in text
+    assert text.count(responses.BACK_TO_APP) == back_links
+    assert "<a href=" in text

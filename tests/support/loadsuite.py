@@ -109,6 +109,22 @@ class Load:
             writer.close()
 
 
+async def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    """Until something accepts on 127.0.0.1:``port`` (a busy machine starts slowly)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the process for port {port} exited ({proc.returncode})")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
+    raise AssertionError(f"nothing listens on port {port} after {timeout_s} s")
+
+
 class GatewayUnderLoad:
     """``stepup-gateway run`` (``workers`` processes, Redis sessions, a signed-in
     cookie) in front of ``bench/floor.py alone`` (200 ok from memory)."""
@@ -186,6 +202,7 @@ class GatewayUnderLoad:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        await wait_for_port(upstream_port, self.upstream)
         await self.wait_until_serving()
         self.cookie = await self.sign_in()
 
