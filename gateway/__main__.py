@@ -1,3 +1,5 @@
+"""``python -m gateway``: the ``stepup-gateway`` command line (:mod:`gateway.cli`)."""
+
 from gateway.cli import main
 
 raise SystemExit(main())

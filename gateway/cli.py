@@ -8,6 +8,7 @@ would refuse before any rule is consulted).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import ipaddress
 import json
@@ -15,20 +16,27 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import TextIO
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from typing import TextIO, TypeVar, cast
 from urllib.parse import urlsplit
 
 from gateway import __version__, assurance
 from gateway.cel import old_syntax_rewrites, rewrite_notice
 from gateway.conditions import Facts
 from gateway.config import load_config
+from gateway.decision import (
+    SITE_PATH_METHODS,
+    TOKEN_NOT_ACCEPTED,
+    RequestFacts,
+    decide_request,
+    site_paths,
+)
 from gateway.errors import BadRequest, ConfigError
 from gateway.fields import RequestFields, ambiguous, binding_values, read_fields, readable_body
 from gateway.model import Config, Requirement, RiskConfig, Rule
 from gateway.oidc.flow import IdTokenError
 from gateway.paths import canonical_host, normalize_path
-from gateway.policy import Allow, Challenge, decide
+from gateway.policy import Allow, Challenge, Deny
 from gateway.rules import RuleSet
 from gateway.tokens import challenges
 from gateway.tokens.claims import check_claims, read_claims, session_of
@@ -41,6 +49,7 @@ EXIT_REFUSED = 2
 EXIT_DEMO_UNAVAILABLE = 1  # demo: the stepup_demo package is missing or cannot start
 DEMO_PACKAGE = "stepup_demo"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+T = TypeVar("T")
 UNKNOWN_NOTE = (
     "conditions on what is unknown count as true (fail closed); explain has no session, "
     "so auth_age and client_ip_changed are unknown"
@@ -166,9 +175,15 @@ def _run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     # Imported here: `check` and `explain` need neither aiohttp nor the event loop.
-    from gateway.server import serve
+    # Several workers: a supervisor spawns them, each running server.run_one (workers
+    # builds on server, never the other way round).
+    if config.server.workers > 1:
+        from gateway.workers import supervise
 
-    return serve(config, config_path=args.config)
+        return supervise(config, args.config)
+    from gateway.server import run_one
+
+    return run_one(config, args.config)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -262,7 +277,8 @@ def explain(
     """What the gateway would do with ``method url`` before looking at any session.
 
     Follows the request path in :mod:`gateway.app`: normalise the path, route the
-    internal prefix, refuse unknown methods, canonicalise the host, match a rule.
+    internal prefix, refuse unknown methods, canonicalise the host, then the same
+    decision the gateway makes (:func:`gateway.decision.decide_request`).
     A path alone is taken as sent to ``server.public_url``'s host. Rules with
     ``when`` are tried in order against the body, the URL's query and
     ``client_ip``; with no session, ``auth_age`` and ``client_ip_changed`` count
@@ -307,6 +323,14 @@ def explain(
             "normalized_path": path,
             "host": host,
         }, EXIT_OK
+    if path in site_paths(config.rules) and method in SITE_PATH_METHODS:
+        return {
+            "rule": None,
+            "decision": "gateway",
+            "endpoint": path,
+            "normalized_path": path,
+            "host": host,
+        }, EXIT_OK
     rules = RuleSet.for_config(config)
     if not rules.host_known(host):
         return {
@@ -324,26 +348,34 @@ def explain(
             "status": 405,
         }, EXIT_REFUSED
     facts, facts_note, fields = _facts(config, raw_query, body, content_type, client_ip)
-    rule: Rule | None = None
     skipped: list[Rule] = []
-    for candidate in rules.candidates_for(method, host, path):
-        # As the gateway: each when reads its fields, then the chosen rule's bind.
-        reading = candidate.when.fields() if candidate.when else frozenset[str]()
-        if candidate.when is None or candidate.when.holds(facts):
-            reading |= frozenset(candidate.require.bind)
-            rule = candidate
-        unsure = fields.unsure(reading)
-        if unsure:
-            refusal = ambiguous(unsure)
-            return {
-                "rule": candidate.name,
-                "error": refusal.message,
-                "reason": refusal.reason,
-                "status": 400,
-            }, EXIT_REFUSED
-        if rule is not None:
-            break
-        skipped.append(candidate)
+    request_facts = RequestFacts(method, host, path, None, _ExplainReader(fields, client_ip))
+    # The gateway's own decision, with no session and no risk engine asked: what it
+    # names is the rule, whatever the session would then make of it.
+    try:
+        decision = _at_once(
+            decide_request(
+                request_facts,
+                rules,
+                config.assurance,
+                time.time(),
+                risk=None,
+                claim_once=_no_claims,
+                skipped=skipped,
+                log_unknown=False,
+            )
+        )
+    except BadRequest as refusal:
+        # A field the rule being judged reads is ambiguous (gateway.fields): every
+        # rule before it was skipped, so it is the next candidate.
+        refused = list(rules.candidates_for(method, host, path))[len(skipped)]
+        return {
+            "rule": refused.name,
+            "error": refusal.message,
+            "reason": refusal.reason,
+            "status": 400,
+        }, EXIT_REFUSED
+    rule = decision.rule
     read = frozenset[str]().union(*(_fields_read(seen) for seen in (*skipped, rule)))
     extra: dict[str, object] = {}
     if read:
@@ -387,20 +419,31 @@ def explain(
         result["credentials"] = rule.credentials
     if token_claims is not None and config.api is not None:
         result["token"] = judge_token(
-            config, rule, token_claims, token_scheme, time.time() if now is None else now
+            config,
+            rules,
+            request_facts,
+            rule,
+            token_claims,
+            token_scheme,
+            time.time() if now is None else now,
         )
     return {**result, **extra}, EXIT_OK
 
 
 def judge_token(
-    config: Config, rule: Rule, claims: Mapping[str, object], scheme: str, now: float
+    config: Config,
+    rules: RuleSet,
+    facts: RequestFacts,
+    explained: Rule,
+    claims: Mapping[str, object],
+    scheme: str,
+    now: float,
 ) -> dict[str, object]:
-    """How the gateway judges a token with ``claims`` on ``rule`` (signature and DPoP
-    proof taken as valid): the claim checks, then the decision, as the request path."""
+    """How the gateway judges a token with ``claims`` (signature and DPoP proof taken
+    as valid): the claim checks, then the decision unit with the token's session, as
+    the request path does (:mod:`gateway.tokens.gate`)."""
     api = config.api
     assert api is not None
-    if rule.credentials == "session":
-        return {"decision": "invalid_token", "status": 401, "reason": "token_not_accepted"}
     if (scheme == "DPoP" and api.dpop == "off") or (scheme == "Bearer" and api.dpop == "required"):
         reason = "dpop_disabled" if scheme == "DPoP" else "dpop_required"
         return {"decision": "invalid_token", "status": 401, "reason": reason}
@@ -418,9 +461,26 @@ def judge_token(
         refused["reason"] = exc.reason if exc.claim is None else f"{exc.reason} ({exc.claim})"
         return refused
     session = session_of(read, "explain", now)
-    decision = decide(rule, session, config.assurance, now)
+    try:
+        decision = _at_once(
+            decide_request(
+                dataclasses.replace(facts, session=session, by_token=True),
+                rules,
+                config.assurance,
+                now,
+                risk=None,
+                claim_once=_unspent,
+                log_unknown=False,
+            )
+        )
+    except BadRequest as refusal:
+        return {"decision": "refused", "status": 400, "reason": refusal.reason}
+    if isinstance(decision, Deny) and decision.reason == TOKEN_NOT_ACCEPTED:
+        return {"decision": "invalid_token", "status": 401, "reason": TOKEN_NOT_ACCEPTED}
     held = assurance.highest(config.assurance.levels, session.proofs)
     judged: dict[str, object] = {"level": held.name if held is not None else None}
+    if decision.rule is not explained:  # the token's session made a when hold differently
+        judged["rule"] = decision.rule.name if decision.rule is not None else None
     if isinstance(decision, Allow):
         judged.update(decision="allow", status=200)
     elif isinstance(decision, Challenge):
@@ -434,6 +494,43 @@ def judge_token(
     else:
         judged.update(decision="deny", status=decision.status, reason=decision.reason)
     return judged
+
+
+class _ExplainReader:
+    """:class:`gateway.decision.RequestReader` over what ``explain`` was given."""
+
+    def __init__(self, fields: RequestFields, client_ip: str | None) -> None:
+        self._fields = fields
+        self._client_ip = client_ip
+
+    async def fields(self, reading: Iterable[str]) -> Mapping[str, object]:
+        # As the gateway (gateway.body.certain): a field the rule reads given twice,
+        # or read differently by upstreams, is refused.
+        unsure = self._fields.unsure(reading)
+        if unsure:
+            raise ambiguous(unsure)
+        return self._fields.values
+
+    def client_ip(self) -> str | None:
+        return self._client_ip
+
+
+async def _no_claims(name: str, *, rule: str, sub: str) -> bool:
+    raise AssertionError("explain has no session, so no proof to spend")  # pragma: no cover
+
+
+async def _unspent(name: str, *, rule: str, sub: str) -> bool:
+    return True  # a token's proof, judged as not used before (explain keeps no records)
+
+
+def _at_once(step: Coroutine[object, None, T]) -> T:
+    """The result of a coroutine that never waits (explain reads no network, no store)."""
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    step.close()
+    raise RuntimeError("explain's decision waited on I/O")
 
 
 def _facts(

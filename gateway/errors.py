@@ -141,6 +141,13 @@ class Unauthorized(GatewayError):
         self.dpop_nonce = dpop_nonce
         self.status = status  # 400 for invalid_request (RFC 6750 3.1)
 
+    def response_headers(self) -> dict[str, str]:
+        """The headers of its response: the challenge, and the nonce when there is one."""
+        out = {"WWW-Authenticate": self.challenge, "Cache-Control": "no-store"}
+        if self.dpop_nonce is not None:
+            out["DPoP-Nonce"] = self.dpop_nonce
+        return out
+
 
 @dataclass(frozen=True, slots=True)
 class ConfigProblem:

@@ -88,7 +88,7 @@ class SessionConfig:
 
     @property
     def store_settings(self) -> tuple[object, ...]:
-        """What the session store is built from (``stores.make_store``): a reload
+        """What the session store is built from (``factory.make_store``): a reload
         needs a new store object exactly when this changes."""
         if self.store == "memory":
             return ("memory", self.idle_timeout_s, self.lifetime_s)

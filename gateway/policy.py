@@ -1,6 +1,8 @@
-"""The access decision: given a rule, a session and the time, allow, challenge or deny.
+"""The last step of the decision: given a rule, a session and the time, allow, challenge
+or deny, and the three answers as values.
 
-Pure: no I/O, the clock is passed in. :mod:`gateway.app` acts on the result.
+Pure: no I/O, the clock is passed in. :mod:`gateway.decision` chooses the rule and
+its requirement and ends here; :mod:`gateway.app` acts on the result.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Challenge:
 class Deny:
     status: int
     reason: str
+    rule: Rule | None = None  # the rule that refused (None: no rule matches)
 
 
 Decision = Allow | Challenge | Deny
@@ -59,7 +62,7 @@ def decide(
     required_name = rule.require.level
     required = assurance_cfg.level(required_name) if required_name is not None else None
     if required_name is not None and required is None:
-        return Deny(403, "unknown_level")  # unreachable after validation; fail closed anyway
+        return Deny(403, "unknown_level", rule)  # unreachable after validation; fail closed anyway
     max_age_s = rule.require.max_age_s
     if required is None:
         return Allow(rule, held)

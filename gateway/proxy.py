@@ -2,7 +2,9 @@
 
 Bodies stream both ways without being buffered: the request body is the server
 request's own stream, the response goes back in chunks as it arrives. Which
-headers go either way is decided by :mod:`gateway.headers`.
+headers go either way is decided by :mod:`gateway.headers`; the request body's
+stream and what its failures mean are :mod:`gateway.request_stream`'s, a
+WebSocket's frames :mod:`gateway.proxy_websocket`'s.
 
 Failures before the response has started are raised as :class:`errors.UpstreamError`
 (502) or :class:`errors.UpstreamTimeout` (504) for :mod:`gateway.app` to answer.
@@ -13,29 +15,26 @@ reason is logged.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from types import TracebackType
 
 import aiohttp
 import structlog
-from aiohttp import WSMsgType, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import errors
-from gateway.connections import body_deadline
 from gateway.headers import (
     WEBSOCKET_HANDSHAKE_HEADERS,
-    FramingError,
     upstream_response_headers,
     websocket_protocols,
 )
 from gateway.memo import HEADER_MEMO_BYTES, HEADER_MEMO_ENTRIES, Memo, header_set_size
 from gateway.model import UpstreamConfig
-from gateway.upstream_pool import PooledResponse, UpstreamConnectError, UpstreamPool
+from gateway.proxy_websocket import WS_CLOSE_TIMEOUT_S, WS_MAX_MESSAGE_BYTES, relay_websocket
+from gateway.request_stream import BODY_IDLE_TIMEOUT_S, RequestBodyStream, translate_send_error
+from gateway.upstream_pool import PooledResponse, UpstreamPool
 
 log = structlog.get_logger(__name__)
 
@@ -52,16 +51,6 @@ DNS_CACHE_TTL_S = 300
 # (nginx keepalive_timeout 75 s, gunicorn 2 s is the outlier) so we rarely reuse
 # a connection the upstream is closing at the same moment.
 KEEPALIVE_TIMEOUT_S = 15.0
-# WebSocket messages are buffered whole by aiohttp; this caps one message.
-# 4 MiB is aiohttp's default; larger messages close the connection with 1009.
-WS_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-# Seconds to wait for the other side's close frame when relaying a close.
-WS_CLOSE_TIMEOUT_S = 10.0
-# Seconds the client may go silent in the middle of its request body (nginx's
-# client_body_timeout default). Bounds slow uploads that stall, and a body that
-# aiohttp's llhttp parser stops feeding without an error (a malformed chunk
-# after the head was accepted leaves the stream waiting forever).
-BODY_IDLE_TIMEOUT_S = 60.0
 
 # Requests without a body in these methods go through the upstream's UpstreamPool
 # (aiohttp's client sends them with no Content-Length or Content-Type of its own,
@@ -73,18 +62,6 @@ BUFFERED_BODY_MAX_BYTES = CHUNK_SIZE
 
 # What aiohttp's client would add on its own; the upstream gets the client's, or none.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-
-# RFC 6455 7.4.1: 1005, 1006 and 1015 must not be sent in a close frame, 1004 is
-# reserved; 3000-4999 are for libraries and applications.
-_SENDABLE_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015)}) | frozenset(
-    range(3000, 5000)
-)
-
-
-def _sendable_close_code(code: object) -> int:
-    if isinstance(code, int) and code in _SENDABLE_CLOSE_CODES:
-        return code
-    return aiohttp.WSCloseCode.OK
 
 
 class _Upstream:
@@ -292,11 +269,11 @@ class Upstreams:
                 on_headers=on_headers,
             )
         url = URL(target.http_base + path_qs, encoded=True)
-        data: _RequestBody | bytes | None
+        data: RequestBodyStream | bytes | None
         if body is not None:
             data = body
         elif request.body_exists:
-            data = _RequestBody(request, self._body_idle_timeout_s)
+            data = RequestBodyStream(request, self._body_idle_timeout_s)
         else:
             data = None
         try:
@@ -309,7 +286,7 @@ class Upstreams:
                 compress=None,
             )
         except Exception as exc:
-            error = _translate(
+            error = translate_send_error(
                 exc, request, upstream, data if not isinstance(data, bytes) else None
             )
             if error is None:
@@ -373,7 +350,7 @@ class Upstreams:
         try:
             pooled = await pool.request(request.method, target.base_path + path_qs, headers)
         except Exception as exc:
-            error = _translate(exc, request, target.name, None)
+            error = translate_send_error(exc, request, target.name, None)
             if error is None:
                 raise
             raise error from exc
@@ -489,7 +466,7 @@ class Upstreams:
             log.info("upstream_ws_refused", upstream=upstream, status=exc.status)
             return web.Response(status=exc.status, headers=self._refusal_headers(exc))
         except Exception as exc:
-            error = _translate(exc, request, upstream, None)
+            error = translate_send_error(exc, request, upstream, None)
             if error is None:
                 raise
             raise error from exc
@@ -508,7 +485,7 @@ class Upstreams:
         except BaseException:
             await upstream_ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
             raise
-        await _relay_websocket(client_ws, upstream_ws, upstream)
+        await relay_websocket(client_ws, upstream_ws, upstream)
         return client_ws
 
     def _head(
@@ -608,166 +585,3 @@ def _bad_response(upstream: str, cause: Exception | str) -> errors.UpstreamError
     return errors.UpstreamError(
         "The upstream's response was invalid.", reason="upstream_bad_response"
     )
-
-
-async def _relay_websocket(
-    client_ws: web.WebSocketResponse,
-    upstream_ws: aiohttp.ClientWebSocketResponse,
-    upstream: str,
-) -> None:
-    # Each pump ends the whole relay on its own: a close frame is relayed to the
-    # other side, a vanished peer closes the other side, and the other pump then
-    # reads "closing" and stops. The finally is for cancellation (shutdown).
-    to_upstream = asyncio.ensure_future(
-        _pump(client_ws, upstream_ws, lost=aiohttp.WSCloseCode.GOING_AWAY)
-    )
-    to_client = asyncio.ensure_future(
-        _pump(upstream_ws, client_ws, lost=aiohttp.WSCloseCode.BAD_GATEWAY)
-    )
-    try:
-        await asyncio.gather(to_upstream, to_client)
-    finally:
-        for task in (to_upstream, to_client):
-            task.cancel()
-        if not upstream_ws.closed:
-            await upstream_ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
-        log.debug(
-            "websocket_closed",
-            upstream=upstream,
-            client_code=client_ws.close_code,
-            upstream_code=upstream_ws.close_code,
-        )
-
-
-async def _pump(
-    source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-    sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-    *,
-    lost: int,
-) -> None:
-    """Copy frames from ``source`` to ``sink`` until a close, relaying its code.
-
-    ``lost`` is the code the sink gets when the source goes away without a close
-    frame: 1001 (going away) towards the upstream, 1014 (bad gateway, IANA
-    WebSocket close code registry) towards the client.
-    """
-    try:
-        while True:
-            msg = await source.receive()
-            if msg.type is WSMsgType.TEXT:
-                await sink.send_str(msg.data)
-            elif msg.type is WSMsgType.BINARY:
-                await sink.send_bytes(msg.data)
-            elif msg.type is WSMsgType.CLOSE:
-                code = _sendable_close_code(msg.data)
-                reason = (msg.extra or "").encode("utf-8")[:123]  # RFC 6455 5.5: 125 B
-                # Close the far side first and wait for its answer, then answer the
-                # side that started: both see the same code.
-                await sink.close(code=code, message=reason)
-                await source.close(code=code, message=reason)
-                return
-            elif msg.type is WSMsgType.CLOSING:
-                return  # the other pump is relaying a close
-            else:  # CLOSED or ERROR: the source vanished or broke the protocol
-                await sink.close(code=lost)
-                return
-    except (aiohttp.ClientError, OSError, RuntimeError) as exc:
-        log.info("websocket_relay_ended", error=type(exc).__name__)
-        with contextlib.suppress(aiohttp.ClientError, OSError, RuntimeError):
-            await sink.close(code=lost)
-
-
-class _RequestBody:
-    """The client's body as the upstream request's data, chunk by chunk as it comes.
-
-    Fails with TimeoutError when the client sends nothing for ``idle_timeout_s``
-    (``server.body_timeout``), or trickles it slower than the minimum rate of
-    :func:`gateway.connections.body_deadline`; a single wait for the upstream to take
-    a chunk does not count against the first bound.
-
-    A client that sent ``Expect: 100-continue`` is told to go on only now, when
-    the request was allowed and the upstream is connected (RFC 9110 10.1.1); a
-    refusal or a 502 comes before it has sent a byte. (Behind aiohttp's router,
-    whose default expect handler answers first, the client gets a second 100:
-    harmless, RFC 9110 15.2 has clients accept any number of 1xx.)
-    """
-
-    __slots__ = ("_idle_timeout_s", "_request", "stalled")
-
-    def __init__(self, request: web.BaseRequest, idle_timeout_s: float) -> None:
-        self._request = request
-        self._idle_timeout_s = idle_timeout_s
-        self.stalled = False
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        request = self._request
-        if (
-            request.version >= aiohttp.HttpVersion11
-            and request.headers.get("Expect", "").lower() == "100-continue"
-        ):
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        loop = asyncio.get_running_loop()
-        read = request.content.readany
-        try:
-            # One timer for the whole body, moved per chunk: cheaper than wait_for.
-            started = loop.time()
-            received = 0
-            async with asyncio.timeout(None) as deadline:
-                while True:
-                    deadline.reschedule(
-                        body_deadline(
-                            started=started,
-                            now=loop.time(),
-                            received_bytes=received,
-                            timeout_s=self._idle_timeout_s,
-                        )
-                    )
-                    chunk = await read()
-                    deadline.reschedule(None)
-                    if not chunk:
-                        return
-                    received += len(chunk)
-                    yield chunk
-        except TimeoutError:
-            self.stalled = True
-            raise
-
-
-def _translate(
-    exc: Exception,
-    request: web.BaseRequest,
-    upstream: str,
-    body: _RequestBody | None,
-) -> errors.GatewayError | None:
-    """An exception from sending the request, as the error the client should get.
-
-    ``None`` for anything that is not a network or protocol failure (a bug): it
-    propagates as it is.
-    """
-    # The client's body broke (bad chunk, disconnect) or stalled: not the upstream's
-    # fault. The connection cannot be reused: where the body ends is unknown.
-    if body is not None and body.stalled:
-        log.info("request_body_timeout", upstream=upstream)
-        return FramingError("The request body stalled.", reason="request_body_timeout")
-    payload_error = request.content.exception() if body is not None else None
-    if payload_error is not None:
-        log.info("request_body_aborted", upstream=upstream, error=type(payload_error).__name__)
-        return FramingError("The request body was incomplete.", reason="request_body_aborted")
-    if isinstance(exc, TimeoutError):
-        log.warning("upstream_timeout", upstream=upstream, error=type(exc).__name__)
-        return errors.UpstreamTimeout(
-            "The upstream did not answer in time.", reason="upstream_timeout"
-        )
-    if isinstance(exc, aiohttp.ClientConnectorError | UpstreamConnectError):
-        log.warning("upstream_unreachable", upstream=upstream, error=type(exc).__name__)
-        return errors.UpstreamError(
-            "The upstream could not be reached.", reason="upstream_unreachable"
-        )
-    if isinstance(exc, aiohttp.ClientError | OSError | HttpProcessingError):
-        # Connected, then reset, closed without an answer, or an unparsable answer.
-        log.warning("upstream_failed", upstream=upstream, error=type(exc).__name__)
-        return errors.UpstreamError("The upstream failed to answer.", reason="upstream_failed")
-    return None

@@ -245,12 +245,3 @@ def run_one(
         return uvloop.run(_main(config, config_path, assertion_key))
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
         return asyncio.run(_main(config, config_path, assertion_key))
-
-
-def serve(config: Config, config_path: str | None = None) -> int:
-    """``stepup-gateway run``: serve until SIGTERM/SIGINT; the exit status."""
-    if config.server.workers > 1:
-        from gateway.workers import supervise
-
-        return supervise(config, config_path)
-    return run_one(config, config_path)

@@ -123,7 +123,7 @@ async def start_demo_stack(
     """
     from stepup_demo.bank import DemoBank
     from stepup_demo.idp import IdentityProvider
-    from stepup_demo.oauth import DemoClient
+    from stepup_demo.oauth_models import DemoClient
     from stepup_demo.passkeys import PasskeyStore
     from stepup_demo.risk import risk_app
 

@@ -22,7 +22,7 @@ import structlog
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import ECKey
 
-from stepup_demo.oauth import ID_TOKEN_ALG, DemoClient
+from stepup_demo.oauth_models import ID_TOKEN_ALG, DemoClient
 from stepup_demo.provider_session import ProviderSession
 
 log = structlog.get_logger("stepup_demo.idp")

@@ -2,8 +2,9 @@
 
 It knows nothing of OpenID Connect. It reads the ``X-Auth-*`` headers the gateway
 sets, shows them on every page, and checks ``X-Auth-Assertion`` (the gateway's
-signed copy of them) with a few lines of pyjwt: :func:`verify_assertion`. Money
-moves and payees change only when that check passes.
+signed copy of them) with a few lines of pyjwt
+(:func:`stepup_demo.bank_assertion.verify_assertion`). Money moves and payees
+change only when that check passes.
 
 Pages: ``/`` accounts, ``/transfers/new`` + ``POST /transfers``, ``/transfers``
 ledger, ``/standing-orders`` (+ ``POST``), ``/savings`` (+ ``POST``), ``/payees``
@@ -14,6 +15,10 @@ Moving money to savings shows an app with a step-up policy of its own: above
 (``401``, ``WWW-Authenticate: Bearer error="insufficient_user_authentication",
 acr_values="phr", max_age=300``). The gateway, told to (``upstream_challenge``),
 runs that step-up for the browser and sends the form again.
+
+Its values (customers, transfers, amounts) are :mod:`stepup_demo.bank_model`, the
+page around every answer :mod:`stepup_demo.bank_pages`; this module holds
+:class:`DemoBank`: its routes and handlers.
 """
 
 from __future__ import annotations
@@ -21,157 +26,40 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
-from typing import Any
+from decimal import Decimal
 
 import jwt
 import structlog
 from aiohttp import web
 from multidict import MultiDictProxy
 
+from stepup_demo.bank_assertion import verify_assertion
+from stepup_demo.bank_model import (
+    ASSERTION_HEADER,
+    CURRENCIES,
+    FREQUENCIES,
+    IBAN,
+    MAX_TRANSFER,
+    SAVINGS_STEP_UP_ABOVE,
+    SAVINGS_STEP_UP_ACR,
+    SAVINGS_STEP_UP_MAX_AGE_S,
+    SHOWN_HEADERS,
+    Customer,
+    Payee,
+    Seen,
+    StandingOrder,
+    Transfer,
+    asserted,
+    parse_amount,
+)
+from stepup_demo.bank_pages import content_security_policy, page, refused, step_up_needed
 from stepup_demo.pages import esc, static_file
 
 log = structlog.get_logger("stepup_demo.bank")
-
-SHOWN_HEADERS = (
-    "X-Auth-Subject",
-    "X-Auth-Email",
-    "X-Auth-Acr",
-    "X-Auth-Amr",
-    "X-Auth-Time",
-    "X-Auth-Level",
-    "X-Auth-Rule",
-)
-ASSERTION_HEADER = "X-Auth-Assertion"
-MAX_TRANSFER = Decimal("10000.00")
-CURRENCIES = ("EUR",)  # the demo's accounts hold euros only
-FREQUENCIES = ("monthly", "weekly")
-IBAN = re.compile(r"[A-Z]{2}[0-9]{2}[A-Z0-9]{11,30}")  # ISO 13616 shape, not its checksum
-# Demo Bank's own rule for moving money to savings: above this, a passkey (acr phr)
-# proven within the last five minutes, asked for with an RFC 9470 challenge.
-SAVINGS_STEP_UP_ABOVE = Decimal("1000.00")
-SAVINGS_STEP_UP_ACR = "phr"
-SAVINGS_STEP_UP_MAX_AGE_S = 5 * 60
-
-
-def content_security_policy(form_targets: tuple[str, ...] = ()) -> str:
-    """No scripts, no framing. ``form_targets``: origins a form post may be redirected to.
-
-    The gateway in front may answer a form post with a redirect to the identity
-    provider (a step-up; the post is kept and sent after it). Chrome checks
-    ``form-action`` on every redirect of a form submission, so without the
-    provider's origin here the browser would stop at the first hop.
-    """
-    targets = " ".join(("'self'", *form_targets))
-    return (
-        f"default-src 'none'; style-src 'self'; form-action {targets}; base-uri 'none';"
-        " frame-ancestors 'none'"
-    )
-
-
-# The gateway signs what it asserts (ES256, keys at {gateway}/_gateway/jwks.json).
-# An upstream that checks this needs no OIDC at all, just these lines:
-def verify_assertion(
-    token: str, jwks: jwt.PyJWKClient, *, audience: str, issuer: str, now: float | None = None
-) -> dict[str, Any]:
-    """The claims of an ``X-Auth-Assertion``, if the gateway signed it for us; else raises.
-
-    ``now`` replaces the system clock for ``exp`` and ``iat`` (pyjwt reads the system
-    clock; the demo's tests move the gateway's clock instead of sleeping).
-    """
-    signing_key = jwks.get_signing_key_from_jwt(token)  # by the "kid" in its header
-    claims: dict[str, Any] = jwt.decode(
-        token,
-        signing_key,
-        algorithms=["ES256"],  # what the gateway signs with: never trust the token's "alg"
-        audience=audience,  # this upstream's name in the gateway config
-        issuer=issuer,  # the gateway's public_url
-        options={
-            "require": ["exp", "iat", "sub"],
-            "verify_exp": now is None,  # else checked below, at `now`
-            "verify_iat": now is None,
-        },
-    )
-    if now is not None:
-        _check_times(claims, now)
-    return claims
-
-
-def _check_times(claims: Mapping[str, Any], now: float) -> None:
-    """pyjwt's own ``exp`` and ``iat`` checks (RFC 7519 4.1.4, 4.1.6), at ``now``."""
-    exp, iat = claims["exp"], claims["iat"]
-    if not isinstance(exp, int) or not isinstance(iat, int):
-        raise jwt.DecodeError("exp and iat must be integers")
-    if exp <= now:
-        raise jwt.ExpiredSignatureError("Signature has expired")
-    if iat > now:
-        raise jwt.ImmatureSignatureError("The token is not yet valid (iat)")
-
-
-@dataclass(frozen=True, slots=True)
-class Payee:
-    name: str
-    iban: str
-
-
-@dataclass(frozen=True, slots=True)
-class Transfer:
-    at: float
-    payee: str
-    amount: Decimal
-    acr: str
-    amr: str
-    currency: str = "EUR"
-
-
-@dataclass(frozen=True, slots=True)
-class StandingOrder:
-    at: float
-    payee: str
-    amount: Decimal
-    currency: str
-    frequency: str
-    acr: str
-    amr: str
-
-
-@dataclass
-class Customer:
-    balance: Decimal = Decimal("12500.00")
-    savings: Decimal = Decimal("0.00")
-    payees: dict[str, Payee] = field(
-        default_factory=lambda: {
-            "acme": Payee("ACME Ltd", "FR7630006000011234567890189"),
-            "landlord": Payee("Landlord Ltd", "GB82WEST12345698765432"),
-            "power": Payee("City Power", "DE89370400440532013000"),
-        }
-    )
-    ledger: list[Transfer] = field(default_factory=list)
-    standing_orders: list[StandingOrder] = field(default_factory=list)
-    savings_moves: list[Transfer] = field(default_factory=list)
-
-    def payee_named(self, name: object) -> Payee | None:
-        """Forms name payees by name: that is what the provider shows for approval."""
-        return next((p for p in self.payees.values() if p.name == name), None)
-
-
-@dataclass(frozen=True, slots=True)
-class Seen:
-    """What one request carried: the headers, and whether the assertion checked out."""
-
-    headers: Mapping[str, str]
-    claims: Mapping[str, Any] | None
-    problem: str | None
-
-    @property
-    def verified(self) -> bool:
-        return self.claims is not None
 
 
 class DemoBank:
@@ -582,81 +470,5 @@ class DemoBank:
         return web.Response(body=static_file("demo.css"), content_type="text/css")
 
 
-def parse_amount(text: str) -> Decimal | None:
-    text = text.strip().replace(",", "")
-    if not re.fullmatch(r"[0-9]{1,7}(\.[0-9]{1,2})?", text):
-        return None
-    try:
-        amount = Decimal(text)
-    except InvalidOperation:
-        return None
-    return amount if Decimal("0.01") <= amount <= MAX_TRANSFER else None
-
-
-def asserted(seen: Seen) -> tuple[str, str]:
-    """``acr`` and ``amr`` (comma-joined, like X-Auth-Amr) from the verified assertion."""
-    claims = seen.claims or {}
-    amr = claims.get("amr") or []
-    return str(claims.get("acr") or ""), ",".join(str(v) for v in amr)
-
-
 def _when(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def refused(seen: Seen) -> web.Response:
-    body = (
-        "<p class='error' role='alert'>Refused: this request's X-Auth headers are not"
-        " backed by a valid gateway assertion, so nothing was changed.</p>"
-    )
-    return page("Refused", body, seen, 403)
-
-
-def page(title: str, body: str, seen: Seen, status: int = 200) -> web.Response:
-    rows = "".join(
-        f"<tr><th scope='row'>{esc(name)}</th><td><code>{esc(seen.headers.get(name, '-'))}</code>"
-        "</td></tr>"
-        for name in SHOWN_HEADERS
-    )
-    if seen.verified:
-        status_line = "<p id='assertion-status' class='ok'>assertion verified</p>"
-    else:
-        status_line = (
-            "<p id='assertion-status' class='error'>"
-            f"assertion not verified: {esc(seen.problem)}</p>"
-        )
-    html = (
-        "<!doctype html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>\n"
-        f"<title>{esc(title)} - Demo Bank</title>\n"
-        "<link rel='stylesheet' href='/public/demo.css'>\n</head>\n<body>\n"
-        "<header><nav aria-label='Demo Bank'><a href='/'>Accounts</a>"
-        "<a href='/transfers/new'>Transfer money</a><a href='/transfers'>Ledger</a>"
-        "<a href='/standing-orders'>Standing orders</a><a href='/savings'>Savings</a>"
-        "<a href='/payees'>Payees</a><a href='/admin'>Admin</a>"
-        "<a href='/public/about'>About</a><a href='/_gateway/logout'>Sign out</a></nav></header>\n"
-        f"<main>\n<h1>{esc(title)}</h1>\n{body}\n"
-        "<section aria-labelledby='gateway-said'><h2 id='gateway-said'>What the gateway told"
-        f" Demo Bank</h2>{status_line}<table id='auth-headers'>{rows}</table></section>\n"
-        "</main>\n</body>\n</html>\n"
-    )
-    # The Content-Security-Policy header is DemoBank._security_headers' (it knows the
-    # provider's origin).
-    return web.Response(
-        text=html, status=status, content_type="text/html", headers={"Cache-Control": "no-store"}
-    )
-
-
-def step_up_needed(seen: Seen, amount: Decimal) -> web.Response:
-    """RFC 9470 3: "this needs a stronger (and fresher) sign-in", with a page for people."""
-    description = f"Moving more than {SAVINGS_STEP_UP_ABOVE:,.2f} needs a passkey"
-    body = (
-        f"<p class='error' role='alert'>{esc(description)}: EUR {amount:,.2f} was not moved."
-        " Sign in with a passkey and send the form again.</p>"
-    )
-    response = page("A passkey is needed", body, seen, 401)
-    response.headers["WWW-Authenticate"] = (
-        f'Bearer error="insufficient_user_authentication", error_description="{description}",'
-        f' acr_values="{SAVINGS_STEP_UP_ACR}", max_age={SAVINGS_STEP_UP_MAX_AGE_S}'
-    )
-    return response

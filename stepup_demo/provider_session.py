@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from stepup_demo.factors import Authentication
-from stepup_demo.oauth import DemoClient
+from stepup_demo.oauth_models import DemoClient
 
 
 @dataclass

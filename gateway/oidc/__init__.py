@@ -1,4 +1,5 @@
-"""OpenID Connect client: pure checks in :mod:`.flow`, provider I/O in :mod:`.provider`."""
+"""OpenID Connect client: pure checks in :mod:`.flow` (the flow) and :mod:`.tokens` (ID and
+logout tokens), provider I/O in :mod:`.provider`."""
 
 from gateway.oidc.flow import (
     Callback,

@@ -2,7 +2,8 @@
 
 crypto.py       Sealer: AES-256-GCM with HKDF-derived, purpose-bound keys
 model.py        Session, Proof, expired()
-stores.py       SessionStore protocol; CookieStore, MemoryStore, make_store()
+stores.py       SessionStore protocol; CookieStore, MemoryStore
+factory.py      make_store(): the store a configuration asks for
 redis_store.py  RedisStore: sessions, their indexes and transactions in Redis
 redis_url.py    which Redis URLs are supported; Sentinel URL parsing
 transaction.py  Transaction, TransactionCodec, per-transaction cookie names
@@ -15,6 +16,7 @@ from gateway.session.cookies import (
     set_cookie_kwargs,
 )
 from gateway.session.crypto import Sealer
+from gateway.session.factory import make_store
 from gateway.session.model import MAX_PROOFS, Proof, Session, expired, new_session_id
 from gateway.session.redis_store import RedisStore
 from gateway.session.stores import (
@@ -22,7 +24,6 @@ from gateway.session.stores import (
     MemoryStore,
     SessionStore,
     SessionTooLarge,
-    make_store,
 )
 from gateway.session.transaction import (
     MAX_IN_FLIGHT,

@@ -31,7 +31,7 @@ from typing import Protocol
 
 import structlog
 
-from gateway import errors, model
+from gateway import errors
 from gateway.session.crypto import Sealer
 from gateway.session.model import Session, expired
 
@@ -290,29 +290,3 @@ class MemoryStore:
 
     def _expired(self, session: Session, now: float) -> bool:
         return expired(session, now, self._idle_timeout_s, self._lifetime_s)
-
-
-def make_store(cfg: model.SessionConfig) -> SessionStore:
-    """The store the config asks for, built from ``cfg.store_settings`` alone."""
-    if cfg.store == "cookie":
-        return CookieStore(
-            cfg.secrets, idle_timeout_s=cfg.idle_timeout_s, lifetime_s=cfg.lifetime_s
-        )
-    if cfg.store == "memory":
-        return MemoryStore(idle_timeout_s=cfg.idle_timeout_s, lifetime_s=cfg.lifetime_s)
-    if cfg.store == "redis" and cfg.redis_url is not None:
-        # Imported here: redis_store builds on this module.
-        from gateway.session.redis_store import RedisStore
-
-        return RedisStore.from_url(
-            cfg.redis_url,
-            cfg.secrets,
-            idle_timeout_s=cfg.idle_timeout_s,
-            lifetime_s=cfg.lifetime_s,
-            prefix=cfg.redis_prefix,
-            pool_size=cfg.redis_pool_size,
-            pool_timeout_s=cfg.redis_pool_timeout_s,
-        )
-    raise errors.ConfigError(
-        [errors.ConfigProblem("session.store", f"store {cfg.store!r} is not available")]
-    )

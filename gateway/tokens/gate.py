@@ -17,15 +17,18 @@ import hashlib
 import hmac
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import structlog
 from multidict import CIMultiDictProxy, MultiMapping
 
 from gateway import errors, model, responses
+from gateway.decision import TOKEN_NOT_ACCEPTED
 from gateway.memo import Memo
 from gateway.oidc.flow import IdTokenError
 from gateway.oidc.provider import ProviderClient
-from gateway.policy import Challenge
+from gateway.paths import canonical_host
+from gateway.policy import Challenge, Decision, Deny
 from gateway.session.aux import AuxStore
 from gateway.session.model import Session
 from gateway.tokens import challenges
@@ -92,9 +95,16 @@ def presented_token(headers: MultiMapping[str] | CIMultiDictProxy[str]) -> Prese
 class TokenGate:
     """Access tokens for one configuration (rebuilt on reload, with its caches)."""
 
-    def __init__(self, api: model.ApiConfig, oidc: model.OidcConfig, secret: bytes) -> None:
+    def __init__(
+        self, api: model.ApiConfig, oidc: model.OidcConfig, secret: bytes, public_url: str = ""
+    ) -> None:
         self.api = api
         self.oidc = oidc
+        # What a DPoP proof's htu names (judged_url): the public scheme, and public_url's
+        # host for a request without one.
+        public = urlsplit(public_url)
+        self._scheme = public.scheme
+        self._public_host = canonical_host(public.netloc, public.scheme) or ""
         # DPoP nonces: a key of their own, derived from the session secret so that every
         # worker and replica issues and accepts the same nonces.
         self._nonce_key = hmac.new(secret, b"stepup-gateway dpop-nonce", hashlib.sha256).digest()
@@ -112,6 +122,27 @@ class TokenGate:
         self.accepted = challenges.accepted_schemes(api)
 
     # -- the request's credential ----------------------------------------------------
+
+    async def session_for(
+        self,
+        presented: Presented,
+        method: str,
+        host: str | None,
+        path: str,
+        now: float,
+        provider: ProviderClient,
+        aux: AuxStore,
+    ) -> Session:
+        """:meth:`authenticate` for a request to the canonical ``host`` (None: none
+        sent) and normalised ``path``, as the rules judge it."""
+        return await self.authenticate(
+            presented,
+            method=method,
+            url=judged_url(self._scheme, host, self._public_host, path),
+            now=now,
+            provider=provider,
+            aux=aux,
+        )
 
     async def authenticate(
         self,
@@ -240,16 +271,28 @@ class TokenGate:
 
     # -- what the rule takes, and the challenges ----------------------------------------
 
-    def ignores_cookie(self, rule: model.Rule | None, presented: Presented | None) -> bool:
-        """``rules[].credentials``: True when a cookie session must be ignored (a
-        token-only rule); a token on a session-only rule is refused."""
-        if rule is None:
-            return False
-        if presented is not None and rule.credentials == "session":
-            raise self.refuse(
-                presented.scheme, "token_not_accepted", "This address takes no access tokens."
+    def refusal(
+        self, decision: Decision, presented: Presented | None
+    ) -> errors.Unauthorized | None:
+        """The 401 an API client gets instead of ``decision``'s usual answer, or None.
+
+        A token on a ``credentials: session`` rule (the decision unit's
+        :data:`gateway.decision.TOKEN_NOT_ACCEPTED` denial) is refused as invalid; a
+        step-up for a token, or on a token-only rule, is RFC 9470's 401, never a
+        redirect: the client asks its authorization server for a new token and retries.
+        """
+        if isinstance(decision, Challenge):
+            if self.answers_challenge(decision, presented):
+                return self.step_up_needed(decision, presented)
+        elif (
+            isinstance(decision, Deny)
+            and presented is not None
+            and decision.reason == TOKEN_NOT_ACCEPTED
+        ):
+            return self.refuse(
+                presented.scheme, TOKEN_NOT_ACCEPTED, "This address takes no access tokens."
             )
-        return presented is None and rule.credentials == "token"
+        return None
 
     @staticmethod
     def answers_challenge(decision: Challenge, presented: Presented | None) -> bool:
@@ -304,10 +347,24 @@ class TokenGate:
         return "The access token is not valid here."
 
 
+def token_gate(config: model.Config) -> TokenGate | None:
+    """The resource server of ``config``'s ``api`` section; None without one."""
+    if config.api is None:
+        return None
+    return TokenGate(config.api, config.oidc, config.session.secrets[0], config.server.public_url)
+
+
 def judged_url(scheme: str, host: str | None, public_host: str, path: str) -> str:
     """The URL a DPoP proof's htu must name: the public scheme, the request's canonical
     Host (or public_url's host without one) and the normalised path."""
     return request_url(scheme, host or public_host, path)
 
 
-__all__ = ["Presented", "TokenGate", "judged_url", "presented_token", "session_of"]
+__all__ = [
+    "Presented",
+    "TokenGate",
+    "judged_url",
+    "presented_token",
+    "session_of",
+    "token_gate",
+]

@@ -1,0 +1,118 @@
+"""What the steps after the decision may use of the gateway: :class:`Context`.
+
+The endpoints, the challenge and the forwarding get this view of
+:class:`gateway.app.Gateway` (which satisfies it; mypy checks that where they
+are called) instead of the class, so they import nothing from
+:mod:`gateway.app` and the list below is the whole of what they share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from aiohttp import web
+
+from gateway.assertion import AssertionSigner
+from gateway.decision import Allow
+from gateway.metrics import Metrics
+from gateway.model import Config
+from gateway.oidc.provider import ProviderClient
+from gateway.proxy import Upstreams
+from gateway.rules import RuleSet
+from gateway.session.aux import AuxStore
+from gateway.session.cookies import SetCookieKwargs
+from gateway.session.model import Session
+from gateway.session.stores import SessionStore
+from gateway.session.transaction import TransactionCodec
+from gateway.transactional import KeptLedger, KeptRequest
+
+
+class Context(Protocol):
+    """Configuration, shared clients and the request steps the endpoints build on.
+
+    Every attribute is read at the moment of use, never kept: a reload swaps them.
+    """
+
+    config: Config
+    rules: RuleSet
+    clock: Callable[[], float]
+    metrics: Metrics
+    store: SessionStore
+    aux: AuxStore  # one-time claims, kept requests, revocations
+    kept_ledger: KeptLedger
+    signer: AssertionSigner
+    tx_codec: TransactionCodec
+    tx_base: str  # the sign-in transaction cookies' base name
+    session_cookie: str
+    secure: bool  # cookies are Secure (and __Host-)
+    prefix: str  # server.internal_prefix
+    redirect_uri: str
+    upstreams: Upstreams
+
+    @property
+    def provider(self) -> ProviderClient: ...
+
+    @property
+    def draining(self) -> bool:
+        """SIGTERM received: finishing what is in flight (gateway.connections)."""
+        ...
+
+    # -- the request ------------------------------------------------------------
+
+    def judged_host(self, request: web.BaseRequest, rules: RuleSet) -> str | None: ...
+
+    def client_ip(self, request: web.BaseRequest) -> str | None: ...
+
+    def session_cookie_value(self, request: web.BaseRequest) -> str | None: ...
+
+    async def load_session(self, request: web.BaseRequest) -> Session | None: ...
+
+    async def claim_once(self, name: str, *, rule: str, sub: str) -> bool: ...
+
+    async def revoke(
+        self,
+        *,
+        session: Session | None = None,
+        sub: str | None = None,
+        provider_sid: str | None = None,
+    ) -> None: ...
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        decision: Allow,
+        session: Session | None,
+        path_qs: str,
+        request_id: str,
+        *,
+        kept: KeptRequest | None = None,
+    ) -> web.StreamResponse: ...
+
+    async def provider_reachable(self) -> bool: ...
+
+    def client_hops(self, request: web.BaseRequest, peer: str) -> tuple[str, ...]: ...
+
+    def peer_trusted(self, peer: str) -> bool: ...
+
+    # -- responses --------------------------------------------------------------
+
+    def public_origin(self) -> str: ...
+
+    def session_cookie_kwargs(self) -> SetCookieKwargs: ...
+
+    def metrics_response(self) -> web.Response: ...
+
+    def session_set_cookie(self, value: str) -> str: ...
+
+    def page_response(
+        self,
+        request: web.BaseRequest,
+        status: int,
+        title: str,
+        paragraphs: list[str],
+        *,
+        error: str = "error",
+        raw_html: str = "",
+        force_html: bool = False,
+    ) -> web.Response: ...
