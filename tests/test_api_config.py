@@ -52,6 +52,13 @@ def test_api_every_key() -> None:
     )
 
 
+@pytest.mark.parametrize("written", ["off", "'off'", '"off"'])
+def test_dpop_off_as_written(written: str) -> None:
+    """YAML 1.1 reads an unquoted ``off`` as false; the key's value is its text."""
+    api = load(BASE + API + f"  dpop: {written}\n").api
+    assert api is not None and api.dpop == "off"
+
+
 @pytest.mark.parametrize(
     ("section", "key_path", "fragment"),
     [
