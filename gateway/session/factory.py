@@ -13,7 +13,8 @@ import structlog
 
 from gateway import errors, model
 from gateway.session.aux import AuxStore, LocalAux
-from gateway.session.redis_store import RedisStore, eviction_problem
+from gateway.session.redis_connect import eviction_problem
+from gateway.session.redis_store import RedisStore
 from gateway.session.stores import CookieStore, MemoryStore, SessionStore
 
 log = structlog.get_logger("gateway")
@@ -66,7 +67,7 @@ def make_aux(
 
 async def check_redis_eviction(redis: RedisStore | None, source: str) -> None:
     """Refuse to start on a Redis that may evict one-time records (see
-    :func:`gateway.session.redis_store.eviction_problem`)."""
+    :func:`gateway.session.redis_connect.eviction_problem`)."""
     if redis is None:
         return
     try:

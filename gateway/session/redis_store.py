@@ -25,7 +25,8 @@ Eviction: a ``once`` or ``rec`` key that Redis evicts is a used proof that works
 again or a signed-out session that is back. Every key here has a TTL, so the
 ``volatile-*`` policies may evict any of them just as ``allkeys-*`` may; only
 ``noeviction`` (Redis then refuses writes when full, and the gateway answers 503)
-keeps them. :func:`eviction_problem` says whether a server's settings are safe.
+keeps them. :func:`gateway.session.redis_connect.eviction_problem` says whether a
+server's settings are safe.
 
     H = SHA-256, hex.  M = HMAC-SHA256 with a key derived from the session secret.
 
@@ -51,7 +52,6 @@ Which URLs work (and why Cluster does not) is in :mod:`gateway.session.redis_url
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import inspect
@@ -63,16 +63,13 @@ from typing import Any, TypeVar
 
 import structlog
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway import errors
 from gateway.memo import Memo
 from gateway.session.crypto import Sealer, derive_key
 from gateway.session.model import Session, expired
-from gateway.session.redis_url import is_sentinel_url, parse_sentinel_url
+from gateway.session.redis_connect import Slots, connect, is_refusal
 from gateway.session.stores import HANDLE_BYTES, is_handle
 from gateway.session.transaction import Transaction, same_state
 
@@ -81,17 +78,6 @@ REDIS_TX_PURPOSE = "stepup-gateway redis tx v1"
 REDIS_BLOB_PURPOSE = "stepup-gateway redis kept request v1"
 REDIS_INDEX_PURPOSE = "stepup-gateway redis index v1"
 DEFAULT_PREFIX = "stepup:"
-# Redis answers in well under a millisecond on a LAN. Half a second is hundreds of
-# times that, and short enough that a request caught by an outage gets its 503
-# (and /readyz its answer, within the default 1 s kubelet probe timeout) quickly
-# instead of holding a connection and a worker while Redis is away.
-SOCKET_TIMEOUT_S = 0.5
-CONNECT_TIMEOUT_S = 0.5
-# One immediate retry, no backoff: it replaces a pooled connection that Redis
-# closed (a restart, a failover, an idle timeout) without the user seeing an
-# error, and bounds a failing call at about 2 x 0.5 s. redis-py's default (three
-# retries with exponential backoff up to 10 s) would hold requests for seconds.
-RETRIES = 1
 # Pool connections kept beyond ``pool_size`` for readiness probes, which must not
 # wait behind requests: a probe failing because the pool is busy would take a
 # loaded process out of its Service and move its load onto the others.
@@ -212,36 +198,6 @@ return count
 )
 
 
-class _Slots:
-    """At most ``size`` holders at once; the others wait in line, each with a deadline."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.in_use = 0
-        self.waiting = 0
-        self._semaphore = asyncio.Semaphore(size)
-
-    async def acquire(self, timeout_s: float) -> bool:
-        """True once a slot is held; False when none came free within ``timeout_s``."""
-        if self._semaphore.locked():
-            self.waiting += 1
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await self._semaphore.acquire()
-            except TimeoutError:
-                return False
-            finally:
-                self.waiting -= 1
-        else:
-            await self._semaphore.acquire()  # free: returns without suspending
-        self.in_use += 1
-        return True
-
-    def release(self) -> None:
-        self.in_use -= 1
-        self._semaphore.release()
-
-
 class RedisStore:
     """Sessions in Redis behind an opaque 256-bit handle; see the module docstring.
 
@@ -263,7 +219,7 @@ class RedisStore:
         pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
     ) -> None:
         self._redis = client
-        self._slots = _Slots(pool_size)
+        self._slots = Slots(pool_size)
         self._pool_timeout_s = pool_timeout_s
         self._also_close = tuple(also_close)
         self._sealer = Sealer(secrets, REDIS_SESSION_PURPOSE)
@@ -462,7 +418,7 @@ class RedisStore:
             policy = await self._redis.config_get("maxmemory-policy")
             limit = await self._redis.config_get("maxmemory")
         except (RedisError, OSError) as exc:
-            if _is_refusal(exc):
+            if is_refusal(exc):
                 return None
             log.warning("session_store_unavailable", operation="config_get", error=str(exc))
             raise errors.StoreUnavailable(_UNAVAILABLE, reason="store_down") from exc
@@ -590,64 +546,6 @@ class RedisStore:
         except _DOWN as exc:
             log.warning("session_store_unavailable", operation=operation, error=str(exc))
             raise errors.StoreUnavailable(_UNAVAILABLE, reason="store_down") from exc
-
-
-def eviction_problem(policy: str, maxmemory_bytes: int) -> str | None:
-    """Why these eviction settings can lose one-time records; None when they cannot.
-
-    With ``maxmemory`` 0 (no limit, the default of a self-run Redis) nothing is ever
-    evicted, whatever the policy. Otherwise only ``noeviction`` is safe: every key the
-    gateway writes has a TTL, so ``volatile-lru``/``-lfu``/``-random``/``-ttl`` choose
-    among exactly the gateway's keys (and ``volatile-ttl`` first among the one-time
-    records that expire soonest), and ``allkeys-*`` among all keys.
-    """
-    if maxmemory_bytes == 0 or policy == "noeviction":
-        return None
-    return (
-        f"maxmemory-policy is {policy} with maxmemory {maxmemory_bytes}: Redis may evict "
-        "one-time records (a used proof would work again, a signed-out session come back); "
-        "set maxmemory-policy noeviction, or maxmemory 0"
-    )
-
-
-def _is_refusal(exc: BaseException) -> bool:
-    """CONFIG renamed away or forbidden by an ACL: the server answered, but will not say."""
-    text = str(exc).lower()
-    return isinstance(exc, RedisError) and (
-        "unknown command" in text or "noperm" in text or "no permission" in text
-    )
-
-
-def connect(url: str, *, max_connections: int) -> tuple[Redis, tuple[Redis, ...]]:
-    """A client for ``url`` and the other clients it needs closed (the sentinels').
-
-    Nothing connects until the first command; at most ``max_connections`` are opened.
-    """
-    options: dict[str, Any] = {
-        "max_connections": max_connections,
-        "socket_timeout": SOCKET_TIMEOUT_S,
-        "socket_connect_timeout": CONNECT_TIMEOUT_S,
-        "retry": Retry(NoBackoff(), RETRIES),
-    }
-    if not is_sentinel_url(url):
-        return Redis.from_url(url, **options), ()
-    target = parse_sentinel_url(url)
-    sentinel_options: dict[str, Any] = {
-        "socket_timeout": SOCKET_TIMEOUT_S,
-        "socket_connect_timeout": CONNECT_TIMEOUT_S,
-        "ssl": target.ssl,
-    }
-    sentinel = Sentinel(
-        list(target.sentinels),
-        sentinel_kwargs=sentinel_options,
-        username=target.username,
-        password=target.password,
-        db=target.db,
-        ssl=target.ssl,
-        **options,
-    )
-    client: Redis = sentinel.master_for(target.service_name)
-    return client, tuple(sentinel.sentinels)
 
 
 def _digest(value: str) -> str:
