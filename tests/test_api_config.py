@@ -6,6 +6,7 @@ import pytest
 
 from gateway import model
 from tests.test_config import BASE, edited, load, problems_of
+from tests.test_config_schema import MAXIMAL, assert_not_stricter
 
 API = """\
 api:
@@ -108,3 +109,16 @@ def test_rule_credentials_unknown_value() -> None:
     text = edited(("    require: none\n", "    require: none\n    credentials: cookie\n"))
     problems = problems_of(text + API)
     assert problems[0].key_path == "rules[1].credentials"
+
+
+@pytest.mark.parametrize("zero", ["0", "0s", "0h0m"])
+def test_dpop_max_age_zero_the_schema_and_builders_say_alike(zero: str) -> None:
+    """Found by the property test in tests/test_config_schema.py: the schema said
+    "longer than 0 seconds", the builders "between 1s and 300s"."""
+    text = MAXIMAL.replace("  dpop_max_age: 30s\n", f"  dpop_max_age: {zero}\n")
+    assert text != MAXIMAL
+    assert_not_stricter(text)
+    problems = problems_of(text)
+    assert [p.message for p in problems if p.key_path == "api.dpop_max_age"] == [
+        "must be longer than 0 seconds"
+    ]

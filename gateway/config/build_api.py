@@ -84,7 +84,8 @@ class _ApiBuilders(_Reader):
         return tuple(dict.fromkeys(kinds))
 
     def bounded_duration(self, node: Node, path: str, low: int, high: int) -> int:
-        seconds = self.duration_s(node, path)
+        # 0 where it is not allowed is refused as the schema's positive_duration says it.
+        seconds = self.positive_duration_s(node, path) if low > 0 else self.duration_s(node, path)
         if not low <= seconds <= high:
             raise self.fail(path, f"must be between {low}s and {high}s", node)
         return seconds
