@@ -10,6 +10,8 @@ Rows (each measured with wrk after a warm-up, all on loopback):
     gateway-1k-rules   the same with 1,000 rules before the one that matches
     gateway-10k-rules  the same with 10,000 rules
     gateway-2w-redis   2 worker processes sharing the Redis session store (same core)
+    gateway-jwt        the gateway row with a valid JWT access token instead of a cookie,
+                       from the access-token tests' authorization server (node)
     apache-openidc     the peer: Apache httpd + mod_auth_openidc doing the gateway's job
 
 The load generator runs on CPU 0 and every server on CPU 1, so one gateway process
@@ -69,7 +71,12 @@ GATEWAY_ROWS = {
     "gateway-1k-rules": 1_000,
     "gateway-10k-rules": 10_000,
     "gateway-2w-redis": 10,
+    "gateway-jwt": 10,
 }
+# The access-token row: an RFC 9068 token from tests/oidc-provider (npm ci there first),
+# verified once and then remembered by digest, as a session cookie's opening is.
+JWT_ROW = "gateway-jwt"
+JWT_AUDIENCE = "https://bank.example.com/api"  # the one tests/oidc-provider issues for
 # The scale-out row: two worker processes sharing the Redis session store (the one on
 # 127.0.0.1:6379, database 14, a key prefix of this run's). Pinned to the same single
 # server core as the other rows, so it shows what Redis and a second process cost,
@@ -502,6 +509,7 @@ def gateway_yaml(
     rules: int,
     workers: int = 1,
     store: str = "cookie",
+    api: bool = False,
 ) -> str:
     redis = (
         f"  redis_url: {REDIS_BENCH_URL}\n  redis_prefix: 'bench-{port}:'\n"
@@ -536,6 +544,7 @@ assertion:
 """
         + LEVELS_YAML
         + rules_yaml(rules)
+        + (f"api:\n  audience: {JWT_AUDIENCE}\n  dpop: off\n" if api else "")
     )
 
 
@@ -588,6 +597,7 @@ def measure_gateway(
     upstream_port: int,
     issuer: str,
     env: dict[str, str],
+    access_token: str | None = None,
 ) -> Row:
     tmp = processes.tmp
     config = tmp / f"{row}.yaml"
@@ -600,6 +610,7 @@ def measure_gateway(
             rules=rules,
             workers=SCALE_OUT.get(row, (1, "cookie"))[0],
             store=SCALE_OUT.get(row, (1, "cookie"))[1],
+            api=access_token is not None,
         )
     )
     proc = processes.start(
@@ -612,19 +623,50 @@ def measure_gateway(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(url + "/_gateway/healthz", proc, row, processes, START_TIMEOUT_S)
-        cookie = asyncio.run(sign_in(url, "stepup_session"))
+        if access_token is None:
+            cookie = asyncio.run(sign_in(url, "stepup_session"))
+            credential = f"Cookie: stepup_session={cookie}"
+        else:
+            credential = f"Authorization: Bearer {access_token}"
+            asyncio.run(check_token(url, credential))
         result = run_wrk(
-            url + HIT_PATH,
-            row=row,
-            args=args,
-            processes=processes,
-            headers=[f"Cookie: stepup_session={cookie}"],
+            url + HIT_PATH, row=row, args=args, processes=processes, headers=[credential]
         )
     finally:
         processes.stop(proc)
     if proc.returncode not in (0, -signal.SIGTERM):
         raise BenchError(f"{row} exited with {proc.returncode}:\n{processes.stderr_tail(row)}")
     return result
+
+
+async def check_token(server_url: str, credential: str) -> None:
+    """Fail unless the access token passes: a refused token would measure 401s."""
+    name, _, value = credential.partition(": ")
+    timeout = aiohttp.ClientTimeout(total=SIGN_IN_TIMEOUT_S)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as http,
+        http.get(server_url + HIT_PATH, headers={name: value}) as resp,
+    ):
+        if resp.status != 200 or await resp.text() != "ok":
+            raise BenchError(f"the access token does not pass {server_url}: {resp.status}")
+
+
+def start_token_server(processes: Processes, env: dict[str, str]) -> tuple[str, str]:
+    """tests/oidc-provider on the server core; (its issuer, a password-level token)."""
+    server_dir = REPO / "tests" / "oidc-provider"
+    if not (server_dir / "node_modules" / "oidc-provider").is_dir():
+        raise BenchError(f"{JWT_ROW} needs `npm ci --prefix tests/oidc-provider` first")
+    port = free_port()
+    issuer = f"http://127.0.0.1:{port}"
+    argv = ["node", str(server_dir / "server.js"), str(port)]
+    proc = processes.start("token-server", argv, cpu=SERVER_CPU, env=env)
+    wait_for_http(
+        issuer + "/.well-known/openid-configuration", proc, "token-server", processes, 30.0
+    )
+    sys.path.insert(0, str(REPO))
+    from tests.support.authz import authorize  # the tests' client: PKCE, no browser
+
+    return issuer, asyncio.run(authorize(issuer)).access_token
 
 
 def measure_floor(
@@ -977,6 +1019,9 @@ def run(args: argparse.Namespace) -> list[Row]:
                     )
                 )
                 for row, rules in gateway_rows:
+                    token_issuer, access_token = (
+                        start_token_server(processes, env) if row == JWT_ROW else (issuer, None)
+                    )
                     results.append(
                         measure_gateway(
                             processes,
@@ -985,8 +1030,9 @@ def run(args: argparse.Namespace) -> list[Row]:
                             rules=rules,
                             port=ports[row],
                             upstream_port=upstream_port,
-                            issuer=issuer,
+                            issuer=token_issuer,
                             env=env,
+                            access_token=access_token,
                         )
                     )
                     report(results[-1])

@@ -51,6 +51,7 @@ from gateway.errors import (
     RequestTimeout,
     StoreBusy,
     StoreUnavailable,
+    Unauthorized,
 )
 from gateway.forward import Forwarder
 from gateway.memo import HEADER_MEMO_BYTES, HEADER_MEMO_ENTRIES, Memo, header_set_size
@@ -72,6 +73,7 @@ from gateway.session.model import Session
 from gateway.session.redis_store import RedisStore
 from gateway.session.stores import CookieStore, SessionStore
 from gateway.session.transaction import TransactionCodec
+from gateway.tokens.gate import presented_token, token_gate
 from gateway.transactional import KeptLedger, KeptRequest
 
 log = structlog.get_logger("gateway")
@@ -149,6 +151,7 @@ class Gateway(ConnectionHooks):
         self.session_cookie = cookie_name(config.session.cookie_name, secure)
         self.tx_base = f"{config.session.cookie_name}_tx"
         self.scheme = urlsplit(config.server.public_url).scheme
+        self.tokens = token_gate(config)  # API clients' access tokens (None: cookies only)
         self.prefix = config.server.internal_prefix
         self.redirect_uri = f"{config.server.public_url}{self.prefix}/callback"
         self.signer = AssertionSigner(
@@ -352,20 +355,30 @@ class Gateway(ConnectionHooks):
         rules.require_known_method(request.method)
         host = self.judged_host(request, rules)
         store_down: StoreUnavailable | None = None
-        try:
-            session = await self.load_session(request)
-        except StoreUnavailable as exc:
-            session, store_down = None, exc  # decided below: fatal only if a session is needed
+        tokens = self.tokens
+        presented = presented_token(request.headers) if tokens is not None else None
+        if tokens is not None and presented is not None:
+            # An access token, when there is one, is the credential: never a cookie beside it.
+            session: Session | None = await tokens.session_for(
+                presented, request.method, host, path, self.clock(), self.provider, self.aux
+            )
+        else:
+            try:
+                session = await self.load_session(request)
+            except StoreUnavailable as exc:
+                session, store_down = None, exc  # decided below: fatal only if one is needed
+        by_token = presented is not None
         now = self.clock()
         body = RequestBody(
             request, config.step_up.max_body_bytes, query, config.server.body_timeout_s
         )
         rule = rules.match(request.method, host, path)
-        decision = decide_plain(rule, session, config.assurance, now, session_error=store_down)
+        decision = decide_plain(
+            rule, session, config.assurance, now, session_error=store_down, by_token=by_token
+        )
         if decision is None:
-            facts = RequestFacts(
-                request.method, host, path, session, _RequestReader(self, request, body)
-            )
+            reader = _RequestReader(self, request, body)
+            facts = RequestFacts(request.method, host, path, session, reader, by_token)
             decision = await decide_request(
                 facts,
                 rules,
@@ -377,10 +390,12 @@ class Gateway(ConnectionHooks):
             )
         rule_name = decision.rule.name if decision.rule is not None else None
         self.metrics.requests.labels(rule_name or "", DECISION_LABEL[type(decision)]).inc()
+        if tokens is not None and (refused := tokens.refusal(decision, presented)) is not None:
+            raise refused  # an API client's 401 (RFC 6750, 9449, 9470): never a redirect
         path_qs = path if query is None else f"{path}?{query}"
         if isinstance(decision, Allow):
             return rule_name, await self.forwarder.forward(
-                request, decision, session, path_qs, request_id, body=body
+                request, decision, session, path_qs, request_id, body=body, by_token=by_token
             )
         if isinstance(decision, Challenge):
             return rule_name, await challenge(self, request, decision, path_qs, body, session)
@@ -565,6 +580,9 @@ class Gateway(ConnectionHooks):
     def error_response(self, request: web.BaseRequest, exc: GatewayError) -> web.StreamResponse:
         log_fn = log.warning if exc.status >= 500 else log.info
         log_fn("request_refused", status=exc.status, reason=exc.reason)
+        if isinstance(exc, Unauthorized):  # an API client: JSON and the challenge it acts on
+            text = responses.json_error(exc.error, exc.message, request_id_of())
+            return web.json_response(text=text, status=exc.status, headers=exc.response_headers())
         response = self.page_response(
             request, exc.status, exc.title, [exc.message], error=exc.reason
         )

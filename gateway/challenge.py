@@ -37,6 +37,7 @@ from gateway.session.transaction import (
     tx_cookie_name,
     tx_cookies_to_drop,
 )
+from gateway.tokens import challenges
 from gateway.transactional import (
     KeptRequest,
     authorization_details,
@@ -134,7 +135,13 @@ async def challenge(
             )
     if not navigation and not form:
         if decision.reason == "no_session":
-            value = responses.www_authenticate(None, None)
+            # With api: every scheme the client may use (RFC 9110 11.6.1, RFC 9449 7.1).
+            api = ctx.config.api
+            value = (
+                challenges.accepted_schemes(api)
+                if api is not None
+                else responses.www_authenticate(None, None)
+            )
             message = "Sign-in required"
             error = "unauthorized"
         else:

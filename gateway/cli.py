@@ -8,6 +8,7 @@ would refuse before any rule is consulted).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import ipaddress
 import json
@@ -19,17 +20,27 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import TextIO, TypeVar, cast
 from urllib.parse import urlsplit
 
-from gateway import __version__
+from gateway import __version__, assurance
 from gateway.cel import old_syntax_rewrites, rewrite_notice
 from gateway.conditions import Facts
 from gateway.config import load_config
-from gateway.decision import SITE_PATH_METHODS, RequestFacts, decide_request, site_paths
+from gateway.decision import (
+    SITE_PATH_METHODS,
+    TOKEN_NOT_ACCEPTED,
+    RequestFacts,
+    decide_request,
+    site_paths,
+)
 from gateway.errors import BadRequest, ConfigError
 from gateway.fields import RequestFields, ambiguous, binding_values, read_fields, readable_body
 from gateway.model import Config, Requirement, RiskConfig, Rule
 from gateway.oidc import profiles
+from gateway.oidc.flow import IdTokenError
 from gateway.paths import canonical_host, normalize_path
+from gateway.policy import Allow, Challenge, Deny
 from gateway.rules import RuleSet
+from gateway.tokens import challenges
+from gateway.tokens.claims import check_claims, read_claims, session_of
 
 CONFIG_ENV = "GATEWAY_CONFIG"
 EXIT_OK = 0
@@ -110,6 +121,17 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--client-ip", metavar="ADDRESS", help="the client's address, for client_ip conditions"
     )
+    explain.add_argument(
+        "--token-claims",
+        metavar="JSON",
+        help="judge the request as carrying an access token with these claims (needs api); "
+        "the signature is not checked, the claims are, against now",
+    )
+    explain.add_argument(
+        "--dpop",
+        action="store_true",
+        help="with --token-claims: the token is sent with the DPoP scheme",
+    )
     explain.set_defaults(handler=_explain)
 
     demo = commands.add_parser(
@@ -189,6 +211,22 @@ def _explain(args: argparse.Namespace) -> int:
     config = _load(args.config, sys.stderr)
     if config is None:
         return EXIT_CONFIG
+    token_claims: dict[str, object] | None = None
+    if args.token_claims is not None:
+        if config.api is None:
+            print("error: --token-claims needs the api section in the config", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            parsed = json.loads(args.token_claims)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            print("error: --token-claims must be a JSON object", file=sys.stderr)
+            return EXIT_USAGE
+        token_claims = parsed
+    elif args.dpop:
+        print("error: --dpop needs --token-claims", file=sys.stderr)
+        return EXIT_USAGE
     body = args.body.encode("utf-8", "surrogateescape") if args.body is not None else None
     result, status = explain(
         config,
@@ -197,6 +235,8 @@ def _explain(args: argparse.Namespace) -> int:
         body=body,
         content_type=args.content_type,
         client_ip=args.client_ip,
+        token_claims=token_claims,
+        token_scheme="DPoP" if args.dpop else "Bearer",
     )
     print(json.dumps(result, indent=2))
     return status
@@ -235,6 +275,9 @@ def explain(
     body: bytes | None = None,
     content_type: str = FORM_CONTENT_TYPE,
     client_ip: str | None = None,
+    token_claims: Mapping[str, object] | None = None,
+    token_scheme: str = "Bearer",  # noqa: S107 - an auth scheme, not a secret
+    now: float | None = None,
 ) -> tuple[dict[str, object], int]:
     """What the gateway would do with ``method url`` before looking at any session.
 
@@ -245,6 +288,9 @@ def explain(
     ``when`` are tried in order against the body, the URL's query and
     ``client_ip``; with no session, ``auth_age`` and ``client_ip_changed`` count
     as true (as anything unknown does).
+
+    With ``token_claims`` (and the ``api`` section) the request carries an access
+    token with those claims: ``"token"`` in the result says how it is judged.
     """
     public = urlsplit(config.server.public_url)
     scheme = public.scheme.lower()
@@ -308,12 +354,13 @@ def explain(
         }, EXIT_REFUSED
     facts, facts_note, fields = _facts(config, raw_query, body, content_type, client_ip)
     skipped: list[Rule] = []
+    request_facts = RequestFacts(method, host, path, None, _ExplainReader(fields, client_ip))
     # The gateway's own decision, with no session and no risk engine asked: what it
     # names is the rule, whatever the session would then make of it.
     try:
         decision = _at_once(
             decide_request(
-                RequestFacts(method, host, path, None, _ExplainReader(fields, client_ip)),
+                request_facts,
                 rules,
                 config.assurance,
                 time.time(),
@@ -376,6 +423,18 @@ def explain(
     authorization = _authorization(config, rule.require)
     if authorization is not None:
         result["authorization"] = authorization
+    if config.api is not None:
+        result["credentials"] = rule.credentials
+    if token_claims is not None and config.api is not None:
+        result["token"] = judge_token(
+            config,
+            rules,
+            request_facts,
+            rule,
+            token_claims,
+            token_scheme,
+            time.time() if now is None else now,
+        )
     return {**result, **extra}, EXIT_OK
 
 
@@ -393,6 +452,72 @@ def _authorization(config: Config, require: Requirement) -> dict[str, str] | Non
         max_age_s,
         essential_acr=config.oidc.essential_acr,
     )
+
+
+def judge_token(
+    config: Config,
+    rules: RuleSet,
+    facts: RequestFacts,
+    explained: Rule,
+    claims: Mapping[str, object],
+    scheme: str,
+    now: float,
+) -> dict[str, object]:
+    """How the gateway judges a token with ``claims`` (signature and DPoP proof taken
+    as valid): the claim checks, then the decision unit with the token's session, as
+    the request path does (:mod:`gateway.tokens.gate`)."""
+    api = config.api
+    assert api is not None
+    if (scheme == "DPoP" and api.dpop == "off") or (scheme == "Bearer" and api.dpop == "required"):
+        reason = "dpop_disabled" if scheme == "DPoP" else "dpop_required"
+        return {"decision": "invalid_token", "status": 401, "reason": reason}
+    try:
+        read = read_claims(claims)
+        check_claims(
+            read,
+            issuer=config.oidc.issuer,
+            audience=api.audience,
+            now=now,
+            skew_s=config.oidc.clock_skew_s,
+        )
+    except IdTokenError as exc:
+        refused: dict[str, object] = {"decision": "invalid_token", "status": 401}
+        refused["reason"] = exc.reason if exc.claim is None else f"{exc.reason} ({exc.claim})"
+        return refused
+    session = session_of(read, "explain", now)
+    try:
+        decision = _at_once(
+            decide_request(
+                dataclasses.replace(facts, session=session, by_token=True),
+                rules,
+                config.assurance,
+                now,
+                risk=None,
+                claim_once=_unspent,
+                log_unknown=False,
+            )
+        )
+    except BadRequest as refusal:
+        return {"decision": "refused", "status": 400, "reason": refusal.reason}
+    if isinstance(decision, Deny) and decision.reason == TOKEN_NOT_ACCEPTED:
+        return {"decision": "invalid_token", "status": 401, "reason": TOKEN_NOT_ACCEPTED}
+    held = assurance.highest(config.assurance.levels, session.proofs)
+    judged: dict[str, object] = {"level": held.name if held is not None else None}
+    if decision.rule is not explained:  # the token's session made a when hold differently
+        judged["rule"] = decision.rule.name if decision.rule is not None else None
+    if isinstance(decision, Allow):
+        judged.update(decision="allow", status=200)
+    elif isinstance(decision, Challenge):
+        value, _max_age_s = challenges.step_up(api, decision, scheme)
+        judged.update(
+            decision="challenge",
+            status=401,
+            reason=decision.reason,
+            www_authenticate=value,
+        )
+    else:
+        judged.update(decision="deny", status=decision.status, reason=decision.reason)
+    return judged
 
 
 class _ExplainReader:
@@ -416,6 +541,10 @@ class _ExplainReader:
 
 async def _no_claims(name: str, *, rule: str, sub: str) -> bool:
     raise AssertionError("explain has no session, so no proof to spend")  # pragma: no cover
+
+
+async def _unspent(name: str, *, rule: str, sub: str) -> bool:
+    return True  # a token's proof, judged as not used before (explain keeps no records)
 
 
 def _at_once(step: Coroutine[object, None, T]) -> T:

@@ -42,6 +42,7 @@ __all__ = [
     "DECISION_LABEL",
     "SITE_PATHS",
     "SITE_PATH_METHODS",
+    "TOKEN_NOT_ACCEPTED",
     "Allow",
     "Challenge",
     "ClaimOnce",
@@ -51,6 +52,7 @@ __all__ = [
     "RequestReader",
     "RiskEngine",
     "choose_rule",
+    "credential_refused",
     "decide_plain",
     "decide_request",
     "proof_claim_name",
@@ -104,7 +106,8 @@ class RequestFacts:
 
     ``host`` is canonical (:func:`gateway.paths.canonical_host`), ``path``
     normalised (:func:`gateway.paths.normalize_path`); ``session`` None: none (or
-    none that could be loaded).
+    none that could be loaded). ``by_token``: ``session`` is the request's access
+    token's (:mod:`gateway.tokens`), not a cookie's.
     """
 
     method: str
@@ -112,6 +115,7 @@ class RequestFacts:
     path: str
     session: Session | None
     read: RequestReader
+    by_token: bool = False
 
 
 # Paths at the site's root the gateway answers itself for GET and HEAD, so that a
@@ -129,6 +133,23 @@ def site_paths(rules: Iterable[Rule]) -> frozenset[str]:
 # The ``decision`` label of the gateway_requests_total metric.
 DECISION_LABEL: dict[type, str] = {Allow: "allow", Challenge: "challenge", Deny: "deny"}
 
+# The Deny reason for an access token on a ``credentials: session`` rule; the token
+# gate answers it with its RFC 6750 401 (gateway.tokens.gate.TokenGate.refusal).
+TOKEN_NOT_ACCEPTED = "token_not_accepted"
+
+
+def credential_refused(rule: Rule | None, by_token: bool) -> Deny | None:
+    """``rules[].credentials: session``: an access token is refused there."""
+    if by_token and rule is not None and rule.credentials == "session":
+        return Deny(401, TOKEN_NOT_ACCEPTED, rule)
+    return None
+
+
+def _cookie_ignored(rule: Rule | None, by_token: bool) -> bool:
+    # rules[].credentials: token -- a cookie's session is no credential there (and a
+    # store that is down does not matter): judged as no session at all.
+    return not by_token and rule is not None and rule.credentials == "token"
+
 
 def decide_plain(
     rule: Rule | None,
@@ -137,16 +158,24 @@ def decide_plain(
     now: float,
     *,
     session_error: GatewayError | None = None,
+    by_token: bool = False,
 ) -> Decision | None:
     """The decision when ``rule``, the first that matches, needs nothing but the session.
 
     None when it has ``when``, ``risk``, ``bind`` or ``once``: then
     :func:`decide_request` decides. No coroutine: this is every plain request's path.
+    ``by_token``: as :attr:`RequestFacts.by_token`.
     """
     if rule is not None:
         require = rule.require
         if rule.when is not None or rule.risk is not None or require.bind or require.once:
             return None
+        if rule.credentials != "any":
+            refused = credential_refused(rule, by_token)
+            if refused is not None:
+                return refused
+            if _cookie_ignored(rule, by_token):
+                session, session_error = None, None
     _session_needed(rule, session_error)
     return decide(rule, session, assurance_cfg, now)
 
@@ -173,6 +202,11 @@ async def decide_request(
     the unknowns in its answer).
     """
     rule = await choose_rule(facts, rules, now, skipped=skipped, log_unknown=log_unknown)
+    refused = credential_refused(rule, facts.by_token)
+    if refused is not None:
+        return refused
+    if _cookie_ignored(rule, facts.by_token):
+        facts, session_error = dataclasses.replace(facts, session=None), None
     _session_needed(rule, session_error)
     session = facts.session
     judged = rule

@@ -16,7 +16,9 @@ into responses (a small HTML page for browsers, JSON for everything else).
     ├── StoreUnavailable         503: the session store does not answer
     │   └── StoreBusy            503 + Retry-After: it answers, but every connection
     │                            to it stayed busy too long (back-pressure)
-    └── Busy                     503 + Retry-After: a bounded store is full for now
+    ├── Busy                     503 + Retry-After: a bounded store is full for now
+    └── Unauthorized             401 + WWW-Authenticate: an API client's access token is
+                                 missing, invalid or under-assured (RFC 6750, 9449, 9470)
 
     ConfigError                  not an HTTP error: the config file is invalid
 """
@@ -110,6 +112,41 @@ class StoreBusy(StoreUnavailable):
     def __init__(self, message: str, *, reason: str | None = None, retry_after_s: int) -> None:
         super().__init__(message, reason=reason)
         self.retry_after_s = retry_after_s
+
+
+class Unauthorized(GatewayError):
+    """401 for an API client, with the challenge it acts on.
+
+    ``error`` is the RFC 6750 3.1 / RFC 9449 7.1 / RFC 9470 3 code in the body and the
+    challenge; ``challenge`` the ``WWW-Authenticate`` value; ``dpop_nonce`` a
+    ``DPoP-Nonce`` to send (RFC 9449 9).
+    """
+
+    status = 401
+    title = "Unauthorized"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        error: str,
+        challenge: str,
+        dpop_nonce: str | None = None,
+        status: int = 401,
+    ) -> None:
+        super().__init__(message, reason=reason)
+        self.error = error
+        self.challenge = challenge
+        self.dpop_nonce = dpop_nonce
+        self.status = status  # 400 for invalid_request (RFC 6750 3.1)
+
+    def response_headers(self) -> dict[str, str]:
+        """The headers of its response: the challenge, and the nonce when there is one."""
+        out = {"WWW-Authenticate": self.challenge, "Cache-Control": "no-store"}
+        if self.dpop_nonce is not None:
+            out["DPoP-Nonce"] = self.dpop_nonce
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,8 +85,12 @@ class Forwarder:
         *,
         body: RequestBody | None = None,
         kept: KeptRequest | None = None,
+        by_token: bool = False,
     ) -> web.StreamResponse:
-        """Send the request (or a ``kept`` one, replayed) upstream with assurance headers."""
+        """Send the request (or a ``kept`` one, replayed) upstream with assurance headers.
+
+        ``by_token``: judged by an access token (its ``session`` is the token's, unsaved).
+        """
         ctx = self._ctx
         rule = decision.rule
         websocket = is_websocket(request)
@@ -94,9 +98,13 @@ class Forwarder:
         if session is not None:
             # update() replaces: none of these came from the client (prefix stripped).
             upstream_headers.update(self.assurance_headers(session, decision.level, rule))
+        if by_token and not ctx.config.upstreams[rule.upstream].pass_authorization:
+            # The token's audience is the gateway (README: upstreams pass_authorization).
+            upstream_headers.popall("Authorization", None)
+            upstream_headers.popall("DPoP", None)
         refreshed: str | None = None
         now = ctx.clock()
-        if session is not None and session.touch_due(now):
+        if session is not None and not by_token and session.touch_due(now):
             refreshed = await ctx.store.save(
                 session.touched(now), now, previous=ctx.session_cookie_value(request)
             )
@@ -137,11 +145,16 @@ class Forwarder:
                     log.info("upstream_challenge_body_too_large", rule=rule.name)
             if body is not None and body.data is not None and request.body_exists:
                 data = body.data  # the bytes the rule engine read, sent as they came
-            # Only browsers are stepped up for the upstream; API clients get its
-            # challenge unchanged, even when a rule had to read their body.
-            if rule.upstream_challenge and (
-                (form and data is not None)
-                or responses.is_navigation(request.method, request.headers)
+            # Only browsers are stepped up for the upstream; API clients (and any request
+            # with an access token) get its challenge unchanged, even when a rule had to
+            # read their body.
+            if (
+                rule.upstream_challenge
+                and not by_token
+                and (
+                    (form and data is not None)
+                    or responses.is_navigation(request.method, request.headers)
+                )
             ):
                 intercept = self.upstream_asks_step_up
         latency = ctx.metrics.upstream_latency.labels(rule.upstream)

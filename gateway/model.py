@@ -50,6 +50,10 @@ class UpstreamConfig:
     # The upstream routes /API/Transfers to its /api/transfers handler (Express, IIS,
     # ASP.NET...): rules routing to it compare paths ignoring ASCII case.
     case_insensitive_paths: bool = False
+    # A request judged by its access token: does this upstream get the client's
+    # Authorization (and DPoP) header? No by default: the token was meant for the
+    # gateway (its audience), and an upstream that never sees it cannot leak or replay it.
+    pass_authorization: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +174,22 @@ class Rule:
     upstream_challenge: bool = False
     when: Any = None  # gateway.conditions.Condition: the rule applies only when it holds
     risk: RiskConfig | None = None  # ask an external risk engine what this request needs
+    credentials: str = "any"  # session | token | any: what this rule accepts (with api)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """The gateway as an OAuth 2.0 resource server (``api``): see :mod:`gateway.tokens`."""
+
+    audience: str  # the ``aud`` every access token must carry (RFC 9068 4)
+    tokens: tuple[str, ...] = ("jwt",)  # jwt (RFC 9068) and/or introspection (RFC 7662)
+    dpop: str = "allowed"  # off | allowed | required (RFC 9449)
+    algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "ES384", "RS384", "RS512", "EdDSA")
+    dpop_algorithms: tuple[str, ...] = ("ES256", "ES384", "EdDSA", "PS256", "RS256")
+    dpop_nonce: bool = False  # issue and require server nonces (RFC 9449 8)
+    dpop_max_age_s: int = 60  # a proof's iat window (RFC 9449 11.1)
+    introspection_cache_s: int = 60  # at most this long, and never past the token's exp
+    cache_entries: int = 10_000  # verified tokens and introspection results kept per process
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,3 +210,4 @@ class Config:
     assertion: AssertionConfig = field(default_factory=AssertionConfig)
     source: str = "<memory>"
     step_up: StepUpConfig = field(default_factory=StepUpConfig)
+    api: ApiConfig | None = None

@@ -99,6 +99,7 @@ def test_schema_is_draft_2020_12_and_valid() -> None:
         "rules[].risk",
         "assertion",
         "step_up",
+        "api",
     ]
 
 
@@ -210,7 +211,7 @@ SCHEMA_BAD = [
      "got a list"),
     ("top-level-list", [(BASE, "- server\n")],
      "config.yaml:1 (top level): expected a mapping with keys server, upstreams, oidc, "
-     "session, assurance, rules, assertion, step_up, got a list"),
+     "session, assurance, rules, assertion, step_up, api, got a list"),
     ("require-list", [(R0, "    require: [mfa]")],
      "config.yaml:24 rules[0].require: expected a mapping with keys level, max_age, once, "
      "bind, got a list"),
@@ -338,6 +339,7 @@ server:
 upstreams:
   app: http://127.0.0.1:9000
   admin: https://admin.internal/base
+  api: {url: 'https://api.internal', case_insensitive_paths: true, pass_authorization: true}
 oidc:
   issuer: https://op.example.com/
   client_id: 1234
@@ -378,6 +380,7 @@ rules:
     upstream: app
     allow_method_override: true
     upstream_challenge: true
+    credentials: session
   - name: admin
     match: {path: /admin/**}
     require: {level: strong}
@@ -395,6 +398,16 @@ step_up:
   authorization_details_type: urn:example:transfer
   keep_budget: 16MiB
   keep_per_client: 4
+api:
+  audience: https://gw.example.com/api
+  tokens: [jwt, introspection]
+  dpop: required
+  algorithms: [ES256]
+  dpop_algorithms: [ES256]
+  dpop_nonce: true
+  dpop_max_age: 30s
+  introspection_cache: 10s
+  cache_entries: 100
 """
 
 
@@ -433,6 +446,9 @@ def test_the_maximal_configs_use_every_key_of_the_schema(tmp_path: Path) -> None
     for text in maximal_files(tmp_path):
         used |= key_paths(yaml.safe_load(text))
     schema_keys = {key for key, _ in KEYS}
+    upstream_mapping = SCHEMA["properties"]["upstreams"]["additionalProperties"]["then"]
+    mapped = {key.rpartition(".")[2] for key in used if re.match(r"upstreams\.[^.]+\.", key)}
+    assert set(upstream_mapping["properties"]) - mapped == set()  # every upstream key used
     assert schema_keys - used == set()  # a new key in the schema belongs in MAXIMAL
     # upstream names and the parts of a condition are data, not keys
     assert {k for k in used - schema_keys if not k.startswith(("upstreams.", "rules[].when."))} == (
@@ -449,7 +465,9 @@ def test_the_builders_read_exactly_the_keys_the_schema_describes(
 
     def recording(self: Any, node: Any, path: str, keys: Any) -> Any:
         if keys is not None:
-            seen.setdefault(re.sub(r"\[\d+\]", "[]", path), set()).update(keys)
+            path = re.sub(r"\[\d+\]", "[]", path)
+            path = re.sub(r"^upstreams\.[^.]+$", "upstreams.*", path)  # names are data
+            seen.setdefault(path, set()).update(keys)
         return mapping(self, node, path, keys)
 
     monkeypatch.setattr(cfg._Validator, "mapping", recording)
@@ -457,6 +475,9 @@ def test_the_builders_read_exactly_the_keys_the_schema_describes(
         config = load(text, base_dir=str(tmp_path))  # the builders accept every schema key
         assert config.rules[0].risk is not None
     described = {path: set(o["properties"]) for path, o in OBJECTS}
+    # an upstream written as a mapping ({url, ...}) rather than a URL
+    upstream_mapping = SCHEMA["properties"]["upstreams"]["additionalProperties"]["then"]
+    described["upstreams.*"] = set(upstream_mapping["properties"])
     assert seen == described
 
 
@@ -468,6 +489,7 @@ def test_writing_a_default_out_changes_nothing(key: str) -> None:
     document = yaml.safe_load(BASE)
     document["rules"][0]["risk"] = {"url": "http://127.0.0.1:7000/risk"}
     document["rules"][0]["require"] = {"level": "mfa"}
+    document["api"] = {"audience": "https://gw.example.com/api"}  # its keys' parent
     implicit = load(yaml.safe_dump(document, sort_keys=False))
     explicit = copy.deepcopy(document)
     *parents, last = key.replace("[]", ".0").split(".")

@@ -124,6 +124,63 @@ def test_a_rule_that_reads_or_asks_is_left_to_decide_request(needs_more: Rule) -
     assert decide_plain(needs_more, signed_in(), LEVELS, NOW) is None
 
 
+@pytest.mark.parametrize("plain", [True, False], ids=["decide_plain", "decide_request"])
+@pytest.mark.parametrize(
+    ("credentials", "by_token", "expected"),
+    [
+        # rules[].credentials: session -- an access token is refused (the token gate's 401).
+        ("session", True, "token_not_accepted"),
+        ("session", False, "allow"),
+        # credentials: token -- a cookie's session is no credential there.
+        ("token", False, "no_session"),
+        ("token", True, "allow"),
+        ("any", True, "allow"),
+        ("any", False, "allow"),
+    ],
+)
+def test_what_a_rule_takes_as_credential(
+    credentials: str, by_token: bool, expected: str, plain: bool
+) -> None:
+    taking = rule("api", "mfa", credentials=credentials)
+    if plain:
+        decision = decide_plain(taking, signed_in(), LEVELS, NOW, by_token=by_token)
+    else:
+        facts = RequestFacts("POST", None, "/pay", signed_in(), Reader(), by_token)
+        decision = run(
+            decide_request(facts, RuleSet([taking]), LEVELS, NOW, risk=None, claim_once=Claims())
+        )
+    assert decision is not None
+    got = "allow" if isinstance(decision, Allow) else decision.reason
+    assert got == expected
+    if expected == "token_not_accepted":
+        assert decision == Deny(401, "token_not_accepted", taking)
+
+
+@pytest.mark.parametrize("plain", [True, False], ids=["decide_plain", "decide_request"])
+def test_a_token_only_rule_does_not_need_the_session_store(plain: bool) -> None:
+    """A store that is down fails requests that need a cookie's session, not a token-only
+    rule's (it is judged as no session at all: the client's 401 names the token schemes)."""
+    taking = rule("api", "mfa", credentials="token")
+    outage = StoreUnavailable("down", reason="store_down")
+    if plain:
+        decision = decide_plain(taking, None, LEVELS, NOW, session_error=outage)
+    else:
+        facts = RequestFacts("POST", None, "/pay", None, Reader())
+        decision = run(
+            decide_request(
+                facts,
+                RuleSet([taking]),
+                LEVELS,
+                NOW,
+                risk=None,
+                claim_once=Claims(),
+                session_error=outage,
+            )
+        )
+    assert isinstance(decision, Challenge)
+    assert decision.reason == "no_session"
+
+
 def test_when_chooses_the_rule_and_the_skipped_ones_are_named() -> None:
     big = rule("big", "phishing-resistant", when=parse_condition("amount > 100"))
     small = rule("small", "mfa", index=1)

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway import model
+from gateway.config.build_api import _ApiBuilders
 from gateway.config.build_rules import _RuleBuilders
 from gateway.config.defaults import (
     CLIENT_AUTH_METHODS,
@@ -57,7 +58,6 @@ from gateway.config.defaults import (
     DEFAULT_UPSTREAM_CONNECT_TIMEOUT_S,
     DEFAULT_UPSTREAM_TIMEOUT_S,
     DEFAULT_WORKERS,
-    KNOWN_ALGORITHMS,
     LOG_LEVELS,
     MAX_CLOCK_SKEW_S,
     MAX_CONNECTIONS_LIMIT,
@@ -74,7 +74,6 @@ from gateway.config.loader import (
     _Invalid,
     _Map,
 )
-from gateway.config.schema import suggest as _suggest
 from gateway.oidc import fapi, profiles
 from gateway.session.crypto import MIN_SECRET_BYTES
 from gateway.session.redis_url import REDIS_SCHEMES, is_sentinel_url, parse_sentinel_url, scheme_of
@@ -90,7 +89,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class _Validator(_RuleBuilders):
+class _Validator(_RuleBuilders, _ApiBuilders):
     # --- sections ---------------------------------------------------------------------
 
     def config(self, root: Node) -> model.Config | None:
@@ -107,6 +106,7 @@ class _Validator(_RuleBuilders):
                     "rules",
                     "assertion",
                     "step_up",
+                    "api",
                 ),
             )
         except _Invalid:
@@ -141,6 +141,24 @@ class _Validator(_RuleBuilders):
         )
         if top.get("step_up") is not None:
             step_up = self.section(top, "step_up", self.step_up) or step_up
+        api = self.section(top, "api", self.api) if top.get("api") is not None else None
+        if api is not None and oidc is not None:
+            outside = [alg for alg in api.algorithms if alg not in oidc.algorithms]
+            if outside:
+                # The issuer's keys are looked up under oidc.algorithms (one JWKS cache).
+                self.note(
+                    "api.algorithms",
+                    f"{', '.join(outside)} not in oidc.algorithms: tokens signed so would "
+                    "be refused; add them there too",
+                    self.node_at(top, "api", "algorithms"),
+                )
+        if api is None and top.get("api") is None:
+            for cred_path, cred_node in self.credential_nodes:
+                self.note(
+                    cred_path,
+                    "needs the api section: without it the gateway accepts no access tokens",
+                    cred_node,
+                )
         if server is not None and session is not None:
             if session.redis_pool_size == 0:
                 pool_size = max(1, server.max_connections // REDIS_POOL_SHARE)
@@ -174,6 +192,7 @@ class _Validator(_RuleBuilders):
             assertion=assertion,
             source=self.source,
             step_up=step_up,
+            api=api,
         )
 
     def server(self, node: Node, path: str) -> model.ServerConfig:
@@ -263,12 +282,6 @@ class _Validator(_RuleBuilders):
                 result.append(self.rule_host(item, item_path))
         return tuple(result)
 
-    def bounded_integer(self, node: Node, path: str, low: int, high: int) -> int:
-        value = self.integer(node, path)
-        if not low <= value <= high:
-            raise self.fail(path, f"must be between {low} and {high} (got {value})", node)
-        return value
-
     def public_url(self, node: Node, path: str) -> str:
         text, parts = self.http_url(node, path, what="public_url")
         if parts.path not in ("", "/"):
@@ -355,12 +368,18 @@ class _Validator(_RuleBuilders):
         """An upstream: its URL, or ``{url: URL, case_insensitive_paths: BOOL}``."""
         if not isinstance(node, MappingNode):
             return model.UpstreamConfig(name=name, url=self.upstream_url(node, path))
-        m = self.mapping(node, path, ("url", "case_insensitive_paths"))
+        m = self.mapping(node, path, ("url", "case_insensitive_paths", "pass_authorization"))
         url = self.required(m, "url", lambda n, p: self.upstream_url(n, p), "")
         case_insensitive = self.optional(m, "case_insensitive_paths", self.boolean, False)
+        pass_authorization = self.optional(m, "pass_authorization", self.boolean, False)
         if not url:
             raise _Invalid
-        return model.UpstreamConfig(name=name, url=url, case_insensitive_paths=case_insensitive)
+        return model.UpstreamConfig(
+            name=name,
+            url=url,
+            case_insensitive_paths=case_insensitive,
+            pass_authorization=pass_authorization,
+        )
 
     def upstream_url(self, node: Node, path: str) -> str:
         text, _parts = self.http_url(node, path, what="upstream URL")
@@ -503,30 +522,6 @@ class _Validator(_RuleBuilders):
                 node,
             )
         return seconds
-
-    def algorithms(self, node: Node, path: str) -> tuple[str, ...]:
-        result: list[str] = []
-        for item_path, item in self.items(node, path):
-            try:
-                alg = self.text(item, item_path)
-            except _Invalid:
-                continue
-            if alg.lower() == "none":
-                self.note(item_path, "'none' would accept unsigned id tokens", item)
-            elif alg.upper().startswith("HS"):
-                self.note(
-                    item_path,
-                    f"{alg!r} is refused: HMAC id tokens are keyed with the client secret, "
-                    "which the gateway shares",
-                    item,
-                )
-            elif alg not in KNOWN_ALGORITHMS:
-                self.note(
-                    item_path, f"unknown algorithm {alg!r}" + _suggest(alg, KNOWN_ALGORITHMS), item
-                )
-            else:
-                result.append(alg)
-        return tuple(dict.fromkeys(result))
 
     def session(self, node: Node, path: str) -> model.SessionConfig:
         m = self.mapping(

@@ -23,6 +23,7 @@ from gateway.conditions import (
     is_field_name,
 )
 from gateway.config.defaults import (
+    CREDENTIALS,
     DEFAULT_ASSERTION_TTL_S,
     DEFAULT_AUTHORIZATION_DETAILS_TYPE,
     DEFAULT_HEADER_PREFIX,
@@ -166,9 +167,13 @@ class _RuleBuilders(_Reader):
                 "upstream",
                 "allow_method_override",
                 "upstream_challenge",
+                "credentials",
             ),
         )
         before = len(self.problems)
+        credentials_node = m.get("credentials")
+        if credentials_node is not None:
+            self.credential_nodes.append((m.child("credentials"), credentials_node))
         rule = model.Rule(
             name=self.required(m, "name", self.name, ""),
             index=index,
@@ -184,6 +189,9 @@ class _RuleBuilders(_Reader):
             upstream_challenge=self.optional(m, "upstream_challenge", self.boolean, False),
             when=self.optional(m, "when", self.when, None),
             risk=self.optional(m, "risk", self.risk, None),
+            credentials=self.optional(
+                m, "credentials", lambda n, p: self.choice(n, p, CREDENTIALS), "any"
+            ),
         )
         if rule.when is not None and rule.require.level is None:
             self.note(

@@ -186,6 +186,21 @@ MAX_KEEP_BUDGET_BYTES = 4 * 1024 * 1024 * 1024
 MAX_DETAILS_TYPE_CHARS = 200
 
 STORES = ("cookie", "memory", "redis")
+TOKEN_KINDS = ("jwt", "introspection")
+DPOP_MODES = ("off", "allowed", "required")
+CREDENTIALS = ("session", "token", "any")
+# RFC 9449 11.1: a proof is good for a short window around its iat; a minute either way
+# absorbs ordinary clock drift while keeping the jti records (and replays) short-lived.
+DEFAULT_DPOP_MAX_AGE_S = 60
+MAX_DPOP_MAX_AGE_S = 5 * 60
+# RFC 7662 4: a cached answer may outlive a revocation; a minute bounds that window.
+DEFAULT_INTROSPECTION_CACHE_S = 60
+MAX_INTROSPECTION_CACHE_S = 10 * 60
+# Verified tokens (and introspection answers) kept per process, each a few hundred bytes.
+DEFAULT_TOKEN_CACHE_ENTRIES = 10_000
+MAX_TOKEN_CACHE_ENTRIES = 1_000_000
+# DPoP proofs: asymmetric only (RFC 9449 4.2: no MAC, no none).
+DEFAULT_DPOP_ALGORITHMS = ("ES256", "ES384", "EdDSA", "PS256", "RS256")
 RISK_ON_ERROR = ("step_up", "deny")
 CLIENT_AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt")
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -27,6 +27,7 @@ from gateway.conditions import (
     parse_duration_s,
 )
 from gateway.config.defaults import (
+    KNOWN_ALGORITHMS,
     MAX_PORT,
 )
 from gateway.config.schema import NAME_HINT, document, key_path_text
@@ -113,6 +114,8 @@ class _Reader:
         self.problems: list[ConfigProblem] = []
         # (key path, node) of every require.once: true, checked against the store.
         self.once_nodes: list[tuple[str, Node]] = []
+        # (key path, node) of every rules[].credentials, checked against the api section.
+        self.credential_nodes: list[tuple[str, Node]] = []
         # public_url's scheme once read: hosts in rules and server.hosts drop its default
         # port only (":80" under https is another origin); both 80 and 443 until then.
         self.public_scheme: str | None = None
@@ -472,3 +475,33 @@ class _Reader:
             return read(node, key)
         except _Invalid:
             return None
+
+    def bounded_integer(self, node: Node, path: str, low: int, high: int) -> int:
+        value = self.integer(node, path)
+        if not low <= value <= high:
+            raise self.fail(path, f"must be between {low} and {high} (got {value})", node)
+        return value
+
+    def algorithms(self, node: Node, path: str) -> tuple[str, ...]:
+        result: list[str] = []
+        for item_path, item in self.items(node, path):
+            try:
+                alg = self.text(item, item_path)
+            except _Invalid:
+                continue
+            if alg.lower() == "none":
+                self.note(item_path, "'none' would accept unsigned id tokens", item)
+            elif alg.upper().startswith("HS"):
+                self.note(
+                    item_path,
+                    f"{alg!r} is refused: HMAC id tokens are keyed with the client secret, "
+                    "which the gateway shares",
+                    item,
+                )
+            elif alg not in KNOWN_ALGORITHMS:
+                self.note(
+                    item_path, f"unknown algorithm {alg!r}" + _suggest(alg, KNOWN_ALGORITHMS), item
+                )
+            else:
+                result.append(alg)
+        return tuple(dict.fromkeys(result))

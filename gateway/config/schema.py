@@ -302,6 +302,10 @@ def _problems(error: ValidationError, where: Mapping[KeyPath, Where]) -> Iterato
         return
     text = place.text if place else ""
     line = place.value_line if place else None
+    if keyword == "enum" and place is not None and text in schema.get("enum", ()):
+        # YAML 1.1 reads an unquoted `off` (or on, yes, no) as a boolean; the builders
+        # read a choice's text (Validator.choice), so `dpop: off` is the string.
+        return
     if keyword == "type" and schema.get("type") == "array" and _shape(instance) is None:
         raw = place.raw if place else ""  # as written: an interpolated value may be a secret
         yield SchemaProblem(path, f"expected a list (write [{raw}])", line)

@@ -114,6 +114,7 @@ class ProviderMetadata:
     raw: Mapping[str, object]
     code_challenge_methods: tuple[str, ...] = ()
     acr_values_supported: tuple[str, ...] = ()
+    introspection_endpoint: str | None = None  # RFC 8414 2 (RFC 7662)
 
 
 def parse_metadata(document: object, *, issuer: str) -> ProviderMetadata:
@@ -168,6 +169,7 @@ def parse_metadata(document: object, *, issuer: str) -> ProviderMetadata:
         raw=dict(document),
         code_challenge_methods=strings("code_challenge_methods_supported"),
         acr_values_supported=strings("acr_values_supported"),
+        introspection_endpoint=url("introspection_endpoint", required=False),
     )
 
 

@@ -139,13 +139,15 @@ class ProviderClient:
             raise _copy(self._meta_error)
         return self._meta
 
-    async def key_for(self, kid: str | None, alg: str) -> jwt.PyJWK:
+    async def key_for(self, kid: str | None, alg: str, *, wait: bool = True) -> jwt.PyJWK:
         """The provider's key for a token header, bound to ``alg``.
 
         An unknown kid refetches the JWKS: at most one fetch per
         :data:`JWKS_REFETCH_INTERVAL_S`, shared by every request waiting for it, and
         waited for (at most that long) when the last one was too recent. Still
         unknown after a fetch that started after this call -> ``IdTokenError("kid")``.
+        ``wait=False`` (access tokens, which any request may carry): when the last fetch
+        was too recent, fail at once instead of holding the request for the next one.
         """
         if alg not in usable_algs(self._cfg.algorithms):
             raise IdTokenError("alg")  # before any fetch: the header is attacker-chosen
@@ -153,12 +155,14 @@ class ProviderClient:
         key = self._find_key(kid, alg)
         if key is not None:
             return key
-        key = await self._refetch_for_unknown_kid(kid, alg)
+        key = await self._refetch_for_unknown_kid(kid, alg, wait=wait)
         if key is None:
             raise IdTokenError("kid")
         return key
 
-    async def _refetch_for_unknown_kid(self, kid: str | None, alg: str) -> jwt.PyJWK | None:
+    async def _refetch_for_unknown_kid(
+        self, kid: str | None, alg: str, *, wait: bool = True
+    ) -> jwt.PyJWK | None:
         """The key after a JWKS fetch that was in flight or started after this call,
         or None.
 
@@ -183,7 +187,7 @@ class ProviderClient:
                     # A failure here propagates (old keys stay): the token may be fine.
                     await self._fetch_jwks_locked(raise_errors=True)
                     return self._find_key(kid, alg)
-            if waited:
+            if waited or not wait:
                 return None
             waited = True
             await self._sleep(min(wait_s, JWKS_REFETCH_INTERVAL_S))
@@ -291,6 +295,22 @@ class ProviderClient:
                 self._dpop_key, method="POST", url=url, now=now, nonce=self._dpop_nonce
             )
         return await self._request(endpoint, "POST", url, {**form, **fields}, headers)
+
+    async def introspect(self, token: str) -> tuple[int, object]:
+        """Ask the introspection endpoint about ``token`` (RFC 7662 2.1), authenticated as
+        the gateway's client exactly as at the token endpoint. Returns (status, JSON body);
+        a provider without the endpoint, or one that cannot be reached, raises."""
+        meta = await self.metadata()
+        if meta.introspection_endpoint is None:
+            raise errors.ProviderUnavailable(
+                "The token service offers no introspection.", reason="introspection_missing"
+            )
+        headers, fields = token_request_auth(self._cfg)
+        form = {"token": token, "token_type_hint": "access_token", **fields}
+        headers["Accept"] = "application/json"
+        return await self._request(
+            "introspection", "POST", meta.introspection_endpoint, form, headers
+        )
 
     async def verify(
         self,

@@ -1,0 +1,160 @@
+// A real OAuth 2.0 authorization server for the access-token tests: oidc-provider,
+// configured to issue RFC 9068 JWT access tokens (and opaque ones for introspection)
+// carrying acr, amr and auth_time, DPoP-bound when the client sends a proof.
+//
+// Logins need no browser: the interaction endpoint finishes every login at once. The
+// user "performs" the strongest acr the client asked for (acr_values, first value), or
+// what login_hint says ("acr=VALUE"), so a test decides what a sign-in proves.
+//
+// Test-only: POST /test/sign {header, payload} signs with this server's own ES256 key,
+// so a test can take a real token, change exactly one thing and sign it again.
+//
+// Usage: node server.js PORT  (the issuer names it; prints {"issuer": ...} when listening)
+import * as crypto from 'node:crypto';
+
+import Provider, { errors } from 'oidc-provider';
+
+const port = Number(process.argv[2]);
+const host = '127.0.0.1';
+
+export const JWT_AUDIENCE = 'https://bank.example.com/api';
+export const OTHER_AUDIENCE = 'https://other.example.com/api';
+export const OPAQUE_AUDIENCE = 'https://opaque.example.com/api';
+
+// What each acr means here, as amr values (RFC 8176).
+const AMR_FOR = {
+  'urn:example:loa:1': ['pwd'],
+  'urn:example:loa:2': ['pwd', 'otp'],
+  phr: ['hwk'],
+};
+
+function keyPair(kid, alg, options) {
+  const type = alg.startsWith('ES') ? 'ec' : 'rsa';
+  const { privateKey } = crypto.generateKeyPairSync(type, options);
+  return { ...privateKey.export({ format: 'jwk' }), kid, alg, use: 'sig' };
+}
+
+const esKey = keyPair('es-1', 'ES256', { namedCurve: 'P-256' });
+const rsKey = keyPair('rs-1', 'RS256', { modulusLength: 2048 });
+const signingKey = crypto.createPrivateKey({ key: esKey, format: 'jwk' });
+
+function resourceServer(resource) {
+  if (resource === JWT_AUDIENCE || resource === OTHER_AUDIENCE) {
+    return {
+      scope: 'api',
+      audience: resource,
+      accessTokenTTL: 300,
+      accessTokenFormat: 'jwt',
+      jwt: { sign: { alg: 'ES256' } },
+    };
+  }
+  if (resource === OPAQUE_AUDIENCE) {
+    return { scope: 'api', audience: resource, accessTokenTTL: 300, accessTokenFormat: 'opaque' };
+  }
+  throw new errors.InvalidTarget();
+}
+
+const configuration = {
+  clients: [
+    {
+      // The gateway: introspects with its own credentials (client_secret_basic).
+      client_id: 'gateway',
+      client_secret: 'test-client-secret',
+      redirect_uris: ['http://127.0.0.1/gateway-callback'],
+      grant_types: ['authorization_code'],
+      response_types: ['code'],
+    },
+    {
+      // The API client: public, PKCE, loopback redirect (RFC 8252).
+      client_id: 'api-client',
+      token_endpoint_auth_method: 'none',
+      application_type: 'native',
+      redirect_uris: ['http://127.0.0.1/cb'],
+      grant_types: ['authorization_code'],
+      response_types: ['code'],
+    },
+  ],
+  jwks: { keys: [esKey, rsKey] },
+  scopes: ['openid', 'api'],
+  acrValues: Object.keys(AMR_FOR),
+  claims: { openid: ['sub'] },
+  pkce: { required: () => true },
+  findAccount: (ctx, id) => ({ accountId: id, claims: () => ({ sub: id }) }),
+  interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
+  features: {
+    devInteractions: { enabled: false },
+    introspection: { enabled: true, allowedPolicy: async () => true },
+    dPoP: { enabled: true },
+    resourceIndicators: {
+      enabled: true,
+      defaultResource: () => JWT_AUDIENCE,
+      useGrantedResource: () => true,
+      getResourceServerInfo: (ctx, resource) => resourceServer(resource),
+    },
+  },
+  // RFC 9470 section 4: the resource server needs acr, amr and auth_time in the token.
+  extraTokenClaims: (ctx, token) => {
+    if (token.kind !== 'AccessToken') return undefined;
+    const source = ctx.oidc.entities.AuthorizationCode;
+    if (!source) return undefined;
+    return { acr: source.acr, amr: source.amr, auth_time: source.authTime };
+  },
+  ttl: { AccessToken: 300, AuthorizationCode: 60, IdToken: 300, Interaction: 300, Session: 600, Grant: 600 },
+};
+
+const provider = new Provider(`http://${host}:${port}`, configuration);
+
+async function finishLogin(ctx) {
+  const details = await provider.interactionDetails(ctx.req, ctx.res);
+  const { params } = details;
+  if (process.env.AUTHZ_DEBUG) console.error(JSON.stringify(details.prompt), JSON.stringify(params));
+  const hint = String(params.login_hint || '');
+  const asked = String(params.acr_values || '').split(' ').filter(Boolean);
+  let acr = asked[0] || 'urn:example:loa:1';
+  if (hint.startsWith('acr=')) acr = hint.slice(4);
+  const accountId = 'alice';
+  const grant = new provider.Grant({ accountId, clientId: params.client_id });
+  grant.addOIDCScope(String(params.scope || 'openid'));
+  const resources = params.resource ? [].concat(params.resource) : [JWT_AUDIENCE];
+  for (const resource of resources) grant.addResourceScope(resource, 'api');
+  const grantId = await grant.save();
+  const returnTo = await provider.interactionResult(
+    ctx.req,
+    ctx.res,
+    { login: { accountId, acr, amr: AMR_FOR[acr] || ['pwd'] }, consent: { grantId } },
+    { mergeWithLastSubmission: false },
+  );
+  ctx.status = 303;
+  ctx.redirect(returnTo);
+}
+
+function b64url(value) {
+  return Buffer.from(typeof value === 'string' ? value : JSON.stringify(value)).toString('base64url');
+}
+
+async function readJson(ctx) {
+  const chunks = [];
+  for await (const chunk of ctx.req) chunks.push(chunk);
+  return JSON.parse(Buffer.concat(chunks).toString('utf8'));
+}
+
+provider.use(async (ctx, next) => {
+  if (ctx.method === 'GET' && /^\/interaction\/[^/]+$/.test(ctx.path)) {
+    await finishLogin(ctx);
+    return;
+  }
+  if (ctx.method === 'POST' && ctx.path === '/test/sign') {
+    const { header, payload } = await readJson(ctx);
+    const input = `${b64url({ alg: 'ES256', kid: 'es-1', ...header })}.${b64url(payload)}`;
+    const signature = crypto.sign('sha256', Buffer.from(input), { key: signingKey, dsaEncoding: 'ieee-p1363' });
+    ctx.type = 'text/plain';
+    ctx.body = `${input}.${signature.toString('base64url')}`;
+    return;
+  }
+  await next();
+});
+
+const server = provider.listen(port, host, () => {
+  process.stdout.write(`${JSON.stringify({ issuer: provider.issuer })}\n`);
+});
+process.on('SIGTERM', () => server.close(() => process.exit(0)));

@@ -1,0 +1,235 @@
+"""A real authorization server for the access-token tests, and an API client for it.
+
+The server is node ``oidc-provider`` (tests/oidc-provider/server.js), run as a process:
+RFC 9068 JWT access tokens with ``acr``/``amr``/``auth_time``, opaque ones for
+introspection, DPoP. Logins finish without a browser: the user performs the first
+``acr_values`` the client asks for (or ``login_hint=acr=VALUE``).
+
+The client walks the authorization code flow with PKCE hop by hop (RFC 6749 4.1,
+RFC 7636), optionally DPoP-bound (RFC 9449 5), and makes DPoP proofs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
+
+import aiohttp
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+SERVER_DIR = Path(__file__).resolve().parent.parent / "oidc-provider"
+JWT_AUDIENCE = "https://bank.example.com/api"
+OTHER_AUDIENCE = "https://other.example.com/api"
+OPAQUE_AUDIENCE = "https://opaque.example.com/api"
+CLIENT_ID = "api-client"
+REDIRECT_URI = "http://127.0.0.1/cb"
+
+
+@dataclass
+class AuthorizationServer:
+    issuer: str
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_authorization_server(port: int) -> AuthorizationServer:
+    """Start server.js on ``port``; fails (never skips) when node or its modules are missing."""
+    if not (SERVER_DIR / "node_modules" / "oidc-provider").is_dir():
+        raise RuntimeError(
+            "tests/oidc-provider/node_modules is missing: run "
+            "`npm ci --prefix tests/oidc-provider` (scripts/test does)"
+        )
+    process = subprocess.Popen(
+        ["node", str(SERVER_DIR / "server.js"), str(port)],
+        stdout=subprocess.PIPE,
+        stderr=None if os.environ.get("AUTHZ_DEBUG") else subprocess.DEVNULL,
+        cwd=SERVER_DIR,
+        env={**os.environ, "NODE_ENV": "test"},
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()  # {"issuer": ...} once listening
+    if not line:
+        process.wait(timeout=5)
+        raise RuntimeError(f"the authorization server did not start (exit {process.returncode})")
+    return AuthorizationServer(json.loads(line)["issuer"], process)
+
+
+@pytest.fixture(scope="module")
+def authz() -> Iterator[AuthorizationServer]:
+    """The authorization server, one process per test module (import this fixture)."""
+    from tests.conftest import free_port
+
+    server = start_authorization_server(free_port())
+    yield server
+    server.stop()
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+@dataclass
+class DpopKey:
+    """A client's DPoP key pair (P-256) and the proofs it signs."""
+
+    private: ec.EllipticCurvePrivateKey
+
+    @classmethod
+    def generate(cls) -> DpopKey:
+        return cls(ec.generate_private_key(ec.SECP256R1()))
+
+    @property
+    def public_jwk(self) -> dict[str, Any]:
+        jwk: dict[str, Any] = json.loads(
+            jwt.algorithms.ECAlgorithm.to_jwk(self.private.public_key())
+        )
+        return jwk
+
+    @property
+    def thumbprint(self) -> str:
+        jwk = self.public_jwk
+        canonical = json.dumps({k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"))
+        return b64url(hashlib.sha256(canonical.encode()).digest())
+
+    def proof(
+        self,
+        method: str,
+        url: str,
+        *,
+        access_token: str | None = None,
+        nonce: str | None = None,
+        header: dict[str, Any] | None = None,
+        **claims: Any,
+    ) -> str:
+        payload: dict[str, Any] = {
+            "jti": secrets.token_urlsafe(16),
+            "htm": method,
+            "htu": url,
+            "iat": int(time.time()),
+        }
+        if access_token is not None:
+            payload["ath"] = b64url(hashlib.sha256(access_token.encode()).digest())
+        if nonce is not None:
+            payload["nonce"] = nonce
+        payload.update(claims)
+        headers = {"typ": "dpop+jwt", "jwk": self.public_jwk, **(header or {})}
+        return jwt.encode(payload, self.private, algorithm="ES256", headers=headers)
+
+
+@dataclass
+class Tokens:
+    access_token: str
+    token_type: str
+    id_token: str | None
+    expires_in: int
+
+
+def pkce_pair() -> tuple[str, str]:
+    verifier = secrets.token_urlsafe(32)
+    return verifier, b64url(hashlib.sha256(verifier.encode()).digest())
+
+
+async def authorize(
+    issuer: str,
+    *,
+    acr_values: str | None = None,
+    max_age: int | None = None,
+    resource: str = JWT_AUDIENCE,
+    dpop: DpopKey | None = None,
+    login_hint: str | None = None,
+) -> Tokens:
+    """Run the authorization code flow with PKCE (a new login every time: no cookies
+    are kept between calls) and redeem the code; DPoP-bound with ``dpop``."""
+    verifier, challenge = pkce_pair()
+    params = {
+        "client_id": CLIENT_ID,
+        "response_type": "code",
+        "redirect_uri": REDIRECT_URI,
+        "scope": "openid api",
+        "state": secrets.token_urlsafe(8),
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "resource": resource,
+    }
+    if acr_values is not None:
+        params["acr_values"] = acr_values
+    if max_age is not None:
+        params["max_age"] = str(max_age)
+    if login_hint is not None:
+        params["login_hint"] = login_hint
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        url = f"{issuer}/auth?{urlencode(params)}"
+        for _ in range(10):
+            async with http.get(url, allow_redirects=False) as resp:
+                assert resp.status in (302, 303), (resp.status, await resp.text())
+                url = urljoin(url, resp.headers["Location"])
+            if url.startswith(REDIRECT_URI):
+                break
+        else:
+            raise AssertionError("the authorization server never redirected back")
+        query = parse_qs(urlsplit(url).query)
+        assert "code" in query, query
+        form = {
+            "grant_type": "authorization_code",
+            "code": query["code"][0],
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+            "client_id": CLIENT_ID,
+            "resource": resource,
+        }
+        headers = {}
+        if dpop is not None:
+            headers["DPoP"] = dpop.proof("POST", f"{issuer}/token")
+        async with http.post(f"{issuer}/token", data=form, headers=headers) as resp:
+            body = await resp.json()
+            assert resp.status == 200, body
+    return Tokens(
+        body["access_token"], body["token_type"], body.get("id_token"), body["expires_in"]
+    )
+
+
+async def sign(issuer: str, header: dict[str, Any], payload: dict[str, Any]) -> str:
+    """A JWT signed with the authorization server's own ES256 key (test endpoint)."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{issuer}/test/sign", json={"header": header, "payload": payload}) as resp,
+    ):
+        assert resp.status == 200
+        return await resp.text()
+
+
+def parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A JWT's header and payload, unverified (the test's own reading)."""
+    head, body, _sig = token.split(".")
+    decode = lambda part: json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))  # noqa: E731
+    return decode(head), decode(body)
+
+
+def challenge_params(value: str) -> dict[str, str]:
+    """The auth-params of a WWW-Authenticate challenge (quoted strings or tokens)."""
+    import re
+
+    return {
+        m.group(1): m.group(2) if m.group(2) is not None else m.group(3)
+        for m in re.finditer(r'([a-z_]+)=(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))', value)
+    }
