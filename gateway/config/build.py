@@ -12,30 +12,23 @@ import contextlib
 import dataclasses
 import ipaddress
 import os
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway import model
 from gateway.config.build_api import _ApiBuilders
+from gateway.config.build_oidc import _OidcBuilders
 from gateway.config.build_rules import _RuleBuilders
 from gateway.config.defaults import (
-    CLIENT_AUTH_METHODS,
     DEFAULT_ACCESS_LOG,
-    DEFAULT_ALGORITHMS,
     DEFAULT_ASSERTION_TTL_S,
-    DEFAULT_ASSUME_EMAIL_VERIFIED,
     DEFAULT_AUTHORIZATION_DETAILS_TYPE,
     DEFAULT_BODY_TIMEOUT_S,
-    DEFAULT_CLIENT_AUTH,
-    DEFAULT_CLOCK_SKEW_S,
     DEFAULT_COOKIE_NAME,
     DEFAULT_COOKIE_SECURE,
-    DEFAULT_ESSENTIAL_ACR,
     DEFAULT_HEADER_PREFIX,
     DEFAULT_HEADER_TIMEOUT_S,
-    DEFAULT_HTTP_TIMEOUT_S,
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_INTERNAL_PREFIX,
     DEFAULT_KEEP_BUDGET_BYTES,
@@ -47,10 +40,8 @@ from gateway.config.defaults import (
     DEFAULT_LOG_LEVEL,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_PROFILE,
     DEFAULT_REDIS_POOL_TIMEOUT_S,
     DEFAULT_REDIS_PREFIX,
-    DEFAULT_SCOPES,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
     DEFAULT_STORE,
     DEFAULT_TRANSACTION_TTL_S,
@@ -59,7 +50,6 @@ from gateway.config.defaults import (
     DEFAULT_UPSTREAM_TIMEOUT_S,
     DEFAULT_WORKERS,
     LOG_LEVELS,
-    MAX_CLOCK_SKEW_S,
     MAX_CONNECTIONS_LIMIT,
     MAX_REDIS_POOL_SIZE,
     MAX_REDIS_PREFIX_CHARS,
@@ -74,7 +64,7 @@ from gateway.config.loader import (
     _Invalid,
     _Map,
 )
-from gateway.oidc import fapi, profiles
+from gateway.oidc import profiles
 from gateway.session.crypto import MIN_SECRET_BYTES
 from gateway.session.redis_url import REDIS_SCHEMES, is_sentinel_url, parse_sentinel_url, scheme_of
 
@@ -89,7 +79,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class _Validator(_RuleBuilders, _ApiBuilders):
+class _Validator(_RuleBuilders, _OidcBuilders, _ApiBuilders):
     # --- sections ---------------------------------------------------------------------
 
     def config(self, root: Node) -> model.Config | None:
@@ -384,144 +374,6 @@ class _Validator(_RuleBuilders, _ApiBuilders):
     def upstream_url(self, node: Node, path: str) -> str:
         text, _parts = self.http_url(node, path, what="upstream URL")
         return text.rstrip("/")
-
-    def oidc(self, node: Node, path: str) -> model.OidcConfig:
-        m = self.mapping(
-            node,
-            path,
-            (
-                "issuer",
-                "client_id",
-                "client_secret",
-                "client_secret_file",
-                "scopes",
-                "client_auth",
-                "essential_acr",
-                "profile",
-                "client_key_file",
-                "par",
-                "dpop",
-                "assume_email_verified",
-                "clock_skew",
-                "algorithms",
-                "http_timeout",
-            ),
-        )
-        profile = self.optional(m, "profile", self.profile, DEFAULT_PROFILE)
-        fapi2 = profile == "fapi2"
-        # FAPI 2.0 Security Profile 5.3: private_key_jwt (or mTLS), PAR and sender-
-        # constrained tokens; the profile turns them on and refuses weaker settings.
-        client_auth = self.optional(
-            m,
-            "client_auth",
-            lambda n, p: self.choice(n, p, CLIENT_AUTH_METHODS),
-            "private_key_jwt" if fapi2 else DEFAULT_CLIENT_AUTH,
-        )
-        par = self.optional(m, "par", self.boolean, fapi2)
-        dpop = self.optional(m, "dpop", self.boolean, fapi2)
-        if fapi2:
-            for key, value, wanted in (
-                ("client_auth", client_auth, "private_key_jwt"),
-                ("par", par, True),
-                ("dpop", dpop, True),
-            ):
-                if value != wanted:
-                    self.note(
-                        m.child(key),
-                        f"profile fapi2 needs {key}: {str(wanted).lower()} "
-                        "(FAPI 2.0 Security Profile 5.3)",
-                        m.get(key),
-                    )
-        private_key_jwt = client_auth == "private_key_jwt"
-        key_file = self.optional(m, "client_key_file", self.client_key_file, None)
-        if private_key_jwt and key_file is None and m.get("client_key_file") is None:
-            self.note(
-                m.child("client_key_file"), "required with client_auth: private_key_jwt", m.node
-            )
-        return model.OidcConfig(
-            issuer=self.required(m, "issuer", self.issuer, ""),
-            client_id=self.required(m, "client_id", self.text, ""),
-            client_secret="" if private_key_jwt else self.client_secret(m),
-            scopes=self.optional(m, "scopes", self.scopes, DEFAULT_SCOPES),
-            client_auth=client_auth,
-            client_key_file=key_file,
-            par=par,
-            dpop=dpop,
-            essential_acr=self.optional(m, "essential_acr", self.boolean, DEFAULT_ESSENTIAL_ACR),
-            profile=profile,
-            assume_email_verified=self.optional(
-                m, "assume_email_verified", self.boolean, DEFAULT_ASSUME_EMAIL_VERIFIED
-            ),
-            clock_skew_s=self.optional(m, "clock_skew", self.clock_skew, DEFAULT_CLOCK_SKEW_S),
-            algorithms=self.optional(m, "algorithms", self.algorithms, DEFAULT_ALGORITHMS),
-            http_timeout_s=self.optional(m, "http_timeout", self.timeout_s, DEFAULT_HTTP_TIMEOUT_S),
-        )
-
-    def profile(self, node: Node, path: str) -> str:
-        return self.choice(node, path, profiles.NAMES)
-
-    def client_key_file(self, node: Node, path: str) -> str:
-        """Read and checked now (a broken key is a config error, not a failed sign-in);
-        the gateway re-reads it when it changes (gateway.oidc.client_keys)."""
-        file_path = self.resolve_path(self.text(node, path))
-        try:
-            fapi.load_pem_keys(Path(file_path).read_bytes())
-        except OSError as exc:
-            raise self.fail(path, f"cannot read {file_path}: {exc.strerror or exc}", node) from None
-        except fapi.ClientKeyError as exc:
-            raise self.fail(path, f"{file_path}: {exc}", node) from None
-        return file_path
-
-    def issuer(self, node: Node, path: str) -> str:
-        # Kept verbatim, trailing slash included: OIDC Core 3.1.3.7 compares the id
-        # token's iss with it exactly, and some providers (Auth0) end theirs with "/".
-        text, _parts = self.http_url(node, path, what="issuer")
-        return text
-
-    def client_secret(self, m: _Map) -> str:
-        # Secrets are never quoted in messages.
-        inline, from_file = m.get("client_secret"), m.get("client_secret_file")
-        if inline is not None and from_file is not None:
-            self.note(
-                m.child("client_secret_file"),
-                "give client_secret or client_secret_file, not both",
-                from_file,
-            )
-            return ""
-        if from_file is not None:
-            try:
-                secret = self.file_text(from_file, m.child("client_secret_file")).strip()
-            except _Invalid:
-                return ""
-            if not secret:
-                self.note(m.child("client_secret_file"), "the file is empty", from_file)
-            return secret
-        if inline is None:
-            self.note(
-                m.child("client_secret"), "required key is missing (or client_secret_file)", m.node
-            )
-            return ""
-        return self.optional(m, "client_secret", self.text, "")
-
-    def scopes(self, node: Node, path: str) -> tuple[str, ...]:
-        scopes = self.texts(node, path)
-        for scope in scopes:
-            if not _TOKEN.fullmatch(scope):
-                self.note(path, f"invalid scope {scope!r}: one scope per list item", node)
-        if scopes and "openid" not in scopes:
-            raise self.fail(path, "must include 'openid' (OIDC Core 3.1.2.1)", node)
-        return tuple(dict.fromkeys(scopes))
-
-    def clock_skew(self, node: Node, path: str) -> int:
-        seconds = self.duration_s(node, path)
-        if seconds > MAX_CLOCK_SKEW_S:
-            raise self.fail(
-                path,
-                f"{seconds}s is too long: expired id tokens would stay valid that much longer "
-                f"(at most {MAX_CLOCK_SKEW_S}s)",
-                node,
-            )
-        return seconds
 
     def session(self, node: Node, path: str) -> model.SessionConfig:
         m = self.mapping(
