@@ -16,7 +16,7 @@ import asyncio
 import ipaddress
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway import headers, logs, responses
 from gateway.assertion import AssertionKeyError, AssertionSigner, load_or_generate_key
-from gateway.body import RequestBody
+from gateway.body import LiveReader, RequestBody, cookie_value
 from gateway.challenge import ProviderProbe, challenge
 from gateway.connections import GuardedHandler, GuardedServer
 from gateway.decision import (
@@ -80,26 +80,6 @@ log = structlog.get_logger("gateway")
 audit = structlog.get_logger("gateway.audit")
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-
-
-class _RequestReader:
-    """:class:`gateway.decision.RequestReader` for a live request: read on demand, once."""
-
-    __slots__ = ("_body", "_client_ip", "_gateway", "_request")
-
-    def __init__(self, gateway: Gateway, request: web.BaseRequest, body: RequestBody) -> None:
-        self._gateway = gateway
-        self._request = request
-        self._body = body
-        self._client_ip: tuple[str | None] | None = None
-
-    async def fields(self, reading: Iterable[str]) -> Mapping[str, object]:
-        return await self._body.fields(reading)
-
-    def client_ip(self) -> str | None:
-        if self._client_ip is None:
-            self._client_ip = (self._gateway.client_ip(self._request),)
-        return self._client_ip[0]
 
 
 class ReloadRefused(Exception):
@@ -377,7 +357,7 @@ class Gateway(ConnectionHooks):
             rule, session, config.assurance, now, session_error=store_down, by_token=by_token
         )
         if decision is None:
-            reader = _RequestReader(self, request, body)
+            reader = LiveReader(self.client_ip, request, body)
             facts = RequestFacts(request.method, host, path, session, reader, by_token)
             decision = await decide_request(
                 facts,
@@ -616,20 +596,6 @@ class Gateway(ConnectionHooks):
             content_type="application/json",
             headers={"Cache-Control": "no-store"},
         )
-
-
-def cookie_value(request: web.BaseRequest, name: str) -> str | None:
-    """Cookie ``name`` (the last one, as ``request.cookies`` gives it), without parsing
-    every cookie in the header: this runs on every request."""
-    prefix = name + "="
-    found = None
-    for header in request.headers.getall("Cookie", ()):
-        if prefix in header:
-            for pair in header.split(";"):
-                pair = pair.strip(" \t")
-                if pair.startswith(prefix):
-                    found = pair[len(prefix) :]
-    return found
 
 
 def request_id_of() -> str:

@@ -3,12 +3,14 @@
 :class:`RequestBody` for a live request (bounded by ``step_up.max_body`` and
 ``server.body_timeout``), :class:`KeptBody` for a request kept across a step-up and
 replayed. Both give a rule only fields it can be sure of (:func:`certain`).
+:class:`LiveReader` is what the decision unit reads a live request through (its fields
+and client address, each once), and :func:`cookie_value` reads one cookie of it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import structlog
 from aiohttp import web
@@ -151,3 +153,42 @@ def certain(fields: RequestFields, reading: Iterable[str]) -> Mapping[str, objec
         log.warning("ambiguous_field", fields=list(unsure))  # names only, never values
         raise ambiguous(unsure)
     return fields.values
+
+
+class LiveReader:
+    """:class:`gateway.decision.RequestReader` for a live request: read on demand, once."""
+
+    __slots__ = ("_body", "_client_ip", "_client_ip_of", "_request")
+
+    def __init__(
+        self,
+        client_ip_of: Callable[[web.BaseRequest], str | None],
+        request: web.BaseRequest,
+        body: RequestBody,
+    ) -> None:
+        self._client_ip_of = client_ip_of
+        self._request = request
+        self._body = body
+        self._client_ip: tuple[str | None] | None = None
+
+    async def fields(self, reading: Iterable[str]) -> Mapping[str, object]:
+        return await self._body.fields(reading)
+
+    def client_ip(self) -> str | None:
+        if self._client_ip is None:
+            self._client_ip = (self._client_ip_of(self._request),)
+        return self._client_ip[0]
+
+
+def cookie_value(request: web.BaseRequest, name: str) -> str | None:
+    """Cookie ``name`` (the last one, as ``request.cookies`` gives it), without parsing
+    every cookie in the header: this runs on every request."""
+    prefix = name + "="
+    found = None
+    for header in request.headers.getall("Cookie", ()):
+        if prefix in header:
+            for pair in header.split(";"):
+                pair = pair.strip(" \t")
+                if pair.startswith(prefix):
+                    found = pair[len(prefix) :]
+    return found
