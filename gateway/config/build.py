@@ -48,6 +48,7 @@ from gateway.config.defaults import (
     DEFAULT_REDIS_POOL_TIMEOUT_S,
     DEFAULT_REDIS_PREFIX,
     DEFAULT_SCOPES,
+    DEFAULT_SERVER_MODE,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
     DEFAULT_STORE,
     DEFAULT_TRANSACTION_TTL_S,
@@ -62,6 +63,7 @@ from gateway.config.defaults import (
     MAX_REDIS_POOL_SIZE,
     MAX_REDIS_PREFIX_CHARS,
     REDIS_POOL_SHARE,
+    SERVER_MODES,
     STORES,
 )
 from gateway.config.loader import (
@@ -143,6 +145,8 @@ class _Validator(_RuleBuilders):
                     "store: cookie or redis, or workers: 1",
                     self.node_at(top, "server", "workers"),
                 )
+        if server is not None and rules is not None and server.mode == "forward_auth":
+            self.check_forward_auth(rules, self.node_at(top, "server", "mode"))
         if (
             server is None
             or upstreams is None
@@ -188,6 +192,7 @@ class _Validator(_RuleBuilders):
                 "keepalive_timeout",
                 "keepalive_requests",
                 "keepalive_max_age",
+                "mode",
             ),
         )
         listen_host, listen_port = self.required(m, "listen", self.host_port, ("", 0))
@@ -240,6 +245,9 @@ class _Validator(_RuleBuilders):
             ),
             keepalive_max_age_s=self.optional(
                 m, "keepalive_max_age", self.timeout_s, DEFAULT_KEEPALIVE_MAX_AGE_S
+            ),
+            mode=self.optional(
+                m, "mode", lambda n, p: self.choice(n, p, SERVER_MODES), DEFAULT_SERVER_MODE
             ),
         )
 
