@@ -356,3 +356,108 @@ def test_check_refuses_a_body_rule_in_forward_auth_only_mode() -> None:
     message = str(info.value)
     assert "by-amount" in message and "proxy" in message and "no body" in message
     load_config_text(text.replace("mode: forward_auth", "mode: both"), "fa.yaml")
+
+
+@pytest.fixture
+async def direct(op: OpenIdProvider, clock: Clock) -> AsyncIterator[str]:
+    """The gateway alone (forward-auth on, loopback trusted, a host-scoped rule)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    text = gateway_config(url, port, "http://127.0.0.1:9", op.issuer) + (
+        "  - name: admin-host\n"
+        "    match: {path: /**, host: admin.example.com}\n"
+        "    require: {level: mfa}\n"
+    )
+    gateway = Gateway(load_config_text(text, "fa.yaml"), clock=clock)
+    await gateway.start()
+    runner = web.ServerRunner(make_server(gateway), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield url
+    finally:
+        await runner.cleanup()
+        await gateway.close()
+
+
+async def ask(url: str, path: str = "/_gateway/auth", **headers: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http:
+        sent = {k.replace("_", "-"): v for k, v in headers.items()}
+        async with http.get(f"{url}{path}", headers=sent, allow_redirects=False) as r:
+            return r.status, r.headers
+
+
+async def test_the_described_path_is_normalised_as_in_proxy_mode(direct: str) -> None:
+    assert (await ask(direct, X_Original_Method="GET", X_Original_URL=f"{direct}/public/a"))[
+        0
+    ] == 200
+    # A dot segment that climbs out of /public is judged where it lands.
+    status, headers = await ask(
+        direct, X_Original_Method="GET", X_Original_URL=f"{direct}/public/%2e%2e/app/x"
+    )
+    assert status in (400, 401)
+    status, _ = await ask(
+        direct, X_Original_Method="GET", X_Original_URL=f"{direct}/public/..%2fapp/x"
+    )
+    assert status == 400
+    status, headers = await ask(
+        direct, X_Original_Method="GET", X_Original_URL=f"{direct}/public/../app/x"
+    )
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_an_unknown_host_is_421_and_the_gateways_paths_are_not_targets(
+    direct: str,
+) -> None:
+    status, _ = await ask(
+        direct, X_Original_Method="GET", X_Original_URL="http://other.example/public/a"
+    )
+    assert status == 421
+    status, _ = await ask(
+        direct, X_Original_Method="GET", X_Original_URL=f"{direct}/_gateway/healthz"
+    )
+    assert status == 400
+
+
+async def test_envoy_describes_with_its_own_method_host_and_path(direct: str) -> None:
+    host = direct.split("/")[2]
+    status, headers = await ask(direct, "/_gateway/auth/envoy/public/a", Host=host)
+    assert status == 200 and headers["Content-Length"] == "0"
+    status, headers = await ask(
+        direct, "/_gateway/auth/envoy/app/x?y=1", Host=host, Accept="text/html"
+    )
+    assert status == 302 and "acr_values=" in headers["Location"]
+    status, _ = await ask(direct, "/_gateway/auth/envoy/x", Host="admin.example.com")
+    assert status == 401  # the host-scoped rule judged it
+
+
+async def test_traefik_style_headers_and_a_missing_description(direct: str) -> None:
+    host = direct.split("/")[2]
+    status, headers = await ask(
+        direct,
+        X_Forwarded_Method="GET",
+        X_Forwarded_Proto="http",
+        X_Forwarded_Host=host,
+        X_Forwarded_Uri="/app/x",
+        Sec_Fetch_Mode="navigate",
+    )
+    assert status == 302 and headers["Location"].startswith("http")
+    assert (await ask(direct))[0] == 400
+
+
+async def test_forward_auth_is_off_in_proxy_mode(op: OpenIdProvider, clock: Clock) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    text = gateway_config(url, port, "http://127.0.0.1:9", op.issuer).replace("  mode: both\n", "")
+    gateway = Gateway(load_config_text(text, "fa.yaml"), clock=clock)
+    await gateway.start()
+    runner = web.ServerRunner(make_server(gateway), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        described = {"X_Original_Method": "GET", "X_Original_URL": f"{url}/public/a"}
+        assert (await ask(url, **described))[0] == 404
+        assert (await ask(url, "/_gateway/start?rd=/app/x"))[0] == 404
+    finally:
+        await runner.cleanup()
+        await gateway.close()
