@@ -113,6 +113,7 @@ class Front:
     op: OpenIdProvider
     upstream: Any
     clock: Clock
+    kind: str
 
     @property
     def seen(self) -> list[dict[str, Any]]:
@@ -177,7 +178,7 @@ async def front(
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     try:
         await wait_listening(port, proc)
-        yield Front(url, gateway, op, upstream, clock)
+        yield Front(url, gateway, op, upstream, clock, kind)
     finally:
         proc.terminate()
         try:
@@ -229,6 +230,19 @@ async def test_step_up_through_the_proxy(front: Front, browser: Browser) -> None
     assert saw(record, "X-Auth-Acr") == ["phr"]
     authorize = [h for h in browser.hops if h.url.startswith(front.op.issuer)]
     assert query_of(authorize[-1].url)["acr_values"] == "phr phrh"
+
+
+# Caddy hands no header of a 2xx auth answer to the client: nginx alone.
+@pytest.mark.parametrize("front", ["nginx"], indirect=True)
+async def test_the_idle_timeout_slides_through_nginx(front: Front, browser: Browser) -> None:
+    assert (await browser.follow(f"{front.url}/app/home")).status == 200
+    front.clock.advance(29 * 60)
+    hop = await browser.get(f"{front.url}/app/x")
+    assert hop.status == 200 and "stepup_session=" in hop.headers.get("Set-Cookie", "")
+    front.clock.advance(29 * 60)
+    assert (await browser.get(f"{front.url}/app/x")).status == 200
+    front.clock.advance(31 * 60)
+    assert (await browser.get(f"{front.url}/app/x")).status == 302
 
 
 async def test_api_challenge_reaches_the_client(

@@ -244,6 +244,14 @@ async def auth(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
         if session is not None:
             for name, value in ctx.assurance_headers(session, decision.level, decision.rule):
                 out.headers[name] = value
+            now = ctx.clock()
+            if session.touch_due(now):
+                # The idle timeout slides as in proxy mode; the proxy hands the cookie
+                # to the client (nginx: auth_request_set + add_header Set-Cookie).
+                refreshed = await ctx.store.save(
+                    session.touched(now), now, previous=ctx.session_cookie_value(request)
+                )
+                out.headers["Set-Cookie"] = ctx.session_set_cookie(refreshed)
         return out
     if isinstance(decision, Challenge):
         rule = decision.rule
