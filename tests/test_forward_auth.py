@@ -293,6 +293,16 @@ async def test_spoofed_headers_from_clients_never_reach_the_app(
     assert saw(record, "X-Forwarded-Uri") == []
 
 
+async def test_clients_cannot_ask_auth_through_the_proxy(
+    front: Front, client: aiohttp.ClientSession
+) -> None:
+    for path in ("/_gateway/auth", "/_gateway/auth/envoy/public/x"):
+        headers = {"X-Original-URL": f"{front.url}/public/x", "X-Original-Method": "GET"}
+        async with client.get(f"{front.url}{path}", headers=headers) as r:
+            assert r.status == 404, path
+            assert not any(name.lower().startswith("x-auth-") for name in r.headers)
+
+
 async def test_off_site_rd_is_refused(front: Front, client: aiohttp.ClientSession) -> None:
     for rd in ("https://evil.example/", "//evil.example/x", "http%3A%2F%2Fevil.example%2F"):
         async with client.get(f"{front.url}/_gateway/start?rd={rd}", allow_redirects=False) as r:
