@@ -43,7 +43,7 @@ from gateway.decision import (
     decide_plain,
     decide_request,
 )
-from gateway.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound
+from gateway.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, StoreUnavailable
 from gateway.paths import (
     canonical_host,
     canonical_rule_host,
@@ -200,10 +200,14 @@ async def judge(
 ) -> tuple[Decision, Session | None]:
     """The decision for the described request, by the proxy's own decision function."""
     rules, config = ctx.rules, ctx.config
-    session = await ctx.load_session(request)  # from the Cookie header the proxy forwarded
+    store_down: StoreUnavailable | None = None
+    try:
+        session = await ctx.load_session(request)  # from the Cookie the proxy forwarded
+    except StoreUnavailable as exc:
+        session, store_down = None, exc  # as in proxy mode: fatal only if a session is needed
     now = ctx.clock()
     rule = rules.match(described.method, described.host, described.path)
-    decision = decide_plain(rule, session, config.assurance, now)
+    decision = decide_plain(rule, session, config.assurance, now, session_error=store_down)
     if decision is None:
         facts = RequestFacts(
             described.method,
@@ -219,6 +223,7 @@ async def judge(
             now,
             risk=ctx.ask_risk_engine,
             claim_once=ctx.claim_once,
+            session_error=store_down,
         )
     name = decision.rule.name if decision.rule is not None else ""
     ctx.metrics.requests.labels(name, DECISION_LABEL[type(decision)]).inc()
@@ -267,9 +272,7 @@ async def auth(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
             return await _round_trip(ctx, request, decision, described.path_qs)
         return _unauthorized(decision)
     log.info("request_denied", reason=decision.reason)
-    return web.Response(
-        status=decision.status, headers={"Cache-Control": "no-store", "X-Auth-Error": "denied"}
-    )
+    return web.Response(status=decision.status, headers={"Cache-Control": "no-store"})
 
 
 def _unauthorized(decision: Challenge) -> web.Response:
