@@ -13,6 +13,8 @@ Rows (each measured with wrk after a warm-up, all on loopback):
     gateway-jwt        the gateway row with a valid JWT access token instead of a cookie,
                        from the access-token tests' authorization server (node)
     apache-openidc     the peer: Apache httpd + mod_auth_openidc doing the gateway's job
+    nginx-forward-auth nginx in front of the upstream asking the gateway's /_gateway/auth
+                       (the shipped docs/forward-auth/nginx.conf), a valid session
 
 The load generator runs on CPU 0 and every server on CPU 1, so one gateway process
 gets one core, as nginx does with ``worker_processes 1``.
@@ -86,7 +88,27 @@ REDIS_BENCH_URL = "redis://127.0.0.1:6379/14"
 # What the gateway is built on, doing none of the gateway's work (bench/floor.py).
 FLOOR_ROWS = {"aiohttp-alone": "alone", "aiohttp-proxy": "proxy"}
 PEER_ROW = "apache-openidc"
-ALL_ROWS = ("upstream", "nginx-proxy", *FLOOR_ROWS, *GATEWAY_ROWS, PEER_ROW)
+FORWARD_AUTH_ROW = "nginx-forward-auth"
+ALL_ROWS = ("upstream", "nginx-proxy", *FLOOR_ROWS, *GATEWAY_ROWS, PEER_ROW, FORWARD_AUTH_ROW)
+# The forward-auth row runs the server block operators copy, its ports substituted.
+SHIPPED_NGINX = REPO / "docs" / "forward-auth" / "nginx.conf"
+NGINX_FORWARD_AUTH_CONF = """\
+worker_processes 1;
+daemon off;
+pid {tmp}/fa.pid;
+error_log {tmp}/fa-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/fa-body;
+    proxy_temp_path {tmp}/fa-proxy;
+    fastcgi_temp_path {tmp}/fa-fastcgi;
+    uwsgi_temp_path {tmp}/fa-uwsgi;
+    scgi_temp_path {tmp}/fa-scgi;
+    keepalive_requests {keepalive_requests};
+    include {tmp}/fa-site.conf;
+}}
+"""
 
 # Every connection stays open for the whole run in every row: nginx's default of
 # 1,000 requests per connection would make the nginx rows pay reconnects that the
@@ -510,6 +532,8 @@ def gateway_yaml(
     workers: int = 1,
     store: str = "cookie",
     api: bool = False,
+    public_url: str | None = None,
+    server_extra: str = "",
 ) -> str:
     redis = (
         f"  redis_url: {REDIS_BENCH_URL}\n  redis_prefix: 'bench-{port}:'\n"
@@ -520,8 +544,9 @@ def gateway_yaml(
         f"""\
 server:
   listen: 127.0.0.1:{port}
-  public_url: http://127.0.0.1:{port}
+  public_url: {public_url or f"http://127.0.0.1:{port}"}
   workers: {workers}
+{server_extra}
   access_log: true
   log_level: info
   # As in both nginx configs: no reconnects that another row does not pay.
@@ -667,6 +692,69 @@ def start_token_server(processes: Processes, env: dict[str, str]) -> tuple[str, 
     from tests.support.authz import authorize  # the tests' client: PKCE, no browser
 
     return issuer, asyncio.run(authorize(issuer)).access_token
+
+
+def measure_forward_auth(
+    processes: Processes,
+    args: argparse.Namespace,
+    *,
+    port: int,
+    gateway_port: int,
+    upstream_port: int,
+    issuer: str,
+    env: dict[str, str],
+) -> Row:
+    """nginx (the shipped server block) asking the gateway, both on the server core."""
+    tmp = processes.tmp
+    url = f"http://127.0.0.1:{port}"
+    config = tmp / "forward-auth.yaml"
+    config.write_text(
+        gateway_yaml(
+            port=gateway_port,
+            upstream_port=upstream_port,
+            issuer=issuer,
+            key_file=tmp / "assertion-key.pem",
+            rules=GATEWAY_ROWS["gateway"],
+            public_url=url,
+            server_extra="  mode: forward_auth\n  trusted_proxies: [127.0.0.1/32]\n",
+        )
+    )
+    gateway = processes.start(
+        "forward-auth-gateway",
+        [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+        cpu=SERVER_CPU,
+        env=env,
+        stdout_to_null=True,
+    )
+    site = (
+        SHIPPED_NGINX.read_text()
+        .replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{gateway_port};")
+        .replace("server 127.0.0.1:9000;", f"server 127.0.0.1:{upstream_port};")
+        .replace("listen 8080;", f"listen 127.0.0.1:{port};")
+    )
+    (tmp / "fa-site.conf").write_text(site)
+    try:
+        wait_for_http(
+            f"http://127.0.0.1:{gateway_port}/_gateway/healthz",
+            gateway,
+            "forward-auth-gateway",
+            processes,
+            START_TIMEOUT_S,
+        )
+        nginx = start_nginx(processes, FORWARD_AUTH_ROW, NGINX_FORWARD_AUTH_CONF, port)
+        try:
+            cookie = asyncio.run(sign_in(url, "stepup_session"))
+            return run_wrk(
+                url + HIT_PATH,
+                row=FORWARD_AUTH_ROW,
+                args=args,
+                processes=processes,
+                headers=[f"Cookie: stepup_session={cookie}"],
+            )
+        finally:
+            processes.stop(nginx)
+    finally:
+        processes.stop(gateway)
 
 
 def measure_floor(
@@ -982,7 +1070,8 @@ def run(args: argparse.Namespace) -> list[Row]:
 
             gateway_rows = [(r, n) for r, n in GATEWAY_ROWS.items() if r in rows_wanted]
             peer = PEER_ROW in rows_wanted
-            if gateway_rows or peer:
+            forward_auth = FORWARD_AUTH_ROW in rows_wanted
+            if gateway_rows or peer or forward_auth:
                 # One provider for every row that signs in; its one client ("gateway")
                 # has each server's callback registered.
                 client_secret = secrets.token_urlsafe(24)
@@ -995,10 +1084,11 @@ def run(args: argparse.Namespace) -> list[Row]:
                 }
                 ports = {row: free_port() for row, _ in gateway_rows}
                 peer_port = free_port()
+                fa_port, fa_gateway_port = free_port(), free_port()
                 op_port = free_port()
                 issuer = f"http://127.0.0.1:{op_port}"
                 op_argv = [sys.executable, "-m", "tests.support.op", "--port", str(op_port)]
-                for port in ports.values():
+                for port in (*ports.values(), fa_port):
                     op_argv += ["--redirect-uri", f"http://127.0.0.1:{port}/_gateway/callback"]
                 if peer:
                     op_argv += [
@@ -1009,7 +1099,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                 wait_for_http(
                     issuer + "/.well-known/openid-configuration", op, "provider", processes, 30.0
                 )
-            if gateway_rows:
+            if gateway_rows or forward_auth:
                 key = ec.generate_private_key(ec.SECP256R1())
                 (tmp / "assertion-key.pem").write_bytes(
                     key.private_bytes(
@@ -1036,6 +1126,19 @@ def run(args: argparse.Namespace) -> list[Row]:
                         )
                     )
                     report(results[-1])
+            if forward_auth:
+                results.append(
+                    measure_forward_auth(
+                        processes,
+                        args,
+                        port=fa_port,
+                        gateway_port=fa_gateway_port,
+                        upstream_port=upstream_port,
+                        issuer=issuer,
+                        env=env,
+                    )
+                )
+                report(results[-1])
             if peer:
                 results.append(
                     measure_apache(

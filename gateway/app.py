@@ -39,7 +39,7 @@ from gateway.decision import (
     decide_plain,
     decide_request,
 )
-from gateway.endpoints import ROUTES, site_routes
+from gateway.endpoints import route, site_routes
 from gateway.errors import (
     BadRequest,
     Busy,
@@ -406,8 +406,11 @@ class Gateway(ConnectionHooks):
 
     def judged_host(self, request: web.BaseRequest, rules: RuleSet) -> str | None:
         """The canonical Host the rules judge; refused when host-scoped rules don't know it."""
-        host = canonical_host(request.headers.get("Host"), self.scheme)
-        if not rules.host_known(host):
+        return self.checked_host(canonical_host(request.headers.get("Host"), self.scheme), rules)
+
+    def checked_host(self, host: str | None, rules: RuleSet | None = None) -> str | None:
+        """``host`` (canonical), refused (421) when host-scoped rules don't know it."""
+        if not (rules or self.rules).host_known(host):
             # A spelling the host's rules skip (":8443", an IP, another name) must not
             # fall through to a weaker catch-all rule.
             raise MisdirectedRequest(
@@ -520,7 +523,7 @@ class Gateway(ConnectionHooks):
     # -- internal endpoints ------------------------------------------------------
 
     async def internal(self, request: web.BaseRequest, sub_path: str) -> web.StreamResponse:
-        handler = ROUTES.get(sub_path)
+        handler = route(sub_path)
         if handler is None:
             raise NotFound("No such gateway endpoint", reason="unknown_internal_path")
         return await handler(self, request)

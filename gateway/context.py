@@ -16,9 +16,10 @@ from aiohttp import web
 from gateway.assertion import AssertionSigner
 from gateway.decision import Allow
 from gateway.metrics import Metrics
-from gateway.model import Config
+from gateway.model import Config, Level, Rule
 from gateway.oidc.provider import ProviderClient
 from gateway.proxy import Upstreams
+from gateway.risk_policy import RiskFacts, RiskOutcome
 from gateway.rules import RuleSet
 from gateway.session.aux import AuxStore
 from gateway.session.cookies import SetCookieKwargs
@@ -62,7 +63,17 @@ class Context(Protocol):
 
     def judged_host(self, request: web.BaseRequest, rules: RuleSet) -> str | None: ...
 
+    def checked_host(self, host: str | None, rules: RuleSet | None = None) -> str | None: ...
+
     def client_ip(self, request: web.BaseRequest) -> str | None: ...
+
+    async def ask_risk_engine(
+        self, rule: Rule, facts: RiskFacts, session_id: str | None, now: float
+    ) -> RiskOutcome: ...
+
+    def assurance_headers(
+        self, session: Session, level: Level | None, rule: Rule
+    ) -> tuple[tuple[str, str], ...]: ...
 
     def session_cookie_value(self, request: web.BaseRequest) -> str | None: ...
 

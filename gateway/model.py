@@ -41,6 +41,8 @@ class ServerConfig:
     keepalive_timeout_s: float = 75.0
     keepalive_requests: int = 1000
     keepalive_max_age_s: float = 10.0
+    # proxy | forward_auth | both: whether front proxies may ask /auth (and /start).
+    mode: str = "proxy"
 
 
 @dataclass(frozen=True, slots=True)

@@ -372,6 +372,25 @@ def test_values_config_fails_check_without_its_secrets(tmp_path: Path) -> None:
     assert "session.secret" in result.stdout
 
 
+def helm_merge(base: Any, override: Any) -> Any:
+    """Helm's merge of a values file over values.yaml: maps deep, everything else replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {k: helm_merge(base.get(k), v) for k, v in override.items()} | {
+            k: v for k, v in base.items() if k not in override
+        }
+    return override
+
+
+def test_forward_auth_values_pass_check(tmp_path: Path) -> None:
+    extra = yaml.safe_load((CHART / "values-forward-auth.yaml").read_text())
+    config = helm_merge(load_values(), extra)["config"]
+    assert config["server"]["mode"] == "forward_auth"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    result = run_check(path, base_env() | dummy_env(config_env_refs(config)))
+    assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stdout + result.stderr
+
+
 # -- the entrypoint, as the container runs it ------------------------------------------
 
 

@@ -252,3 +252,29 @@ async def test_a_signed_in_request_costs_one_redis_round_trip(make_stack, browse
         async with api.get(f"{stack.url}/app/x", headers=cookie) as resp:
             assert resp.status == 200
     assert sent == ["HGET"] * 10
+
+
+async def test_forward_auth_fails_closed_on_a_store_outage_only_where_a_session_counts(
+    make_stack, browser, api, private_redis
+):
+    url = f"redis://127.0.0.1:{private_redis['port']}/0"
+    stack = await make_stack(
+        store="redis",
+        session_extra=redis_session("fa-outage:", url),
+        server_extra="mode: both\ntrusted_proxies: [127.0.0.1/32]\n",
+    )
+    await sign_in(stack, browser)
+    cookie = browser.cookie(COOKIE)
+    private_redis["kill"]()  # type: ignore[operator]
+
+    async def ask(path: str) -> int:
+        headers = {
+            "X-Original-Method": "GET",
+            "X-Original-URL": f"{stack.url}{path}",
+            "Cookie": f"{COOKIE}={cookie}",
+        }
+        async with api.get(f"{stack.url}/_gateway/auth", headers=headers) as resp:
+            return resp.status
+
+    assert await ask("/app/x") == 503  # never a 401 that would send everyone to sign in
+    assert await ask("/public/x") == 200

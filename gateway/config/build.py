@@ -42,6 +42,7 @@ from gateway.config.defaults import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_REDIS_POOL_TIMEOUT_S,
     DEFAULT_REDIS_PREFIX,
+    DEFAULT_SERVER_MODE,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
     DEFAULT_STORE,
     DEFAULT_TRANSACTION_TTL_S,
@@ -54,6 +55,7 @@ from gateway.config.defaults import (
     MAX_REDIS_POOL_SIZE,
     MAX_REDIS_PREFIX_CHARS,
     REDIS_POOL_SHARE,
+    SERVER_MODES,
     STORES,
 )
 from gateway.config.loader import (
@@ -163,6 +165,8 @@ class _Validator(_RuleBuilders, _OidcBuilders, _ApiBuilders):
                     "store: cookie or redis, or workers: 1",
                     self.node_at(top, "server", "workers"),
                 )
+        if server is not None and rules is not None and server.mode == "forward_auth":
+            self.check_forward_auth(rules, self.node_at(top, "server", "mode"))
         if (
             server is None
             or upstreams is None
@@ -209,6 +213,7 @@ class _Validator(_RuleBuilders, _OidcBuilders, _ApiBuilders):
                 "keepalive_timeout",
                 "keepalive_requests",
                 "keepalive_max_age",
+                "mode",
             ),
         )
         listen_host, listen_port = self.required(m, "listen", self.host_port, ("", 0))
@@ -261,6 +266,9 @@ class _Validator(_RuleBuilders, _OidcBuilders, _ApiBuilders):
             ),
             keepalive_max_age_s=self.optional(
                 m, "keepalive_max_age", self.timeout_s, DEFAULT_KEEPALIVE_MAX_AGE_S
+            ),
+            mode=self.optional(
+                m, "mode", lambda n, p: self.choice(n, p, SERVER_MODES), DEFAULT_SERVER_MODE
             ),
         )
 

@@ -339,6 +339,26 @@ class _RuleBuilders(_Reader):
         for path, node in self.once_nodes:
             self.note(path, ONCE_NEEDS_ONE_CONSUMER, node)
 
+    def check_forward_auth(self, rules: tuple[model.Rule, ...], node: Node | None) -> None:
+        """server.mode forward_auth: a front proxy's check carries no body.
+
+        nginx auth_request (and every forward-auth protocol but Envoy's opt-in)
+        sends the method, URL and headers only, so a rule reading body fields
+        (``when`` on fields, ``bind``) could never be judged: refused here, as
+        the gateway refuses such a request at ``/auth`` (fail closed).
+        """
+        for rule in rules:
+            reads = sorted(set(rule.require.bind) | (rule.when.fields() if rule.when else set()))
+            if reads:
+                self.note(
+                    f"rules[{rule.index}]",
+                    f"rule {rule.name!r} reads request fields ({', '.join(reads)}), but "
+                    "server.mode is forward_auth and a front proxy's check carries no body. "
+                    "Route this path through the gateway (server.mode: both, with the "
+                    "proxy sending this route to the gateway) or drop the fields",
+                    node,
+                )
+
     def when(self, node: Node, path: str) -> Any:
         """A ``when`` value: CEL, or the old syntax (:func:`gateway.cel.parse_when`)."""
         value = self.plain(node, path, 0)

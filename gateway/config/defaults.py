@@ -204,6 +204,10 @@ DEFAULT_DPOP_ALGORITHMS = ("ES256", "ES384", "EdDSA", "PS256", "RS256")
 RISK_ON_ERROR = ("step_up", "deny")
 CLIENT_AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# proxy: the gateway forwards; forward_auth: a front proxy asks {internal_prefix}/auth
+# (rules that read the body are refused); both: either, per route.
+SERVER_MODES = ("proxy", "forward_auth", "both")
+DEFAULT_SERVER_MODE = "proxy"
 # RFC 7518 3.1 and RFC 8037 3.1 signature algorithms an id token may use.
 KNOWN_ALGORITHMS = (
     "RS256",

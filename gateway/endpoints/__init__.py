@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway.context import Context
 from gateway.decision import site_paths
-from gateway.endpoints import callback, logout, ops, stepup
+from gateway.endpoints import callback, forward_auth, logout, ops, stepup
 from gateway.model import Rule
 
 Handler = Callable[[Context, web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -31,7 +31,21 @@ ROUTES: Mapping[str, Handler] = {
     "/readyz": ops.readyz,
     "/metrics": ops.metrics,
     "/jwks.json": ops.jwks,
+    "/auth": forward_auth.auth,
+    "/start": forward_auth.start,
 }
+
+
+def route(sub_path: str) -> Handler | None:
+    """The handler for ``sub_path`` under the internal prefix (None: 404).
+
+    Envoy's ext_authz appends the checked request's path to ``/auth/envoy``.
+    """
+    handler = ROUTES.get(sub_path)
+    if handler is None and sub_path.startswith(forward_auth.ENVOY_PREFIX + "/"):
+        return forward_auth.auth
+    return handler
+
 
 # At the site's root, for GET and HEAD, when no rule names the path
 # (:data:`gateway.decision.SITE_PATHS`).
