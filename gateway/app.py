@@ -284,10 +284,8 @@ class Gateway(ConnectionHooks):
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         inbound_id = request.headers.get("X-Request-Id")
-        if inbound_id is not None and REQUEST_ID_RE.fullmatch(inbound_id):
-            request_id = inbound_id
-        else:
-            request_id = new_request_id()
+        valid = inbound_id is not None and REQUEST_ID_RE.fullmatch(inbound_id)
+        request_id = inbound_id if valid and inbound_id else new_request_id()
         logs.bind_request_id(request_id)
         started = time.perf_counter()
         rule_name: str | None = None
@@ -564,7 +562,7 @@ class Gateway(ConnectionHooks):
         log_fn = log.warning if exc.status >= 500 else log.info
         log_fn("request_refused", status=exc.status, reason=exc.reason)
         if isinstance(exc, Unauthorized):  # an API client: JSON and the challenge it acts on
-            text = responses.json_error(exc.error, exc.message, request_id_of())
+            text = responses.json_error(exc.error, exc.message, logs.request_id())
             return web.json_response(text=text, status=exc.status, headers=exc.response_headers())
         response = self.page_response(
             request, exc.status, exc.title, [exc.message], error=exc.reason
@@ -595,11 +593,7 @@ class Gateway(ConnectionHooks):
             )
         return web.Response(
             status=status,
-            text=responses.json_error(error, " ".join(paragraphs), request_id_of()),
+            text=responses.json_error(error, " ".join(paragraphs), logs.request_id()),
             content_type="application/json",
             headers={"Cache-Control": "no-store"},
         )
-
-
-def request_id_of() -> str:
-    return logs.request_id()

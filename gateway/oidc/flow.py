@@ -16,7 +16,10 @@ import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import jwt
 
 from gateway import errors, model
 from gateway.oidc import profiles
@@ -193,6 +196,29 @@ def _is_absolute_url(value: str, *, https_only: bool) -> bool:
 
 
 # ------------------------------------------------------------- authorization request
+
+
+def parse_jwks(body: object) -> tuple[dict[str, Any], ...]:
+    """RFC 7517 5: a JSON object with ``keys``; keep the public signing keys we can use."""
+    keys = body.get("keys") if isinstance(body, Mapping) else None
+    if not isinstance(keys, list):
+        raise errors.ProviderError(
+            "The identity provider's key set is malformed.", reason="jwks_invalid"
+        )
+    usable = tuple(
+        dict(jwk)
+        for jwk in keys
+        # Symmetric keys have no place in a public key set; dropping them here
+        # means no code path can ever verify a token with one.
+        if isinstance(jwk, dict) and jwk.get("kty") in ("RSA", "EC", "OKP")
+    )
+    try:
+        jwt.PyJWKSet(list(usable))  # at least one key pyjwt can load
+    except jwt.PyJWTError:
+        raise errors.ProviderError(
+            "The identity provider's key set has no usable key.", reason="jwks_invalid"
+        ) from None
+    return usable
 
 
 def random_token(nbytes: int = 32) -> str:

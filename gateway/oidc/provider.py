@@ -29,6 +29,7 @@ from gateway.oidc.flow import (
     LogoutClaims,
     ProviderMetadata,
     key_fits_alg,
+    parse_jwks,
     parse_metadata,
     parse_token_response,
     token_request_auth,
@@ -424,7 +425,7 @@ class ProviderClient:
         self._jwks_attempts += 1
         try:
             meta = await self.metadata()
-            keys = await self._fetch("jwks", meta.jwks_uri, _parse_jwks)
+            keys = await self._fetch("jwks", meta.jwks_uri, parse_jwks)
         except errors.ProviderError as exc:
             self._jwks_next_fetch = self._clock() + RETRY_AFTER_FAILURE_S
             self._jwks_error = exc
@@ -574,29 +575,6 @@ async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
             raise _TooLarge
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _parse_jwks(body: object) -> tuple[dict[str, Any], ...]:
-    """RFC 7517 5: a JSON object with ``keys``; keep the public signing keys we can use."""
-    keys = body.get("keys") if isinstance(body, Mapping) else None
-    if not isinstance(keys, list):
-        raise errors.ProviderError(
-            "The identity provider's key set is malformed.", reason="jwks_invalid"
-        )
-    usable = tuple(
-        dict(jwk)
-        for jwk in keys
-        # Symmetric keys have no place in a public key set; dropping them here
-        # means no code path can ever verify a token with one.
-        if isinstance(jwk, dict) and jwk.get("kty") in ("RSA", "EC", "OKP")
-    )
-    try:
-        jwt.PyJWKSet(list(usable))  # at least one key pyjwt can load
-    except jwt.PyJWTError:
-        raise errors.ProviderError(
-            "The identity provider's key set has no usable key.", reason="jwks_invalid"
-        ) from None
-    return usable
 
 
 def _copy(error: errors.ProviderError | None) -> errors.ProviderError:
