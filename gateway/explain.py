@@ -32,7 +32,7 @@ from gateway.paths import canonical_host, normalize_path
 from gateway.policy import Allow, Challenge, Deny
 from gateway.rules import RuleSet
 from gateway.tokens import challenges
-from gateway.tokens.claims import check_claims, read_claims, session_of
+from gateway.tokens.claims import check_claims, read_by_profile, read_claims, session_of
 
 EXIT_OK = 0
 EXIT_REFUSED = 2  # a request the gateway would refuse before any rule is consulted
@@ -267,6 +267,7 @@ def judge_token(
         refused: dict[str, object] = {"decision": "invalid_token", "status": 401}
         refused["reason"] = exc.reason if exc.claim is None else f"{exc.reason} ({exc.claim})"
         return refused
+    read = read_by_profile(read, profiles.get(config.oidc.profile), config.assurance.levels)
     session = session_of(read, "explain", now)
     try:
         decision = _at_once(

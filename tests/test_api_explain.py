@@ -104,3 +104,42 @@ def test_explain_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["explain", "--config", str(path), "--token-claims", claims, "GET", "/x"]) == 2
     path.write_text(TEXT)
     assert main(["explain", "--config", str(path), "--token-claims", "[1]", "GET", "/x"]) == 2
+
+
+ENTRA = edited(
+    ("  client_secret: s3cret\n", "  client_secret: s3cret\n  profile: entra\n"),
+    ("    require: none\n", "    require: none\n    credentials: session\n"),
+    ("    require: {level: password}", "    require: {level: signed-in}"),
+)
+ENTRA = ENTRA[: ENTRA.index("assurance:\n")] + ENTRA[ENTRA.index("rules:\n") :] + API
+
+
+@pytest.mark.parametrize(
+    ("text", "changes", "expected"),
+    [
+        # Entra puts the authentication contexts a sign-in met in access tokens' acrs
+        # ("Access token claims reference"); the entra profile reads the level there.
+        (ENTRA, {"acr": None, "acrs": ["c1"]}, {"decision": "allow", "level": "mfa"}),
+        (ENTRA, {"acr": None, "acrs": ["c2", "c1"]}, {"level": "phishing-resistant"}),
+        (
+            ENTRA,
+            {"acr": None, "acrs": []},
+            {"decision": "challenge", "reason": "insufficient_level", "level": "signed-in"},
+        ),
+        # The generic profile reads acr only: acrs prove nothing there.
+        (TEXT, {"acr": None, "amr": [], "acrs": ["c1"]}, {"level": None}),
+        (ENTRA, {"acrs": "c1"}, {"decision": "invalid_token", "reason": "malformed (acrs)"}),
+    ],
+)
+def test_a_profile_reads_the_level_from_access_tokens_as_from_id_tokens(
+    text: str, changes: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    config = load_config_text(text, "c.yaml")
+    claims = token(**changes)
+    if changes.get("acr", "") is None:
+        claims.pop("acr", None)
+    result, status = explain(config, "POST", "/api/transfers/1", token_claims=claims, now=NOW)
+    assert status == 0
+    judged = result["token"]
+    assert isinstance(judged, dict)
+    assert {k: judged.get(k) for k in expected} == expected

@@ -8,10 +8,12 @@ reaches the upstream's headers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from gateway import assurance
+from gateway.model import Level
+from gateway.oidc import profiles
 from gateway.oidc.flow import (
     MAX_AMR_VALUE_BYTES,
     MAX_AMR_VALUES,
@@ -58,6 +60,7 @@ class AccessClaims:
     iss: str | None = None
     nbf: int | None = None
     jti: str | None = None
+    acrs: tuple[str, ...] = ()  # Entra's authentication contexts (c1..c99)
 
 
 def read_claims(payload: Mapping[str, object]) -> AccessClaims:
@@ -80,13 +83,21 @@ def read_claims(payload: Mapping[str, object]) -> AccessClaims:
         aud = tuple(aud_value)
     else:
         raise TokenError("malformed", claim="aud")
-    amr_value = payload.get("amr")
-    if amr_value is None:
-        amr: tuple[str, ...] = ()
-    elif isinstance(amr_value, list) and all(isinstance(item, str) for item in amr_value):
-        amr = tuple(amr_value)
-    else:
-        raise TokenError("malformed", claim="amr")
+
+    def strings(name: str) -> tuple[str, ...]:
+        value = payload.get(name)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise TokenError("malformed", claim=name)
+        if len(value) > MAX_AMR_VALUES:
+            raise TokenError("claim_value", claim=name)
+        for item in value:
+            check_header_claim(name, item, MAX_AMR_VALUE_BYTES)
+        return tuple(value)
+
+    amr = strings("amr")
+    acrs = strings("acrs")
     cnf = payload.get("cnf")
     jkt: str | None = None
     if cnf is not None:
@@ -103,10 +114,6 @@ def read_claims(payload: Mapping[str, object]) -> AccessClaims:
         value = payload.get(name)
         if isinstance(value, str):
             check_header_claim(name, value, max_bytes)
-    if len(amr) > MAX_AMR_VALUES:
-        raise TokenError("claim_value", claim="amr")
-    for value in amr:
-        check_header_claim("amr", value, MAX_AMR_VALUE_BYTES)
     return AccessClaims(
         sub=sub,
         aud=aud,
@@ -120,7 +127,18 @@ def read_claims(payload: Mapping[str, object]) -> AccessClaims:
         iss=string("iss"),
         nbf=numeric_date(payload, "nbf"),
         jti=string("jti", max_chars=MAX_CLIENT_ID_CHARS),
+        acrs=acrs,
     )
+
+
+def read_by_profile(
+    claims: AccessClaims, profile: profiles.Profile, levels: Sequence[Level]
+) -> AccessClaims:
+    """``claims`` with the acr the provider's profile reads from them, as for ID tokens
+    (:func:`gateway.oidc.profiles.asserted_acr`): Entra's ``acrs`` in access tokens,
+    Okta's and Keycloak's ``acr``. The generic profile reads ``acr`` as it is."""
+    acr = profiles.asserted_acr(profile, claims.acr, claims.acrs, levels)
+    return claims if acr == claims.acr else replace(claims, acr=acr)
 
 
 def check_claims(

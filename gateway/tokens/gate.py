@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -25,6 +26,7 @@ from multidict import CIMultiDictProxy, MultiMapping
 from gateway import errors, model, responses
 from gateway.decision import TOKEN_NOT_ACCEPTED
 from gateway.memo import Memo
+from gateway.oidc import profiles
 from gateway.oidc.flow import IdTokenError
 from gateway.oidc.provider import ProviderClient
 from gateway.paths import canonical_host
@@ -32,7 +34,7 @@ from gateway.policy import Challenge, Decision, Deny
 from gateway.session.aux import AuxStore
 from gateway.session.model import Session
 from gateway.tokens import challenges
-from gateway.tokens.claims import AccessClaims, session_of
+from gateway.tokens.claims import AccessClaims, read_by_profile, session_of
 from gateway.tokens.dpop import make_nonce, nonce_valid, request_url, verify_proof
 from gateway.tokens.introspection import claims_from_introspection, introspection_answer
 from gateway.tokens.jwt_access import access_token_header, looks_like_jwt, verify_access_token
@@ -96,10 +98,18 @@ class TokenGate:
     """Access tokens for one configuration (rebuilt on reload, with its caches)."""
 
     def __init__(
-        self, api: model.ApiConfig, oidc: model.OidcConfig, secret: bytes, public_url: str = ""
+        self,
+        api: model.ApiConfig,
+        oidc: model.OidcConfig,
+        secret: bytes,
+        public_url: str = "",
+        levels: Sequence[model.Level] = (),
     ) -> None:
         self.api = api
         self.oidc = oidc
+        # The provider's profile reads the level from a token as from an ID token.
+        self._profile = profiles.get(oidc.profile)
+        self._levels = tuple(levels)
         # What a DPoP proof's htu names (judged_url): the public scheme, and public_url's
         # host for a request without one.
         public = urlsplit(public_url)
@@ -230,6 +240,7 @@ class TokenGate:
                     digest_bytes, now + self.api.introspection_cache_s, INACTIVE_ENTRY_BYTES
                 )
             raise self.refuse(scheme, exc.reason, self._describe(exc.reason)) from None
+        claims = read_by_profile(claims, self._profile, self._levels)
         verified = Verified(claims, session_of(claims, digest_bytes.hex(), now), until)
         if cache is not None and until > now:
             cache.put(digest_bytes, verified, CACHE_ENTRY_BYTES)
@@ -351,7 +362,13 @@ def token_gate(config: model.Config) -> TokenGate | None:
     """The resource server of ``config``'s ``api`` section; None without one."""
     if config.api is None:
         return None
-    return TokenGate(config.api, config.oidc, config.session.secrets[0], config.server.public_url)
+    return TokenGate(
+        config.api,
+        config.oidc,
+        config.session.secrets[0],
+        config.server.public_url,
+        config.assurance.levels,
+    )
 
 
 def judged_url(scheme: str, host: str | None, public_host: str, path: str) -> str:
