@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import secrets
+import selectors
 import subprocess
 import time
 from collections.abc import Iterator
@@ -52,34 +53,51 @@ class AuthorizationServer:
                 self.process.wait()
 
 
-def start_authorization_server(port: int) -> AuthorizationServer:
-    """Start server.js on ``port``; fails (never skips) when node or its modules are missing."""
+# server.js prints its issuer within a second or two; Node 20 has been seen to stall for
+# good while loading the ESM modules (its main thread waiting on a futex), so a start
+# that says nothing in this time is killed and tried again rather than waited on forever.
+START_TIMEOUT_S = 20.0
+START_ATTEMPTS = 3
+
+
+def start_authorization_server(port: int | None = None) -> AuthorizationServer:
+    """Start server.js (on ``port``, or a free one); fails (never skips) when node or its
+    modules are missing, and after :data:`START_ATTEMPTS` starts that said nothing."""
+    from tests.conftest import free_port
+
     if not (SERVER_DIR / "node_modules" / "oidc-provider").is_dir():
         raise RuntimeError(
             "tests/oidc-provider/node_modules is missing: run "
             "`npm ci --prefix tests/oidc-provider` (scripts/test does)"
         )
-    process = subprocess.Popen(
-        ["node", str(SERVER_DIR / "server.js"), str(port)],
-        stdout=subprocess.PIPE,
-        stderr=None if os.environ.get("AUTHZ_DEBUG") else subprocess.DEVNULL,
-        cwd=SERVER_DIR,
-        env={**os.environ, "NODE_ENV": "test"},
+    for _ in range(START_ATTEMPTS):
+        process = subprocess.Popen(
+            ["node", str(SERVER_DIR / "server.js"), str(port or free_port())],
+            stdout=subprocess.PIPE,
+            stderr=None if os.environ.get("AUTHZ_DEBUG") else subprocess.DEVNULL,
+            cwd=SERVER_DIR,
+            env={**os.environ, "NODE_ENV": "test"},
+        )
+        assert process.stdout is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            ready = selector.select(timeout=START_TIMEOUT_S)
+        line = process.stdout.readline() if ready else b""  # {"issuer": ...} once listening
+        if line:
+            return AuthorizationServer(json.loads(line)["issuer"], process)
+        server = AuthorizationServer("", process)
+        server.stop()
+        port = None  # the next attempt takes a new port
+    raise RuntimeError(
+        f"the authorization server did not start in {START_ATTEMPTS} attempts "
+        f"(last exit {process.returncode})"
     )
-    assert process.stdout is not None
-    line = process.stdout.readline()  # {"issuer": ...} once listening
-    if not line:
-        process.wait(timeout=5)
-        raise RuntimeError(f"the authorization server did not start (exit {process.returncode})")
-    return AuthorizationServer(json.loads(line)["issuer"], process)
 
 
 @pytest.fixture(scope="module")
 def authz() -> Iterator[AuthorizationServer]:
     """The authorization server, one process per test module (import this fixture)."""
-    from tests.conftest import free_port
-
-    server = start_authorization_server(free_port())
+    server = start_authorization_server()
     yield server
     server.stop()
 
