@@ -67,10 +67,12 @@ async def test_a_killed_worker_costs_under_1_percent_and_load_spreads_back(start
     result = await kill_a_worker(gateway, 256, before_s=2 * SCALE, after_s=10, spread_s=5)
     assert result.restarted_at is not None, gateway.log_tail()
     # What kill -9 cannot help losing: the request each of its connections had out,
-    # and the connections in its listen backlog; at most one per client.
+    # and the connections in its listen backlog. A client can be caught twice (its
+    # request out on the killed worker, then its new connection queued in that worker's
+    # backlog in the same instant), so at most two per client; seen: 130-258 of 256.
     window = result.tally.summary(result.killed_at, result.killed_at + 10)
     assert window["status_503"] == 0 and window["other_status"] == 0, window
-    assert window["lost"] <= 256, window
+    assert window["lost"] <= 2 * 256, window
     # From a second after the kill (the restart takes about that), all but 1% succeed.
     after = result.tally.summary(result.killed_at + 1, result.killed_at + 10)
     answered = after["ok"] + after["status_503"] + after["other_status"] + after["lost"]
