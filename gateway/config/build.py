@@ -20,6 +20,7 @@ from gateway import model
 from gateway.config.build_api import _ApiBuilders
 from gateway.config.build_oidc import _OidcBuilders
 from gateway.config.build_rules import _RuleBuilders
+from gateway.config.build_sections import _SectionBuilders
 from gateway.config.defaults import (
     DEFAULT_ACCESS_LOG,
     DEFAULT_ASSERTION_TTL_S,
@@ -81,7 +82,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class _Validator(_RuleBuilders, _OidcBuilders, _ApiBuilders):
+class _Validator(_RuleBuilders, _SectionBuilders, _OidcBuilders, _ApiBuilders):
     # --- sections ---------------------------------------------------------------------
 
     def config(self, root: Node) -> model.Config | None:

@@ -24,24 +24,13 @@ from gateway.conditions import (
 )
 from gateway.config.defaults import (
     CREDENTIALS,
-    DEFAULT_ASSERTION_TTL_S,
-    DEFAULT_AUTHORIZATION_DETAILS_TYPE,
-    DEFAULT_HEADER_PREFIX,
-    DEFAULT_KEEP_BUDGET_BYTES,
-    DEFAULT_KEEP_PER_CLIENT,
-    DEFAULT_MAX_BODY_BYTES,
     DEFAULT_RISK_CACHE_S,
     DEFAULT_RISK_ON_ERROR,
     DEFAULT_RISK_TIMEOUT_S,
-    MAX_BODY_LIMIT_BYTES,
-    MAX_DETAILS_TYPE_CHARS,
-    MAX_KEEP_BUDGET_BYTES,
-    MAX_KEEP_PER_CLIENT,
     MAX_RISK_TIMEOUT_S,
     ONCE_NEEDS_ONE_CONSUMER,
     REGISTERED_METHODS,
     RISK_ON_ERROR,
-    _parse_size,
 )
 from gateway.config.loader import (
     _TOKEN,
@@ -50,7 +39,6 @@ from gateway.config.loader import (
     _Reader,
 )
 from gateway.config.schema import suggest as _suggest
-from gateway.model import MAX_ASSERTION_TTL_S
 from gateway.oidc import profiles
 from gateway.paths import canonical_rule_host
 from gateway.rules import compile_glob
@@ -428,99 +416,6 @@ class _RuleBuilders(_Reader):
             )
         return seconds
 
-    def step_up(self, node: Node, path: str) -> model.StepUpConfig:
-        m = self.mapping(
-            node,
-            path,
-            ("max_body", "authorization_details_type", "keep_budget", "keep_per_client"),
-        )
-        max_body = self.optional(m, "max_body", self.size_bytes, DEFAULT_MAX_BODY_BYTES)
-        budget = self.optional(m, "keep_budget", self.keep_budget, DEFAULT_KEEP_BUDGET_BYTES)
-        if budget < max_body:
-            self.note(
-                m.child("keep_budget"),
-                f"is smaller than step_up.max_body ({max_body} bytes): a form at the body "
-                "limit could never be kept",
-                m.get("keep_budget"),
-            )
-        return model.StepUpConfig(
-            max_body_bytes=max_body,
-            authorization_details_type=self.optional(
-                m,
-                "authorization_details_type",
-                self.details_type,
-                DEFAULT_AUTHORIZATION_DETAILS_TYPE,
-            ),
-            keep_budget_bytes=budget,
-            keep_per_client=self.optional(
-                m, "keep_per_client", self.keep_per_client, DEFAULT_KEEP_PER_CLIENT
-            ),
-        )
-
-    def keep_budget(self, node: Node, path: str) -> int:
-        scalar = self.scalar(node, path, "a size")
-        value = scalar.value
-        size: int | None = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            size = value
-        elif isinstance(value, str):
-            size = _parse_size(value)
-        if size is None or not 1 <= size <= MAX_KEEP_BUDGET_BYTES:
-            raise self.fail(
-                path,
-                f"use a size between 1 byte and 4GiB, in bytes (67108864) or with a unit "
-                f"(64MiB) (got {scalar.text!r})",
-                node,
-            )
-        return size
-
-    def keep_per_client(self, node: Node, path: str) -> int:
-        scalar = self.scalar(node, path, "an integer")
-        value = scalar.value
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(path, "expected an integer", node)
-        if not 1 <= value <= MAX_KEEP_PER_CLIENT:
-            message = f"must be between 1 and {MAX_KEEP_PER_CLIENT} (got {value})"
-            raise self.fail(path, message, node)
-        return value
-
-    def size_bytes(self, node: Node, path: str) -> int:
-        """Bytes as an integer, or a number with a unit: 512KiB, 1MiB, 2MB."""
-        scalar = self.scalar(node, path, "a size")
-        value = scalar.value
-        size: int | None = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            size = value
-        elif isinstance(value, str):
-            size = _parse_size(value)
-        if size is None:
-            raise self.fail(
-                path,
-                f"invalid size {scalar.text!r}: use bytes (65536) or a number with a unit "
-                "KiB, MiB, GiB, kB, MB or GB (512KiB, 1MiB)",
-                node,
-            )
-        if not 1 <= size <= MAX_BODY_LIMIT_BYTES:
-            raise self.fail(
-                path, f"must be between 1 byte and {MAX_BODY_LIMIT_BYTES} bytes (64MiB)", node
-            )
-        return size
-
-    def details_type(self, node: Node, path: str) -> str:
-        text = self.text(node, path)
-        if (
-            len(text) > MAX_DETAILS_TYPE_CHARS
-            or not text.isprintable()
-            or any(char.isspace() for char in text)
-        ):
-            raise self.fail(
-                path,
-                f"use up to {MAX_DETAILS_TYPE_CHARS} printable characters, no spaces "
-                "(RFC 9396 type, e.g. payment_initiation)",
-                node,
-            )
-        return text
-
     def level_name(self, node: Node, path: str, assurance: model.AssuranceConfig | None) -> str:
         text = self.text(node, path)
         if assurance is not None and assurance.level(text) is None:
@@ -592,29 +487,3 @@ class _RuleBuilders(_Reader):
                 "put the more specific rule earlier",
                 node,
             )
-
-    def assertion(self, node: Node, path: str) -> model.AssertionConfig:
-        m = self.mapping(node, path, ("key_file", "ttl", "header_prefix"))
-        return model.AssertionConfig(
-            key_file=self.optional(m, "key_file", self.key_file, None),
-            ttl_s=self.optional(m, "ttl", self.assertion_ttl, DEFAULT_ASSERTION_TTL_S),
-            header_prefix=self.optional(
-                m, "header_prefix", self.header_prefix, DEFAULT_HEADER_PREFIX
-            ),
-        )
-
-    def key_file(self, node: Node, path: str) -> str:
-        # Only resolved here; gateway.assertion reads and checks the key at start-up.
-        return self.resolve_path(self.text(node, path))
-
-    def assertion_ttl(self, node: Node, path: str) -> int:
-        seconds = self.positive_duration_s(node, path)
-        if seconds > MAX_ASSERTION_TTL_S:
-            raise self.fail(path, f"at most {MAX_ASSERTION_TTL_S}s (got {seconds}s)", node)
-        return seconds
-
-    def header_prefix(self, node: Node, path: str) -> str:
-        text = self.text(node, path)
-        if not _TOKEN.fullmatch(text):
-            raise self.fail(path, f"invalid header name prefix {text!r} (RFC 7230 token)", node)
-        return text
