@@ -121,10 +121,13 @@ ENTRA = ENTRA[: ENTRA.index("assurance:\n")] + ENTRA[ENTRA.index("rules:\n") :] 
         # ("Access token claims reference"); the entra profile reads the level there.
         (ENTRA, {"acr": None, "acrs": ["c1"]}, {"decision": "allow", "level": "mfa"}),
         (ENTRA, {"acr": None, "acrs": ["c2", "c1"]}, {"level": "phishing-resistant"}),
+        # No context met: no level at all. The "signed-in" stand-in the entra profile
+        # gives an ID token is never given to an access token (an app-only token has
+        # neither acr nor acrs, and proves no user's sign-in).
         (
             ENTRA,
             {"acr": None, "acrs": []},
-            {"decision": "challenge", "reason": "insufficient_level", "level": "signed-in"},
+            {"decision": "challenge", "reason": "insufficient_level", "level": None},
         ),
         # The generic profile reads acr only: acrs prove nothing there.
         (TEXT, {"acr": None, "amr": [], "acrs": ["c1"]}, {"level": None}),

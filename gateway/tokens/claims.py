@@ -136,8 +136,14 @@ def read_by_profile(
 ) -> AccessClaims:
     """``claims`` with the acr the provider's profile reads from them, as for ID tokens
     (:func:`gateway.oidc.profiles.asserted_acr`): Entra's ``acrs`` in access tokens,
-    Okta's and Keycloak's ``acr``. The generic profile reads ``acr`` as it is."""
+    Okta's and Keycloak's ``acr``. The generic profile reads ``acr`` as it is.
+
+    Unlike an ID token, an access token without an ``acr`` proves no sign-in at all
+    (Entra's app-only tokens, from the client credentials grant, carry neither), so the
+    profile's "signed in" stand-in is never given to one: no level, fail closed."""
     acr = profiles.asserted_acr(profile, claims.acr, claims.acrs, levels)
+    if acr == profiles.SIGNED_IN_ACR:
+        acr = claims.acr
     return claims if acr == claims.acr else replace(claims, acr=acr)
 
 
