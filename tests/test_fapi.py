@@ -4,6 +4,7 @@ private_key_jwt (RFC 7523) with a key file rotated in place, DPoP-bound tokens
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -60,7 +61,11 @@ async def test_fapi2_signs_in_with_par_private_key_jwt_and_dpop(make_stack, brow
     assert final.status == 200, final.body
     pushed = stack.op.pushed_requests[-1]
     assert pushed["auth_method"] == "private_key_jwt"
-    assert pushed["acr_values"] == "urn:example:loa:2"
+    # An essential acr claim, no acr_values (which would make the request voluntary).
+    assert json.loads(pushed["claims"]) == {
+        "id_token": {"acr": {"essential": True, "values": ["urn:example:loa:2"]}}
+    }
+    assert "acr_values" not in pushed
     assert pushed["code_challenge_method"] == "S256"
     assert stack.op.authorization_requests[-1]["_pushed"] == "1"
     token = stack.op.token_requests[-1]

@@ -53,6 +53,15 @@ REPO = Path(__file__).resolve().parent.parent
             },
         ),
         ("pingone", ("Multi_Factor",), None, {"acr_values": "Multi_Factor"}),
+        (
+            "fapi2",  # the essential acr alone: acr_values would make it voluntary
+            ("phr", "phrh"),
+            300,
+            {
+                "claims": '{"id_token":{"acr":{"essential":true,"values":["phr","phrh"]}}}',
+                "max_age": "300",
+            },
+        ),
     ],
 )
 def test_authorization_params(profile, acr, max_age, expected) -> None:

@@ -95,8 +95,9 @@ class Profile:
 
     name: str
     # How a level is asked for: "acr_values" (OIDC Core 3.1.2.1), "acr_values+claims"
-    # (also an essential acr in the claims parameter, OIDC Core 5.5.1.1) or
-    # "claims_acrs" (Entra: an essential acrs value, no acr_values).
+    # (also an essential acr in the claims parameter, OIDC Core 5.5.1.1), "claims_acr"
+    # (the essential acr alone, no acr_values) or "claims_acrs" (Entra: an essential
+    # acrs value, no acr_values).
     asks_with: str
     # Where the level is read from: "acr" or "acrs" (Entra).
     reads: str
@@ -209,13 +210,19 @@ PROFILES: Mapping[str, Profile] = {
         ),
         note="levels from acr (sign-on policy names); asks with acr_values",
     ),
-    # FAPI 2.0 Security Profile: the request travels by PAR, so acr_values and max_age
-    # are as the generic profile sends them.
+    # FAPI 2.0 Security Profile: the request travels by PAR; the level is asked for as
+    # an essential acr claim (OIDC Core 5.5.1.1: the provider MUST meet it or fail),
+    # without acr_values. acr_values only ask voluntarily (OIDC Core 3.1.2.1), and
+    # node oidc-provider, the OpenID-certified FAPI 2.0 reference, lets acr_values
+    # replace the claims parameter's acr request (lib/actions/authorization/claims.js,
+    # assignClaims), so sending both would make the essential request voluntary and an
+    # existing lower-level session would be answered without a step-up.
     "fapi2": dataclasses.replace(
         _GENERIC,
         name="fapi2",
+        asks_with="claims_acr",
         note="pushed authorization requests, private_key_jwt, DPoP-bound tokens, "
-        "PKCE S256 and the RFC 9207 iss are required; asks with acr_values",
+        "PKCE S256 and the RFC 9207 iss are required; asks with an essential acr claim",
     ),
 }
 
@@ -249,6 +256,9 @@ def authorization_params(
         else:
             member["values"] = list(wanted)
         params["claims"] = _compact_json({"id_token": {"acrs": member}})
+    elif wanted and profile.asks_with == "claims_acr":
+        claims = {"id_token": {"acr": {"essential": True, "values": list(wanted)}}}
+        params["claims"] = _compact_json(claims)
     elif wanted:
         params["acr_values"] = " ".join(wanted)
         if essential_acr or profile.asks_with == "acr_values+claims":

@@ -127,13 +127,30 @@ class OpUser:
     amr: list[str] | None = field(default_factory=lambda: ["pwd"])
 
 
+def requested_acr(params: Mapping[str, str]) -> list[str]:
+    """The acr values a request asks for: ``acr_values``, else the values of an
+    essential ``acr`` in the claims parameter (OIDC Core 5.5.1.1)."""
+    asked = params.get("acr_values", "").split()
+    if asked or "claims" not in params:
+        return asked
+    try:
+        acr = json.loads(params["claims"]).get("id_token", {}).get("acr", {})
+    except (ValueError, AttributeError):
+        return []
+    if not isinstance(acr, dict) or not acr.get("essential"):
+        return []
+    values = acr.get("values", [acr["value"]] if "value" in acr else [])
+    return [v for v in values if isinstance(v, str)]
+
+
 @dataclass
 class OpBehaviour:
     """Every way the provider can misbehave. All default to a correct provider."""
 
     now: Callable[[], float] = time.time  # the provider's clock (tests move it)
     user: OpUser = field(default_factory=OpUser)
-    honour_acr_values: bool = False  # assert the first requested acr_values entry
+    # assert the first requested acr_values entry (or essential acr claim value)
+    honour_acr_values: bool = False
     # --- signing
     sign_with: str = "RSA"  # which current key signs: "RSA" or "EC"
     wrong_signature_key: bool = False  # sign with an unpublished key, name a published kid
@@ -482,7 +499,7 @@ class OpenIdProvider:
             redirect_uri=redirect_uri,
             code_challenge=challenge,
             nonce=params.get("nonce"),
-            acr_values=params.get("acr_values", "").split(),
+            acr_values=requested_acr(params),
             authenticated_at=now,
             sid=secrets.token_urlsafe(8),
             issued_at=now,
