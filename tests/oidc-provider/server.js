@@ -10,12 +10,22 @@
 // so a test can take a real token, change exactly one thing and sign it again.
 //
 // Usage: node server.js PORT  (the issuer names it; prints {"issuer": ...} when listening)
+//
+// FAPI 2.0 mode: node server.js PORT --fapi2 CLIENT.json, where CLIENT.json holds the
+// gateway's registration: {"jwks": {"keys": [public JWKs]}, "redirect_uris": [...]}. The
+// server then runs oidc-provider's FAPI 2.0 Security Profile (features.fapi profile
+// '2.0'): pushed authorization requests required, the client authenticates with
+// private_key_jwt only, tokens are DPoP-bound (with server nonces), PKCE S256, ES256 and
+// PS256. Test-only: GET /test/record lists what the server saw (client assertion kid and
+// aud, pushed parameters, token type and DPoP key of each token issued).
 import * as crypto from 'node:crypto';
+import { readFileSync } from 'node:fs';
 
 import Provider, { errors } from 'oidc-provider';
 
 const port = Number(process.argv[2]);
 const host = '127.0.0.1';
+const fapiClient = process.argv[3] === '--fapi2' ? JSON.parse(readFileSync(process.argv[4], 'utf8')) : null;
 
 export const JWT_AUDIENCE = 'https://bank.example.com/api';
 export const OTHER_AUDIENCE = 'https://other.example.com/api';
@@ -102,14 +112,99 @@ const configuration = {
   ttl: { AccessToken: 300, AuthorizationCode: 60, IdToken: 300, Interaction: 300, Session: 600, Grant: 600 },
 };
 
-const provider = new Provider(`http://${host}:${port}`, configuration);
+// What the FAPI 2.0 mode saw, for GET /test/record.
+const record = { assertions: [], pushed: [], tokens: [] };
+
+// oidc-provider 9 docs (docs/README.md): features.fapi, features.pushedAuthorizationRequests,
+// features.dPoP, features.claimsParameter, enabledJWA, clientAuthMethods, acrValues.
+function fapiConfiguration(client) {
+  const psKey = keyPair('ps-1', 'PS256', { modulusLength: 2048 });
+  return {
+    ...configuration,
+    clients: [
+      {
+        // The gateway as a FAPI 2.0 client.
+        client_id: 'gateway',
+        token_endpoint_auth_method: 'private_key_jwt',
+        jwks: client.jwks,
+        redirect_uris: client.redirect_uris,
+        grant_types: ['authorization_code'],
+        response_types: ['code'],
+        require_pushed_authorization_requests: true,
+        dpop_bound_access_tokens: true,
+        id_token_signed_response_alg: 'ES256',
+      },
+    ],
+    jwks: { keys: [esKey, psKey] },
+    scopes: ['openid', 'profile', 'email', 'api'],
+    // The default claims, with amr in every ID token (the levels above password need it).
+    claims: { acr: null, auth_time: null, iss: null, sid: null, openid: ['sub', 'amr'] },
+    clientAuthMethods: ['private_key_jwt'],
+    enabledJWA: {
+      clientAuthSigningAlgValues: ['ES256', 'PS256'],
+      idTokenSigningAlgValues: ['ES256', 'PS256'],
+      dPoPSigningAlgValues: ['ES256', 'PS256'],
+      requestObjectSigningAlgValues: ['ES256', 'PS256'],
+    },
+    // The default (FAPI 2.0 5.3.2.1: the assertion's aud must be the issuer), recorded.
+    assertJwtClientAuthClaimsAndHeader: async (ctx, claims, header) => {
+      record.assertions.push({ route: ctx.oidc.route, kid: header.kid, alg: header.alg, aud: claims.aud });
+      if (ctx.oidc.isFapi('2.0') && claims.aud !== ctx.oidc.issuer) {
+        throw new errors.InvalidClientAuth('audience (aud) must equal the issuer identifier url');
+      }
+    },
+    features: {
+      ...configuration.features,
+      fapi: { enabled: true, profile: '2.0' },
+      pushedAuthorizationRequests: { enabled: true, requirePushedAuthorizationRequests: true },
+      // RFC 9449 8: every proof must carry a nonce this server handed out.
+      dPoP: { enabled: true, nonceSecret: crypto.randomBytes(32), requireNonce: () => true },
+      claimsParameter: { enabled: true },
+      introspection: { enabled: false },
+    },
+  };
+}
+
+const provider = new Provider(
+  `http://${host}:${port}`,
+  fapiClient ? fapiConfiguration(fapiClient) : configuration,
+);
+
+if (fapiClient) {
+  provider.on('pushed_authorization_request.success', (ctx) => {
+    const { params } = ctx.oidc;
+    record.pushed.push({
+      acr_values: params.acr_values,
+      claims: params.claims,
+      max_age: params.max_age,
+      code_challenge_method: params.code_challenge_method,
+      redirect_uri: params.redirect_uri,
+    });
+  });
+  provider.on('grant.success', (ctx) => {
+    const token = ctx.oidc.entities.AccessToken;
+    record.tokens.push({ token_type: ctx.body.token_type, jkt: token?.jkt });
+  });
+}
+
+// The acr the user "performs": acr_values (first value), or the essential acr of the
+// claims parameter (FAPI 2.0 mode), or login_hint "acr=VALUE".
+function askedAcr(params) {
+  const asked = String(params.acr_values || '').split(' ').filter(Boolean);
+  if (!asked.length && fapiClient && params.claims) {
+    const acr = JSON.parse(String(params.claims)).id_token?.acr;
+    if (acr?.value) asked.push(acr.value);
+    if (Array.isArray(acr?.values)) asked.push(...acr.values);
+  }
+  return asked;
+}
 
 async function finishLogin(ctx) {
   const details = await provider.interactionDetails(ctx.req, ctx.res);
   const { params } = details;
   if (process.env.AUTHZ_DEBUG) console.error(JSON.stringify(details.prompt), JSON.stringify(params));
   const hint = String(params.login_hint || '');
-  const asked = String(params.acr_values || '').split(' ').filter(Boolean);
+  const asked = askedAcr(params);
   let acr = asked[0] || 'urn:example:loa:1';
   if (hint.startsWith('acr=')) acr = hint.slice(4);
   const accountId = 'alice';
@@ -149,6 +244,10 @@ provider.use(async (ctx, next) => {
     const signature = crypto.sign('sha256', Buffer.from(input), { key: signingKey, dsaEncoding: 'ieee-p1363' });
     ctx.type = 'text/plain';
     ctx.body = `${input}.${signature.toString('base64url')}`;
+    return;
+  }
+  if (fapiClient && ctx.method === 'GET' && ctx.path === '/test/record') {
+    ctx.body = record;
     return;
   }
   await next();

@@ -5,6 +5,10 @@ RFC 9068 JWT access tokens with ``acr``/``amr``/``auth_time``, opaque ones for
 introspection, DPoP. Logins finish without a browser: the user performs the first
 ``acr_values`` the client asks for (or ``login_hint=acr=VALUE``).
 
+In FAPI 2.0 mode (:func:`fapi_authz`) the same server registers the gateway as a FAPI 2.0
+client (PAR required, ``private_key_jwt`` with two known keys, DPoP-bound tokens with
+server nonces) for a gateway on a port chosen in advance.
+
 The client walks the authorization code flow with PKCE hop by hop (RFC 6749 4.1,
 RFC 7636), optionally DPoP-bound (RFC 9449 5), and makes DPoP proofs.
 """
@@ -28,7 +32,8 @@ from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 import aiohttp
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 SERVER_DIR = Path(__file__).resolve().parent.parent / "oidc-provider"
 JWT_AUDIENCE = "https://bank.example.com/api"
@@ -60,9 +65,12 @@ START_TIMEOUT_S = 20.0
 START_ATTEMPTS = 3
 
 
-def start_authorization_server(port: int | None = None) -> AuthorizationServer:
+def start_authorization_server(
+    port: int | None = None, *, fapi_client: Path | None = None
+) -> AuthorizationServer:
     """Start server.js (on ``port``, or a free one); fails (never skips) when node or its
-    modules are missing, and after :data:`START_ATTEMPTS` starts that said nothing."""
+    modules are missing, and after :data:`START_ATTEMPTS` starts that said nothing.
+    ``fapi_client``: the FAPI 2.0 mode, with the gateway's registration from that file."""
     from tests.conftest import free_port
 
     if not (SERVER_DIR / "node_modules" / "oidc-provider").is_dir():
@@ -72,7 +80,8 @@ def start_authorization_server(port: int | None = None) -> AuthorizationServer:
         )
     for _ in range(START_ATTEMPTS):
         process = subprocess.Popen(
-            ["node", str(SERVER_DIR / "server.js"), str(port or free_port())],
+            ["node", str(SERVER_DIR / "server.js"), str(port or free_port())]
+            + (["--fapi2", str(fapi_client)] if fapi_client is not None else []),
             stdout=subprocess.PIPE,
             stderr=None if os.environ.get("AUTHZ_DEBUG") else subprocess.DEVNULL,
             cwd=SERVER_DIR,
@@ -98,6 +107,86 @@ def start_authorization_server(port: int | None = None) -> AuthorizationServer:
 def authz() -> Iterator[AuthorizationServer]:
     """The authorization server, one process per test module (import this fixture)."""
     server = start_authorization_server()
+    yield server
+    server.stop()
+
+
+@dataclass
+class FapiAuthorizationServer(AuthorizationServer):
+    """The server in FAPI 2.0 mode, for a gateway listening on ``gateway_port``.
+
+    ``keys`` are the gateway's client keys the server knows (PEM, an EC P-256 key that
+    signs ES256, then an RSA key that signs PS256); ``unknown_key`` is one it does not."""
+
+    gateway_port: int = 0
+    keys: tuple[bytes, ...] = ()
+    unknown_key: bytes = b""
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    async def record(self) -> dict[str, list[dict[str, Any]]]:
+        """What the server saw: client assertions, pushed requests, tokens issued."""
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{self.issuer}/test/record") as resp,
+        ):
+            assert resp.status == 200
+            record: dict[str, list[dict[str, Any]]] = await resp.json()
+            return record
+
+
+def private_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def public_jwk(pem: bytes) -> dict[str, Any]:
+    """The public JWK of a PEM private key, with its RFC 7638 thumbprint as ``kid``
+    (what the gateway puts in its client assertions)."""
+    from gateway.oidc import fapi
+
+    (key,) = fapi.load_pem_keys(pem)
+    return {**key.public_jwk, "kid": key.kid, "alg": key.alg, "use": "sig"}
+
+
+def start_fapi_authorization_server(directory: Path) -> FapiAuthorizationServer:
+    """The server in FAPI 2.0 mode, its client keys and registration written to
+    ``directory``; the gateway's callback is on a port picked now."""
+    from tests.conftest import free_port
+
+    keys = (
+        private_pem(ec.generate_private_key(ec.SECP256R1())),
+        private_pem(rsa.generate_private_key(65537, 2048)),
+    )
+    gateway_port = free_port()
+    client = directory / "fapi-client.json"
+    client.write_text(
+        json.dumps(
+            {
+                "jwks": {"keys": [public_jwk(pem) for pem in keys]},
+                "redirect_uris": [f"http://127.0.0.1:{gateway_port}/_gateway/callback"],
+            }
+        )
+    )
+    server = start_authorization_server(fapi_client=client)
+    return FapiAuthorizationServer(
+        server.issuer,
+        server.process,
+        gateway_port=gateway_port,
+        keys=keys,
+        unknown_key=private_pem(ec.generate_private_key(ec.SECP256R1())),
+    )
+
+
+@pytest.fixture(scope="module")
+def fapi_authz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FapiAuthorizationServer]:
+    """The authorization server in FAPI 2.0 mode, one process per test module."""
+    server = start_fapi_authorization_server(tmp_path_factory.mktemp("fapi"))
     yield server
     server.stop()
 
