@@ -12,6 +12,9 @@ Rows (each measured with wrk after a warm-up, all on loopback):
     gateway-2w-redis   2 worker processes sharing the Redis session store (same core)
     gateway-jwt        the gateway row with a valid JWT access token instead of a cookie,
                        from the access-token tests' authorization server (node)
+    gateway-traced     the gateway row with tracing on: every request sampled, its spans
+                       batched to an OTLP endpoint (the upstream nginx, which refuses them
+                       after they are encoded and sent: the gateway does all its work)
     apache-openidc     the peer: Apache httpd + mod_auth_openidc doing the gateway's job
     nginx-forward-auth nginx in front of the upstream asking the gateway's /_gateway/auth
                        (the shipped docs/forward-auth/nginx.conf), a valid session
@@ -74,7 +77,9 @@ GATEWAY_ROWS = {
     "gateway-10k-rules": 10_000,
     "gateway-2w-redis": 10,
     "gateway-jwt": 10,
+    "gateway-traced": 10,
 }
+TRACED_ROW = "gateway-traced"
 # The access-token row: an RFC 9068 token from tests/oidc-provider (npm ci there first),
 # verified once and then remembered by digest, as a session cookie's opening is.
 JWT_ROW = "gateway-jwt"
@@ -636,6 +641,11 @@ def measure_gateway(
             workers=SCALE_OUT.get(row, (1, "cookie"))[0],
             store=SCALE_OUT.get(row, (1, "cookie"))[1],
             api=access_token is not None,
+        )
+        + (
+            f"telemetry:\n  otlp_endpoint: http://127.0.0.1:{upstream_port}\n"
+            if row == TRACED_ROW
+            else ""
         )
     )
     proc = processes.start(

@@ -13,7 +13,6 @@ become responses.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import re
 import time
 from collections.abc import Callable
@@ -24,7 +23,7 @@ import structlog
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway import headers, logs, responses
+from gateway import headers, logs, responses, tracing
 from gateway.assertion import AssertionKeyError, AssertionSigner, load_or_generate_key
 from gateway.body import LiveReader, RequestBody, cookie_value
 from gateway.challenge import ProviderProbe, challenge
@@ -95,10 +94,12 @@ class Gateway(ConnectionHooks):
         *,
         clock: Callable[[], float] = time.time,
         assertion_key: ec.EllipticCurvePrivateKey | None = None,
+        tracer: tracing.Tracing | None = None,
     ) -> None:
         self.clock = clock
         self.metrics = Metrics()
         self.store: SessionStore = make_store(config.session)
+        self.tracing = tracing.load(config.telemetry, self.store, given=tracer)
         self.kept_ledger = KeptLedger(
             budget_bytes=config.step_up.keep_budget_bytes,
             per_client=config.step_up.keep_per_client,
@@ -179,6 +180,7 @@ class Gateway(ConnectionHooks):
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.oidc.http_timeout_s),
             cookie_jar=aiohttp.DummyCookieJar(),
+            trace_configs=[self.tracing.client_trace()] if self.tracing is not None else None,
         )
         self._provider = ProviderClient(
             self.config.oidc, self._http, on_error=self._count_provider_error, wall_clock=self.clock
@@ -213,6 +215,8 @@ class Gateway(ConnectionHooks):
             await self._aux_redis.close()
         if self._http is not None:
             await self._http.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
 
     async def reload(self, new: Config) -> None:
         """Apply a new, already validated config without dropping a connection.
@@ -350,6 +354,7 @@ class Gateway(ConnectionHooks):
         body = RequestBody(
             request, config.step_up.max_body_bytes, query, config.server.body_timeout_s
         )
+        started_ns = self.tracing.mark() if self.tracing is not None else 0
         rule = rules.match(request.method, host, path)
         decision = decide_plain(
             rule, session, config.assurance, now, session_error=store_down, by_token=by_token
@@ -366,6 +371,8 @@ class Gateway(ConnectionHooks):
                 claim_once=self.claim_once,
                 session_error=store_down,
             )
+        if self.tracing is not None:
+            self.tracing.decision(started_ns, decision)
         rule_name = decision.rule.name if decision.rule is not None else None
         self.metrics.requests.labels(rule_name or "", DECISION_LABEL[type(decision)]).inc()
         if tokens is not None and (refused := tokens.refusal(decision, presented)) is not None:
@@ -502,14 +509,7 @@ class Gateway(ConnectionHooks):
             self._framing_passed.put(key, True, header_set_size(raw) // 2)
 
     def peer_trusted(self, peer: str) -> bool:
-        trusted = self.config.server.trusted_proxies
-        if not trusted or not peer:
-            return False
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        return any(address in network for network in trusted)
+        return headers.address_in(peer, self.config.server.trusted_proxies)
 
     async def provider_reachable(self) -> bool:
         """:meth:`gateway.challenge.ProviderProbe.reachable`, for this provider, now."""

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-from gateway import __version__
+from gateway import __version__, tracing
 from gateway.cel import old_syntax_rewrites, rewrite_notice
 from gateway.config import load_config
 from gateway.errors import ConfigError
@@ -143,6 +143,8 @@ def _run(args: argparse.Namespace) -> int:
     config = _load(args.config, sys.stderr)
     if config is None:
         return EXIT_CONFIG
+    if _tracing(config, sys.stderr) is None:
+        return EXIT_CONFIG
     # Imported here: `check` and `explain` need neither aiohttp nor the event loop.
     # Several workers: a supervisor spawns them, each running server.run_one (workers
     # builds on server, never the other way round).
@@ -161,12 +163,26 @@ def _check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     for path, rewrite in old_syntax_rewrites(config.rules):
         print(rewrite_notice(path, rewrite), file=sys.stderr)
+    tracing_on = _tracing(config, sys.stdout)
+    if tracing_on is None:
+        return EXIT_CONFIG
     profile = profiles.get(config.oidc.profile)
     if profile.name == "generic":
         print("ok")
     else:  # what the provider profile implies, so a surprise shows before the first sign-in
         print(f"ok (profile {profile.name}: {profiles.describe(profile)})")
+    if tracing_on:
+        print(tracing_on)
     return EXIT_OK
+
+
+def _tracing(config: Config, out: TextIO) -> str | None:
+    """How tracing stands ("" when off), or None after printing why it cannot start."""
+    try:
+        return tracing.tracing_status(config.telemetry) or ""
+    except tracing.TelemetryUnavailable as exc:
+        print(f"{config.source}: {exc}", file=out)
+        return None
 
 
 def _explain(args: argparse.Namespace) -> int:

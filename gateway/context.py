@@ -9,7 +9,7 @@ are called) instead of the class, so they import nothing from
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -27,6 +27,9 @@ from gateway.session.model import Session
 from gateway.session.stores import SessionStore
 from gateway.session.transaction import TransactionCodec
 from gateway.transactional import KeptLedger, KeptRequest
+
+if TYPE_CHECKING:
+    from gateway.telemetry import Tracing
 
 
 class Context(Protocol):
@@ -50,6 +53,7 @@ class Context(Protocol):
     prefix: str  # server.internal_prefix
     redirect_uri: str
     upstreams: Upstreams
+    tracing: Tracing | None  # None: tracing is off
 
     @property
     def provider(self) -> ProviderClient: ...

@@ -159,18 +159,21 @@ class Forwarder:
                 intercept = self.upstream_asks_step_up
         latency = ctx.metrics.upstream_latency.labels(rule.upstream)
         started = time.perf_counter()
+        call = ctx.upstreams.forward(
+            request,
+            rule.upstream,
+            path_qs=path_qs,
+            headers=upstream_headers,
+            extra_response_headers=extra,
+            on_headers=lambda: latency.observe(time.perf_counter() - started),
+            method=method,
+            body=data,
+            intercept=intercept,
+        )
         try:
-            return await ctx.upstreams.forward(
-                request,
-                rule.upstream,
-                path_qs=path_qs,
-                headers=upstream_headers,
-                extra_response_headers=extra,
-                on_headers=lambda: latency.observe(time.perf_counter() - started),
-                method=method,
-                body=data,
-                intercept=intercept,
-            )
+            if ctx.tracing is not None:  # the upstream span's traceparent replaces the client's
+                return await ctx.tracing.upstream(call, upstream_headers, rule.upstream)
+            return await call
         except UpstreamIntercepted as asked:
             return await upstream_step_up(self._ctx, request, rule, session, path_qs, body, asked)
 

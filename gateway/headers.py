@@ -24,13 +24,15 @@ forwarded; aiohttp's own parser refuses most of them first (see its docstring).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Collection, Iterable, Sequence
 from urllib.parse import quote
 
 from multidict import CIMultiDict
 
-from gateway import errors
+from gateway import errors, tracecontext
+from gateway.model import IPNetwork
 
 _NOT_ALNUM = re.compile(r"[^a-z0-9]")
 
@@ -258,6 +260,17 @@ def client_chain(
     return tuple(reversed(hops))
 
 
+def address_in(peer: str, networks: Collection[IPNetwork]) -> bool:
+    """``peer`` (an IP address, as the socket gives it) is in one of ``networks``."""
+    if not networks or not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
 def is_assurance_header(name: str, prefix: str) -> bool:
     """True when ``name`` falls under the assertion ``prefix`` (case-insensitive, ``_`` = ``-``)."""
     return normalize_name(name).startswith(normalize_name(prefix))
@@ -360,6 +373,7 @@ def upstream_request_headers(
         hops = client_chain(items, peer=client_ip, peer_trusted=peer_trusted)
     out: CIMultiDict[str] = CIMultiDict()
     cookies: list[str] = []
+    traced: list[tuple[str, str]] = []
     for name, value in items:
         key = normalize_name(name)
         if key in _DROP_ALWAYS_REQUEST or key.startswith(prefix):
@@ -368,6 +382,9 @@ def upstream_request_headers(
             continue
         compact = compact_name(name)
         if compact in own:
+            continue
+        if compact in tracecontext.COMPACT_NAMES:
+            traced.append((name, value))  # passed on below, only when well-formed
             continue
         forwarding = _COMPACT_FORWARDING.get(compact)
         if forwarding is not None:
@@ -388,6 +405,10 @@ def upstream_request_headers(
             continue
         out.add(name, value)
 
+    if traced:
+        trace = tracecontext.inbound_of(traced)
+        if trace is not None:
+            out.extend(trace.headers())
     if cookies:
         # RFC 6265 5.4: one Cookie header; pairs joined with "; ".
         remaining = strip_cookie_header("; ".join(cookies), strip_cookies, strip_cookie_prefixes)

@@ -202,6 +202,15 @@ class AssertionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    """OpenTelemetry tracing (README "Tracing"); off while no OTLP endpoint is known."""
+
+    otlp_endpoint: str | None = None  # base URL; spans go to {otlp_endpoint}/v1/traces
+    service_name: str | None = None  # None: OTEL_SERVICE_NAME, else "stepup-gateway"
+    sample_ratio: float | None = None  # None: OTEL_TRACES_SAMPLER, else parent-based, all
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     upstreams: dict[str, UpstreamConfig]
@@ -213,3 +222,4 @@ class Config:
     source: str = "<memory>"
     step_up: StepUpConfig = field(default_factory=StepUpConfig)
     api: ApiConfig | None = None
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)

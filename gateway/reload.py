@@ -8,7 +8,7 @@ from gateway import model
 def restart_needed(old: model.Config, new: model.Config) -> list[str]:
     """The keys whose change a live reload cannot apply (empty: reload is possible).
 
-    Listeners and the worker count belong to the process; a server-side session
+    Listeners the worker count and tracing belong to the process; a server-side session
     store holds sessions that a new store object would lose, so what it is built
     from (``SessionConfig.store_settings``) stays; the rest of ``session`` (cookie
     and sign-in settings) may change.
@@ -26,6 +26,8 @@ def restart_needed(old: model.Config, new: model.Config) -> list[str]:
             ("session.store", old.session.store, new.session.store),
             # One-time claims and kept requests may live there, also with cookies.
             ("session.redis_url", old.session.redis_url, new.session.redis_url),
+            # The tracer and its exporter are made once, with the process's handler.
+            ("telemetry", old.telemetry, new.telemetry),
         )
         if before != after
     ]

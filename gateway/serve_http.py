@@ -149,8 +149,11 @@ class HeadersTooLarge(GatewayError):
 
 class _Server(GuardedServer):
     def __init__(self, gateway: Gateway) -> None:
+        tracing = gateway.tracing
         super().__init__(
-            gateway.handle,
+            gateway.handle
+            if tracing is None
+            else tracing.serving(gateway.handle, lambda: gateway.quiet_paths),
             gateway.connection_policy,
             on_close=gateway.connection_closed,
             on_timeout=gateway.client_timed_out,

@@ -207,6 +207,7 @@ async def make_stack(
         upstream_url: str | None = None,
         issuer: str | None = None,
         secret: str = SESSION_SECRET,
+        tracer: Any = None,  # a gateway.telemetry.Tracing (tests/test_telemetry.py)
     ) -> Stack:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -240,7 +241,7 @@ async def make_stack(
         config = load_config_text(text, "test.yaml")
         op.clients["gateway"].redirect_uris.append(f"{url}/_gateway/callback")
         op.clients["gateway"].post_logout_redirect_uris.append(f"{url}/_gateway/logged-out")
-        gateway = Gateway(config, clock=clock)
+        gateway = Gateway(config, clock=clock, tracer=tracer)
         await gateway.start()
         gateways.append(gateway)
         runner = web.ServerRunner(make_server(gateway), access_log=None)

@@ -100,6 +100,7 @@ def test_schema_is_draft_2020_12_and_valid() -> None:
         "assertion",
         "step_up",
         "api",
+        "telemetry",
     ]
 
 
@@ -211,7 +212,7 @@ SCHEMA_BAD = [
      "mode, got a list"),
     ("top-level-list", [(BASE, "- server\n")],
      "config.yaml:1 (top level): expected a mapping with keys server, upstreams, oidc, "
-     "session, assurance, rules, assertion, step_up, api, got a list"),
+     "session, assurance, rules, assertion, step_up, api, telemetry, got a list"),
     ("require-list", [(R0, "    require: [mfa]")],
      "config.yaml:24 rules[0].require: expected a mapping with keys level, max_age, once, "
      "bind, got a list"),
@@ -409,6 +410,10 @@ api:
   dpop_max_age: 30s
   introspection_cache: 10s
   cache_entries: 100
+telemetry:
+  otlp_endpoint: http://127.0.0.1:4318
+  service_name: gateway-eu
+  sample_ratio: 0.25
 """
 
 

@@ -100,6 +100,7 @@ class _Validator(_RuleBuilders, _SectionBuilders, _OidcBuilders, _ApiBuilders):
                     "assertion",
                     "step_up",
                     "api",
+                    "telemetry",
                 ),
             )
         except _Invalid:
@@ -135,6 +136,9 @@ class _Validator(_RuleBuilders, _SectionBuilders, _OidcBuilders, _ApiBuilders):
         if top.get("step_up") is not None:
             step_up = self.section(top, "step_up", self.step_up) or step_up
         api = self.section(top, "api", self.api) if top.get("api") is not None else None
+        telemetry = model.TelemetryConfig()
+        if top.get("telemetry") is not None:
+            telemetry = self.section(top, "telemetry", self.telemetry) or telemetry
         if api is not None and oidc is not None:
             outside = [alg for alg in api.algorithms if alg not in oidc.algorithms]
             if outside:
@@ -188,6 +192,7 @@ class _Validator(_RuleBuilders, _SectionBuilders, _OidcBuilders, _ApiBuilders):
             source=self.source,
             step_up=step_up,
             api=api,
+            telemetry=telemetry,
         )
 
     def server(self, node: Node, path: str) -> model.ServerConfig:

@@ -23,6 +23,7 @@ from gateway.config.loader import (
     _TOKEN,
     _Reader,
 )
+from gateway.config.schema import RATIO_HINT
 from gateway.model import MAX_ASSERTION_TTL_S
 
 
@@ -145,3 +146,21 @@ class _SectionBuilders(_Reader):
         if not _TOKEN.fullmatch(text):
             raise self.fail(path, f"invalid header name prefix {text!r} (RFC 7230 token)", node)
         return text
+
+    def telemetry(self, node: Node, path: str) -> model.TelemetryConfig:
+        m = self.mapping(node, path, ("otlp_endpoint", "service_name", "sample_ratio"))
+        return model.TelemetryConfig(
+            otlp_endpoint=self.optional(m, "otlp_endpoint", self.otlp_endpoint, None),
+            service_name=self.optional(m, "service_name", self.text, None),
+            sample_ratio=self.optional(m, "sample_ratio", self.sample_ratio, None),
+        )
+
+    def otlp_endpoint(self, node: Node, path: str) -> str:
+        text, _ = self.http_url(node, path, what="OTLP endpoint")
+        return text
+
+    def sample_ratio(self, node: Node, path: str) -> float:
+        value = self.scalar(node, path, "a number from 0 to 1").value  # schema: $defs.ratio
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise self.fail(path, f"expected {RATIO_HINT}", node)
+        return float(value)

@@ -6,8 +6,9 @@
     <!-- config:server:end -->
 
 (``server``, ``oidc``, ``session``, ``assurance.levels``, ``rules``, ``assertion``,
-``step_up``) and leaves the prose around them alone; ``--check`` only says whether the
-README is up to date (exit 1 when not). tests/test_config_schema.py fails when it is not.
+``step_up``, ``api``, ``telemetry``) and leaves the prose around them alone; ``--check``
+only says whether the README is up to date (exit 1 when not). tests/test_config_schema.py
+fails when it is not.
 """
 
 from __future__ import annotations

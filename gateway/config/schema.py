@@ -345,9 +345,13 @@ _WHAT = {
     "size": "a size",
     "budget": "a size",
     "workers": "an integer",
+    "ratio": "a number from 0 to 1",
     "condition": "a condition",
     "require": "'none' or {level: NAME}",
 }
+
+
+RATIO_HINT = "a number from 0 to 1 (0.1: one trace in ten)"
 
 
 def _message(
@@ -396,6 +400,8 @@ def _message(
         if keyword in ("minimum", "maximum"):
             return f"must be between 1 byte and {MAX_SIZE_BYTES} bytes (64MiB)"
         return f"invalid size {text!r}: {_SIZE_HINT}"
+    if kind == "ratio":
+        return f"expected {RATIO_HINT}"
     if kind == "workers":
         return "must be at least 1" if keyword == "minimum" else "expected an integer"
     if schema.get("type") == "integer":

@@ -206,6 +206,7 @@ async def judge(
     except StoreUnavailable as exc:
         session, store_down = None, exc  # as in proxy mode: fatal only if a session is needed
     now = ctx.clock()
+    started_ns = ctx.tracing.mark() if ctx.tracing is not None else 0
     rule = rules.match(described.method, described.host, described.path)
     decision = decide_plain(rule, session, config.assurance, now, session_error=store_down)
     if decision is None:
@@ -227,6 +228,8 @@ async def judge(
         )
     name = decision.rule.name if decision.rule is not None else ""
     ctx.metrics.requests.labels(name, DECISION_LABEL[type(decision)]).inc()
+    if ctx.tracing is not None:
+        ctx.tracing.decision(started_ns, decision)
     return decision, session
 
 

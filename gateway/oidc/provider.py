@@ -478,6 +478,7 @@ class ProviderClient:
                 data=form,
                 headers=headers,
                 timeout=self._timeout,
+                trace_request_ctx=endpoint,  # the span's name, with tracing on
                 allow_redirects=False,
             ) as response:
                 raw = await _read_capped(response)

@@ -267,6 +267,7 @@ class OpenIdProvider:
         self.dpop_jkt: list[str | None] = []  # per token response, the key it was bound to
         self.assertion_kids: list[str | None] = []  # per accepted client assertion
         self._access_tokens: dict[str, str] = {}  # token -> sub
+        self.traceparents: list[tuple[str, str | None]] = []  # (path, traceparent) per request
         self.server: Any = None  # the TestServer, when started with start_op()
         self.app = self._make_app()
 
@@ -423,7 +424,13 @@ class OpenIdProvider:
     # ---------------------------------------------------------------------- the app
 
     def _make_app(self) -> web.Application:
-        app = web.Application()
+        @web.middleware
+        async def record_traceparent(request: web.Request, handler: Any) -> web.StreamResponse:
+            # W3C Trace Context: what the gateway sent as the parent of this call.
+            self.traceparents.append((request.path, request.headers.get("traceparent")))
+            return await handler(request)
+
+        app = web.Application(middlewares=[record_traceparent])
         app[OP_KEY] = self
         app.router.add_get("/.well-known/openid-configuration", self._discovery)
         app.router.add_get("/jwks", self._jwks)
