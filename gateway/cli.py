@@ -161,11 +161,21 @@ def _check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     for path, rewrite in old_syntax_rewrites(config.rules):
         print(rewrite_notice(path, rewrite), file=sys.stderr)
-    profile = profiles.get(config.oidc.profile)
-    if profile.name == "generic":
-        print("ok")
-    else:  # what the provider profile implies, so a surprise shows before the first sign-in
-        print(f"ok (profile {profile.name}: {profiles.describe(profile)})")
+    # What each provider's profile implies, so a surprise shows before the first sign-in.
+    implied = [
+        (name, profiles.get(config.oidc_for(name).profile)) for name in config.provider_names
+    ]
+    if not config.providers:
+        _name, profile = implied[0]
+        print(
+            "ok"
+            if profile.name == "generic"
+            else f"ok (profile {profile.name}: {profiles.describe(profile)})"
+        )
+        return EXIT_OK
+    print("ok")
+    for name, profile in implied:  # oidc.providers: one line each
+        print(f"  provider {name}: profile {profile.name}: {profiles.describe(profile)}")
     return EXIT_OK
 
 

@@ -24,8 +24,10 @@ forwarded; aiohttp's own parser refuses most of them first (see its docstring).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Collection, Iterable, Sequence
+from ipaddress import IPv4Network, IPv6Network
 from urllib.parse import quote
 
 from multidict import CIMultiDict
@@ -557,3 +559,14 @@ def claim_header_value(value: str) -> str:
     if _CLAIM_SAFE.fullmatch(value):
         return value
     return quote(value.encode("utf-8", "surrogatepass"), safe=_CLAIM_SAFE_CHARS)
+
+
+def peer_in(peer: str, trusted: Sequence[IPv4Network | IPv6Network]) -> bool:
+    """Whether the address ``peer`` is in one of the ``trusted`` networks."""
+    if not trusted or not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in network for network in trusted)
