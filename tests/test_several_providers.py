@@ -51,6 +51,10 @@ rules:
   - name: admin
     match: {path: /admin/**}
     require: {level: mfa}
+  - name: customer-settings
+    match: {path: /customer/settings/**}
+    require: {level: mfa}
+    provider: customers
   - name: customer
     match: {path: /customer/**}
     require: {level: password}
@@ -218,8 +222,10 @@ async def test_each_rule_signs_in_at_its_own_provider_and_gets_its_headers(
 async def test_the_customer_sign_in_alone_is_no_proof_for_the_admin_console(
     two: Two, browser: Browser
 ) -> None:
-    hop = await browser.follow(f"{two.url}/customer/orders")
+    # At mfa, the level the admin console needs: still the wrong provider's proof.
+    hop = await browser.follow(f"{two.url}/customer/settings/password")
     assert hop.status == 200, hop.body
+    assert two.seen_headers()["x-auth-acr"] == "urn:example:loa:2"
     # An API call (no redirect): the session holds no workforce sign-in at all.
     async with browser.http.get(
         f"{two.url}/admin/console", headers={"Accept": "application/json"}
@@ -374,7 +380,7 @@ BASE = config_text(
         ),
         (
             ("provider: customers", "provider: partners"),
-            "rules[1].provider: unknown provider 'partners'",
+            "rules[2].provider: unknown provider 'partners'",
         ),
         (
             ("    customers:\n", "    'bad name':\n"),
@@ -387,7 +393,7 @@ BASE = config_text(
         (("      client_id: gateway-rp\n", ""), "oidc.providers.customers.client_id"),
         (
             ("        - {name: password, acr: [urn:example:loa:1]}\n", ""),
-            "rules[1].require.level",
+            "rules[2].require.level",
         ),
     ],
 )
@@ -496,3 +502,52 @@ def test_a_provider_session_is_refused_by_a_format_1_reader() -> None:
     data_as_v1 = {**data, "v": 1}
     legacy = Session.from_dict(data_as_v1)
     assert legacy is not None and legacy.provider == "default"  # why it must not say v1
+
+
+def test_explain_names_the_rule_provider_and_what_it_would_ask(tmp_path: Any) -> None:
+    import contextlib
+    import io
+
+    from gateway.cli import main
+
+    path = tmp_path / "several.yaml"
+    path.write_text(BASE)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["explain", "--config", str(path), "GET", "http://127.0.0.1:8080/customer/orders"])
+    answer = json.loads(out.getvalue())
+    assert answer["rule"] == "customer"
+    assert answer["provider"] == "customers"
+    assert answer["issuer"] == "https://customers.example.net"
+    assert answer["authorization"] == {"acr_values": "urn:example:loa:1"}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["explain", "--config", str(path), "GET", "http://127.0.0.1:8080/admin/x"])
+    answer = json.loads(out.getvalue())
+    assert (answer["provider"], answer["issuer"]) == ("default", "https://login.example.com")
+
+
+def test_an_access_token_of_the_default_issuer_is_no_proof_for_another_provider_rule() -> None:
+    from gateway.decision import Allow, Challenge, decide_plain
+    from gateway.tokens.claims import read_claims, session_of
+
+    config = load_config_text(BASE, "several.yaml")
+    now = time.time()
+    token = read_claims(
+        {
+            "iss": "https://login.example.com",
+            "sub": "alice",
+            "aud": "https://api.example.com",
+            "exp": int(now) + 60,
+            "iat": int(now),
+            "acr": "urn:example:loa:2",
+            "auth_time": int(now),
+            "client_id": "app",
+        }
+    )
+    session = session_of(token, "t", now)
+    rules = {rule.name: rule for rule in config.rules}
+    admin = decide_plain(rules["admin"], session, config.assurance, now, by_token=True)
+    assert isinstance(admin, Allow)
+    customer = decide_plain(rules["customer"], session, config.assurance, now, by_token=True)
+    assert isinstance(customer, Challenge)
