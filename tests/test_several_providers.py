@@ -83,6 +83,8 @@ def config_text(port: int, workforce: str, customers: str, upstream: str, store:
         server:
           listen: 127.0.0.1:{port}
           public_url: http://127.0.0.1:{port}
+          mode: both
+          trusted_proxies: [127.0.0.1/32]
         upstreams:
           app: {upstream}
         oidc:
@@ -349,6 +351,33 @@ async def test_logout_ends_every_sign_in_and_goes_to_the_latest_provider(
     assert query_of(location)["client_id"] == "gateway-rp"
     assert (await browser.get(f"{two.url}/admin/console")).status == 302
     assert (await browser.get(f"{two.url}/customer/orders")).status == 302
+
+
+async def test_forward_auth_judges_by_the_rule_provider(two: Two, browser: Browser) -> None:
+    async def auth(path: str) -> tuple[int, dict[str, str]]:
+        sent = {"X-Original-URL": f"{two.url}{path}", "X-Original-Method": "GET"}
+        async with browser.http.get(
+            f"{two.url}/_gateway/auth", headers=sent, allow_redirects=False
+        ) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}
+
+    hop = await browser.follow(f"{two.url}/admin/console")
+    assert hop.status == 200, hop.body
+    status, headers = await auth("/admin/console")
+    assert status == 200 and headers["x-auth-acr"] == "urn:example:loa:2"
+    status, _ = await auth("/customer/orders")
+    assert status == 401  # the workforce sign-in is no proof for the customer app
+    start = await browser.get(f"{two.url}/_gateway/start?rd={two.url}/customer/orders")
+    assert start.status == 302
+    assert start.headers["Location"].startswith(f"{two.customers.issuer}/auth?")
+    hop = await browser.follow(f"{two.url}/customer/orders")
+    assert hop.status == 200, hop.body
+    status, headers = await auth("/customer/orders")
+    assert status == 200 and headers["x-auth-acr"] == "urn:example:loa:1"
+    assert assertion_claims(headers)["idp"] == two.customers.issuer
+    status, headers = await auth("/admin/console")  # still the workforce sign-in's
+    assert status == 200 and headers["x-auth-acr"] == "urn:example:loa:2"
+    assert assertion_claims(headers)["idp"] == two.workforce.issuer
 
 
 # -- config --------------------------------------------------------------------------
