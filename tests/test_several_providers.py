@@ -380,6 +380,19 @@ async def test_forward_auth_judges_by_the_rule_provider(two: Two, browser: Brows
     assert assertion_claims(headers)["idp"] == two.workforce.issuer
 
 
+async def test_an_explicit_step_up_names_its_provider(two: Two, browser: Browser) -> None:
+    base = f"{two.url}/_gateway/step-up?rd=/customer/orders"
+    asked = await browser.get(f"{base}&provider=customers&level=mfa")
+    assert asked.status == 302
+    location = asked.headers["Location"]
+    assert location.startswith(f"{two.customers.issuer}/auth?")
+    assert query_of(location)["acr_values"] == "urn:example:loa:2"
+    default = await browser.get(f"{base}&level=mfa")
+    assert default.headers["Location"].startswith(f"{two.workforce.issuer}/authorize?")
+    unknown = await browser.get(f"{base}&provider=partners&level=mfa")
+    assert unknown.status == 400
+
+
 # -- config --------------------------------------------------------------------------
 
 
