@@ -487,6 +487,7 @@ def test_the_builders_read_exactly_the_keys_the_schema_describes(
         if keys is not None:
             path = re.sub(r"\[\d+\]", "[]", path)
             path = re.sub(r"^upstreams\.[^.]+$", "upstreams.*", path)  # names are data
+            path = re.sub(r"^oidc\.providers\.[^.]+", "oidc.providers.*", path)
             seen.setdefault(path, set()).update(keys)
         return mapping(self, node, path, keys)
 
@@ -498,6 +499,8 @@ def test_the_builders_read_exactly_the_keys_the_schema_describes(
     # an upstream written as a mapping ({url, ...}) rather than a URL
     upstream_mapping = SCHEMA["properties"]["upstreams"]["additionalProperties"]["then"]
     described["upstreams.*"] = set(upstream_mapping["properties"])
+    described["oidc.providers.*"] = set(SCHEMA["$defs"]["provider"]["properties"])
+    described["oidc.providers.*.levels[]"] = set(SCHEMA["$defs"]["level"]["properties"])
     assert seen == described
 
 

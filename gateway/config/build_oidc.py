@@ -50,7 +50,6 @@ class _OidcBuilders(_Reader):
             node,
             path,
             (
-                *more,
                 "issuer",
                 "client_id",
                 "client_secret",
@@ -66,6 +65,7 @@ class _OidcBuilders(_Reader):
                 "clock_skew",
                 "algorithms",
                 "http_timeout",
+                *more,
             ),
         )
         profile = self.optional(m, "profile", self.profile, DEFAULT_PROFILE)

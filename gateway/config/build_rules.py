@@ -49,7 +49,7 @@ class _RuleBuilders(_Reader):
     provider_names: frozenset[str] = frozenset({model.DEFAULT_PROVIDER})
 
     def rule_provider(self, node: Node, path: str) -> str:
-        name = self.text(node, path)
+        name = self.name(node, path)
         if name not in self.provider_names:
             known = ", ".join(sorted(self.provider_names))
             raise self.fail(path, f"unknown provider {name!r} (known: {known})", node)
