@@ -37,6 +37,7 @@ from gateway.decision import (
     RequestFacts,
     decide_plain,
     decide_request,
+    judged_session,
 )
 from gateway.endpoints import route, site_routes
 from gateway.errors import (
@@ -57,6 +58,7 @@ from gateway.memo import HEADER_MEMO_BYTES, HEADER_MEMO_ENTRIES, Memo, header_se
 from gateway.metrics import Metrics
 from gateway.model import Config, Level, Rule
 from gateway.oidc.provider import ProviderClient
+from gateway.oidc.providers import ProviderSet
 from gateway.paths import canonical_host, normalize_path, split_request_target
 from gateway.proxy import Upstreams
 from gateway.reload import restart_needed
@@ -112,8 +114,8 @@ class Gateway(ConnectionHooks):
         self._apply(config)
         self.upstreams = self._make_upstreams(config)
         self._http: aiohttp.ClientSession | None = None
-        self._provider: ProviderClient | None = None
-        self._provider_probe = ProviderProbe()
+        self._providers: ProviderSet | None = None
+        self._provider_probes: dict[str, ProviderProbe] = {}
         self.aux: AuxStore = LocalAux(clock=clock)  # replaced in start()
         self.server: GuardedServer | None = None  # set by make_server
         self.metrics.watch_connections(self.open_connections, self.accepting)
@@ -182,8 +184,8 @@ class Gateway(ConnectionHooks):
             cookie_jar=aiohttp.DummyCookieJar(),
             trace_configs=[self.tracing.client_trace()] if self.tracing is not None else None,
         )
-        self._provider = ProviderClient(
-            self.config.oidc, self._http, on_error=self._count_provider_error, wall_clock=self.clock
+        self._providers = ProviderSet.for_config(
+            self.config, self._http, on_error=self._count_provider_error, wall_clock=self.clock
         )
         self.risk = RiskClient(self._http)
         self.aux, self._aux_redis = make_aux(self.config.session, self.store, self.clock)
@@ -200,11 +202,8 @@ class Gateway(ConnectionHooks):
                 hint="with the cookie store and several workers, a signed-out session is "
                 "refused only by the worker that signed it out; set session.redis_url",
             )
-        try:
-            await self._provider.load()
-        except ProviderError as exc:
-            # Not fatal: /readyz reports it and step-ups answer 503 until it loads.
-            log.warning("provider_not_loaded", reason=exc.reason)
+        # Not fatal: /readyz reports it and step-ups answer 503 until it loads.
+        await self._providers.load_all(log)
 
     async def close(self) -> None:
         await self.upstreams.close()
@@ -232,16 +231,18 @@ class Gateway(ConnectionHooks):
         blockers = restart_needed(old, new)
         if blockers:
             raise ReloadRefused("needs a restart: " + ", ".join(blockers))
-        provider = self._provider
-        if new.oidc != old.oidc:
-            assert self._http is not None
-            provider = ProviderClient(
-                new.oidc, self._http, on_error=self._count_provider_error, wall_clock=self.clock
-            )
-            try:
-                await provider.load()
-            except ProviderError as exc:
-                raise ReloadRefused(f"the new provider cannot be loaded ({exc.reason})") from exc
+        assert self._http is not None
+        providers = ProviderSet.for_config(
+            new,
+            self._http,
+            on_error=self._count_provider_error,
+            wall_clock=self.clock,
+            previous=self._providers,
+        )
+        try:
+            await providers.load_fresh()
+        except ProviderError as exc:
+            raise ReloadRefused(f"the new provider cannot be loaded ({exc.reason})") from exc
         store = self.store
         if new.session.store_settings != old.session.store_settings:
             store = make_store(new.session)  # cookie store only (see restart_needed)
@@ -266,7 +267,7 @@ class Gateway(ConnectionHooks):
         self._assertion_key = key
         self._apply(new)
         self.store = store
-        self._provider = provider
+        self._providers = providers
         if new_pools:
             self.upstreams = self._make_upstreams(new)
             # Requests still streaming through the old pools finish first.
@@ -277,9 +278,13 @@ class Gateway(ConnectionHooks):
         log.info("config_reloaded", rules=len(new.rules), source=new.source)
 
     @property
-    def provider(self) -> ProviderClient:
-        assert self._provider is not None, "Gateway.start() was not awaited"
-        return self._provider
+    def provider(self) -> ProviderClient:  # the default one (the top-level oidc)
+        return self.providers.default
+
+    @property
+    def providers(self) -> ProviderSet:
+        assert self._providers is not None, "Gateway.start() was not awaited"
+        return self._providers
 
     def _count_provider_error(self, kind: str) -> None:
         self.metrics.provider_errors.labels(kind).inc()
@@ -374,6 +379,7 @@ class Gateway(ConnectionHooks):
         if self.tracing is not None:
             self.tracing.decision(started_ns, decision)
         rule_name = decision.rule.name if decision.rule is not None else None
+        session = judged_session(session, decision.rule)  # the rule's provider's sign-in
         self.metrics.requests.labels(rule_name or "", DECISION_LABEL[type(decision)]).inc()
         if tokens is not None and (refused := tokens.refusal(decision, presented)) is not None:
             raise refused  # an API client's 401 (RFC 6750, 9449, 9470): never a redirect
@@ -391,7 +397,11 @@ class Gateway(ConnectionHooks):
     ) -> RiskOutcome:
         """:class:`gateway.decision.RiskEngine`: the engine's answer, audited."""
         outcome = await self.risk.assess(
-            rule, facts, assurance=self.config.assurance, session_id=session_id, now=now
+            rule,
+            facts,
+            assurance=self.config.assurance.for_provider(rule.provider),
+            session_id=session_id,
+            now=now,
         )
         audit.info(
             "risk_assessed",
@@ -457,10 +467,9 @@ class Gateway(ConnectionHooks):
             ) from exc
         if session is None:
             log.info("session_rejected", reason="invalid_or_expired")
-        elif isinstance(self.store, CookieStore) and await revocation.revoked(self.aux, session):
-            log.info("session_rejected", reason="revoked")
             return None
-        return session
+        sealed, several = isinstance(self.store, CookieStore), bool(self.config.providers)
+        return await revocation.unrevoked(self.aux, session, sealed=sealed, several=several)
 
     async def revoke(
         self,
@@ -511,11 +520,12 @@ class Gateway(ConnectionHooks):
     def peer_trusted(self, peer: str) -> bool:
         return headers.address_in(peer, self.config.server.trusted_proxies)
 
-    async def provider_reachable(self) -> bool:
-        """:meth:`gateway.challenge.ProviderProbe.reachable`, for this provider, now."""
+    async def provider_reachable(self, name: str = "default") -> bool:
+        """:meth:`gateway.challenge.ProviderProbe.reachable`, for provider ``name``, now."""
         assert self._http is not None
-        return await self._provider_probe.reachable(
-            self._http, self.config.oidc.issuer, self.clock(), self.metrics
+        probe = self._provider_probes.setdefault(name, ProviderProbe())
+        return await probe.reachable(
+            self._http, self.providers.get(name).config.issuer, self.clock(), self.metrics
         )
 
     # -- internal endpoints ------------------------------------------------------

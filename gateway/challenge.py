@@ -195,6 +195,7 @@ async def challenge(
             binding=binding,
             binding_values=values,
             fresh=rule.require.once,
+            provider=rule.provider,
         )
     except BaseException:
         if kept_id is not None:  # no round trip: nobody can resume it
@@ -282,9 +283,11 @@ async def start_round_trip(
     binding_values: dict[str, str | None] | None = None,
     fresh: bool = False,
     mode: str = "redirect",
+    provider: str = "default",
 ) -> web.StreamResponse:
+    client = ctx.providers.get(provider)  # the rule's provider (rules[].provider)
     try:
-        meta = await ctx.provider.metadata()
+        meta = await client.metadata()
     except ProviderError as exc:
         ctx.metrics.challenges.labels("failed", level.name).inc()
         raise ProviderUnavailable(
@@ -292,7 +295,7 @@ async def start_round_trip(
             "Try again shortly.",
             reason=exc.reason,
         ) from exc
-    if not await ctx.provider_reachable():
+    if not await ctx.provider_reachable(provider):
         ctx.metrics.challenges.labels("failed", level.name).inc()
         raise ProviderUnavailable(
             "The identity provider is not answering, so a sign-in cannot start. Try again shortly.",
@@ -322,6 +325,7 @@ async def start_round_trip(
         kept=kept,
         binding=binding,
         fresh=fresh,
+        provider=provider,
     )
     extra: dict[str, str] = {}
     if binding_values is not None:
@@ -332,7 +336,7 @@ async def start_round_trip(
         extra["binding_message"] = binding_message(binding_values)
     url = authorization_url(
         meta,
-        ctx.config.oidc,
+        client.config,
         redirect_uri=ctx.redirect_uri,
         state=tx.state,
         nonce=tx.nonce,
@@ -341,7 +345,7 @@ async def start_round_trip(
         max_age_s=tx.requested_max_age_s,
         extra=extra or None,
     )
-    url = await ctx.provider.push_authorization(url)  # oidc.par: RFC 9126
+    url = await client.push_authorization(url)  # oidc.par: RFC 9126
     response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
     ttl_s = ctx.config.session.transaction_ttl_s
     tx_name = tx_cookie_name(ctx.tx_base, tx.state, ctx.secure)
@@ -373,6 +377,7 @@ async def start_round_trip(
         bound=binding is not None,
         kept=kept is not None,
         once=fresh,
+        provider=provider,
     )
     return response
 
@@ -389,7 +394,8 @@ async def upstream_step_up(
     """The upstream answered a browser with an RFC 9470 challenge: step up, then replay."""
     value = asked.challenge
     params = parse_bearer_challenge(value) or {}
-    level = level_for_acr_values(ctx.config.assurance.levels, params.get("acr_values", ""))
+    levels = ctx.config.assurance.for_provider(rule.provider).levels
+    level = level_for_acr_values(levels, params.get("acr_values", ""))
     max_age_s = max_age_of(params)
     if level is None or max_age_s is False:
         # Only levels this config defines can be asked for; pass the challenge on.
@@ -416,6 +422,6 @@ async def upstream_step_up(
         level,
         max_age_s,
         "upstream_challenge",
-        assurance.highest(ctx.config.assurance.levels, session.proofs) if session else None,
+        assurance.highest(levels, session.proofs) if session else None,
     )
     return await challenge(ctx, request, decision, path_qs, body, session)

@@ -166,11 +166,21 @@ def _check(args: argparse.Namespace) -> int:
     tracing_on = _tracing(config, sys.stdout)
     if tracing_on is None:
         return EXIT_CONFIG
-    profile = profiles.get(config.oidc.profile)
-    if profile.name == "generic":
+    # What each provider's profile implies, so a surprise shows before the first sign-in.
+    implied = [
+        (name, profiles.get(config.oidc_for(name).profile)) for name in config.provider_names
+    ]
+    if not config.providers:
+        _name, profile = implied[0]
+        print(
+            "ok"
+            if profile.name == "generic"
+            else f"ok (profile {profile.name}: {profiles.describe(profile)})"
+        )
+    else:
         print("ok")
-    else:  # what the provider profile implies, so a surprise shows before the first sign-in
-        print(f"ok (profile {profile.name}: {profiles.describe(profile)})")
+        for name, profile in implied:  # oidc.providers: one line each
+            print(f"  provider {name}: profile {profile.name}: {profiles.describe(profile)}")
     if tracing_on:
         print(tracing_on)
     return EXIT_OK

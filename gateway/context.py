@@ -18,6 +18,7 @@ from gateway.decision import Allow
 from gateway.metrics import Metrics
 from gateway.model import Config, Level, Rule
 from gateway.oidc.provider import ProviderClient
+from gateway.oidc.providers import ProviderSet
 from gateway.proxy import Upstreams
 from gateway.risk_policy import RiskFacts, RiskOutcome
 from gateway.rules import RuleSet
@@ -56,7 +57,14 @@ class Context(Protocol):
     tracing: Tracing | None  # None: tracing is off
 
     @property
-    def provider(self) -> ProviderClient: ...
+    def provider(self) -> ProviderClient:
+        """The ``default`` provider."""
+        ...
+
+    @property
+    def providers(self) -> ProviderSet:
+        """Every provider by name (``oidc.providers``)."""
+        ...
 
     @property
     def draining(self) -> bool:
@@ -104,7 +112,7 @@ class Context(Protocol):
         kept: KeptRequest | None = None,
     ) -> web.StreamResponse: ...
 
-    async def provider_reachable(self) -> bool: ...
+    async def provider_reachable(self, name: str = "default") -> bool: ...
 
     def client_hops(self, request: web.BaseRequest, peer: str) -> tuple[str, ...]: ...
 

@@ -145,6 +145,14 @@ def credential_refused(rule: Rule | None, by_token: bool) -> Deny | None:
     return None
 
 
+def judged_session(session: Session | None, rule: Rule | None) -> Session | None:
+    """``session`` as its sign-in at ``rule``'s provider (``rules[].provider``); None when
+    it holds none there: another provider's proof never counts, whatever its level."""
+    if session is None or rule is None:
+        return session
+    return session.for_provider(rule.provider)
+
+
 def _cookie_ignored(rule: Rule | None, by_token: bool) -> bool:
     # rules[].credentials: token -- a cookie's session is no credential there (and a
     # store that is down does not matter): judged as no session at all.
@@ -176,6 +184,8 @@ def decide_plain(
                 return refused
             if _cookie_ignored(rule, by_token):
                 session, session_error = None, None
+        session = judged_session(session, rule)
+        assurance_cfg = assurance_cfg.for_provider(rule.provider)
     _session_needed(rule, session_error)
     return decide(rule, session, assurance_cfg, now)
 
@@ -208,6 +218,9 @@ async def decide_request(
     if _cookie_ignored(rule, facts.by_token):
         facts, session_error = dataclasses.replace(facts, session=None), None
     _session_needed(rule, session_error)
+    if rule is not None:
+        facts = dataclasses.replace(facts, session=judged_session(facts.session, rule))
+        assurance_cfg = assurance_cfg.for_provider(rule.provider)
     session = facts.session
     judged = rule
     if rule is not None and rule.risk is not None and risk is not None:
@@ -237,11 +250,11 @@ async def choose_rule(
     A ``when`` that cannot be evaluated counts as true: the stricter rule applies
     (fail closed), and a ``when_unknown`` line names what was unknown (never values).
     """
-    session = facts.session
     for candidate in rules.candidates_for(facts.method, facts.host, facts.path):
         condition = candidate.when
         if condition is None:
             return candidate
+        session = judged_session(facts.session, candidate)
         client_ip = facts.read.client_ip()  # before the body: a 400 outranks a 413
         reading = condition.fields()
         seen = Facts(

@@ -203,7 +203,10 @@ def explain(
         result["risk"] = _risk(rule.risk)
     if rule.upstream_challenge:
         result["upstream_challenge"] = True
-    authorization = _authorization(config, rule.require)
+    if config.providers:  # several providers: whose sign-in the rule needs, and where
+        result["provider"] = rule.provider
+        result["issuer"] = config.oidc_for(rule.provider).issuer
+    authorization = _authorization(config, rule)
     if authorization is not None:
         result["authorization"] = authorization
     if config.api is not None:
@@ -221,19 +224,22 @@ def explain(
     return {**result, **extra}, EXIT_OK
 
 
-def _authorization(config: Config, require: Requirement) -> dict[str, str] | None:
+def _authorization(config: Config, rule: Rule) -> dict[str, str] | None:
     """The step-up parameters of the authorization request the rule's challenge sends,
-    in the provider profile's dialect (the ones every request carries left out). Shown
-    with a provider profile set, where they differ from plain ``acr_values``."""
-    level = config.assurance.level(require.level) if require.level is not None else None
-    if level is None or config.oidc.profile == "generic":
+    in its provider's profile dialect (the ones every request carries left out). Shown
+    with a provider profile set, where they differ from plain ``acr_values``, and with
+    several providers (``oidc.providers``)."""
+    require, oidc = rule.require, config.oidc_for(rule.provider)
+    levels = config.assurance.for_provider(rule.provider)
+    level = levels.level(require.level) if require.level is not None else None
+    if level is None or (oidc.profile == "generic" and not config.providers):
         return None
     max_age_s = 0 if require.once else require.max_age_s
     return profiles.authorization_params(
-        profiles.get(config.oidc.profile),
+        profiles.get(oidc.profile),
         level.acr,
         max_age_s,
-        essential_acr=config.oidc.essential_acr,
+        essential_acr=oidc.essential_acr,
     )
 
 

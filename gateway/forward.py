@@ -241,6 +241,7 @@ class Forwarder:
             level.name if level is not None else None,
             rule.name,
             rule.upstream,
+            session.provider,
         )
         cached = self._assurance_headers.get(key)
         if cached is not None and now < cached[0]:
@@ -270,6 +271,8 @@ class Forwarder:
         }
         if session.email:
             claims["email"] = session.email
+        if ctx.config.providers:  # several providers: whose sign-in the claims are
+            claims["idp"] = ctx.config.oidc_for(session.provider).issuer
         out[f"{p}Assertion"], reuse_until = self.signer.sign_reusable(
             claims, audience=rule.upstream, now=now
         )

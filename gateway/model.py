@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_ASSERTION_TTL_S = 60  # contract: an X-Auth-Assertion expires within 60 s
+DEFAULT_PROVIDER = "default"  # the provider the top-level oidc block configures
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -123,6 +124,16 @@ class Level:
 @dataclass(frozen=True, slots=True)
 class AssuranceConfig:
     levels: tuple[Level, ...]  # weakest first
+    # Named providers' own levels (oidc.providers.NAME.levels, or their profile's):
+    # a rule of provider NAME is judged by these. Absent: the levels above.
+    providers: tuple[tuple[str, AssuranceConfig], ...] = ()
+
+    def for_provider(self, name: str) -> AssuranceConfig:
+        """The levels rules of provider ``name`` are judged by."""
+        for provider, levels in self.providers:
+            if provider == name:
+                return levels
+        return self
 
     def level(self, name: str) -> Level | None:
         for level in self.levels:
@@ -177,6 +188,7 @@ class Rule:
     when: Any = None  # gateway.conditions.Condition: the rule applies only when it holds
     risk: RiskConfig | None = None  # ask an external risk engine what this request needs
     credentials: str = "any"  # session | token | any: what this rule accepts (with api)
+    provider: str = "default"  # oidc.providers: whose proof this rule needs
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,3 +235,16 @@ class Config:
     step_up: StepUpConfig = field(default_factory=StepUpConfig)
     api: ApiConfig | None = None
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    # oidc.providers: the named providers besides ``oidc`` itself (named "default").
+    providers: tuple[tuple[str, OidcConfig], ...] = ()
+
+    def oidc_for(self, name: str) -> OidcConfig:
+        """The provider ``name`` (a name the rules were checked against)."""
+        for provider, oidc in self.providers:
+            if provider == name:
+                return oidc
+        return self.oidc
+
+    @property
+    def provider_names(self) -> tuple[str, ...]:
+        return (DEFAULT_PROVIDER, *(name for name, _ in self.providers))

@@ -357,6 +357,15 @@ oidc:
   clock_skew: 30s
   algorithms: [ES256]
   http_timeout: 3s
+  providers:
+    customers:
+      issuer: https://login.example.net/
+      client_id: web
+      client_secret: s2
+      scopes: [openid]
+      levels:
+        - {name: basic, acr: [urn:example:loa:1]}
+        - {name: strong, acr: [urn:example:loa:2]}
 session:
   secret: [0123456789abcdef0123456789abcdef, oooooooooooooooooooooooooooooooo]
   store: redis
@@ -387,6 +396,11 @@ rules:
     match: {path: /admin/**}
     require: {level: strong}
     upstream: admin
+  - name: customer
+    match: {path: /customer/**}
+    require: {level: strong}
+    provider: customers
+    upstream: app
   - name: rest
     match: {path: /**}
     require: none
@@ -456,10 +470,15 @@ def test_the_maximal_configs_use_every_key_of_the_schema(tmp_path: Path) -> None
     mapped = {key.rpartition(".")[2] for key in used if re.match(r"upstreams\.[^.]+\.", key)}
     assert set(upstream_mapping["properties"]) - mapped == set()  # every upstream key used
     assert schema_keys - used == set()  # a new key in the schema belongs in MAXIMAL
-    # upstream names and the parts of a condition are data, not keys
-    assert {k for k in used - schema_keys if not k.startswith(("upstreams.", "rules[].when."))} == (
-        set()
+    # a named provider's keys are the provider definition's (its name is data)
+    provider_keys = {k.split(".", 3)[3] for k in used if re.match(r"oidc\.providers\.[^.]+\.", k)}
+    assert "levels" in provider_keys
+    assert {k.partition(".")[0].removesuffix("[]") for k in provider_keys} <= set(
+        SCHEMA["$defs"]["provider"]["properties"]
     )
+    # upstream and provider names and the parts of a condition are data, not keys
+    data = ("upstreams.", "rules[].when.", "oidc.providers.")
+    assert {k for k in used - schema_keys if not k.startswith(data)} == set()
 
 
 def test_the_builders_read_exactly_the_keys_the_schema_describes(
@@ -473,6 +492,7 @@ def test_the_builders_read_exactly_the_keys_the_schema_describes(
         if keys is not None:
             path = re.sub(r"\[\d+\]", "[]", path)
             path = re.sub(r"^upstreams\.[^.]+$", "upstreams.*", path)  # names are data
+            path = re.sub(r"^oidc\.providers\.[^.]+", "oidc.providers.*", path)
             seen.setdefault(path, set()).update(keys)
         return mapping(self, node, path, keys)
 
@@ -484,6 +504,8 @@ def test_the_builders_read_exactly_the_keys_the_schema_describes(
     # an upstream written as a mapping ({url, ...}) rather than a URL
     upstream_mapping = SCHEMA["properties"]["upstreams"]["additionalProperties"]["then"]
     described["upstreams.*"] = set(upstream_mapping["properties"])
+    described["oidc.providers.*"] = set(SCHEMA["$defs"]["provider"]["properties"])
+    described["oidc.providers.*.levels[]"] = set(SCHEMA["$defs"]["level"]["properties"])
     assert seen == described
 
 

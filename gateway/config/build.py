@@ -18,8 +18,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway import model
 from gateway.config.build_api import _ApiBuilders
-from gateway.config.build_oidc import _OidcBuilders
-from gateway.config.build_rules import _RuleBuilders
+from gateway.config.build_providers import _ProviderBuilders
 from gateway.config.build_sections import _SectionBuilders
 from gateway.config.defaults import (
     DEFAULT_ACCESS_LOG,
@@ -82,7 +81,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class _Validator(_RuleBuilders, _SectionBuilders, _OidcBuilders, _ApiBuilders):
+class _Validator(_ProviderBuilders, _SectionBuilders, _ApiBuilders):
     # --- sections ---------------------------------------------------------------------
 
     def config(self, root: Node) -> model.Config | None:
@@ -119,6 +118,9 @@ class _Validator(_RuleBuilders, _SectionBuilders, _OidcBuilders, _ApiBuilders):
             assurance = self.section(
                 top, "assurance", lambda node, path: self.assurance(node, path, profile)
             )
+        providers, provider_levels = self.named_providers(top)  # before the rules name them
+        if assurance is not None and provider_levels:
+            assurance = dataclasses.replace(assurance, providers=provider_levels)
         rules = self.section(
             top, "rules", lambda node, path: self.rules(node, path, assurance, upstreams)
         )
@@ -193,6 +195,7 @@ class _Validator(_RuleBuilders, _SectionBuilders, _OidcBuilders, _ApiBuilders):
             step_up=step_up,
             api=api,
             telemetry=telemetry,
+            providers=providers,
         )
 
     def server(self, node: Node, path: str) -> model.ServerConfig:

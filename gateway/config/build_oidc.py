@@ -42,7 +42,10 @@ def _is_loopback(host: str) -> bool:
 
 
 class _OidcBuilders(_Reader):
-    def oidc(self, node: Node, path: str) -> model.OidcConfig:
+    def oidc(self, node: Node, path: str, *, named: bool = False) -> model.OidcConfig:
+        # The top-level block also holds `providers` (gateway.config.build_providers);
+        # a named provider also its own `levels`.
+        more = ("levels",) if named else ("providers",)
         m = self.mapping(
             node,
             path,
@@ -62,6 +65,7 @@ class _OidcBuilders(_Reader):
                 "clock_skew",
                 "algorithms",
                 "http_timeout",
+                *more,
             ),
         )
         profile = self.optional(m, "profile", self.profile, DEFAULT_PROFILE)

@@ -45,6 +45,16 @@ from gateway.rules import compile_glob
 
 
 class _RuleBuilders(_Reader):
+    # The names rules may give in `provider` (gateway.config.build_providers sets them).
+    provider_names: frozenset[str] = frozenset({model.DEFAULT_PROVIDER})
+
+    def rule_provider(self, node: Node, path: str) -> str:
+        name = self.name(node, path)
+        if name not in self.provider_names:
+            known = ", ".join(sorted(self.provider_names))
+            raise self.fail(path, f"unknown provider {name!r} (known: {known})", node)
+        return name
+
     def assurance(self, node: Node, path: str, profile: profiles.Profile) -> model.AssuranceConfig:
         m = self.mapping(node, path, ("levels",))
         levels_node = m.get("levels")
@@ -54,10 +64,20 @@ class _RuleBuilders(_Reader):
             raise self.fail(
                 m.child("levels"), "required key is missing (or set oidc.profile)", node
             )
+        return self.level_list(levels_node, m.child("levels"), profile)
+
+    def level_list(
+        self,
+        levels_node: Node,
+        levels_path: str,
+        profile: profiles.Profile,
+        profile_path: str = "oidc.profile",
+    ) -> model.AssuranceConfig:
+        """``levels``: a list of levels, weakest first, that ``profile``'s provider asserts."""
         before = len(self.problems)
         levels: list[model.Level] = []
         seen: dict[str, int] = {}
-        for item_path, item in self.items(levels_node, m.child("levels")):
+        for item_path, item in self.items(levels_node, levels_path):
             try:
                 level = self.level(item, item_path, rank=len(levels))
             except _Invalid:
@@ -75,12 +95,12 @@ class _RuleBuilders(_Reader):
             raise _Invalid  # rules are then not checked against a partial list of levels
         # A level the profile's provider never asserts would be a step-up that can
         # never succeed: refused here rather than discovered by a locked-out user.
-        items = [item for _path, item in self.items(levels_node, m.child("levels"))]
+        items = [item for _path, item in self.items(levels_node, levels_path)]
         for index, key, message in profiles.level_problems(profile, levels):
             item_node = items[index] if index < len(items) else None
             self.note(
-                f"{m.child('levels')}[{index}].{key}",
-                f"{message} (oidc.profile: {profile.name})",
+                f"{levels_path}[{index}].{key}",
+                f"{message} ({profile_path}: {profile.name})",
                 item_node,
             )
         if len(self.problems) > before:
@@ -156,9 +176,13 @@ class _RuleBuilders(_Reader):
                 "allow_method_override",
                 "upstream_challenge",
                 "credentials",
+                "provider",
             ),
         )
         before = len(self.problems)
+        provider = self.optional(m, "provider", self.rule_provider, model.DEFAULT_PROVIDER)
+        if assurance is not None:
+            assurance = assurance.for_provider(provider)  # its levels are the ones to name
         credentials_node = m.get("credentials")
         if credentials_node is not None:
             self.credential_nodes.append((m.child("credentials"), credentials_node))
@@ -180,6 +204,7 @@ class _RuleBuilders(_Reader):
             credentials=self.optional(
                 m, "credentials", lambda n, p: self.choice(n, p, CREDENTIALS), "any"
             ),
+            provider=provider,
         )
         if rule.when is not None and rule.require.level is None:
             self.note(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable
+from typing import Any
 
 import jwt
 import structlog
@@ -23,7 +23,7 @@ from gateway.errors import BadRequest, MethodNotAllowed, ProviderError
 from gateway.oidc.flow import IdTokenError, parse_callback, verified_email
 from gateway.oidc.flow import random_token as new_random
 from gateway.session.cookies import delete_cookie_kwargs
-from gateway.session.model import Proof, Session, new_proof_id
+from gateway.session.model import Login, Proof, Session, new_proof_id
 from gateway.session.transaction import Transaction, tx_cookie_name
 from gateway.transactional import KeptRequest, client_key, echoed_binding, popup_page
 
@@ -59,6 +59,8 @@ async def callback(ctx: Context, request: web.BaseRequest) -> web.StreamResponse
     take_tx = getattr(ctx.store, "take_tx", None)
     if tx is not None and take_tx is not None and await take_tx(state) is None:
         tx = None  # already used: a replayed callback
+    if tx is not None and tx.provider not in ctx.config.provider_names:
+        tx = None  # its provider was removed from the config meanwhile
     if tx is None:
         ctx.metrics.challenges.labels("failed", "").inc()
         audit.info("step_up_failure", reason="unknown_transaction")
@@ -72,7 +74,12 @@ async def callback(ctx: Context, request: web.BaseRequest) -> web.StreamResponse
             ],
             error="unknown_transaction",
         )
-    level = ctx.config.assurance.level(tx.level) if tx.level else None
+    # The transaction's provider only: its answer (RFC 9207 iss), its token endpoint,
+    # its keys, its levels. A code another provider issued is refused (mix-up).
+    client = ctx.providers.get(tx.provider)
+    oidc = client.config
+    levels = ctx.config.assurance.for_provider(tx.provider).levels
+    level = ctx.config.assurance.for_provider(tx.provider).level(tx.level) if tx.level else None
     level_name = level.name if level else ""
 
     def finish(response: web.StreamResponse) -> web.StreamResponse:
@@ -81,12 +88,12 @@ async def callback(ctx: Context, request: web.BaseRequest) -> web.StreamResponse
         return response
 
     try:
-        meta = await ctx.provider.metadata()
+        meta = await client.metadata()
     except ProviderError as exc:
         ctx.metrics.challenges.labels("failed", level_name).inc()
         raise ProviderError("The identity provider cannot be reached.", reason=exc.reason) from exc
     try:
-        answer = parse_callback(meta, params, profile=ctx.config.oidc.profile)
+        answer = parse_callback(meta, params, profile=oidc.profile)
     except BadRequest as exc:
         return finish(step_up_failed(ctx, request, tx, level_name, exc.reason))
     if answer.error is not None:
@@ -101,18 +108,18 @@ async def callback(ctx: Context, request: web.BaseRequest) -> web.StreamResponse
         )
     assert answer.code is not None  # parse_callback guarantees code when no error
     try:
-        tokens = await ctx.provider.exchange_code(
+        tokens = await client.exchange_code(
             code=answer.code, redirect_uri=ctx.redirect_uri, code_verifier=tx.code_verifier
         )
         id_token = tokens.get("id_token")
         if not isinstance(id_token, str):
             raise ProviderError("no id_token in the token response", reason="no_id_token")
-        claims = await ctx.provider.verify(
+        claims = await client.verify(
             id_token,
             nonce=tx.nonce,
             now=now,
             require_auth_time=tx.requested_max_age_s is not None,
-            levels=ctx.config.assurance.levels,
+            levels=levels,
         )
     except IdTokenError as exc:
         text = "The sign-in answer could not be verified."
@@ -185,21 +192,19 @@ async def callback(ctx: Context, request: web.BaseRequest) -> web.StreamResponse
     proof = Proof(acr=claims.acr, amr=claims.amr, auth_time=auth_time, id=new_proof_id())
     # The session keeps only an address the provider vouched for, so X-Auth-Email
     # and the assertion's email are never one the user merely typed.
-    email = verified_email(claims, assume_verified=ctx.config.oidc.assume_email_verified)
+    email = verified_email(claims, assume_verified=oidc.assume_email_verified)
     if claims.email is not None and email is None:
         log.info("email_not_forwarded", email_verified=claims.email_verified)
     previous_cookie = ctx.session_cookie_value(request)
-    previous = await ctx.load_session(request)
+    loaded = await ctx.load_session(request)
+    previous = loaded.for_provider(tx.provider) if loaded is not None else None
     if previous is not None and previous.sub != claims.sub:
         # A different person signed in at the provider: never merge proofs across
         # subjects; start a new session for the new subject.
         log.info("session_subject_changed")
-        previous = None
+        loaded = previous = None
     client_ip = ctx.client_ip(request)
-    # The same subject steps up in place; anyone else starts a new session.
-    record: Callable[..., Session] = previous.with_proof if previous is not None else Session.start
-    session = record(
-        proof,
+    signed_in: dict[str, Any] = dict(
         sub=claims.sub,
         email=email,
         name=claims.name,
@@ -209,18 +214,22 @@ async def callback(ctx: Context, request: web.BaseRequest) -> web.StreamResponse
         ip=client_ip,
         binding=approved,
     )
+    if previous is not None:  # the same subject steps up in place
+        session = previous.with_proof(proof, **signed_in)
+    elif loaded is not None:  # a first sign-in at this provider, beside the others'
+        session = loaded.joined(Login.first(proof, provider=tx.provider, **signed_in))
+    else:  # anyone else starts a new session
+        session = Session.start(proof, provider=tx.provider, **signed_in)
     value = await ctx.store.save(
-        session, now, rotate=True, previous=previous_cookie if previous else None
+        session, now, rotate=True, previous=previous_cookie if loaded else None
     )
-    proven = assurance.level_of(ctx.config.assurance.levels, claims.acr, claims.amr)
+    proven = assurance.level_of(levels, claims.acr, claims.amr)
     # Did the provider honour max_age? Measured now, with no leeway, as every later
     # request will be: a proof that passes here but is stale on the way back would
     # send the browser round again. max_age 0 was checked above, against the request.
     max_age_s = tx.max_age_s or None
-    if level is not None and not assurance.satisfies(
-        ctx.config.assurance.levels, [proof], level, max_age_s, now
-    ):
-        too_old = assurance.satisfies(ctx.config.assurance.levels, [proof], level, None, now)
+    if level is not None and not assurance.satisfies(levels, [proof], level, max_age_s, now):
+        too_old = assurance.satisfies(levels, [proof], level, None, now)
         ctx.metrics.challenges.labels("failed", level_name).inc()
         audit.info(
             "step_up_failure",
@@ -267,6 +276,7 @@ async def callback(ctx: Context, request: web.BaseRequest) -> web.StreamResponse
         amr=list(claims.amr),
         sub=claims.sub,
         bound=approved is not None,
+        provider=tx.provider,
     )
     location = responses.safe_return_to(tx.return_to)
     if tx.kept is not None:

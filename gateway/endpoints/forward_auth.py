@@ -42,6 +42,7 @@ from gateway.decision import (
     RequestFacts,
     decide_plain,
     decide_request,
+    judged_session,
 )
 from gateway.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, StoreUnavailable
 from gateway.paths import (
@@ -230,7 +231,7 @@ async def judge(
     ctx.metrics.requests.labels(name, DECISION_LABEL[type(decision)]).inc()
     if ctx.tracing is not None:
         ctx.tracing.decision(started_ns, decision)
-    return decision, session
+    return decision, judged_session(session, decision.rule)  # the rule's provider's
 
 
 async def auth(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
@@ -303,6 +304,7 @@ async def _round_trip(
         level=decision.required,
         max_age_s=decision.max_age_s,
         fresh=rule.require.once,
+        provider=rule.provider,
     )
 
 

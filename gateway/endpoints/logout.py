@@ -7,13 +7,16 @@ back-channel logout (OpenID Connect Back-Channel Logout 1.0).
 
 from __future__ import annotations
 
+import jwt
 import structlog
 from aiohttp import web
 
 from gateway.context import Context
 from gateway.errors import BadRequest, Forbidden, MethodNotAllowed, ProviderError
-from gateway.oidc.flow import LOGOUT_TOKEN_MAX_AGE_S, IdTokenError, end_session_url
+from gateway.oidc.flow import LOGOUT_TOKEN_MAX_AGE_S, IdTokenError, LogoutClaims, end_session_url
+from gateway.session import revocation
 from gateway.session.cookies import delete_cookie_kwargs
+from gateway.session.model import Login
 from gateway.session.stores import CookieStore
 from gateway.transactional import same_origin_refusal
 
@@ -51,21 +54,26 @@ async def logout(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
     if session is not None and isinstance(ctx.store, CookieStore):
         await ctx.revoke(session=session)
     location = f"{ctx.config.server.public_url}{ctx.prefix}/logged-out"
+    # Several providers: the whole session ends here, and the browser signs out at
+    # the provider of the most recent sign-in (one redirect can reach one provider).
+    login = max(session.logins(), key=_latest) if session is not None else None
+    provider = login.provider if login is not None else "default"
+    client = ctx.providers.get(provider) if provider in ctx.config.provider_names else None
     try:
-        meta = await ctx.provider.metadata()
+        meta = await client.metadata() if client is not None else None
     except ProviderError:
         meta = None  # sign out here anyway; the provider session stays
-    if meta is not None:
+    if meta is not None and client is not None:
         location = (
             end_session_url(
                 meta,
-                client_id=ctx.config.oidc.client_id,
-                id_token_hint=session.id_token if session is not None else None,
+                client_id=client.config.client_id,
+                id_token_hint=login.id_token if login is not None else None,
                 post_logout_redirect_uri=location,
             )
             or location
         )
-    audit.info("logout", sub=session.sub if session else None)
+    audit.info("logout", sub=session.sub if session else None, provider=provider)
     response = web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
     response.del_cookie(ctx.session_cookie, **delete_cookie_kwargs(ctx.secure))
     return response
@@ -93,8 +101,13 @@ async def backchannel_logout(ctx: Context, request: web.BaseRequest) -> web.Stre
     if request.method != "POST":
         raise MethodNotAllowed("Back-channel logout takes POST", reason="bcl_method")
     delete_by = getattr(ctx.store, "delete_by", None)
+    several = bool(ctx.config.providers)
     session_cfg = ctx.config.session
-    if delete_by is None and session_cfg.redis_url is None and ctx.config.server.workers > 1:
+    if (
+        (delete_by is None or several)
+        and session_cfg.redis_url is None
+        and ctx.config.server.workers > 1
+    ):
         # Cookie sessions are refused by revocation records; kept in one worker's
         # memory they would hold in that worker only. Say so rather than 200.
         return web.json_response(
@@ -118,7 +131,7 @@ async def backchannel_logout(ctx: Context, request: web.BaseRequest) -> web.Stre
         )
     now = ctx.clock()
     try:
-        claims = await ctx.provider.verify_logout(token, now=now)
+        provider, claims = await _verified_logout(ctx, token, now)
         first_use = await ctx.aux.claim_once(
             f"jti:{claims.jti}", LOGOUT_TOKEN_MAX_AGE_S + 2 * ctx.config.oidc.clock_skew_s
         )
@@ -136,7 +149,18 @@ async def backchannel_logout(ctx: Context, request: web.BaseRequest) -> web.Stre
             status=400,
             headers=no_store,
         )
-    if delete_by is not None:
+    if several:
+        # That provider's sign-ins only: a session keeps the other providers' proofs.
+        await revocation.revoke_logins(
+            ctx.aux,
+            now,
+            session_cfg.lifetime_s,
+            provider=provider,
+            sub=claims.sub,
+            provider_sid=claims.sid,
+        )
+        deleted = None
+    elif delete_by is not None:
         deleted = await delete_by(sub=claims.sub, provider_sid=claims.sid)
     else:
         await ctx.revoke(sub=claims.sub, provider_sid=claims.sid)
@@ -146,5 +170,30 @@ async def backchannel_logout(ctx: Context, request: web.BaseRequest) -> web.Stre
         sub=claims.sub,
         sid_given=claims.sid is not None,
         sessions_deleted=deleted,
+        provider=provider,
     )
     return web.Response(status=200, headers=no_store)
+
+
+async def _verified_logout(ctx: Context, token: str, now: float) -> tuple[str, LogoutClaims]:
+    """The logout token's provider (by its ``iss``) and claims, verified with that
+    provider's keys and client id as audience; raises IdTokenError."""
+    try:
+        issuer = jwt.decode(token, options={"verify_signature": False}).get("iss")
+    except jwt.PyJWTError:
+        raise IdTokenError("malformed") from None
+    candidates = ctx.providers.named_by_issuer(issuer) if isinstance(issuer, str) else []
+    if not candidates:
+        raise IdTokenError("iss")  # no provider of this gateway
+    failure: IdTokenError | None = None
+    for name, client in candidates:  # one issuer, several clients: the audience decides
+        try:
+            return name, await client.verify_logout(token, now=now)
+        except IdTokenError as exc:
+            failure = failure or exc
+    assert failure is not None
+    raise failure
+
+
+def _latest(login: Login) -> float:
+    return max((proof.auth_time for proof in login.proofs), default=login.auth_time)

@@ -7,6 +7,8 @@ send a browser or a crawler to sign in.
 
 from __future__ import annotations
 
+import contextlib
+
 from aiohttp import web
 
 from gateway.context import Context
@@ -29,13 +31,12 @@ async def readyz(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
         # closes (Kubernetes also removes a terminating pod on its own).
         ctx.metrics.ready.set(0)
         return web.json_response({"ready": False, "draining": True}, status=503)
-    provider_ready = ctx.provider.ready
-    if not provider_ready:
-        try:
-            await ctx.provider.load()
-            provider_ready = ctx.provider.ready
-        except ProviderError:
-            provider_ready = False
+    provider_ready = True
+    for _name, provider in ctx.providers:  # every provider (oidc.providers) must be loaded
+        if not provider.ready:
+            with contextlib.suppress(ProviderError):
+                await provider.load()
+        provider_ready = provider_ready and provider.ready
     try:
         store_ready = await ctx.store.ping()
     except (StoreUnavailable, OSError, ConnectionError):

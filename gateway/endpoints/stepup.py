@@ -17,7 +17,7 @@ from gateway import logs, responses
 from gateway.body import KeptBody
 from gateway.challenge import start_round_trip
 from gateway.context import Context
-from gateway.decision import DECISION_LABEL, Allow, RequestFacts, decide_request
+from gateway.decision import DECISION_LABEL, Allow, RequestFacts, decide_request, judged_session
 from gateway.errors import BadRequest, Forbidden, Gone, MethodNotAllowed
 from gateway.transactional import KeptRequest, level_for_acr_values
 
@@ -43,14 +43,18 @@ class _KeptReader:
 async def step_up(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD"):
         raise MethodNotAllowed("The step-up endpoint takes GET", reason="step_up_method")
+    provider = request.query.get("provider", "default")  # oidc.providers: whose sign-in
+    if provider not in ctx.config.provider_names:
+        raise BadRequest("Unknown provider", reason="step_up_provider")
+    assurance_cfg = ctx.config.assurance.for_provider(provider)
     if "level" in request.query:
-        level = ctx.config.assurance.level(request.query["level"])
+        level = assurance_cfg.level(request.query["level"])
     else:
         # The acr_values of an RFC 9470 challenge, as a script received them.
-        levels = ctx.config.assurance.levels
+        levels = assurance_cfg.levels
         level = level_for_acr_values(levels, request.query.get("acr_values", ""))
     if level is None:
-        known = ", ".join(lv.name for lv in ctx.config.assurance.levels)
+        known = ", ".join(lv.name for lv in assurance_cfg.levels)
         raise BadRequest(f"Unknown level (known: {known})", reason="step_up_level")
     max_age_raw = request.query.get("max_age")
     max_age_s: int | None = None
@@ -69,6 +73,7 @@ async def step_up(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
         level=level,
         max_age_s=max_age_s,
         mode=mode,
+        provider=provider,
     )
 
 
@@ -113,4 +118,5 @@ async def resume(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
             reason="kept_not_allowed",
         )
     audit.info("kept_request_replayed", rule=decision.rule.name, method=kept.method)
-    return await ctx.forward(request, decision, session, kept.path_qs, logs.request_id(), kept=kept)
+    judged = judged_session(session, decision.rule)  # the rule's provider's sign-in
+    return await ctx.forward(request, decision, judged, kept.path_qs, logs.request_id(), kept=kept)

@@ -17,6 +17,13 @@ stay under the browser's 4 KB limit:
     t  id_token       (optional)
 
 Optional keys are left out when None. All times are epoch seconds (floats).
+
+Several providers (``oidc.providers``): the keys above are one provider's sign-in, named
+by ``pv`` (left out for ``default``); ``o`` lists the others' sign-ins, each a mapping
+of the keys s e n p t a m at pr ip b, plus ``pv`` and ``c`` (when the gateway first
+recorded it). Such a session is written as format 2, which a gateway that knows one
+provider refuses (a new sign-in) rather than misreading; a session of the default
+provider alone is still format 1, byte for byte.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 SESSION_FORMAT_VERSION = 1
+SESSION_FORMAT_PROVIDERS = 2  # with oidc.providers: the sign-in of a named provider, or several
+DEFAULT_PROVIDER = "default"  # gateway.model.DEFAULT_PROVIDER (no import: session is pure)
 # Each proof is a few dozen bytes in the cookie. Eight covers every level a
 # realistic config defines, several times over, while bounding the cookie.
 MAX_PROOFS = 8
@@ -83,6 +92,11 @@ class Session:
     ip: str | None = None  # client address of the last authentication (risk conditions)
     # (digest of bound request fields, auth_time of the proof that approved them)
     bindings: tuple[tuple[str, float], ...] = ()
+    # oidc.providers: whose sign-in the fields above are, since when (None: created_at),
+    # and the other providers' sign-ins in this browser session, kept apart.
+    provider: str = DEFAULT_PROVIDER
+    since: float | None = None
+    others: tuple[Login, ...] = ()
 
     @classmethod
     def start(
@@ -98,8 +112,9 @@ class Session:
         session_id: str | None = None,
         ip: str | None = None,
         binding: str | None = None,
+        provider: str = DEFAULT_PROVIDER,
     ) -> Session:
-        """A new session from a first login."""
+        """A new session from a first login (at ``provider``)."""
         return cls(
             id=session_id if session_id is not None else new_session_id(),
             sub=sub,
@@ -115,6 +130,7 @@ class Session:
             last_seen=now,
             ip=ip,
             bindings=merge_bindings((), binding, proof.auth_time),
+            provider=provider,
         )
 
     def with_proof(
@@ -168,9 +184,70 @@ class Session:
         Two sessions with different assurance must not share a store id (see
         :mod:`gateway.session.stores`).
         """
-        return (self.sub, self.acr, self.amr, self.auth_time, self.proofs)
+        return (self.sub, self.acr, self.amr, self.auth_time, self.proofs, self.others)
+
+    # -- several providers ---------------------------------------------------------
+
+    def login(self) -> Login:
+        """The sign-in the top-level fields hold, as a :class:`Login`."""
+        return Login(
+            provider=self.provider,
+            since=self.created_at if self.since is None else self.since,
+            sub=self.sub,
+            email=self.email,
+            name=self.name,
+            provider_sid=self.provider_sid,
+            id_token=self.id_token,
+            acr=self.acr,
+            amr=self.amr,
+            auth_time=self.auth_time,
+            proofs=self.proofs,
+            ip=self.ip,
+            bindings=self.bindings,
+        )
+
+    def logins(self) -> tuple[Login, ...]:
+        """Every provider's sign-in in this session, this view's first."""
+        return (self.login(), *self.others)
+
+    def for_provider(self, provider: str) -> Session | None:
+        """This session as ``provider``'s sign-in (its sub, proofs, id token), or None
+        when the user has not signed in there: a proof from one provider never
+        stands for another's, whatever its level or ``sub``."""
+        if provider == self.provider:
+            return self
+        for login in self.others:
+            if login.provider == provider:
+                rest = tuple(o for o in self.others if o is not login)
+                return login.over(self, (self.login(), *rest))
+        return None
+
+    def joined(self, login: Login) -> Session:
+        """This session with ``login`` (a provider it holds no sign-in of) added, as the view."""
+        return login.over(self, self.logins())
+
+    def without(self, providers: frozenset[str]) -> Session | None:
+        """This session without the sign-ins of ``providers`` (None: nothing left)."""
+        kept = [login for login in self.logins() if login.provider not in providers]
+        if not kept:
+            return None
+        if kept[0].provider == self.provider:
+            return replace(self, others=tuple(kept[1:]))
+        return kept[0].over(self, tuple(kept[1:]))
 
     def to_dict(self) -> dict[str, object]:
+        data = self._top_dict()
+        if self.provider != DEFAULT_PROVIDER or self.others:
+            data["v"] = SESSION_FORMAT_PROVIDERS
+            if self.provider != DEFAULT_PROVIDER:
+                data["pv"] = self.provider
+            if self.since is not None:
+                data["ps"] = _compact_time(self.since)
+            if self.others:
+                data["o"] = [login.to_dict() for login in self.others]
+        return data
+
+    def _top_dict(self) -> dict[str, object]:
         data: dict[str, object] = {
             "v": SESSION_FORMAT_VERSION,
             "i": self.id,
@@ -204,10 +281,14 @@ class Session:
             return None
         version = data.get("v")
         # type() rather than ==: True == 1 and 1.0 == 1 in Python.
-        if type(version) is not int or version != SESSION_FORMAT_VERSION:
+        if type(version) is not int or version not in (
+            SESSION_FORMAT_VERSION,
+            SESSION_FORMAT_PROVIDERS,
+        ):
             return None
+        several = version == SESSION_FORMAT_PROVIDERS
         try:
-            return cls(
+            session = cls(
                 id=required_str(data.get("i")),
                 sub=required_str(data.get("s")),
                 email=optional_str(data.get("e")),
@@ -222,9 +303,153 @@ class Session:
                 last_seen=finite_time(data.get("l")),
                 ip=optional_str(data.get("ip")),
                 bindings=_bindings(data.get("b")),
+                provider=_provider(data.get("pv")) if several else DEFAULT_PROVIDER,
+                since=finite_time(data["ps"]) if several and "ps" in data else None,
+                others=_logins(data.get("o")) if several else (),
             )
         except Malformed:
             return None
+        if any(login.provider == session.provider for login in session.others):
+            return None  # one sign-in per provider
+        return session
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """One provider's sign-in within a session (``oidc.providers``): who, and what was proven.
+
+    ``since`` is when the gateway first recorded it (its clock): a back-channel
+    logout from the provider at a later moment ends it (gateway.session.revocation).
+    """
+
+    provider: str
+    since: float
+    sub: str
+    email: str | None
+    name: str | None
+    provider_sid: str | None
+    id_token: str | None
+    acr: str | None
+    amr: tuple[str, ...]
+    auth_time: float
+    proofs: tuple[Proof, ...]
+    ip: str | None = None
+    bindings: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def first(
+        cls,
+        proof: Proof,
+        *,
+        provider: str,
+        sub: str,
+        email: str | None,
+        name: str | None,
+        provider_sid: str | None,
+        id_token: str | None,
+        now: float,
+        ip: str | None = None,
+        binding: str | None = None,
+    ) -> Login:
+        """A provider's first sign-in in a session that holds others'."""
+        return cls(
+            provider=provider,
+            since=now,
+            sub=sub,
+            email=email,
+            name=name,
+            provider_sid=provider_sid,
+            id_token=id_token,
+            acr=proof.acr,
+            amr=proof.amr,
+            auth_time=proof.auth_time,
+            proofs=(proof,),
+            ip=ip,
+            bindings=merge_bindings((), binding, proof.auth_time),
+        )
+
+    def over(self, session: Session, others: tuple[Login, ...]) -> Session:
+        """``session`` (its id and times) viewed as this sign-in, with ``others`` beside it."""
+        return replace(
+            session,
+            provider=self.provider,
+            since=self.since,
+            sub=self.sub,
+            email=self.email,
+            name=self.name,
+            provider_sid=self.provider_sid,
+            id_token=self.id_token,
+            acr=self.acr,
+            amr=self.amr,
+            auth_time=self.auth_time,
+            proofs=self.proofs,
+            ip=self.ip,
+            bindings=self.bindings,
+            others=others,
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        data: dict[str, object] = {"pv": self.provider, "c": _compact_time(self.since)}
+        data["s"] = self.sub
+        for key, optional in (
+            ("e", self.email),
+            ("n", self.name),
+            ("p", self.provider_sid),
+            ("t", self.id_token),
+            ("a", self.acr),
+            ("ip", self.ip),
+        ):
+            if optional is not None:
+                data[key] = optional
+        data["m"] = list(self.amr)
+        data["at"] = _compact_time(self.auth_time)
+        data["pr"] = [_proof_item(p) for p in self.proofs]
+        if self.bindings:
+            data["b"] = [[digest, _compact_time(at)] for digest, at in self.bindings]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: object) -> Login:
+        """Raises :class:`Malformed`."""
+        if not isinstance(data, Mapping):
+            raise Malformed
+        return cls(
+            provider=_provider(data.get("pv")),
+            since=finite_time(data.get("c")),
+            sub=required_str(data.get("s")),
+            email=optional_str(data.get("e")),
+            name=optional_str(data.get("n")),
+            provider_sid=optional_str(data.get("p")),
+            id_token=optional_str(data.get("t")),
+            acr=optional_str(data.get("a")),
+            amr=_str_tuple(data.get("m")),
+            auth_time=finite_time(data.get("at")),
+            proofs=_proofs(data.get("pr")),
+            ip=optional_str(data.get("ip")),
+            bindings=_bindings(data.get("b")),
+        )
+
+
+# One sign-in per provider a config can name; a bound on what a cookie may carry.
+MAX_LOGINS = 8
+
+
+def _provider(value: object) -> str:
+    name = required_str(value)
+    if len(name) > 64:
+        raise Malformed
+    return name
+
+
+def _logins(value: object) -> tuple[Login, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) >= MAX_LOGINS:
+        raise Malformed
+    logins = tuple(Login.from_dict(item) for item in value)
+    if len({login.provider for login in logins}) != len(logins):
+        raise Malformed
+    return logins
 
 
 def new_session_id() -> str:

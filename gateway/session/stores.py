@@ -175,7 +175,11 @@ class CookieStore:
 
 def _trimmed(session: Session) -> Iterator[tuple[Session, tuple[str, ...]]]:
     """Ever smaller versions of ``session``, each with what it lacks (for the log)."""
-    current = replace(session, id_token=None)
+    current = replace(
+        session,
+        id_token=None,
+        others=tuple(replace(login, id_token=None) for login in session.others),
+    )
     yield current, ("id_token",)
     for keep in range(len(current.proofs) - 1, 0, -1):
         yield replace(current, proofs=current.proofs[:keep]), ("id_token", "older_proofs")

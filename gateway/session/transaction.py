@@ -59,6 +59,8 @@ class Transaction:
     kept: str | None = None  # id of the request kept across this step-up, to replay once
     binding: str | None = None  # digest of the bound request fields the user approves
     fresh: bool = False  # the provider must authenticate during this transaction (once)
+    # oidc.providers: the provider asked; its answer alone is accepted (RFC 9207 mix-up).
+    provider: str = "default"
 
     @property
     def requested_max_age_s(self) -> int | None:
@@ -88,6 +90,8 @@ class Transaction:
             data["b"] = self.binding
         if self.fresh:
             data["f"] = True
+        if self.provider != "default":
+            data["p"] = self.provider
         return data
 
     @classmethod
@@ -114,6 +118,7 @@ class Transaction:
                 kept=optional_str(data.get("k")),
                 binding=optional_str(data.get("b")),
                 fresh=fresh,
+                provider=required_str(data.get("p", "default")),
             )
         except Malformed:
             return None

@@ -165,6 +165,20 @@ function fapiConfiguration(client) {
   };
 }
 
+// The several-providers tests sign in at this server through the gateway: with
+// GATEWAY_REDIRECT_URI set, the gateway is also registered as a relying party (web,
+// client_secret_basic) with that redirect URI. Unset (the default), nothing changes.
+if (process.env.GATEWAY_REDIRECT_URI) {
+  configuration.clients.push({
+    client_id: 'gateway-rp',
+    client_secret: 'test-client-secret',
+    redirect_uris: [process.env.GATEWAY_REDIRECT_URI],
+    post_logout_redirect_uris: process.env.GATEWAY_LOGGED_OUT_URI ? [process.env.GATEWAY_LOGGED_OUT_URI] : [],
+    grant_types: ['authorization_code'],
+    response_types: ['code'],
+  });
+}
+
 const provider = new Provider(
   `http://${host}:${port}`,
   fapiClient ? fapiConfiguration(fapiClient) : configuration,

@@ -66,11 +66,15 @@ START_ATTEMPTS = 3
 
 
 def start_authorization_server(
-    port: int | None = None, *, fapi_client: Path | None = None
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    *,
+    fapi_client: Path | None = None,
 ) -> AuthorizationServer:
-    """Start server.js (on ``port``, or a free one); fails (never skips) when node or its
-    modules are missing, and after :data:`START_ATTEMPTS` starts that said nothing.
-    ``fapi_client``: the FAPI 2.0 mode, with the gateway's registration from that file."""
+    """Start server.js (on ``port``, or a free one; ``env`` added to its environment);
+    fails (never skips) when node or its modules are missing, and after
+    :data:`START_ATTEMPTS` starts that said nothing. ``fapi_client``: the FAPI 2.0 mode,
+    with the gateway's registration from that file."""
     from tests.conftest import free_port
 
     if not (SERVER_DIR / "node_modules" / "oidc-provider").is_dir():
@@ -85,7 +89,7 @@ def start_authorization_server(
             stdout=subprocess.PIPE,
             stderr=None if os.environ.get("AUTHZ_DEBUG") else subprocess.DEVNULL,
             cwd=SERVER_DIR,
-            env={**os.environ, "NODE_ENV": "test"},
+            env={**os.environ, "NODE_ENV": "test", **(env or {})},
         )
         assert process.stdout is not None
         with selectors.DefaultSelector() as selector:
