@@ -26,6 +26,7 @@ from gateway.session.cookies import SetCookieKwargs
 from gateway.session.model import Session
 from gateway.session.stores import SessionStore
 from gateway.session.transaction import TransactionCodec
+from gateway.tokens.gate import TokenGate
 from gateway.transactional import KeptLedger, KeptRequest
 
 
@@ -50,6 +51,7 @@ class Context(Protocol):
     prefix: str  # server.internal_prefix
     redirect_uri: str
     upstreams: Upstreams
+    tokens: TokenGate | None  # the api section: API clients' access tokens
 
     @property
     def provider(self) -> ProviderClient: ...
