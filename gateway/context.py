@@ -27,6 +27,7 @@ from gateway.session.cookies import SetCookieKwargs
 from gateway.session.model import Session
 from gateway.session.stores import SessionStore
 from gateway.session.transaction import TransactionCodec
+from gateway.tokens.gate import TokenGate
 from gateway.transactional import KeptLedger, KeptRequest
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class Context(Protocol):
     redirect_uri: str
     upstreams: Upstreams
     tracing: Tracing | None  # None: tracing is off
+    tokens: TokenGate | None  # the api section: API clients' access tokens
 
     @property
     def provider(self) -> ProviderClient:

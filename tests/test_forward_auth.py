@@ -6,6 +6,7 @@ forward_auth) and a real echo upstream; the test OpenID Provider signs users in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -152,8 +153,6 @@ async def front(
     tmp_path: Path,
 ) -> AsyncIterator[Front]:
     kind = request.param
-    binary = shutil.which(kind) or (f"/usr/sbin/{kind}" if kind == "nginx" else None)
-    assert binary and Path(binary).exists(), f"{kind} is not installed (scripts/test installs it)"
     port, gateway_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     app_url = str(upstream.make_url("")).rstrip("/")
@@ -164,7 +163,21 @@ async def front(
     runner = web.ServerRunner(make_server(gateway), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", gateway_port).start()
-    app_port = upstream.port
+    try:
+        async with front_proxy(kind, tmp_path, port, gateway_port, upstream.port):
+            yield Front(url, gateway, op, upstream, clock, kind)
+    finally:
+        await runner.cleanup()
+        await gateway.close()
+
+
+@contextlib.asynccontextmanager
+async def front_proxy(
+    kind: str, tmp_path: Path, port: int, gateway_port: int, app_port: int
+) -> AsyncIterator[None]:
+    """nginx or Caddy with its shipped config, on ``port``, until the block ends."""
+    binary = shutil.which(kind) or (f"/usr/sbin/{kind}" if kind == "nginx" else None)
+    assert binary and Path(binary).exists(), f"{kind} is not installed (scripts/test installs it)"
     if kind == "nginx":
         conf = tmp_path / "nginx.conf"
         conf.write_text(render_nginx(tmp_path, port, gateway_port, app_port))
@@ -178,7 +191,7 @@ async def front(
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     try:
         await wait_listening(port, proc)
-        yield Front(url, gateway, op, upstream, clock, kind)
+        yield
     finally:
         proc.terminate()
         try:
@@ -186,8 +199,6 @@ async def front(
         except subprocess.TimeoutExpired:
             proc.kill()
         stderr.close()
-        await runner.cleanup()
-        await gateway.close()
 
 
 @pytest.fixture

@@ -17,6 +17,11 @@ denied. Traefik, Caddy and Envoy hand a non-2xx answer to the client, so a
 browser navigation described by them gets the ``302`` to the provider at once;
 nginx cannot pass a redirect on, so it sends the browser to ``/start?rd=URL``.
 
+An API client's access token (the ``api`` section) is judged as in proxy mode,
+from the ``Authorization`` and ``DPoP`` headers the proxy forwards
+(:mod:`gateway.endpoints.forward_tokens`): the same 401s (RFC 6750, 9449, 9470),
+never a redirect, and on Allow the same headers derived from the token.
+
 The proxy sends no body, so a rule that reads body fields (``when`` on fields,
 ``bind``) cannot be judged here: such a request is refused (fail closed), and
 ``check`` refuses such a rule when ``server.mode`` is ``forward_auth``.
@@ -44,6 +49,7 @@ from gateway.decision import (
     decide_request,
     judged_session,
 )
+from gateway.endpoints.forward_tokens import TokenFacts, token_facts
 from gateway.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, StoreUnavailable
 from gateway.paths import (
     canonical_host,
@@ -197,19 +203,31 @@ def _canonical(
 
 
 async def judge(
-    ctx: Context, request: web.BaseRequest, described: Described
+    ctx: Context, request: web.BaseRequest, described: Described, token: TokenFacts | None = None
 ) -> tuple[Decision, Session | None]:
-    """The decision for the described request, by the proxy's own decision function."""
+    """The decision for the described request, by the proxy's own decision function.
+
+    ``token``: the request's verified access token (:func:`token_facts`), judged
+    instead of any cookie. With the ``api`` section, a step-up for a token (or on a
+    ``credentials: token`` rule) and a token on a ``credentials: session`` rule are
+    raised as proxy mode's :class:`gateway.errors.Unauthorized`.
+    """
     rules, config = ctx.rules, ctx.config
     store_down: StoreUnavailable | None = None
-    try:
-        session = await ctx.load_session(request)  # from the Cookie the proxy forwarded
-    except StoreUnavailable as exc:
-        session, store_down = None, exc  # as in proxy mode: fatal only if a session is needed
+    if token is not None:
+        session: Session | None = token.session  # the credential: never a cookie beside it
+    else:
+        try:
+            session = await ctx.load_session(request)  # from the Cookie the proxy forwarded
+        except StoreUnavailable as exc:
+            session, store_down = None, exc  # as in proxy mode: fatal only if one is needed
+    by_token = token is not None
     now = ctx.clock()
     started_ns = ctx.tracing.mark() if ctx.tracing is not None else 0
     rule = rules.match(described.method, described.host, described.path)
-    decision = decide_plain(rule, session, config.assurance, now, session_error=store_down)
+    decision = decide_plain(
+        rule, session, config.assurance, now, session_error=store_down, by_token=by_token
+    )
     if decision is None:
         facts = RequestFacts(
             described.method,
@@ -217,6 +235,7 @@ async def judge(
             described.path,
             session,
             _NoBody(ctx.client_ip(request)),
+            by_token,
         )
         decision = await decide_request(
             facts,
@@ -231,6 +250,10 @@ async def judge(
     ctx.metrics.requests.labels(name, DECISION_LABEL[type(decision)]).inc()
     if ctx.tracing is not None:
         ctx.tracing.decision(started_ns, decision)
+    tokens = ctx.tokens
+    presented = token.presented if token is not None else None
+    if tokens is not None and (refused := tokens.refusal(decision, presented)) is not None:
+        raise refused  # an API client's 401 (RFC 6750, 9449, 9470): never a redirect
     return decision, judged_session(session, decision.rule)  # the rule's provider's
 
 
@@ -241,7 +264,9 @@ async def auth(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
     # The path the app routed here by (normalised once, as every path is).
     sub_path = normalize_path(split_request_target(request.raw_path)[0])[len(ctx.prefix) :]
     described = describe(ctx, request, sub_path)
-    decision, session = await judge(ctx, request, described)
+    # The client's Authorization and DPoP, as the proxy forwarded them.
+    token = await token_facts(ctx, request, described.method, described.host, described.path)
+    decision, session = await judge(ctx, request, described, token)
     if isinstance(decision, Allow):
         out = web.Response(status=200, headers={"Cache-Control": "no-store"})
         # Every name, empty when there is nothing to say: a proxy that copies a header
@@ -254,7 +279,7 @@ async def auth(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
             for name, value in ctx.assurance_headers(session, decision.level, decision.rule):
                 out.headers[name] = value
             now = ctx.clock()
-            if session.touch_due(now):
+            if token is None and session.touch_due(now):  # a token's session is never saved
                 # The idle timeout slides as in proxy mode; the proxy hands the cookie
                 # to the client (nginx: auth_request_set + add_header Set-Cookie).
                 refreshed = await ctx.store.save(

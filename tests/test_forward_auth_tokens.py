@@ -1,0 +1,409 @@
+"""API clients' access tokens in forward-auth mode, through the real front proxies.
+
+nginx (auth_request) and Caddy (forward_auth) with the configs shipped in
+docs/forward-auth/, in front of the gateway (the ``api`` section on) and a real echo
+upstream; tokens come from the real authorization server (node oidc-provider). The
+client's Authorization and DPoP headers reach ``/auth`` only because the proxy
+forwards them, and the answers reach the client only as the proxy passes them on.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from gateway.app import Gateway, make_server
+from gateway.config import load_config_text
+from tests.conftest import CLIENT_SECRET, LEVELS_YAML, SESSION_SECRET, free_port
+from tests.support.authz import (
+    JWT_AUDIENCE,
+    OPAQUE_AUDIENCE,
+    AuthorizationServer,
+    DpopKey,
+    authorize,
+    authz,
+    challenge_params,
+    parts,
+    sign,
+    start_authorization_server,
+)
+from tests.support.upstream import SEEN, header_values
+from tests.test_forward_auth import front_proxy
+from tests.test_stepup_client import load_example
+
+__all__ = ["authz"]  # the fixture, imported for pytest
+
+RULES = """\
+rules:
+  - name: transfers
+    match: {path: /api/transfers/**, methods: [POST]}
+    require: {level: phishing-resistant, max_age: 5m}
+  - name: accounts
+    match: {path: /api/**}
+    require: {level: password}
+    credentials: token
+  - name: web
+    match: {path: /app/**}
+    require: {level: password}
+    credentials: session
+  - name: public
+    match: {path: /public/**}
+    require: none
+"""
+ALGS = 'DPoP algs="ES256 ES384 EdDSA PS256 RS256"'
+
+
+@dataclass
+class Front:
+    url: str  # the proxy's, which is also the gateway's public_url
+    gateway_url: str
+    upstream: Any
+    kind: str
+
+    @property
+    def seen(self) -> list[dict[str, Any]]:
+        return list(self.upstream.app[SEEN])
+
+
+def config_text(url: str, port: int, app_url: str, issuer: str, api: str) -> str:
+    return (
+        textwrap.dedent(f"""\
+        server:
+          listen: 127.0.0.1:{port}
+          public_url: {url}
+          mode: forward_auth
+          trusted_proxies: [127.0.0.1/32]
+        upstreams:
+          app: {app_url}
+        oidc:
+          issuer: {issuer}
+          client_id: gateway
+          client_secret: {CLIENT_SECRET}
+        session:
+          secret: {SESSION_SECRET}
+          cookie_secure: false
+        """)
+        + LEVELS_YAML
+        + RULES
+        + api
+    )
+
+
+@contextlib.asynccontextmanager
+async def deployment(
+    kind: str, issuer: str, upstream: Any, tmp_path: Path, api: str
+) -> AsyncIterator[Front]:
+    """The gateway (forward_auth only) behind ``kind``, the app behind both."""
+    port, gateway_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    app_url = str(upstream.make_url("")).rstrip("/")
+    text = config_text(url, gateway_port, app_url, issuer, api)
+    # The authorization server's clock is the real one: so is the gateway's.
+    gateway = Gateway(load_config_text(text, "fa.yaml"), clock=time.time)
+    await gateway.start()
+    runner = web.ServerRunner(make_server(gateway), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", gateway_port).start()
+    try:
+        async with front_proxy(kind, tmp_path, port, gateway_port, upstream.port):
+            yield Front(url, f"http://127.0.0.1:{gateway_port}", upstream, kind)
+    finally:
+        await runner.cleanup()
+        await gateway.close()
+
+
+def api_section(**keys: str) -> str:
+    lines = [f"  audience: {JWT_AUDIENCE}"] + [f"  {k}: {v}" for k, v in keys.items()]
+    return "api:\n" + "\n".join(lines) + "\n"
+
+
+@pytest.fixture(params=["nginx", "caddy"])
+async def front(
+    request: pytest.FixtureRequest, authz: AuthorizationServer, upstream: Any, tmp_path: Path
+) -> AsyncIterator[Front]:
+    async with deployment(request.param, authz.issuer, upstream, tmp_path, api_section()) as f:
+        yield f
+
+
+async def call(
+    front: Front,
+    method: str,
+    path: str,
+    *,
+    token: str | None = None,
+    scheme: str = "Bearer",
+    proof: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], Any]:
+    sent = {"Accept": "application/json", **(headers or {})}
+    if token is not None:
+        sent["Authorization"] = f"{scheme} {token}"
+    if proof is not None:
+        sent["DPoP"] = proof
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(method, front.url + path, headers=sent, allow_redirects=False) as resp,
+    ):
+        text = await resp.text()
+        body = await resp.json() if resp.status == 200 else text
+        return resp.status, dict(resp.headers), body
+
+
+def refused_reasons(logs: list[dict[str, Any]]) -> list[str]:
+    return [e["reason"] for e in logs if e["event"] == "access_token_refused"]
+
+
+# --- the RFC 9470 conversation through the proxy ----------------------------------------
+
+
+async def test_bearer_step_up_through_the_proxy(front: Front, authz: AuthorizationServer) -> None:
+    # No token: the schemes the API takes, passed on to the client.
+    status, headers, _ = await call(front, "GET", "/api/accounts")
+    assert status == 401
+    assert headers["WWW-Authenticate"] == f"Bearer, {ALGS}"
+
+    first = await authorize(authz.issuer)  # a password login
+    status, _, echoed = await call(front, "GET", "/api/accounts", token=first.access_token)
+    assert status == 200
+    assert header_values(echoed, "X-Auth-Subject") == ["alice"]
+    assert header_values(echoed, "X-Auth-Level") == ["password"]
+    assert header_values(echoed, "X-Auth-Acr") == ["urn:example:loa:1"]
+    assert header_values(echoed, "X-Auth-Rule") == ["accounts"]
+    assert header_values(echoed, "Authorization") == []  # the shipped configs drop it
+
+    status, headers, _ = await call(front, "POST", "/api/transfers/1", token=first.access_token)
+    assert status == 401
+    challenge = headers["WWW-Authenticate"]
+    assert challenge.startswith('Bearer error="insufficient_user_authentication"')
+    params = challenge_params(challenge)
+    assert params["acr_values"] == "phr phrh" and params["max_age"] == "300"
+    assert "Location" not in headers
+    assert len(front.seen) == 1  # nothing forwarded
+
+    stronger = await authorize(
+        authz.issuer, acr_values=params["acr_values"], max_age=int(params["max_age"])
+    )
+    claims = parts(stronger.access_token)[1]
+    status, _, echoed = await call(front, "POST", "/api/transfers/1", token=stronger.access_token)
+    assert status == 200
+    assert echoed["method"] == "POST"
+    assert header_values(echoed, "X-Auth-Acr") == ["phr"]
+    assert header_values(echoed, "X-Auth-Level") == ["phishing-resistant"]
+    assert header_values(echoed, "X-Auth-Time") == [str(claims["auth_time"])]
+    assertion = header_values(echoed, "X-Auth-Assertion")[0]
+    assert parts(assertion)[1]["acr"] == "phr" and parts(assertion)[1]["aud"] == "app"
+
+
+async def test_a_bad_token_is_invalid_token(front: Front, authz: AuthorizationServer) -> None:
+    good = (await authorize(authz.issuer)).access_token
+    header, payload = parts(good)
+    expired = await sign(authz.issuer, header, {**payload, "exp": int(time.time()) - 3600})
+    # Claims a phishing-resistant login, under the password token's signature.
+    head, _, signature = good.split(".")
+    stronger = json.dumps({**payload, "acr": "phr", "amr": ["hwk"]}).encode()
+    forged = f"{head}.{base64.urlsafe_b64encode(stronger).rstrip(b'=').decode()}.{signature}"
+    for token, reason in ((expired, "exp"), (forged, "bad_signature")):
+        with capture_logs() as logs:
+            status, headers, _ = await call(front, "POST", "/api/transfers/1", token=token)
+        assert status == 401, reason
+        assert headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"'), reason
+        assert refused_reasons(logs) == [reason]
+    # Not even a public route takes a bad token: a token, when sent, is the credential.
+    status, headers, _ = await call(front, "GET", "/public/x", token=expired)
+    assert status == 401 and 'error="invalid_token"' in headers["WWW-Authenticate"]
+    assert front.seen == []
+
+
+async def test_a_session_only_rule_refuses_a_token(
+    front: Front, authz: AuthorizationServer
+) -> None:
+    token = (await authorize(authz.issuer)).access_token
+    with capture_logs() as logs:
+        status, headers, _ = await call(front, "GET", "/app/home", token=token)
+    assert status == 401
+    assert headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+    assert refused_reasons(logs) == ["token_not_accepted"]
+    assert front.seen == []
+
+
+async def test_spoofed_assurance_headers_never_reach_the_app(
+    front: Front, authz: AuthorizationServer
+) -> None:
+    token = (await authorize(authz.issuer)).access_token
+    spoofed = {
+        "X-Auth-Level": "phishing-resistant",
+        "X-Auth-Acr": "phr",
+        "X-Auth-Subject": "admin",
+        "X-Auth-Assertion": "forged",
+        "X-Original-URL": f"{front.url}/public/x",
+        "X-Forwarded-Uri": "/public/x",
+    }
+    status, _, echoed = await call(front, "GET", "/api/accounts", token=token, headers=spoofed)
+    assert status == 200
+    assert header_values(echoed, "X-Auth-Level") == ["password"]
+    assert header_values(echoed, "X-Auth-Acr") == ["urn:example:loa:1"]
+    assert header_values(echoed, "X-Auth-Subject") == ["alice"]
+    assert header_values(echoed, "X-Auth-Assertion") != ["forged"]
+    # The weak token does not pass the transfer for claiming to be a public page.
+    status, _, _ = await call(front, "POST", "/api/transfers/1", token=token, headers=spoofed)
+    assert status == 401
+
+
+# --- DPoP: the proof names the original request, not /auth ------------------------------
+
+
+async def test_dpop_proof_for_the_original_request(
+    front: Front, authz: AuthorizationServer
+) -> None:
+    key = DpopKey.generate()
+    token = (await authorize(authz.issuer, dpop=key)).access_token
+    url = f"{front.url}/api/accounts"
+
+    proof = key.proof("GET", url, access_token=token)
+    status, _, echoed = await call(
+        front, "GET", "/api/accounts", token=token, scheme="DPoP", proof=proof
+    )
+    assert status == 200
+    assert header_values(echoed, "X-Auth-Level") == ["password"]
+    assert header_values(echoed, "DPoP") == [] and header_values(echoed, "Authorization") == []
+
+    # The same proof again, and proofs for /auth's URLs or another method: refused.
+    wrong = {
+        "dpop_replay": proof,
+        "dpop_htu": key.proof("GET", f"{front.url}/_gateway/auth", access_token=token),
+        "dpop_htu ": key.proof("GET", f"{front.gateway_url}/_gateway/auth", access_token=token),
+        "dpop_htm": key.proof("POST", url, access_token=token),
+    }
+    for reason, bad in wrong.items():
+        with capture_logs() as logs:
+            status, headers, _ = await call(
+                front, "GET", "/api/accounts", token=token, scheme="DPoP", proof=bad
+            )
+        assert status == 401, reason
+        assert headers["WWW-Authenticate"].startswith(f'{ALGS}, error="invalid_token"')
+        assert refused_reasons(logs) == [reason.strip()]
+    assert len(front.seen) == 1
+
+    # A POST step-up (Caddy asks /auth with GET: the method is the described one).
+    url = f"{front.url}/api/transfers/1"
+    status, headers, _ = await call(
+        front,
+        "POST",
+        "/api/transfers/1",
+        token=token,
+        scheme="DPoP",
+        proof=key.proof("POST", url, access_token=token),
+    )
+    assert status == 401
+    assert headers["WWW-Authenticate"].startswith(
+        f'{ALGS}, error="insufficient_user_authentication"'
+    )
+    params = challenge_params(headers["WWW-Authenticate"])
+    stronger = await authorize(
+        authz.issuer, acr_values=params["acr_values"], max_age=int(params["max_age"]), dpop=key
+    )
+    proof = key.proof("POST", url, access_token=stronger.access_token)
+    status, _, echoed = await call(
+        front, "POST", "/api/transfers/1", token=stronger.access_token, scheme="DPoP", proof=proof
+    )
+    assert status == 200
+    assert header_values(echoed, "X-Auth-Acr") == ["phr"]
+
+
+async def test_dpop_nonce_reaches_the_client(
+    authz: AuthorizationServer, upstream: Any, tmp_path: Path
+) -> None:
+    """nginx passes the DPoP-Nonce of the gateway's 401 on (the shipped config)."""
+    api = api_section(dpop="required", dpop_nonce="true")
+    async with deployment("nginx", authz.issuer, upstream, tmp_path, api) as front:
+        key = DpopKey.generate()
+        token = (await authorize(authz.issuer, dpop=key)).access_token
+        url = f"{front.url}/api/accounts"
+        proof = key.proof("GET", url, access_token=token)
+        status, headers, _ = await call(
+            front, "GET", "/api/accounts", token=token, scheme="DPoP", proof=proof
+        )
+        assert status == 401 and 'error="use_dpop_nonce"' in headers["WWW-Authenticate"]
+        nonce = headers["DPoP-Nonce"]
+        proof = key.proof("GET", url, access_token=token, nonce=nonce)
+        status, _, _ = await call(
+            front, "GET", "/api/accounts", token=token, scheme="DPoP", proof=proof
+        )
+        assert status == 200
+
+
+# --- what only the nginx config decides ------------------------------------------------
+
+
+@pytest.mark.parametrize("front", ["nginx"], indirect=True)
+async def test_a_token_is_never_sent_to_sign_in(front: Front, authz: AuthorizationServer) -> None:
+    token = (await authorize(authz.issuer)).access_token
+    page = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
+    status, headers, _ = await call(front, "GET", "/app/x", token=token, headers=page)
+    assert status == 401 and "Location" not in headers
+    assert 'error="invalid_token"' in headers["WWW-Authenticate"]
+    # Without a token, the same page load is sent to sign in, as before.
+    status, headers, _ = await call(front, "GET", "/app/x", headers=page)
+    assert status == 302 and "/_gateway/start?rd=/app/x" in headers["Location"]
+
+
+async def test_introspection_outage_fails_closed(upstream: Any, tmp_path: Path) -> None:
+    """Opaque tokens, its own authorization server stopped: /auth answers 503 (nginx
+    turns any answer but 2xx, 401 and 403 into its own 500): never forwarded."""
+    server = start_authorization_server(free_port())
+    try:
+        api = f"api:\n  audience: {OPAQUE_AUDIENCE}\n  tokens: [introspection]\n"
+        async with deployment("caddy", server.issuer, upstream, tmp_path, api) as front:
+            opaque = (await authorize(server.issuer, resource=OPAQUE_AUDIENCE)).access_token
+            assert opaque.count(".") == 0
+            status, _, echoed = await call(front, "GET", "/api/accounts", token=opaque)
+            assert status == 200
+            assert header_values(echoed, "X-Auth-Acr") == ["urn:example:loa:1"]
+            second = (await authorize(server.issuer, resource=OPAQUE_AUDIENCE)).access_token
+            server.stop()
+            status, _, body = await call(front, "GET", "/api/accounts", token=second)
+            assert status == 503 and "introspection_unreachable" in body
+            assert len(front.seen) == 1
+    finally:
+        server.stop()
+
+
+# --- examples/stepup_client.py against the forward-auth deployment ---------------------
+
+
+@pytest.mark.parametrize("front", ["nginx"], indirect=True)
+async def test_the_example_client_steps_up_through_nginx(
+    front: Front, authz: AuthorizationServer
+) -> None:
+    client_module = load_example()
+    key = DpopKey.generate()
+
+    async def reauthorize(step_up: Any) -> str:
+        tokens = await authorize(
+            authz.issuer, acr_values=" ".join(step_up.acr_values), max_age=step_up.max_age, dpop=key
+        )
+        return tokens.access_token
+
+    def proof(method: str, url: str, token: str) -> str:
+        return key.proof(method, url, access_token=token)
+
+    weak = (await authorize(authz.issuer, dpop=key)).access_token
+    auth = client_module.StepUpAuth(weak, reauthorize, proof=proof)
+    async with httpx.AsyncClient(auth=auth, base_url=front.url) as client:
+        response = await client.post("/api/transfers/1?x=1", content=b"{}")
+    assert response.status_code == 200
+    assert dict(response.json()["headers"])["X-Auth-Level"] == "phishing-resistant"
+    assert [record["method"] for record in front.seen] == ["POST"]
