@@ -134,7 +134,7 @@ class Gateway(ConnectionHooks):
         self.session_cookie = cookie_name(config.session.cookie_name, secure)
         self.tx_base = f"{config.session.cookie_name}_tx"
         self.scheme = urlsplit(config.server.public_url).scheme
-        self.tokens = token_gate(config)  # API clients' access tokens (None: cookies only)
+        self.tokens = token_gate(config, self.rules)  # API clients' tokens (None: cookies only)
         self.prefix = config.server.internal_prefix
         self.redirect_uri = f"{config.server.public_url}{self.prefix}/callback"
         self.signer = AssertionSigner(
@@ -347,7 +347,7 @@ class Gateway(ConnectionHooks):
         if tokens is not None and presented is not None:
             # An access token, when there is one, is the credential: never a cookie beside it.
             session: Session | None = await tokens.session_for(
-                presented, request.method, host, path, self.clock(), self.provider, self.aux
+                presented, request.method, host, path, self.clock(), self.providers, self.aux
             )
         else:
             try:

@@ -32,7 +32,14 @@ from gateway.paths import canonical_host, normalize_path
 from gateway.policy import Allow, Challenge, Deny
 from gateway.rules import RuleSet
 from gateway.tokens import challenges
-from gateway.tokens.claims import check_claims, read_by_profile, read_claims, session_of
+from gateway.tokens.claims import (
+    TokenError,
+    check_claims,
+    read_by_profile,
+    read_claims,
+    session_of,
+)
+from gateway.tokens.gate import issuer_for, issuers
 
 EXIT_OK = 0
 EXIT_REFUSED = 2  # a request the gateway would refuse before any rule is consulted
@@ -254,27 +261,35 @@ def judge_token(
 ) -> dict[str, object]:
     """How the gateway judges a token with ``claims`` (signature and DPoP proof taken
     as valid): the claim checks, then the decision unit with the token's session, as
-    the request path does (:mod:`gateway.tokens.gate`)."""
+    the request path does (:mod:`gateway.tokens.gate`). Its ``iss`` names the provider
+    that judges it (none: an opaque token, judged by the rule's provider)."""
     api = config.api
     assert api is not None
     if (scheme == "DPoP" and api.dpop == "off") or (scheme == "Bearer" and api.dpop == "required"):
         reason = "dpop_disabled" if scheme == "DPoP" else "dpop_required"
         return {"decision": "invalid_token", "status": 401, "reason": reason}
+    accepted = issuers(config)
     try:
         read = read_claims(claims)
+        if read.iss is not None:
+            issuer = issuer_for(accepted, read.iss, explained.provider)
+        elif explained.provider in accepted:
+            issuer = accepted[explained.provider]
+        else:
+            raise TokenError("provider")
         check_claims(
             read,
-            issuer=config.oidc.issuer,
+            issuer=issuer.oidc.issuer,
             audience=api.audience,
             now=now,
-            skew_s=config.oidc.clock_skew_s,
+            skew_s=issuer.oidc.clock_skew_s,
         )
     except IdTokenError as exc:
         refused: dict[str, object] = {"decision": "invalid_token", "status": 401}
         refused["reason"] = exc.reason if exc.claim is None else f"{exc.reason} ({exc.claim})"
         return refused
-    read = read_by_profile(read, profiles.get(config.oidc.profile), config.assurance.levels)
-    session = session_of(read, "explain", now)
+    read = read_by_profile(read, issuer.profile, issuer.levels)
+    session = session_of(read, "explain", now, provider=issuer.name)
     try:
         decision = _at_once(
             decide_request(
@@ -291,8 +306,10 @@ def judge_token(
         return {"decision": "refused", "status": 400, "reason": refusal.reason}
     if isinstance(decision, Deny) and decision.reason == TOKEN_NOT_ACCEPTED:
         return {"decision": "invalid_token", "status": 401, "reason": TOKEN_NOT_ACCEPTED}
-    held = assurance.highest(config.assurance.levels, session.proofs)
+    held = assurance.highest(issuer.levels, session.proofs)
     judged: dict[str, object] = {"level": held.name if held is not None else None}
+    if config.providers:  # several providers: which one judged the token
+        judged["provider"] = issuer.name
     if decision.rule is not explained:  # the token's session made a when hold differently
         judged["rule"] = decision.rule.name if decision.rule is not None else None
     if isinstance(decision, Allow):

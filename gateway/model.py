@@ -204,6 +204,8 @@ class ApiConfig:
     dpop_max_age_s: int = 60  # a proof's iat window (RFC 9449 11.1)
     introspection_cache_s: int = 60  # at most this long, and never past the token's exp
     cache_entries: int = 10_000  # verified tokens and introspection results kept per process
+    # Whose tokens are accepted (oidc.providers names); None: every configured provider's.
+    providers: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

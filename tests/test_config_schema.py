@@ -424,6 +424,7 @@ api:
   dpop_max_age: 30s
   introspection_cache: 10s
   cache_entries: 100
+  providers: [default, customers]
 telemetry:
   otlp_endpoint: http://127.0.0.1:4318
   service_name: gateway-eu

@@ -141,13 +141,15 @@ class _Validator(_ProviderBuilders, _SectionBuilders, _ApiBuilders):
         telemetry = model.TelemetryConfig()
         if top.get("telemetry") is not None:
             telemetry = self.section(top, "telemetry", self.telemetry) or telemetry
-        if api is not None and oidc is not None:
-            outside = [alg for alg in api.algorithms if alg not in oidc.algorithms]
-            if outside:
-                # The issuer's keys are looked up under oidc.algorithms (one JWKS cache).
+        named, accepted = dict(providers), api.algorithms if api is not None else ()
+        for name in (api.providers or sorted(self.provider_names)) if api is not None else ():
+            given = oidc if name == model.DEFAULT_PROVIDER else named.get(name)
+            outside = [alg for alg in accepted if given and alg not in given.algorithms]
+            if outside:  # each issuer's keys are looked up under its algorithms (one cache)
+                where = "oidc" if given is oidc else f"oidc.providers.{name}"
                 self.note(
                     "api.algorithms",
-                    f"{', '.join(outside)} not in oidc.algorithms: tokens signed so would "
+                    f"{', '.join(outside)} not in {where}.algorithms: tokens signed so would "
                     "be refused; add them there too",
                     self.node_at(top, "api", "algorithms"),
                 )

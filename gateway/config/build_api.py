@@ -25,6 +25,9 @@ from gateway.config.loader import _Invalid, _Reader
 
 
 class _ApiBuilders(_Reader):
+    # Set by gateway.config.build_providers before the api section is read.
+    provider_names: frozenset[str] = frozenset({model.DEFAULT_PROVIDER})
+
     def api(self, node: Node, path: str) -> model.ApiConfig:
         m = self.mapping(
             node,
@@ -39,6 +42,7 @@ class _ApiBuilders(_Reader):
                 "dpop_max_age",
                 "introspection_cache",
                 "cache_entries",
+                "providers",
             ),
         )
         before = len(self.problems)
@@ -69,6 +73,7 @@ class _ApiBuilders(_Reader):
                 lambda n, p: self.bounded_integer(n, p, 0, MAX_TOKEN_CACHE_ENTRIES),
                 DEFAULT_TOKEN_CACHE_ENTRIES,
             ),
+            providers=self.optional(m, "providers", self.token_providers, None),
         )
         if config.dpop_nonce and config.dpop == "off":
             self.note(m.child("dpop_nonce"), "needs dpop: allowed or required", m.get("dpop_nonce"))
@@ -82,6 +87,18 @@ class _ApiBuilders(_Reader):
             with contextlib.suppress(_Invalid):
                 kinds.append(self.choice(item, item_path, TOKEN_KINDS))
         return tuple(dict.fromkeys(kinds))
+
+    def token_providers(self, node: Node, path: str) -> tuple[str, ...]:
+        """``api.providers``: names of configured providers (``default``, ``oidc.providers``)."""
+        names: list[str] = []
+        for item_path, item in self.items(node, path):
+            with contextlib.suppress(_Invalid):
+                name = self.name(item, item_path)
+                if name not in self.provider_names:
+                    known = ", ".join(sorted(self.provider_names))
+                    raise self.fail(item_path, f"unknown provider {name!r} (known: {known})", item)
+                names.append(name)
+        return tuple(dict.fromkeys(names))
 
     def bounded_duration(self, node: Node, path: str, low: int, high: int) -> int:
         # 0 where it is not allowed is refused as the schema's positive_duration says it.

@@ -52,6 +52,6 @@ async def token_facts(
     if presented is None:
         return None
     session = await tokens.session_for(
-        presented, method, host, path, ctx.clock(), ctx.provider, ctx.aux
+        presented, method, host, path, ctx.clock(), ctx.providers, ctx.aux
     )
     return TokenFacts(presented, session)

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from gateway import assurance
-from gateway.model import Level
+from gateway.model import DEFAULT_PROVIDER, Level
 from gateway.oidc import profiles
 from gateway.oidc.flow import (
     MAX_AMR_VALUE_BYTES,
@@ -167,10 +167,12 @@ def check_claims(
         raise TokenError("auth_time")
 
 
-def session_of(claims: AccessClaims, digest: str, received_at: float) -> Session:
-    """The session-shaped value the decision unit judges. Without ``auth_time`` the
-    authentication is dated at the epoch: no ``max_age`` is met (fail closed), levels
-    without one still are."""
+def session_of(
+    claims: AccessClaims, digest: str, received_at: float, *, provider: str = DEFAULT_PROVIDER
+) -> Session:
+    """The session-shaped value the decision unit judges: a sign-in at ``provider``
+    (the one that verified the token). Without ``auth_time`` the authentication is
+    dated at the epoch: no ``max_age`` is met (fail closed), levels without one still are."""
     auth_time = (
         assurance.proven_at(claims.auth_time, received_at) if claims.auth_time is not None else 0.0
     )
@@ -190,4 +192,5 @@ def session_of(claims: AccessClaims, digest: str, received_at: float) -> Session
         proofs=(proof,),
         created_at=created,
         last_seen=received_at,
+        provider=provider,
     )

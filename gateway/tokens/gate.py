@@ -1,14 +1,21 @@
 """The request's access token: found, verified, bound to its DPoP key, remembered.
 
-The I/O side of :mod:`gateway.tokens`: keys through the provider client (the ID
-token's JWKS cache and refetch rules), introspection through it too, DPoP ``jti``
+The I/O side of :mod:`gateway.tokens`: keys through the provider clients (the ID
+token's JWKS caches and refetch rules), introspection through them too, DPoP ``jti``
 records in the one-time record store (shared by every worker with Redis). Every
 refusal is an :class:`errors.Unauthorized` carrying its challenge; ``gateway.app``
 turns it into the response.
 
+Several providers (``oidc.providers``): a JWT's ``iss`` names the provider that
+verifies it, by a map built from the configuration alone (its keys, issuer, profile
+and levels; never another provider's keys). An opaque token names nothing: it is
+introspected at the provider of the rule the request matches, and only there, so
+that no token is sent to a party that did not issue it on the gateway's initiative.
+
 A verified token becomes a :class:`Session` value (one proof: its ``acr``, ``amr``
-and ``auth_time``), so the decision unit, the ``X-Auth-*`` headers and the signed
-assertion treat it exactly like a signed-in browser.
+and ``auth_time``) of the provider that verified it, so the decision unit, the
+``X-Auth-*`` headers and the signed assertion treat it exactly like a browser
+signed in there.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -28,16 +34,22 @@ from gateway.decision import TOKEN_NOT_ACCEPTED
 from gateway.memo import Memo
 from gateway.oidc import profiles
 from gateway.oidc.flow import IdTokenError
-from gateway.oidc.provider import ProviderClient
+from gateway.oidc.providers import ProviderSet
 from gateway.paths import canonical_host
 from gateway.policy import Challenge, Decision, Deny
+from gateway.rules import RuleSet
 from gateway.session.aux import AuxStore
 from gateway.session.model import Session
 from gateway.tokens import challenges
-from gateway.tokens.claims import AccessClaims, read_by_profile, session_of
+from gateway.tokens.claims import AccessClaims, TokenError, read_by_profile, session_of
 from gateway.tokens.dpop import make_nonce, nonce_valid, request_url, verify_proof
 from gateway.tokens.introspection import claims_from_introspection, introspection_answer
-from gateway.tokens.jwt_access import access_token_header, looks_like_jwt, verify_access_token
+from gateway.tokens.jwt_access import (
+    access_token_header,
+    looks_like_jwt,
+    unverified_issuer,
+    verify_access_token,
+)
 
 log = structlog.get_logger("gateway.tokens")
 
@@ -66,6 +78,40 @@ class Verified:
     claims: AccessClaims
     session: Session
     until: float  # reused until then: the token's exp (with the skew its check allows)
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    """A provider whose access tokens are accepted, and how its tokens are read."""
+
+    name: str  # "default" or a name under oidc.providers
+    oidc: model.OidcConfig
+    profile: profiles.Profile
+    levels: tuple[model.Level, ...]
+
+
+def issuers(config: model.Config) -> dict[str, Issuer]:
+    """The providers ``api.providers`` lists (unset: every one), by name, from the config."""
+    assert config.api is not None
+    names = config.api.providers or config.provider_names
+    return {
+        name: Issuer(
+            name,
+            config.oidc_for(name),
+            profiles.get(config.oidc_for(name).profile),
+            config.assurance.for_provider(name).levels,
+        )
+        for name in names
+    }
+
+
+def issuer_for(accepted: dict[str, Issuer], iss: str, wanted: str) -> Issuer:
+    """The provider whose issuer is ``iss`` (compared exactly): ``wanted`` (the rule's)
+    among several that share it, else the first configured. None: ``iss`` refusal."""
+    named = [issuer for issuer in accepted.values() if issuer.oidc.issuer == iss]
+    if not named:
+        raise TokenError("iss")
+    return next((issuer for issuer in named if issuer.name == wanted), named[0])
 
 
 def presented_token(headers: MultiMapping[str] | CIMultiDictProxy[str]) -> Presented | None:
@@ -97,28 +143,24 @@ def presented_token(headers: MultiMapping[str] | CIMultiDictProxy[str]) -> Prese
 class TokenGate:
     """Access tokens for one configuration (rebuilt on reload, with its caches)."""
 
-    def __init__(
-        self,
-        api: model.ApiConfig,
-        oidc: model.OidcConfig,
-        secret: bytes,
-        public_url: str = "",
-        levels: Sequence[model.Level] = (),
-    ) -> None:
-        self.api = api
-        self.oidc = oidc
-        # The provider's profile reads the level from a token as from an ID token.
-        self._profile = profiles.get(oidc.profile)
-        self._levels = tuple(levels)
+    def __init__(self, config: model.Config, rules: RuleSet) -> None:
+        assert config.api is not None
+        self.api = api = config.api
+        # Each provider's profile reads the level from its tokens as from its ID tokens.
+        self._issuers = issuers(config)
+        self._rules = rules  # of the same config: the rule's provider introspects
+        secret = config.session.secrets[0]
         # What a DPoP proof's htu names (judged_url): the public scheme, and public_url's
         # host for a request without one.
-        public = urlsplit(public_url)
+        public = urlsplit(config.server.public_url)
         self._scheme = public.scheme
         self._public_host = canonical_host(public.netloc, public.scheme) or ""
         # DPoP nonces: a key of their own, derived from the session secret so that every
         # worker and replica issues and accepts the same nonces.
         self._nonce_key = hmac.new(secret, b"stepup-gateway dpop-nonce", hashlib.sha256).digest()
         entries = api.cache_entries
+        # Keyed by the token's digest and the provider it is judged for: one provider's
+        # answer (above all an introspection's) is never another's.
         self._verified: Memo[bytes, Verified] | None = (
             Memo(max_entries=entries, max_bytes=entries * CACHE_ENTRY_BYTES) if entries else None
         )
@@ -140,18 +182,21 @@ class TokenGate:
         host: str | None,
         path: str,
         now: float,
-        provider: ProviderClient,
+        providers: ProviderSet,
         aux: AuxStore,
     ) -> Session:
         """:meth:`authenticate` for a request to the canonical ``host`` (None: none
-        sent) and normalised ``path``, as the rules judge it."""
+        sent) and normalised ``path``, as the rules judge it: for the provider of the
+        first rule that matches (before any ``when``; none matches: ``default``)."""
+        rule = self._rules.match(method, host, path)
         return await self.authenticate(
             presented,
             method=method,
             url=judged_url(self._scheme, host, self._public_host, path),
             now=now,
-            provider=provider,
+            providers=providers,
             aux=aux,
+            wanted=rule.provider if rule is not None else model.DEFAULT_PROVIDER,
         )
 
     async def authenticate(
@@ -161,19 +206,22 @@ class TokenGate:
         method: str,
         url: str,
         now: float,
-        provider: ProviderClient,
+        providers: ProviderSet,
         aux: AuxStore,
+        wanted: str = model.DEFAULT_PROVIDER,
     ) -> Session:
         """The session-shaped value of a valid token, or :class:`errors.Unauthorized`.
 
-        ``url`` is :func:`gateway.tokens.dpop.request_url` of the request as judged.
+        ``url`` is :func:`gateway.tokens.dpop.request_url` of the request as judged;
+        ``wanted`` the provider of the rule it matches (an opaque token is introspected
+        there, and only there).
         """
         api, scheme = self.api, presented.scheme
         if scheme == "DPoP" and api.dpop == "off":
             raise self.refuse("Bearer", "dpop_disabled", "This API takes bearer tokens only.")
         if scheme == "Bearer" and api.dpop == "required":
             raise self.refuse("DPoP", "dpop_required", "This API needs DPoP-bound tokens.")
-        verified = await self.verified(presented.token, now, provider, scheme)
+        verified = await self.verified(presented.token, now, providers, scheme, wanted)
         bound_to = verified.claims.jkt
         if scheme == "Bearer":
             if bound_to is not None:
@@ -220,56 +268,74 @@ class TokenGate:
         return verified.session
 
     async def verified(
-        self, token: str, now: float, provider: ProviderClient, scheme: str
+        self,
+        token: str,
+        now: float,
+        providers: ProviderSet,
+        scheme: str,
+        wanted: str = model.DEFAULT_PROVIDER,
     ) -> Verified:
-        """The token's claims and session, from the cache (by SHA-256) while it lives."""
+        """The token's claims and session, from the cache (by SHA-256 and ``wanted``, the
+        provider it is judged for) while it lives."""
         digest_bytes = hashlib.sha256(token.encode("ascii")).digest()
+        key = digest_bytes + wanted.encode("ascii")  # a fixed-length digest, then the name
         cache = self._verified
-        cached = cache.get(digest_bytes) if cache is not None else None
+        cached = cache.get(key) if cache is not None else None
         if cached is not None and now < cached.until:
             return cached
         inactive = self._inactive
-        inactive_until = inactive.get(digest_bytes) if inactive is not None else None
+        inactive_until = inactive.get(key) if inactive is not None else None
         if inactive_until is not None and now < inactive_until:
             raise self.refuse(scheme, "inactive", self._describe("inactive"))
         try:
-            claims, until = await self._verify(token, now, provider)
+            claims, until, issuer = await self._verify(token, now, providers, wanted)
         except IdTokenError as exc:
             if exc.reason == "inactive" and inactive is not None:
-                inactive.put(
-                    digest_bytes, now + self.api.introspection_cache_s, INACTIVE_ENTRY_BYTES
-                )
+                inactive.put(key, now + self.api.introspection_cache_s, INACTIVE_ENTRY_BYTES)
             raise self.refuse(scheme, exc.reason, self._describe(exc.reason)) from None
-        claims = read_by_profile(claims, self._profile, self._levels)
-        verified = Verified(claims, session_of(claims, digest_bytes.hex(), now), until)
+        claims = read_by_profile(claims, issuer.profile, issuer.levels)
+        session = session_of(claims, digest_bytes.hex(), now, provider=issuer.name)
+        verified = Verified(claims, session, until)
         if cache is not None and until > now:
-            cache.put(digest_bytes, verified, CACHE_ENTRY_BYTES)
+            cache.put(key, verified, CACHE_ENTRY_BYTES)
         return verified
 
     async def _verify(
-        self, token: str, now: float, provider: ProviderClient
-    ) -> tuple[AccessClaims, float]:
-        api, skew_s = self.api, self.oidc.clock_skew_s
+        self, token: str, now: float, providers: ProviderSet, wanted: str
+    ) -> tuple[AccessClaims, float, Issuer]:
+        api = self.api
         if "jwt" in api.tokens and (looks_like_jwt(token) or "introspection" not in api.tokens):
             header = access_token_header(token, api.algorithms)
+            # The claimed iss picks the provider from the configuration; its keys alone
+            # verify the token, and its issuer must match (a key of another provider
+            # never vouches for this one's tokens).
+            issuer = issuer_for(self._issuers, unverified_issuer(token), wanted)
+            skew_s = issuer.oidc.clock_skew_s
             # No waiting for the next allowed JWKS fetch: tokens with made-up kids would
             # otherwise hold each request (and connection) for up to 5 s.
+            provider = providers.get(issuer.name)
             key = await provider.key_for(header.get("kid"), header["alg"], wait=False)
             claims = verify_access_token(
                 token,
                 key,
-                issuer=self.oidc.issuer,
+                issuer=issuer.oidc.issuer,
                 audience=api.audience,
                 now=now,
                 skew_s=skew_s,
                 allowed_algs=api.algorithms,
             )
             assert claims.exp is not None  # required for JWTs
-            return claims, float(claims.exp + skew_s)
-        status, body = await provider.introspect(token)
+            return claims, float(claims.exp + skew_s), issuer
+        # An opaque token names no issuer: asked of the rule's provider only (never
+        # sent around to find one that knows it), with that provider's credentials.
+        issuer_or_none = self._issuers.get(wanted)
+        if issuer_or_none is None:  # api.providers leaves the rule's provider out
+            raise TokenError("provider")
+        issuer, skew_s = issuer_or_none, issuer_or_none.oidc.clock_skew_s
+        status, body = await providers.get(wanted).introspect(token)
         claims = claims_from_introspection(
             introspection_answer(status, body),
-            issuer=self.oidc.issuer,
+            issuer=issuer.oidc.issuer,
             audience=api.audience,
             now=now,
             skew_s=skew_s,
@@ -278,7 +344,7 @@ class TokenGate:
         until = now + api.introspection_cache_s
         if claims.exp is not None:
             until = min(until, float(claims.exp + skew_s))
-        return claims, until
+        return claims, until, issuer
 
     # -- what the rule takes, and the challenges ----------------------------------------
 
@@ -358,17 +424,12 @@ class TokenGate:
         return "The access token is not valid here."
 
 
-def token_gate(config: model.Config) -> TokenGate | None:
-    """The resource server of ``config``'s ``api`` section; None without one."""
+def token_gate(config: model.Config, rules: RuleSet) -> TokenGate | None:
+    """The resource server of ``config``'s ``api`` section (``rules``: its rules); None
+    without one."""
     if config.api is None:
         return None
-    return TokenGate(
-        config.api,
-        config.oidc,
-        config.session.secrets[0],
-        config.server.public_url,
-        config.assurance.levels,
-    )
+    return TokenGate(config, rules)
 
 
 def judged_url(scheme: str, host: str | None, public_host: str, path: str) -> str:
@@ -378,8 +439,11 @@ def judged_url(scheme: str, host: str | None, public_host: str, path: str) -> st
 
 
 __all__ = [
+    "Issuer",
     "Presented",
     "TokenGate",
+    "issuer_for",
+    "issuers",
     "judged_url",
     "presented_token",
     "session_of",

@@ -7,6 +7,9 @@ same unknown-kid refetch rules as ID tokens; signature checking is the ID token'
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +41,21 @@ def access_token_header(token: str, allowed_algs: Sequence[str]) -> dict[str, An
     if header["alg"] not in usable_algs(allowed_algs):
         raise TokenError("alg")
     return header
+
+
+def unverified_issuer(token: str) -> str:
+    """The ``iss`` a JWT claims, read before its signature is checked: it only chooses
+    which configured provider's keys verify it (and that provider's issuer must then
+    match, :func:`check_claims`). Not a string, or no ``iss``: ``malformed``."""
+    body = token.split(".")[1]
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except (binascii.Error, ValueError):
+        raise TokenError("malformed") from None
+    issuer = payload.get("iss") if isinstance(payload, dict) else None
+    if not isinstance(issuer, str):
+        raise TokenError("malformed", claim="iss")
+    return issuer
 
 
 def verify_access_token(

@@ -7,7 +7,9 @@
 // what login_hint says ("acr=VALUE"), so a test decides what a sign-in proves.
 //
 // Test-only: POST /test/sign {header, payload} signs with this server's own ES256 key,
-// so a test can take a real token, change exactly one thing and sign it again.
+// so a test can take a real token, change exactly one thing and sign it again; GET
+// /test/introspected lists the SHA-256 (hex) of every token introspected here. With
+// KID_PREFIX set, the server's key ids start with it (two servers with no kid in common).
 //
 // Usage: node server.js PORT  (the issuer names it; prints {"issuer": ...} when listening)
 //
@@ -44,8 +46,9 @@ function keyPair(kid, alg, options) {
   return { ...privateKey.export({ format: 'jwk' }), kid, alg, use: 'sig' };
 }
 
-const esKey = keyPair('es-1', 'ES256', { namedCurve: 'P-256' });
-const rsKey = keyPair('rs-1', 'RS256', { modulusLength: 2048 });
+const kidPrefix = process.env.KID_PREFIX || '';
+const esKey = keyPair(`${kidPrefix}es-1`, 'ES256', { namedCurve: 'P-256' });
+const rsKey = keyPair(`${kidPrefix}rs-1`, 'RS256', { modulusLength: 2048 });
 const signingKey = crypto.createPrivateKey({ key: esKey, format: 'jwk' });
 
 function resourceServer(resource) {
@@ -114,6 +117,8 @@ const configuration = {
 
 // What the FAPI 2.0 mode saw, for GET /test/record.
 const record = { assertions: [], pushed: [], tokens: [] };
+// What was introspected (every mode), for GET /test/introspected: token digests only.
+const introspected = [];
 
 // oidc-provider 9 docs (docs/README.md): features.fapi, features.pushedAuthorizationRequests,
 // features.dPoP, features.claimsParameter, enabledJWA, clientAuthMethods, acrValues.
@@ -254,7 +259,7 @@ provider.use(async (ctx, next) => {
   }
   if (ctx.method === 'POST' && ctx.path === '/test/sign') {
     const { header, payload } = await readJson(ctx);
-    const input = `${b64url({ alg: 'ES256', kid: 'es-1', ...header })}.${b64url(payload)}`;
+    const input = `${b64url({ alg: 'ES256', kid: esKey.kid, ...header })}.${b64url(payload)}`;
     const signature = crypto.sign('sha256', Buffer.from(input), { key: signingKey, dsaEncoding: 'ieee-p1363' });
     ctx.type = 'text/plain';
     ctx.body = `${input}.${signature.toString('base64url')}`;
@@ -264,7 +269,14 @@ provider.use(async (ctx, next) => {
     ctx.body = record;
     return;
   }
+  if (ctx.method === 'GET' && ctx.path === '/test/introspected') {
+    ctx.body = introspected;
+    return;
+  }
   await next();
+  if (ctx.oidc?.route === 'introspection' && ctx.oidc.params?.token) {
+    introspected.push(crypto.createHash('sha256').update(String(ctx.oidc.params.token)).digest('hex'));
+  }
 });
 
 const server = provider.listen(port, host, () => {
