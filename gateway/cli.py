@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
         "--token-claims",
         metavar="JSON",
         help="judge the request as carrying an access token with these claims (needs api); "
-        "the signature is not checked, the claims are, against now",
+        "the signature is not checked, the claims are, against now, by the provider "
+        "their iss names (without one: the rule's)",
     )
     explain.add_argument(
         "--dpop",

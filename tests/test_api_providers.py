@@ -18,6 +18,8 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from gateway.cli import explain
+from gateway.config import ConfigError, load_config_text
 from tests.conftest import CLIENT_SECRET, Stack, StackFactory
 from tests.support.authz import (
     JWT_AUDIENCE,
@@ -31,6 +33,7 @@ from tests.support.authz import (
 )
 from tests.support.upstream import header_values
 from tests.test_access_tokens import call
+from tests.test_several_providers import config_text
 
 RULES = """\
 rules:
@@ -316,3 +319,73 @@ async def test_forward_auth_judges_each_providers_token(
     assert params["acr_values"] == "urn:example:loa:1"
     status, headers = await auth("/api/accounts", employee)
     assert status == 200 and headers["X-Auth-Level"] == "phishing-resistant"
+
+
+# --- explain --------------------------------------------------------------------------------
+
+
+def test_explain_judges_a_token_by_the_provider_its_iss_names() -> None:
+
+    workforce, customers = "https://login.example.com", "https://customers.example.com"
+    text = config_text(8443, workforce, customers, "http://127.0.0.1:9000", "cookie")
+    config = load_config_text(text + f"api:\n  audience: {JWT_AUDIENCE}\n", "c.yaml")
+    now = 1_800_000_000
+    claims = {
+        "sub": "alice",
+        "aud": JWT_AUDIENCE,
+        "client_id": "app",
+        "iat": now - 10,
+        "exp": now + 300,
+        "acr": "urn:example:loa:2",
+        "amr": ["pwd", "otp"],
+        "auth_time": now - 60,
+    }
+
+    def judged(path: str, **changes: object) -> dict[str, object]:
+        result, status = explain(config, "GET", path, token_claims={**claims, **changes}, now=now)
+        assert status == 0
+        token = result["token"]
+        assert isinstance(token, dict)
+        return token
+
+    assert judged("/customer/settings/x", iss=customers) == {
+        "level": "mfa",
+        "provider": "customers",
+        "decision": "allow",
+        "status": 200,
+    }
+    # The workforce's token: judged by the workforce, so no sign-in at the customers.
+    other = judged("/customer/settings/x", iss=workforce)
+    assert other["provider"] == "default" and other["decision"] == "challenge"
+    assert judged("/admin/x", iss=workforce)["decision"] == "allow"
+    assert judged("/admin/x", iss=customers)["decision"] == "challenge"
+    assert judged("/admin/x", iss="https://elsewhere.example")["reason"] == "iss"
+    # No iss (an introspection answer's may lack one): the rule's provider judges it.
+    assert judged("/customer/x")["provider"] == "customers"
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+def test_api_providers_names_configured_providers_only() -> None:
+
+    text = config_text(
+        8443, "https://login.example.com", "https://c.example.com", "http://a", "cookie"
+    )
+    api = f"api:\n  audience: {JWT_AUDIENCE}\n"
+    every = load_config_text(text + api, "c.yaml").api
+    assert every is not None and every.providers is None
+    listed = load_config_text(text + api + "  providers: [customers]\n", "c.yaml").api
+    assert listed is not None and listed.providers == ("customers",)
+    with pytest.raises(ConfigError) as refused:
+        load_config_text(text + api + "  providers: [default, partners]\n", "c.yaml")
+    assert "api.providers[1]" in str(refused.value)
+    assert "unknown provider 'partners'" in str(refused.value)
+    # Each accepted provider's keys are looked up under its own algorithms.
+    narrow = text.replace(
+        "      scopes: [openid]\n", "      scopes: [openid]\n      algorithms: [RS256]\n"
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_config_text(narrow + api + "  algorithms: [ES256]\n", "c.yaml")
+    assert "not in oidc.providers.customers.algorithms" in str(refused.value)
+    load_config_text(narrow + api + "  algorithms: [ES256]\n  providers: [default]\n", "c.yaml")
