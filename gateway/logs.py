@@ -17,6 +17,8 @@ import datetime
 import json
 import logging
 import os
+import random
+import re
 import sys
 import time
 from collections.abc import MutableMapping
@@ -65,6 +67,27 @@ class _Access:
 
     logger: structlog.WriteLogger | None = None
     pid = 0
+
+
+# An inbound X-Request-Id the gateway keeps (else it makes one: new_request_id).
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def request_id_for(inbound: str | None) -> str:
+    """The request's id: the one it brought when it is well-formed, else a new one."""
+    if inbound is not None and REQUEST_ID_RE.fullmatch(inbound):
+        return inbound
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """16 hex digits for a request that brought no id of its own.
+
+    An id only correlates log lines and answers: it needs to be unique, not
+    secret, so it comes from ``random`` (reseeded in every forked worker), not
+    from the operating system's generator, which costs a system call each.
+    """
+    return f"{random.getrandbits(64):016x}"
 
 
 def access(method: str, path: str, status: int, rule: str | None, duration_ms: float) -> None:

@@ -136,6 +136,12 @@ class Metrics:
             ["phase"],
             registry=self.registry,
         )
+        self.decision_memo = Counter(
+            "stepup_decision_memo_total",
+            "Remembered decisions looked up (server.decision_memo), by result (hit, miss).",
+            ["result"],
+            registry=self.registry,
+        )
         self.store_busy = Counter(
             "stepup_store_busy_total",
             "Requests answered 503 because every Redis connection stayed busy too long.",

@@ -50,6 +50,7 @@ async def logout(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
         await ctx.store.delete(value)
     if session is not None and isinstance(ctx.store, CookieStore):
         await ctx.revoke(session=session)
+    ctx.decisions.forget_all()  # nothing this process remembers outlives the sign-out
     location = f"{ctx.config.server.public_url}{ctx.prefix}/logged-out"
     try:
         meta = await ctx.provider.metadata()
@@ -141,6 +142,7 @@ async def backchannel_logout(ctx: Context, request: web.BaseRequest) -> web.Stre
     else:
         await ctx.revoke(sub=claims.sub, provider_sid=claims.sid)
         deleted = None  # cookie sessions: unknown; every one of them is refused now
+    ctx.decisions.forget_all()  # here at once; other workers within server.decision_memo
     audit.info(
         "backchannel_logout",
         sub=claims.sub,
