@@ -153,7 +153,6 @@ class Gateway(ConnectionHooks):
         )
         self.site_routes = site_routes(config.rules)
         self.peer_trusted = TrustedPeers(config.server.trusted_proxies)
-        # Made anew with the rules: nothing decided under the old ones is reused.
         self.decisions = RememberedDecisions(config.server, config.session, self.metrics)
         # Probes hit these every few seconds; an access-log line each would drown the rest.
         self.quiet_paths = frozenset({f"{self.prefix}/healthz", f"{self.prefix}/readyz"})
@@ -335,10 +334,9 @@ class Gateway(ConnectionHooks):
         store_down: StoreUnavailable | None = None
         tokens = self.tokens
         presented = presented_token(request.headers) if tokens is not None else None
-        memo, remembered = self.decisions, None
-        if presented is None:  # gateway.decision_memo: an Allow for this cookie and request?
-            key = memo.key(self.session_cookie_value(request), request.method, host, path)
-            remembered = memo.proxied.get(key, self.clock()) if key is not None else None
+        memo = self.decisions  # gateway.decision_memo: an Allow remembered for this request?
+        cookie = self.session_cookie_value(request) if presented is None else None
+        key, remembered = memo.find(cookie, request.method, host, path, self.clock())
         if tokens is not None and presented is not None:
             # An access token, when there is one, is the credential: never a cookie beside it.
             session: Session | None = await tokens.session_for(
@@ -363,8 +361,7 @@ class Gateway(ConnectionHooks):
             decision = decide_plain(
                 rule, session, config.assurance, now, session_error=store_down, by_token=by_token
             )
-            if presented is None:
-                memo.remember(key, decision, session, now)
+            memo.remember(key, decision, session, now)
         if decision is None:
             reader = LiveReader(self.client_ip, request, body)
             facts = RequestFacts(request.method, host, path, session, reader, by_token)

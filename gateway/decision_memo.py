@@ -19,8 +19,10 @@ them could change:
 Only ``Allow`` answers for a session (a cookie's, never an access token's) are
 remembered, and only for rules that read nothing but the session: a rule with
 ``when``, ``risk``, ``bind`` or ``once`` is decided every time (a one-time proof
-must be spent by each request). The memo holds at most
-``server.decision_memo_entries`` answers, least recently used dropped first.
+must be spent by each request). Each memo holds at most
+``server.decision_memo_entries`` answers and :data:`MEMO_BYTES` of them (as
+estimated: a signed-in client choosing its headers chooses the size of ``/auth``'s
+keys), least recently used dropped first.
 """
 
 from __future__ import annotations
@@ -36,12 +38,22 @@ from gateway.policy import Allow, Decision
 from gateway.session.model import TOUCH_INTERVAL_S, Session
 
 V = TypeVar("V")
+# The proxy's key: the session cookie's exact value, the method, canonical host, path.
+ProxiedKey = tuple[str, str, str | None, str]
+
+# Each memo's entries take at most about this much memory: 10,000 answers to requests
+# with the headers a browser sends behind nginx (about 6 KB each, as estimated) fit.
+MEMO_BYTES = 64 * 1024 * 1024
+# What remembering one of the proxy's decisions takes beside its cookie and path, about
+# (the key's tuple, the entry, the session when the store made it for this request).
+PROXIED_ENTRY_BYTES = 2048
 
 
 @dataclass(frozen=True, slots=True)
 class _Entry(Generic[V]):
     value: V
     until: float  # remembered while now < until
+    size: int  # bytes, as the caller estimates them
 
 
 def plain(rule: Rule) -> bool:
@@ -83,12 +95,15 @@ class DecisionMemo(Generic[V]):
         *,
         cap_s: float,
         max_entries: int,
+        max_bytes: int = MEMO_BYTES,
         on_lookup: Callable[[bool], None] = lambda hit: None,
     ) -> None:
         self.cap_s = cap_s
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self._on_lookup = on_lookup
         self._entries: OrderedDict[Hashable, _Entry[V]] = OrderedDict()
+        self._bytes = 0
 
     @property
     def enabled(self) -> bool:
@@ -100,26 +115,34 @@ class DecisionMemo(Generic[V]):
             self._on_lookup(False)
             return None
         if now >= entry.until:
-            del self._entries[key]
+            self._drop(key)
             self._on_lookup(False)
             return None
         self._entries.move_to_end(key)
         self._on_lookup(True)
         return entry.value
 
-    def put(self, key: Hashable, value: V, *, until: float, now: float) -> None:
-        """Remember ``value`` for ``key`` until ``until`` (never beyond ``now + cap_s``)."""
+    def put(self, key: Hashable, value: V, *, until: float, now: float, size: int) -> None:
+        """Remember ``value`` for ``key`` until ``until`` (never beyond ``now + cap_s``);
+        ``size``: what the entry takes, in bytes, about."""
         until = min(until, now + self.cap_s)
-        if not self.enabled or until <= now:
+        if not self.enabled or until <= now or size > self.max_bytes:
             return
-        self._entries[key] = _Entry(value, until)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._drop(key)
+        self._entries[key] = _Entry(value, until, size)
+        self._bytes += size
+        while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+            self._bytes -= self._entries.popitem(last=False)[1].size
+
+    def _drop(self, key: Hashable) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry.size
 
     def forget_all(self) -> None:
         """A sign-out in this process: nothing remembered may outlive it."""
         self._entries.clear()
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -135,9 +158,10 @@ class Answer:
 
 
 class RememberedDecisions:
-    """The gateway's two memos, for one configuration (made anew when it is reloaded).
+    """The gateway's two memos, for one configuration: made anew when it is (re)loaded,
+    so nothing decided under the old rules is reused.
 
-    ``proxied``: the proxy's ``(Allow, Session)`` by :meth:`key`; ``auth``:
+    ``proxied``: the proxy's ``(Allow, Session)`` by :meth:`find`'s key; ``auth``:
     ``/auth``'s whole answer by the exact request that asked
     (:mod:`gateway.endpoints.forward_auth`).
     """
@@ -153,18 +177,25 @@ class RememberedDecisions:
             return DecisionMemo(
                 cap_s=server.decision_memo_s,
                 max_entries=server.decision_memo_entries,
+                max_bytes=MEMO_BYTES,
                 on_lookup=count,
             )
 
         self.proxied: DecisionMemo[tuple[Allow, Session]] = memo()
         self.auth: DecisionMemo[Answer] = memo()
 
-    def key(self, cookie: str | None, method: str, host: str | None, path: str) -> Hashable | None:
-        """The proxy's key: the exact session cookie, the method, canonical host and path."""
-        return (cookie, method, host, path) if cookie and self.proxied.enabled else None
+    def find(
+        self, cookie: str | None, method: str, host: str | None, path: str, now: float
+    ) -> tuple[ProxiedKey | None, tuple[Allow, Session] | None]:
+        """The proxy's key (the exact session cookie, the method, canonical host and path;
+        None without a cookie) and the Allow remembered for it."""
+        if not cookie or not self.proxied.enabled:
+            return None, None
+        key = (cookie, method, host, path)
+        return key, self.proxied.get(key, now)
 
     def remember(
-        self, key: Hashable | None, decision: Decision | None, session: Session | None, now: float
+        self, key: ProxiedKey | None, decision: Decision | None, session: Session | None, now: float
     ) -> None:
         """Remember the proxy's ``decision`` when it is an Allow that may be remembered."""
         if (
@@ -174,7 +205,8 @@ class RememberedDecisions:
             and plain(decision.rule)
         ):
             until = allow_until(decision, session, self.session_settings)
-            self.proxied.put(key, (decision, session), until=until, now=now)
+            size = PROXIED_ENTRY_BYTES + len(key[0]) + len(key[3])
+            self.proxied.put(key, (decision, session), until=until, now=now, size=size)
 
     def forget_all(self) -> None:
         """A sign-out in this process: nothing remembered may outlive it."""

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
+from gateway import decision_memo
 from gateway.config import load_config_text
 from tests.conftest import Browser, Stack, StackFactory
 from tests.support.upstream import header_values
@@ -164,6 +165,21 @@ async def test_the_memo_holds_at_most_its_entries(make_stack, browser) -> None:
     assert memo_counts(stack)["hit"] == 1
     assert (await auth(stack, cookie, "/app/a")).status == 200  # dropped first: decided again
     assert memo_counts(stack)["hit"] == 1
+
+
+async def test_the_memo_holds_at_most_its_bytes(make_stack, browser, monkeypatch) -> None:
+    """A signed-in client chooses the headers nginx passes to /auth, so the size of the
+    keys: bounded in bytes too, least recently used dropped first."""
+    monkeypatch.setattr(decision_memo, "MEMO_BYTES", 64 * 1024)
+    stack, cookie = await memo_stack(make_stack, browser)
+    for n in range(4):
+        assert (await auth(stack, cookie, X_Junk=f"{n}" * 12_000)).status == 200
+    held = len(stack.gateway.decisions.auth)
+    assert 1 <= held < 4
+    assert (await auth(stack, cookie, X_Junk="3" * 12_000)).status == 200
+    assert memo_counts(stack)["hit"] == 1  # the newest stayed
+    assert (await auth(stack, cookie, X_Junk="0" * 12_000)).status == 200
+    assert memo_counts(stack)["hit"] == 1  # the oldest went: decided again
 
 
 async def test_zero_remembers_nothing(make_stack, browser) -> None:

@@ -50,6 +50,7 @@ from gateway.decision import (
 )
 from gateway.decision_memo import Answer, allow_until, plain
 from gateway.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, StoreUnavailable
+from gateway.memo import header_set_size
 from gateway.paths import (
     canonical_host,
     canonical_rule_host,
@@ -242,7 +243,9 @@ def remember(
         request.remote, request.method, request.raw_path, request.version, request.raw_headers
     )
     requests = ctx.metrics.requests.labels(decision.rule.name, DECISION_LABEL[Allow])
-    memo.put(key, Answer(b"HTTP/1.1 200 OK\r\n" + encoded, path, requests), until=until, now=now)
+    answer = Answer(b"HTTP/1.1 200 OK\r\n" + encoded, path, requests)
+    size = header_set_size(request.raw_headers) + 2 * len(request.raw_path) + len(answer.head)
+    memo.put(key, answer, until=until, now=now, size=size)
 
 
 def answer_early(ctx: Context, message: RawRequestMessage, peer: str | None) -> bytes | None:
