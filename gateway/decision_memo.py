@@ -168,10 +168,10 @@ class RememberedDecisions:
 
     def __init__(self, server: ServerConfig, session: SessionConfig, metrics: Metrics) -> None:
         self.session_settings = session
-        hit, miss = (metrics.decision_memo.labels(result) for result in ("hit", "miss"))
+        counts = metrics.decision_memo.counts
 
         def count(found: bool) -> None:
-            (hit if found else miss).inc()
+            counts["hit" if found else "miss"] += 1
 
         def memo() -> DecisionMemo[Any]:
             return DecisionMemo(
