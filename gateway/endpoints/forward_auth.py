@@ -231,11 +231,11 @@ def remember(
     if not memo.enabled or not plain(decision.rule):
         return
     until = min(allow_until(decision, session, ctx.config.session), reuse_until)
+    pairs = out.headers.items()
+    if any(_CONTROL.search(name) or _CONTROL.search(value) for name, value in pairs):
+        return  # aiohttp refuses to send it (RFC 9110 5.5): never remember what was not sent
     try:
-        head = "".join(f"{name}: {value}\r\n" for name, value in out.headers.items())
-        if _CONTROL.search(head.replace("\r\n", "")):
-            return  # aiohttp would refuse to send it; never remember what was not sent
-        encoded = head.encode()
+        encoded = "".join(f"{name}: {value}\r\n" for name, value in pairs).encode()
     except UnicodeEncodeError:
         return
     path = normalize_path(split_request_target(request.raw_path)[0])
