@@ -13,7 +13,6 @@ become responses.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -33,12 +32,14 @@ from gateway.decision import (
     SITE_PATH_METHODS,
     Allow,
     Challenge,
+    Decision,
     Deny,
     RequestFacts,
     decide_plain,
     decide_request,
     judged_session,
 )
+from gateway.decision_memo import RememberedDecisions
 from gateway.endpoints import route, site_routes
 from gateway.errors import (
     BadRequest,
@@ -60,11 +61,12 @@ from gateway.model import Config, Level, Rule
 from gateway.oidc.provider import ProviderClient
 from gateway.oidc.providers import ProviderSet
 from gateway.paths import canonical_host, normalize_path, split_request_target
+from gateway.peers import TrustedPeers
 from gateway.proxy import Upstreams
 from gateway.reload import restart_needed
 from gateway.risk import RiskClient, RiskFacts, RiskOutcome
 from gateway.rules import RuleSet
-from gateway.serve_http import ConnectionHooks, new_request_id
+from gateway.serve_http import ConnectionHooks
 from gateway.serve_http import make_server as make_server  # re-exported: the entry point
 from gateway.session import revocation
 from gateway.session.aux import AuxStore, LocalAux
@@ -79,8 +81,6 @@ from gateway.transactional import KeptLedger, KeptRequest
 
 log = structlog.get_logger("gateway")
 audit = structlog.get_logger("gateway.audit")
-
-REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 class ReloadRefused(Exception):
@@ -156,8 +156,12 @@ class Gateway(ConnectionHooks):
             scheme=self.scheme,
         )
         self.site_routes = site_routes(config.rules)
+        self.peer_trusted = TrustedPeers(config.server.trusted_proxies)
+        self.decisions = RememberedDecisions(config.server, config.session, self.metrics)
         # Probes hit these every few seconds; an access-log line each would drown the rest.
-        self.quiet_paths = frozenset({f"{self.prefix}/healthz", f"{self.prefix}/readyz"})
+        self.quiet_paths: frozenset[str] = frozenset(
+            {f"{self.prefix}/healthz", f"{self.prefix}/readyz"}
+        )
         self.apply_connection_settings(config.server)
 
     def _make_upstreams(self, config: Config) -> Upstreams:
@@ -292,9 +296,7 @@ class Gateway(ConnectionHooks):
     # -- the request -------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        inbound_id = request.headers.get("X-Request-Id")
-        valid = inbound_id is not None and REQUEST_ID_RE.fullmatch(inbound_id)
-        request_id = inbound_id if valid and inbound_id else new_request_id()
+        request_id = logs.request_id_for(request.headers.get("X-Request-Id"))
         logs.bind_request_id(request_id)
         started = time.perf_counter()
         rule_name: str | None = None
@@ -344,11 +346,16 @@ class Gateway(ConnectionHooks):
         store_down: StoreUnavailable | None = None
         tokens = self.tokens
         presented = presented_token(request.headers) if tokens is not None else None
+        memo = self.decisions  # gateway.decision_memo: an Allow remembered for this request?
+        cookie = self.session_cookie_value(request) if presented is None else None
+        key, remembered = memo.find(cookie, request.method, host, path, self.clock())
         if tokens is not None and presented is not None:
             # An access token, when there is one, is the credential: never a cookie beside it.
             session: Session | None = await tokens.session_for(
                 presented, request.method, host, path, self.clock(), self.providers, self.aux
             )
+        elif remembered is not None:
+            session = remembered[1]
         else:
             try:
                 session = await self.load_session(request)
@@ -360,10 +367,14 @@ class Gateway(ConnectionHooks):
             request, config.step_up.max_body_bytes, query, config.server.body_timeout_s
         )
         started_ns = self.tracing.mark() if self.tracing is not None else 0
-        rule = rules.match(request.method, host, path)
-        decision = decide_plain(
-            rule, session, config.assurance, now, session_error=store_down, by_token=by_token
-        )
+        if remembered is not None:
+            decision: Decision | None = remembered[0]
+        else:
+            rule = rules.match(request.method, host, path)
+            decision = decide_plain(
+                rule, session, config.assurance, now, session_error=store_down, by_token=by_token
+            )
+            memo.remember(key, decision, session, now)
         if decision is None:
             reader = LiveReader(self.client_ip, request, body)
             facts = RequestFacts(request.method, host, path, session, reader, by_token)
@@ -503,11 +514,11 @@ class Gateway(ConnectionHooks):
             request, decision, session, path_qs, request_id, kept=kept
         )
 
-    def assurance_headers(
+    def assurance_headers_until(
         self, session: Session, level: Level | None, rule: Rule
-    ) -> tuple[tuple[str, str], ...]:
-        """:meth:`gateway.forward.Forwarder.assurance_headers`."""
-        return self.forwarder.assurance_headers(session, level, rule)
+    ) -> tuple[float, tuple[tuple[str, str], ...]]:
+        """:meth:`gateway.forward.Forwarder.assurance_headers_until`."""
+        return self.forwarder.assurance_headers_until(session, level, rule)
 
     def check_framing(self, request: web.BaseRequest) -> None:
         """:func:`gateway.headers.check_framing`, remembering header sets that passed."""
@@ -516,9 +527,6 @@ class Gateway(ConnectionHooks):
         if self._framing_passed.get(key) is None:
             headers.check_framing(raw, http_version=request.version)
             self._framing_passed.put(key, True, header_set_size(raw) // 2)
-
-    def peer_trusted(self, peer: str) -> bool:
-        return headers.address_in(peer, self.config.server.trusted_proxies)
 
     async def provider_reachable(self, name: str = "default") -> bool:
         """:meth:`gateway.challenge.ProviderProbe.reachable`, for provider ``name``, now."""

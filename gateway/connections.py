@@ -13,6 +13,9 @@ request head and closes keep-alive connections only when idle. Here:
   ``server.keepalive_timeout``, and ends keep-alive (``Connection: close`` on the
   last response) after ``server.keepalive_requests`` requests or
   ``server.keepalive_max_age``, so load spreads again over workers and replicas.
+- :attr:`GuardedServer.early` answers a request from memory before aiohttp builds
+  anything for it (a remembered ``/auth`` answer: :mod:`gateway.decision_memo`),
+  only on an idle connection, for a complete HTTP/1.1 request without a body.
 - :meth:`GuardedServer.drain` (SIGTERM) answers what is in flight or already
   received with ``Connection: close`` and closes idle connections only between
   requests.
@@ -32,7 +35,14 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+
+# The whole answer to a request, from memory, or None: (the request, the peer's address).
+EarlyAnswer = Callable[[RawRequestMessage, str | None], bytes | None]
 
 log = structlog.get_logger("gateway.connections")
 
@@ -116,10 +126,12 @@ class GuardedRequest(web.BaseRequest):
 
     @property
     def keep_alive(self) -> bool:
-        if self._message.should_close:
-            return False
         protocol = self.protocol
-        return not isinstance(protocol, GuardedHandler) or protocol.may_keep_alive()
+        if not isinstance(protocol, GuardedHandler):
+            return not self._message.should_close
+        keep = not self._message.should_close and protocol.may_keep_alive()
+        protocol.answered_close = not keep
+        return keep
 
 
 class GuardedServer(web.Server):
@@ -142,6 +154,7 @@ class GuardedServer(web.Server):
         self.open_connections = 0
         self.closing_idle = 0  # closed for room, connection_lost still to come
         self.listener: Listener | None = None
+        self.early: EarlyAnswer | None = None
 
     def _guarded_request(
         self,
@@ -223,6 +236,7 @@ class GuardedHandler(RequestHandler):
         self._head_bytes = 0
         self._drain_timer: asyncio.TimerHandle | None = None
         self.closed_for_room = False
+        self.answered_close = False  # the last answer said Connection: close
 
     # -- the request head -------------------------------------------------------
 
@@ -236,7 +250,17 @@ class GuardedHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         waiting = self._waiter is not None and not self._waiter.done()
         before = self._request_count
-        super().data_received(data)
+        if (
+            self.server.early is not None
+            and not self._request_in_progress  # every answer so far is sent
+            and not self._messages
+            and not self.answered_close
+            and self._payload_parser is None
+            and not (self._upgraded or self._force_close or self._close or self._buffer_paused)
+        ):
+            self._parse_early(data, self.server.early)
+        else:
+            super().data_received(data)
         if self._request_count != before:  # a complete head (the common case: no timer)
             if self._head_timer is not None:
                 self._head_timer.cancel()
@@ -247,6 +271,65 @@ class GuardedHandler(RequestHandler):
         elif waiting and data:  # part of the next request's head on a kept connection
             self._arm_head_timer()
             self._head_bytes = len(data)
+
+    def _parse_early(self, data: bytes, early: EarlyAnswer) -> None:
+        """aiohttp's ``data_received`` (web_protocol.py, 3.14), answering from memory the
+        requests :attr:`GuardedServer.early` knows until one it does not; that one and
+        every one after it are queued for aiohttp in order, as it would have."""
+        assert self._parser is not None
+        try:
+            messages, upgraded, tail = self._parser.feed_data(data)
+        except HttpProcessingError as exc:
+            messages = [(_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)]
+            upgraded, tail = False, b""
+        queued = False
+        for message, payload in messages:
+            self._request_count += 1
+            if queued or upgraded or not self._answered_early(message, payload, early):
+                queued = True
+                self._messages.append((message, payload))
+        # start() finds them when it next looks, or now if it is waiting.
+        if queued and self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        if not self._buffer_paused and len(self._messages) >= self._max_msg_queue_size:
+            self._pause_reading_for_buffer()
+        self._upgraded = upgraded
+        if upgraded and tail:
+            self._message_tail = tail
+
+    def _answered_early(self, message: object, payload: object, early: EarlyAnswer) -> bool:
+        if (
+            payload is not EMPTY_PAYLOAD
+            or not isinstance(message, RawRequestMessage)
+            or message.should_close
+            or message.version != HttpVersion11
+            or self.transport is None
+            or self.writing_paused
+        ):
+            return False
+        reason = close_reason(
+            self.server.policy(),
+            served=self.served + 1,
+            age_s=self._loop.time() - self.connected_at,
+            draining=self.draining or self.server.draining,
+        )
+        if reason is not None:
+            return False  # aiohttp answers it, with Connection: close
+        answer = early(message, self._peer())
+        if answer is None:
+            return False
+        self.served += 1
+        assert self._parser is not None
+        self._parser.message_consumed()
+        self.transport.write(answer)
+        # As aiohttp's start() after an answer: the idle timer counts from now.
+        self._keepalive = True
+        self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        if self._keepalive_handle is None:
+            self._keepalive_handle = self._loop.call_at(
+                self._next_keepalive_close_time, self._process_keepalive
+            )
+        return True
 
     def _arm_head_timer(self) -> None:
         timeout_s = self.server.policy().header_timeout_s

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from gateway.assertion import AssertionSigner
 from gateway.decision import Allow
+from gateway.decision_memo import RememberedDecisions
 from gateway.metrics import Metrics
 from gateway.model import Config, Level, Rule
 from gateway.oidc.provider import ProviderClient
@@ -57,6 +58,7 @@ class Context(Protocol):
     upstreams: Upstreams
     tracing: Tracing | None  # None: tracing is off
     tokens: TokenGate | None  # the api section: API clients' access tokens
+    decisions: RememberedDecisions  # forgotten at a sign-out (gateway.decision_memo)
 
     @property
     def provider(self) -> ProviderClient:
@@ -85,9 +87,9 @@ class Context(Protocol):
         self, rule: Rule, facts: RiskFacts, session_id: str | None, now: float
     ) -> RiskOutcome: ...
 
-    def assurance_headers(
+    def assurance_headers_until(
         self, session: Session, level: Level | None, rule: Rule
-    ) -> tuple[tuple[str, str], ...]: ...
+    ) -> tuple[float, tuple[tuple[str, str], ...]]: ...
 
     def session_cookie_value(self, request: web.BaseRequest) -> str | None: ...
 

@@ -230,6 +230,13 @@ class Forwarder:
         self, session: Session, level: Level | None, rule: Rule
     ) -> tuple[tuple[str, str], ...]:
         """The contract's assurance headers for ``session`` on ``rule``, as (name, value)."""
+        return self.assurance_headers_until(session, level, rule)[1]
+
+    def assurance_headers_until(
+        self, session: Session, level: Level | None, rule: Rule
+    ) -> tuple[float, tuple[tuple[str, str], ...]]:
+        """:meth:`assurance_headers`, and until when they may be sent again (the
+        assertion's reuse: :meth:`gateway.assertion.AssertionSigner.sign_reusable`)."""
         ctx = self._ctx
         now = ctx.clock()
         key = (
@@ -245,7 +252,7 @@ class Forwarder:
         )
         cached = self._assurance_headers.get(key)
         if cached is not None and now < cached[0]:
-            return cached[1]
+            return cached
         p = self.header_prefix
         # Claims percent-encoded (headers.claim_header_value): whatever a provider
         # sent, or a session from before the callback refused it, stays one header.
@@ -279,7 +286,7 @@ class Forwarder:
         pairs = tuple(out.items())
         size = sum(HEADER_OVERHEAD_BYTES + len(name) + len(value) for name, value in pairs)
         self._assurance_headers.put(key, (reuse_until, pairs), size)
-        return pairs
+        return reuse_until, pairs
 
 
 def is_websocket(request: web.BaseRequest) -> bool:

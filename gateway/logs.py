@@ -17,6 +17,8 @@ import datetime
 import json
 import logging
 import os
+import random
+import re
 import sys
 import time
 from collections.abc import MutableMapping
@@ -65,6 +67,31 @@ class _Access:
 
     logger: structlog.WriteLogger | None = None
     pid = 0
+    # The stream's write and flush, and the lock structlog's loggers share for it.
+    write: Any = None
+    flush: Any = None
+    lock: Any = None
+
+
+# An inbound X-Request-Id the gateway keeps (else it makes one: new_request_id).
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def request_id_for(inbound: str | None) -> str:
+    """The request's id: the one it brought when it is well-formed, else a new one."""
+    if inbound is not None and REQUEST_ID_RE.fullmatch(inbound):
+        return inbound
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """16 hex digits for a request that brought no id of its own.
+
+    An id only correlates log lines and answers: it needs to be unique, not
+    secret, so it comes from ``random`` (reseeded in every forked worker), not
+    from the operating system's generator, which costs a system call each.
+    """
+    return f"{random.getrandbits(64):016x}"
 
 
 def access(method: str, path: str, status: int, rule: str | None, duration_ms: float) -> None:
@@ -74,8 +101,7 @@ def access(method: str, path: str, status: int, rule: str | None, duration_ms: f
     (the same C escaping ``json`` uses) and a timestamp whose date and time are
     formatted once per second.
     """
-    logger = _Access.logger
-    if logger is None:
+    if _Access.logger is None:
         return
     key = (method, path, status, rule)
     head = _heads.get(key)
@@ -86,11 +112,14 @@ def access(method: str, path: str, status: int, rule: str | None, duration_ms: f
         )
         _heads.put(key, head, 2 * len(head))
     request_id = _REQUEST_ID.get()
-    logger.msg(
+    line = (
         f'{head}{duration_ms!r}, "event": "request", '
         + ("" if request_id is None else f'"request_id": {_str(request_id)}, ')
-        + f'"pid": {_Access.pid}, "level": "info", "timestamp": "{_timestamp()}"}}'
+        + f'"pid": {_Access.pid}, "level": "info", "timestamp": "{_timestamp()}"}}\n'
     )
+    with _Access.lock:  # what structlog.WriteLogger.msg does, without its calls
+        _Access.write(line)
+        _Access.flush()
 
 
 _str = json.encoder.encode_basestring_ascii
@@ -106,14 +135,14 @@ class _Second:
 
 
 def _timestamp() -> str:
-    now = time.time()
-    second = int(now)
+    now_us = time.time_ns() // 1000
+    second, micros = divmod(now_us, 1_000_000)
     if second != _Second.at:
         _Second.text = datetime.datetime.fromtimestamp(second, tz=_UTC).strftime(
             "%Y-%m-%dT%H:%M:%S"
         )
         _Second.at = second
-    return f"{_Second.text}.{int((now - second) * 1_000_000):06d}Z"
+    return f"{_Second.text}.{micros:06d}Z"
 
 
 def configure(level: str = "info", stream: Any = None) -> None:
@@ -139,6 +168,9 @@ def configure(level: str = "info", stream: Any = None) -> None:
     file = stream or sys.stdout
     _Access.logger = structlog.WriteLogger(file=file) if threshold <= logging.INFO else None
     _Access.pid = pid
+    if _Access.logger is not None:
+        _Access.write, _Access.flush = file.write, file.flush
+        _Access.lock = _Access.logger._lock
     structlog.configure(
         processors=[render],
         wrapper_class=structlog.make_filtering_bound_logger(threshold),

@@ -44,6 +44,9 @@ class ServerConfig:
     keepalive_max_age_s: float = 10.0
     # proxy | forward_auth | both: whether front proxies may ask /auth (and /start).
     mode: str = "proxy"
+    # gateway.decision_memo: an Allow reused for at most this long (0: never), this many.
+    decision_memo_s: int = 1
+    decision_memo_entries: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ is what the server asks of the gateway about its connections (and what
 
 from __future__ import annotations
 
-import random
+from functools import partial
 from typing import TYPE_CHECKING
 
 import structlog
@@ -19,6 +19,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from gateway import logs
 from gateway.connections import ConnectionPolicy, GuardedHandler, GuardedServer
+from gateway.endpoints import forward_auth
 from gateway.errors import BadRequest, GatewayError, MethodNotAllowed
 from gateway.metrics import Metrics
 from gateway.model import ServerConfig
@@ -36,16 +37,6 @@ log = structlog.get_logger("gateway")
 # still answer when a Cookie header has grown past 8 KB. Upstreams never get the
 # gateway's cookies, so they see a shorter header than this.
 MAX_HEADER_FIELD_BYTES = 16 * 1024
-
-
-def new_request_id() -> str:
-    """16 hex digits for a request that brought no id of its own.
-
-    An id only correlates log lines and answers: it needs to be unique, not
-    secret, so it comes from ``random`` (reseeded in every forked worker), not
-    from the operating system's generator, which costs a system call each.
-    """
-    return f"{random.getrandbits(64):016x}"
 
 
 class ConnectionHooks:
@@ -120,7 +111,7 @@ class _RequestHandler(GuardedHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; closing the connection")
-        logs.bind_request_id(new_request_id())
+        logs.bind_request_id(logs.new_request_id())
         error: GatewayError
         if isinstance(exc, BadHttpMethod):
             # RFC 9110 9.1: methods are case-sensitive; `post` is not POST.
@@ -162,6 +153,7 @@ class _Server(GuardedServer):
         )
         self._gateway = gateway
         gateway.server = self
+        self.early = partial(forward_auth.answer_early, gateway)
 
     def __call__(self) -> RequestHandler:
         handler = _RequestHandler(self, loop=self._loop, **self.handler_kwargs())

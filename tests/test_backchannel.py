@@ -31,6 +31,7 @@ from structlog.testing import capture_logs
 from yarl import URL
 
 from gateway.app import Gateway, make_server
+from gateway.config.defaults import DEFAULT_DECISION_MEMO_S
 from gateway.oidc.flow import verify_logout_token
 from stepup_demo import DemoStack, start_demo_stack
 from stepup_demo.backchannel import (
@@ -572,6 +573,8 @@ async def test_backchannel_logout_ends_sessions_held_by_both_workers(
         assert sent["status"] == 200
         (logout,) = await process.wait_for("backchannel_logout")
         assert logout["pid"] in workers and logout["sessions_deleted"] == len(made_by)
+        # The other worker forgets a remembered Allow within server.decision_memo.
+        await asyncio.sleep(DEFAULT_DECISION_MEMO_S + 0.1)
 
         for cookie in made_by:
             answers = await answers_by_worker(process, f"{gateway}/", (cookie_name, cookie))

@@ -209,7 +209,7 @@ SCHEMA_BAD = [
      "metrics_listen, shutdown_timeout, trusted_proxies, workers, upstream_connect_timeout, "
      "upstream_timeout, access_log, log_level, hosts, case_insensitive_paths, max_connections, "
      "header_timeout, body_timeout, keepalive_timeout, keepalive_requests, keepalive_max_age, "
-     "mode, got a list"),
+     "mode, decision_memo, decision_memo_entries, got a list"),
     ("top-level-list", [(BASE, "- server\n")],
      "config.yaml:1 (top level): expected a mapping with keys server, upstreams, oidc, "
      "session, assurance, rules, assertion, step_up, api, telemetry, got a list"),
@@ -338,6 +338,8 @@ server:
   keepalive_requests: 100
   keepalive_max_age: 5s
   mode: both
+  decision_memo: 2s
+  decision_memo_entries: 500
 upstreams:
   app: http://127.0.0.1:9000
   admin: https://admin.internal/base

@@ -407,3 +407,25 @@ async def test_the_example_client_steps_up_through_nginx(
     assert response.status_code == 200
     assert dict(response.json()["headers"])["X-Auth-Level"] == "phishing-resistant"
     assert [record["method"] for record in front.seen] == ["POST"]
+
+
+async def test_a_dpop_request_sent_again_byte_for_byte_is_refused(
+    front: Front, authz: AuthorizationServer
+) -> None:
+    """A DPoP proof is single-use: the very same /auth request, sent again with every
+    byte the same, is judged again (and refused), never answered from memory."""
+    key = DpopKey.generate()
+    token = (await authorize(authz.issuer, acr_values="phr", dpop=key)).access_token
+    url = f"{front.url}/api/transfers/1"  # credentials: any, so a cookie rule could remember
+    sent = {
+        "X-Original-Method": "POST",
+        "X-Original-URL": url,
+        "Authorization": f"DPoP {token}",
+        "DPoP": key.proof("POST", url, access_token=token),
+    }
+    statuses = []
+    async with aiohttp.ClientSession() as http:  # one connection, the same bytes twice
+        for _ in range(2):
+            async with http.get(f"{front.gateway_url}/_gateway/auth", headers=sent) as resp:
+                statuses.append(resp.status)
+    assert statuses == [200, 401]

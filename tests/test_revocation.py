@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.config.defaults import DEFAULT_DECISION_MEMO_S
 from tests.conftest import Browser, StackFactory
 from tests.support.op import OpUser
 from tests.test_gateway import COOKIE, PHR_USER, sign_in
@@ -131,6 +132,9 @@ async def test_a_logout_on_one_worker_holds_on_the_others(make_stack, browser, r
         f"{first.url}/_gateway/logout", headers={"Origin": first.url}, allow_redirects=False
     ) as resp:
         assert resp.status == 303
+    # The other worker's remembered Allow lasts server.decision_memo (1 s) at most.
+    assert await with_cookie(f"{second.url}/app/x", saved) == 200
+    second.clock.advance(DEFAULT_DECISION_MEMO_S)
     assert await with_cookie(f"{second.url}/app/x", saved) == 401
 
 

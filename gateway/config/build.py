@@ -27,6 +27,8 @@ from gateway.config.defaults import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_COOKIE_NAME,
     DEFAULT_COOKIE_SECURE,
+    DEFAULT_DECISION_MEMO_ENTRIES,
+    DEFAULT_DECISION_MEMO_S,
     DEFAULT_HEADER_PREFIX,
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_IDLE_TIMEOUT_S,
@@ -52,6 +54,7 @@ from gateway.config.defaults import (
     DEFAULT_WORKERS,
     LOG_LEVELS,
     MAX_CONNECTIONS_LIMIT,
+    MAX_DECISION_MEMO_ENTRIES,
     MAX_REDIS_POOL_SIZE,
     MAX_REDIS_PREFIX_CHARS,
     REDIS_POOL_SHARE,
@@ -225,6 +228,8 @@ class _Validator(_ProviderBuilders, _SectionBuilders, _ApiBuilders):
                 "keepalive_requests",
                 "keepalive_max_age",
                 "mode",
+                "decision_memo",
+                "decision_memo_entries",
             ),
         )
         listen_host, listen_port = self.required(m, "listen", self.host_port, ("", 0))
@@ -280,6 +285,15 @@ class _Validator(_ProviderBuilders, _SectionBuilders, _ApiBuilders):
             ),
             mode=self.optional(
                 m, "mode", lambda n, p: self.choice(n, p, SERVER_MODES), DEFAULT_SERVER_MODE
+            ),
+            decision_memo_s=self.optional(
+                m, "decision_memo", self.duration_s, DEFAULT_DECISION_MEMO_S
+            ),
+            decision_memo_entries=self.optional(
+                m,
+                "decision_memo_entries",
+                lambda n, p: self.bounded_integer(n, p, 1, MAX_DECISION_MEMO_ENTRIES),
+                DEFAULT_DECISION_MEMO_ENTRIES,
             ),
         )
 

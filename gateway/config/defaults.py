@@ -93,6 +93,12 @@ DEFAULT_KEEPALIVE_REQUESTS: int = default("server.keepalive_requests")
 # for one TCP handshake (well under a millisecond on a LAN) per connection per 10 s.
 # nginx's keepalive_time (1 h) bounds memory, not balance.
 DEFAULT_KEEPALIVE_MAX_AGE_S = float(_default_s("server.keepalive_max_age"))
+# An Allow remembered for a second: a sign-out elsewhere (another worker, a replica)
+# is seen within that, while the requests of a page load or an API burst are answered
+# from memory; enough entries for every session active within that second.
+DEFAULT_DECISION_MEMO_S: int = _default_s("server.decision_memo")
+DEFAULT_DECISION_MEMO_ENTRIES: int = default("server.decision_memo_entries")
+MAX_DECISION_MEMO_ENTRIES = 1_000_000
 MAX_CONNECTIONS_LIMIT = 100_000
 # Each Redis command holds one pooled connection for well under a millisecond, so a
 # quarter of the client connections in Redis at once is already a burst; six

@@ -29,14 +29,19 @@ The proxy sends no body, so a rule that reads body fields (``when`` on fields,
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+import time
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import structlog
 from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http_parser import RawRequestMessage
 
-from gateway import assurance, responses
+from gateway import assurance, logs, responses
 from gateway.challenge import start_round_trip
 from gateway.context import Context
 from gateway.decision import (
@@ -49,8 +54,10 @@ from gateway.decision import (
     decide_request,
     judged_session,
 )
+from gateway.decision_memo import Answer, allow_until, plain
 from gateway.endpoints.forward_tokens import TokenFacts, token_facts
 from gateway.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, StoreUnavailable
+from gateway.memo import header_set_size
 from gateway.paths import (
     canonical_host,
     canonical_rule_host,
@@ -71,6 +78,11 @@ NO_BODY_MESSAGE = (
     "This route's rule reads the request body, which a forward-auth check never sees; "
     "route it through the gateway's proxy mode."
 )
+
+
+# What aiohttp adds after the handler's headers (web_response._prepare_headers).
+_SERVER_TAIL = f"\r\nServer: {SERVER_SOFTWARE}\r\n\r\n".encode()
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +214,76 @@ def _canonical(
     return Described(method, scheme, ctx.checked_host(canonical), path, query, redirects)
 
 
+def early_key(peer: str | None, method: str, target: str, version: object, raw: object) -> Hashable:
+    """A remembered answer's key: the exact request that asked, and who asked."""
+    return (peer, method, target, version, raw)
+
+
+def remember(
+    ctx: Context,
+    request: web.BaseRequest,
+    decision: Allow,
+    session: Session,
+    out: web.Response,
+    now: float,
+    reuse_until: float,
+) -> None:
+    """Remember ``out`` for the very same request (gateway.decision_memo).
+
+    Keyed by the request's every byte but the body (none) and the peer: the
+    described request, the cookie and every header a rule or the framing checks
+    read. Answered again by :func:`answer_early` before aiohttp sees the request.
+    """
+    memo = ctx.decisions.auth
+    if not memo.enabled or not plain(decision.rule):
+        return
+    until = min(allow_until(decision, session, ctx.config.session), reuse_until)
+    pairs = out.headers.items()
+    if any(_CONTROL.search(name) or _CONTROL.search(value) for name, value in pairs):
+        return  # aiohttp refuses to send it (RFC 9110 5.5): never remember what was not sent
+    try:
+        encoded = "".join(f"{name}: {value}\r\n" for name, value in pairs).encode()
+    except UnicodeEncodeError:
+        return
+    path = normalize_path(split_request_target(request.raw_path)[0])
+    key = early_key(
+        request.remote, request.method, request.raw_path, request.version, request.raw_headers
+    )
+    requests = ctx.metrics.requests.labels(decision.rule.name, DECISION_LABEL[Allow])
+    answer = Answer(b"HTTP/1.1 200 OK\r\n" + encoded, path, requests)
+    size = header_set_size(request.raw_headers) + 2 * len(request.raw_path) + len(answer.head)
+    memo.put(key, answer, until=until, now=now, size=size)
+
+
+def answer_early(ctx: Context, message: RawRequestMessage, peer: str | None) -> bytes | None:
+    """The remembered answer to ``message``, whole, or None (then aiohttp handles it)."""
+    if not message.path.startswith(ctx.prefix + "/auth"):
+        return None  # not /auth (nor /auth/envoy/...) as remembered: judged as usual
+    started = time.perf_counter()
+    answer = ctx.decisions.auth.get(
+        early_key(peer, message.method, message.path, message.version, message.raw_headers),
+        ctx.clock(),
+    )
+    if answer is None:
+        return None  # counted as a miss; aiohttp hands it to auth(), which may remember it
+    request_id = logs.request_id_for(message.headers.get("X-Request-Id"))
+    logs.bind_request_id(request_id)
+    answer.requests.inc()
+    if ctx.config.server.access_log:
+        duration_ms = round((time.perf_counter() - started) * 1000, 2)
+        logs.access(message.method, answer.path, 200, None, duration_ms)
+    return b"".join(
+        (
+            answer.head,
+            b"X-Request-Id: ",
+            request_id.encode(),
+            b"\r\nContent-Length: 0\r\nDate: ",
+            rfc822_formatted_time().encode(),
+            _SERVER_TAIL,
+        )
+    )
+
+
 async def judge(
     ctx: Context, request: web.BaseRequest, described: Described, token: TokenFacts | None = None
 ) -> tuple[Decision, Session | None]:
@@ -276,7 +358,8 @@ async def auth(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
         for name in ASSURANCE_NAMES:
             out.headers[prefix + name] = ""
         if session is not None:
-            for name, value in ctx.assurance_headers(session, decision.level, decision.rule):
+            reuse_until, pairs = ctx.assurance_headers_until(session, decision.level, decision.rule)
+            for name, value in pairs:
                 out.headers[name] = value
             now = ctx.clock()
             if token is None and session.touch_due(now):  # a token's session is never saved
@@ -286,6 +369,8 @@ async def auth(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
                     session.touched(now), now, previous=ctx.session_cookie_value(request)
                 )
                 out.headers["Set-Cookie"] = ctx.session_set_cookie(refreshed)
+            elif token is None:  # a token (a DPoP proof: single-use) is judged every time
+                remember(ctx, request, decision, session, out, now, reuse_until)
         return out
     if isinstance(decision, Challenge):
         rule = decision.rule

@@ -53,6 +53,7 @@ async def logout(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
         await ctx.store.delete(value)
     if session is not None and isinstance(ctx.store, CookieStore):
         await ctx.revoke(session=session)
+    ctx.decisions.forget_all()  # nothing this process remembers outlives the sign-out
     location = f"{ctx.config.server.public_url}{ctx.prefix}/logged-out"
     # Several providers: the whole session ends here, and the browser signs out at
     # the provider of the most recent sign-in (one redirect can reach one provider).
@@ -165,6 +166,7 @@ async def backchannel_logout(ctx: Context, request: web.BaseRequest) -> web.Stre
     else:
         await ctx.revoke(sub=claims.sub, provider_sid=claims.sid)
         deleted = None  # cookie sessions: unknown; every one of them is refused now
+    ctx.decisions.forget_all()  # here at once; other workers within server.decision_memo
     audit.info(
         "backchannel_logout",
         sub=claims.sub,

@@ -1,0 +1,220 @@
+"""Remembered decisions (gateway.decision_memo), over real HTTP on loopback: the proxy's
+and ``/auth``'s, what ends them (max_age, sign-out, reload, the cap), what is never
+remembered (one-time proofs), and the bound on their number."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+
+from gateway import decision_memo
+from gateway.config import load_config_text
+from tests.conftest import Browser, Stack, StackFactory
+from tests.support.upstream import header_values
+from tests.test_gateway import COOKIE, PHR_USER, sign_in
+from tests.test_transactional import RULES as ONCE_RULES
+from tests.test_transactional import finish_round_trip
+
+FORWARD_AUTH = "mode: both\ntrusted_proxies: [127.0.0.1/32]\n"
+FRESH_RULES = """\
+rules:
+  - name: fresh
+    match: {path: /fresh/**}
+    require: {level: password, max_age: 30s}
+  - name: signed-in
+    match: {path: /**}
+    require: {level: password}
+"""
+
+
+def memo_counts(stack: Stack) -> dict[str, float]:
+    text = stack.gateway.metrics.render().decode()
+    found = re.findall(r'stepup_decision_memo_total\{result="(\w+)"\} ([0-9.e+]+)', text)
+    return {result: float(value) for result, value in found}
+
+
+async def memo_stack(make_stack: StackFactory, browser: Browser, extra: str = "", **kw: Any):
+    stack = await make_stack(server_extra=FORWARD_AUTH + extra, **kw)
+    await sign_in(stack, browser)
+    return stack, browser.cookie(COOKIE) or ""
+
+
+async def auth(
+    stack: Stack, cookie: str, path: str = "/app/x", method: str = "GET", **headers: str
+) -> aiohttp.ClientResponse:
+    """``/auth`` as nginx asks it; the answer (read) with its raw headers."""
+    sent = {
+        "Cookie": f"{COOKIE}={cookie}",
+        "X-Original-Method": method,
+        "X-Original-URL": f"{stack.url}{path}",
+        **{name.replace("_", "-"): value for name, value in headers.items()},
+    }
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{stack.url}/_gateway/auth", headers=sent, allow_redirects=False) as resp,
+    ):
+        await resp.read()
+        return resp
+
+
+def without_date(resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+    return [(name, value) for name, value in resp.raw_headers if name.lower() != b"date"]
+
+
+async def test_a_remembered_auth_answer_is_the_one_decided(make_stack, browser) -> None:
+    stack, cookie = await memo_stack(make_stack, browser)
+    first = await auth(stack, cookie, X_Request_Id="req-1")
+    assert memo_counts(stack).get("hit", 0) == 0
+    second = await auth(stack, cookie, X_Request_Id="req-1")
+    assert memo_counts(stack)["hit"] == 1  # answered from memory, before aiohttp
+    assert first.status == second.status == 200
+    assert without_date(first) == without_date(second)
+    assert CIMultiDict(second.headers)["X-Auth-Rule"] == "signed-in"
+    # A fresh request id for a request that brings none, as aiohttp's path makes.
+    third, fourth = await auth(stack, cookie), await auth(stack, cookie)
+    assert third.headers["X-Request-Id"] != fourth.headers["X-Request-Id"]
+    assert memo_counts(stack)["hit"] == 2  # the third was another request: decided
+    assert [n for n, _ in without_date(third)] == [n for n, _ in without_date(first)]
+
+
+async def test_the_proxy_forwards_a_remembered_allow_as_decided(make_stack, browser) -> None:
+    stack, _ = await memo_stack(make_stack, browser)
+    for _ in range(2):
+        assert (await browser.get(f"{stack.url}/app/x")).status == 200
+    assert memo_counts(stack)["hit"] >= 1
+    first, second = stack.seen[-2:]
+    names = ("X-Auth-Subject", "X-Auth-Level", "X-Auth-Rule", "X-Auth-Assertion")
+    assert [header_values(first, n) for n in names] == [header_values(second, n) for n in names]
+    assert header_values(second, "X-Auth-Assertion")
+
+
+async def test_max_age_ends_a_remembered_answer(make_stack, browser, clock) -> None:
+    stack, cookie = await memo_stack(make_stack, browser, "decision_memo: 1m\n", rules=FRESH_RULES)
+    signed_in = int((await auth(stack, cookie, "/fresh/a")).headers["X-Auth-Time"])
+    clock.now = signed_in + 28  # within max_age (30 s) of the proof
+    for _ in range(2):  # decided, then remembered
+        assert (await auth(stack, cookie, "/fresh/a")).status == 200
+        assert (await browser.get(f"{stack.url}/fresh/a")).status == 200
+    hits = memo_counts(stack)["hit"]
+    assert hits >= 2
+    clock.now = signed_in + 31.5  # past max_age: within the 1 m cap, but stale
+    assert (await auth(stack, cookie, "/fresh/a")).status == 401
+    assert (await browser.get(f"{stack.url}/fresh/a")).status == 302  # a step-up
+    assert memo_counts(stack)["hit"] == hits
+
+
+async def test_a_sign_out_here_forgets_at_once(make_stack, browser) -> None:
+    stack, cookie = await memo_stack(make_stack, browser, "decision_memo: 1h\n")
+    assert (await auth(stack, cookie)).status == 200
+    assert (await auth(stack, cookie)).status == 200
+    async with aiohttp.ClientSession() as http:
+        assert (await with_cookie(http, stack, cookie)) == 200
+        assert (await with_cookie(http, stack, cookie)) == 200
+    async with browser.http.post(
+        f"{stack.url}/_gateway/logout", headers={"Origin": stack.url}, allow_redirects=False
+    ) as resp:
+        assert resp.status == 303
+    # The saved cookie is revoked (cookie store): no remembered Allow survives it.
+    assert (await auth(stack, cookie)).status == 401
+    async with aiohttp.ClientSession() as http:
+        assert (await with_cookie(http, stack, cookie)) == 401
+
+
+async def with_cookie(http: aiohttp.ClientSession, stack: Stack, cookie: str) -> int:
+    headers = {"Cookie": f"{COOKIE}={cookie}", "Accept": "application/json"}
+    async with http.get(f"{stack.url}/app/x", headers=headers, allow_redirects=False) as resp:
+        return resp.status
+
+
+async def test_a_reload_decides_again(make_stack, browser) -> None:
+    stack, cookie = await memo_stack(make_stack, browser, "decision_memo: 1h\n")
+    assert (await auth(stack, cookie)).status == 200
+    assert (await auth(stack, cookie)).status == 200
+    stricter = stack.config_text.replace(
+        "match: {path: /app/**}\n    require: {level: password}",
+        "match: {path: /app/**}\n    require: {level: mfa}",
+    )
+    assert stricter != stack.config_text
+    await stack.gateway.reload(load_config_text(stricter, "reloaded.yaml"))
+    assert (await auth(stack, cookie)).status == 401
+    async with aiohttp.ClientSession() as http:
+        assert (await with_cookie(http, stack, cookie)) == 401
+
+
+async def test_a_one_time_proof_is_never_remembered(make_stack, browser) -> None:
+    stack, cookie = await memo_stack(make_stack, browser, rules=ONCE_RULES)
+    stack.op.behaviour.user = PHR_USER
+    hop = await browser.get(f"{stack.url}/_gateway/step-up?level=phishing-resistant&rd=/")
+    await finish_round_trip(browser, hop)
+    cookie = browser.cookie(COOKIE) or ""
+    assert (await auth(stack, cookie, "/api/delete-tenant", "POST")).status == 200
+    assert (await auth(stack, cookie, "/api/delete-tenant", "POST")).status == 401
+    assert memo_counts(stack).get("hit", 0) == 0
+
+
+async def test_the_memo_holds_at_most_its_entries(make_stack, browser) -> None:
+    stack, cookie = await memo_stack(make_stack, browser, "decision_memo_entries: 2\n")
+    for path in ("/app/a", "/app/b", "/app/c"):
+        assert (await auth(stack, cookie, path)).status == 200
+    assert len(stack.gateway.decisions.auth) == 2
+    assert (await auth(stack, cookie, "/app/c")).status == 200
+    assert memo_counts(stack)["hit"] == 1
+    assert (await auth(stack, cookie, "/app/a")).status == 200  # dropped first: decided again
+    assert memo_counts(stack)["hit"] == 1
+
+
+async def test_the_memo_holds_at_most_its_bytes(make_stack, browser, monkeypatch) -> None:
+    """A signed-in client chooses the headers nginx passes to /auth, so the size of the
+    keys: bounded in bytes too, least recently used dropped first."""
+    monkeypatch.setattr(decision_memo, "MEMO_BYTES", 64 * 1024)
+    stack, cookie = await memo_stack(make_stack, browser)
+    for n in range(4):
+        assert (await auth(stack, cookie, X_Junk=f"{n}" * 12_000)).status == 200
+    held = len(stack.gateway.decisions.auth)
+    assert 1 <= held < 4
+    assert (await auth(stack, cookie, X_Junk="3" * 12_000)).status == 200
+    assert memo_counts(stack)["hit"] == 1  # the newest stayed
+    assert (await auth(stack, cookie, X_Junk="0" * 12_000)).status == 200
+    assert memo_counts(stack)["hit"] == 1  # the oldest went: decided again
+
+
+async def test_zero_remembers_nothing(make_stack, browser) -> None:
+    stack, cookie = await memo_stack(make_stack, browser, "decision_memo: 0\n")
+    for _ in range(3):
+        assert (await auth(stack, cookie)).status == 200
+        assert (await browser.get(f"{stack.url}/app/x")).status == 200
+    assert memo_counts(stack).get("hit", 0) == 0
+    assert len(stack.gateway.decisions.auth) == len(stack.gateway.decisions.proxied) == 0
+
+
+async def test_pipelined_requests_are_answered_in_order(make_stack, browser) -> None:
+    """Remembered answers go out before aiohttp sees the request: on one connection,
+    a remembered one, one it must decide, and a remembered one again, sent at once."""
+    stack, cookie = await memo_stack(make_stack, browser)
+    assert (await auth(stack, cookie)).status == 200  # remembered from here on
+    host, port = stack.url.split("//")[1].split(":")
+
+    def head(target: str, request_id: str) -> bytes:
+        return (
+            f"GET /_gateway/auth HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Cookie: {COOKIE}={cookie}\r\nX-Original-Method: GET\r\n"
+            f"X-Original-URL: {stack.url}{target}\r\nX-Request-Id: {request_id}\r\n\r\n"
+        ).encode()
+
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head("/app/x", "one") + head("/public/y", "two") + head("/app/x", "three"))
+        await writer.drain()
+        seen = []
+        for _ in range(3):
+            status = await reader.readline()
+            lines = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+            ids = [line.split(": ")[1] for line in lines if line.startswith("X-Request-Id")]
+            seen.append((status.split()[1], ids[0]))
+    finally:
+        writer.close()
+    assert seen == [(b"200", "one"), (b"200", "two"), (b"200", "three")]
