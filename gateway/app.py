@@ -63,15 +63,14 @@ from gateway.oidc.providers import ProviderSet
 from gateway.paths import canonical_host, normalize_path, split_request_target
 from gateway.peers import TrustedPeers
 from gateway.proxy import Upstreams
-from gateway.reload import restart_needed
+from gateway.reload import restart_needed, upstream_pools_changed
 from gateway.risk import RiskClient, RiskFacts, RiskOutcome
 from gateway.rules import RuleSet
 from gateway.serve_http import ConnectionHooks
 from gateway.serve_http import make_server as make_server  # re-exported: the entry point
-from gateway.session import revocation
+from gateway.session import factory, revocation
 from gateway.session.aux import AuxStore, LocalAux
 from gateway.session.cookies import SetCookieKwargs, cookie_name, set_cookie_kwargs
-from gateway.session.factory import check_redis_eviction, make_aux, make_store
 from gateway.session.model import Session
 from gateway.session.redis_store import RedisStore
 from gateway.session.stores import CookieStore, SessionStore
@@ -100,7 +99,7 @@ class Gateway(ConnectionHooks):
     ) -> None:
         self.clock = clock
         self.metrics = Metrics()
-        self.store: SessionStore = make_store(config.session)
+        self.store: SessionStore = factory.make_store(config.session)
         self.tracing = tracing.load(config.telemetry, self.store, given=tracer)
         self.kept_ledger = KeptLedger(
             budget_bytes=config.step_up.keep_budget_bytes,
@@ -192,20 +191,10 @@ class Gateway(ConnectionHooks):
             self.config, self._http, on_error=self._count_provider_error, wall_clock=self.clock
         )
         self.risk = RiskClient(self._http)
-        self.aux, self._aux_redis = make_aux(self.config.session, self.store, self.clock)
+        self.aux, self._aux_redis = factory.make_aux(self.config.session, self.store, self.clock)
         redis = self.store if isinstance(self.store, RedisStore) else self._aux_redis
-        await check_redis_eviction(redis, self.config.source)
-        session = self.config.session
-        if (
-            session.store == "cookie"
-            and session.redis_url is None
-            and self.config.server.workers > 1
-        ):
-            log.warning(
-                "session_revocation_per_process",
-                hint="with the cookie store and several workers, a signed-out session is "
-                "refused only by the worker that signed it out; set session.redis_url",
-            )
+        await factory.check_redis_eviction(redis, self.config.source)
+        factory.warn_if_revocation_per_process(self.config)
         # Not fatal: /readyz reports it and step-ups answer 503 until it loads.
         await self._providers.load_all(log)
 
@@ -249,7 +238,7 @@ class Gateway(ConnectionHooks):
             raise ReloadRefused(f"the new provider cannot be loaded ({exc.reason})") from exc
         store = self.store
         if new.session.store_settings != old.session.store_settings:
-            store = make_store(new.session)  # cookie store only (see restart_needed)
+            store = factory.make_store(new.session)  # cookie store only (see restart_needed)
         key = self._assertion_key
         if new.assertion.key_file != old.assertion.key_file and new.assertion.key_file:
             try:
@@ -257,16 +246,7 @@ class Gateway(ConnectionHooks):
             except AssertionKeyError as exc:
                 raise ReloadRefused(str(exc)) from exc
         old_upstreams = self.upstreams
-        pool_settings = (
-            (
-                c.upstreams,
-                c.server.upstream_timeout_s,
-                c.server.upstream_connect_timeout_s,
-                c.session.cookie_name,
-            )
-            for c in (old, new)
-        )
-        new_pools = next(pool_settings) != next(pool_settings)
+        new_pools = upstream_pools_changed(old, new)
         # From here on nothing awaits until every piece is swapped.
         self._assertion_key = key
         self._apply(new)

@@ -35,3 +35,18 @@ def restart_needed(old: model.Config, new: model.Config) -> list[str]:
     if old.session.store != "cookie" and changed_store and not blockers:
         blockers.append("session store settings (with a server-side store)")
     return blockers
+
+
+def upstream_pools_changed(old: model.Config, new: model.Config) -> bool:
+    """Whether the upstream pools must be built anew for ``new`` (their settings changed)."""
+
+    def settings(config: model.Config) -> tuple[object, ...]:
+        server = config.server
+        return (
+            config.upstreams,
+            server.upstream_timeout_s,
+            server.upstream_connect_timeout_s,
+            config.session.cookie_name,
+        )
+
+    return settings(old) != settings(new)

@@ -90,3 +90,14 @@ async def check_redis_eviction(redis: RedisStore | None, source: str) -> None:
         log.error("redis_eviction_unsafe", policy=policy, maxmemory=maxmemory)
         raise errors.ConfigError([errors.ConfigProblem("session.redis_url", problem, source)])
     log.info("redis_eviction_checked", policy=policy, maxmemory=maxmemory)
+
+
+def warn_if_revocation_per_process(config: model.Config) -> None:
+    """Say at start-up when a sign-out is refused only by the worker that handled it."""
+    session = config.session
+    if session.store == "cookie" and session.redis_url is None and config.server.workers > 1:
+        log.warning(
+            "session_revocation_per_process",
+            hint="with the cookie store and several workers, a signed-out session is "
+            "refused only by the worker that signed it out; set session.redis_url",
+        )
