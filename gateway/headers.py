@@ -24,7 +24,6 @@ forwarded; aiohttp's own parser refuses most of them first (see its docstring).
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Callable, Collection, Iterable, Sequence
 from urllib.parse import quote
@@ -32,7 +31,6 @@ from urllib.parse import quote
 from multidict import CIMultiDict
 
 from gateway import errors, tracecontext
-from gateway.model import IPNetwork
 
 _NOT_ALNUM = re.compile(r"[^a-z0-9]")
 
@@ -258,17 +256,6 @@ def client_chain(
         if not is_trusted(address):
             break
     return tuple(reversed(hops))
-
-
-def address_in(peer: str, networks: Collection[IPNetwork]) -> bool:
-    """``peer`` (an IP address, as the socket gives it) is in one of ``networks``."""
-    if not networks or not peer:
-        return False
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    return any(address in network for network in networks)
 
 
 def is_assurance_header(name: str, prefix: str) -> bool:
