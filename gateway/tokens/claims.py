@@ -15,13 +15,12 @@ from gateway import assurance
 from gateway.model import Level
 from gateway.oidc import profiles
 from gateway.oidc.flow import (
-    MAX_AMR_VALUE_BYTES,
-    MAX_AMR_VALUES,
     MAX_CLAIM_BYTES,
     IdTokenError,
     check_header_claim,
     numeric_date,
 )
+from gateway.oidc.tokens import string_list_claim
 from gateway.session.model import Proof, Session
 
 # RFC 7638 thumbprints are 43 characters; the bound keeps odd values out of logs and keys.
@@ -84,20 +83,8 @@ def read_claims(payload: Mapping[str, object]) -> AccessClaims:
     else:
         raise TokenError("malformed", claim="aud")
 
-    def strings(name: str) -> tuple[str, ...]:
-        value = payload.get(name)
-        if value is None:
-            return ()
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            raise TokenError("malformed", claim=name)
-        if len(value) > MAX_AMR_VALUES:
-            raise TokenError("claim_value", claim=name)
-        for item in value:
-            check_header_claim(name, item, MAX_AMR_VALUE_BYTES)
-        return tuple(value)
-
-    amr = strings("amr")
-    acrs = strings("acrs")
+    amr = string_list_claim(payload, "amr", error=TokenError)
+    acrs = string_list_claim(payload, "acrs", error=TokenError)
     cnf = payload.get("cnf")
     jkt: str | None = None
     if cnf is not None:
