@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 from structlog.testing import capture_logs
 from yarl import URL
 
-from gateway.app import Gateway, make_server
+from gateway.app import Gateway
 from gateway.oidc.flow import verify_logout_token
 from stepup_demo import DemoStack, start_demo_stack
 from stepup_demo.backchannel import (
@@ -43,6 +43,7 @@ from stepup_demo.idp import BROWSER_COOKIE, IdentityProvider
 from stepup_demo.oauth import DemoClient
 from stepup_demo.provider_session import ProviderSession
 from tests.conftest import Browser, Clock, Hop, free_port
+from tests.support.serving import serving
 from tests.test_demo_idp import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -385,16 +386,11 @@ async def demo() -> AsyncIterator[Demo]:
     clock = Clock(time.time())  # one clock for the provider and the gateway
     stack = await start_demo_stack(clock=clock)
     gateway = Gateway(stack.config, clock=clock)
-    runner = web.ServerRunner(make_server(gateway), access_log=None)
+    server = stack.config.server
     try:
-        await gateway.start()
-        await runner.setup()
-        server = stack.config.server
-        await web.TCPSite(runner, server.listen_host, server.listen_port).start()
-        yield Demo(stack, gateway)
+        async with serving(gateway, server.listen_port, server.listen_host):
+            yield Demo(stack, gateway)
     finally:
-        await runner.cleanup()
-        await gateway.close()
         await stack.close()
 
 

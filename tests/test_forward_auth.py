@@ -20,10 +20,9 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
-from aiohttp import web
 from structlog.testing import capture_logs
 
-from gateway.app import Gateway, make_server
+from gateway.app import Gateway
 from gateway.config import ConfigError, load_config_text
 from tests.conftest import (
     CLIENT_SECRET,
@@ -35,6 +34,7 @@ from tests.conftest import (
     query_of,
 )
 from tests.support.op import OpenIdProvider, OpUser
+from tests.support.serving import serving
 from tests.support.upstream import SEEN, header_values
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "forward-auth"
@@ -158,17 +158,11 @@ async def front(
     app_url = str(upstream.make_url("")).rstrip("/")
     config = load_config_text(gateway_config(url, gateway_port, app_url, op.issuer), "fa.yaml")
     op.clients["gateway"].redirect_uris.append(f"{url}/_gateway/callback")
-    gateway = Gateway(config, clock=clock)
-    await gateway.start()
-    runner = web.ServerRunner(make_server(gateway), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", gateway_port).start()
-    try:
-        async with front_proxy(kind, tmp_path, port, gateway_port, upstream.port):
-            yield Front(url, gateway, op, upstream, clock, kind)
-    finally:
-        await runner.cleanup()
-        await gateway.close()
+    async with (
+        serving(Gateway(config, clock=clock), gateway_port) as gateway,
+        front_proxy(kind, tmp_path, port, gateway_port, upstream.port),
+    ):
+        yield Front(url, gateway, op, upstream, clock, kind)
 
 
 @contextlib.asynccontextmanager
@@ -365,21 +359,13 @@ async def test_auth_refuses_an_untrusted_peer(
     text = gateway_config(url, port, "http://127.0.0.1:9", op.issuer).replace(
         "  trusted_proxies: [127.0.0.1/32]\n", "  trusted_proxies: [10.0.0.0/8]\n"
     )
-    gateway = Gateway(load_config_text(text, "fa.yaml"), clock=clock)
-    await gateway.start()
-    runner = web.ServerRunner(make_server(gateway), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with serving(Gateway(load_config_text(text, "fa.yaml"), clock=clock), port):
         with capture_logs() as logs:
             async with aiohttp.ClientSession() as http:
                 headers = {"X-Original-URL": f"{url}/public/x", "X-Original-Method": "GET"}
                 async with http.get(f"{url}/_gateway/auth", headers=headers) as r:
                     assert r.status == 403
         assert any(e["event"] == "forward_auth_untrusted_peer" for e in logs)
-    finally:
-        await runner.cleanup()
-        await gateway.close()
 
 
 def test_check_refuses_a_body_rule_in_forward_auth_only_mode() -> None:
@@ -403,16 +389,8 @@ async def direct(op: OpenIdProvider, clock: Clock) -> AsyncIterator[str]:
         "    match: {path: /**, host: admin.example.com}\n"
         "    require: {level: mfa}\n"
     )
-    gateway = Gateway(load_config_text(text, "fa.yaml"), clock=clock)
-    await gateway.start()
-    runner = web.ServerRunner(make_server(gateway), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with serving(Gateway(load_config_text(text, "fa.yaml"), clock=clock), port):
         yield url
-    finally:
-        await runner.cleanup()
-        await gateway.close()
 
 
 async def ask(url: str, path: str = "/_gateway/auth", **headers: str) -> tuple[int, Any]:
@@ -484,15 +462,7 @@ async def test_forward_auth_is_off_in_proxy_mode(op: OpenIdProvider, clock: Cloc
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     text = gateway_config(url, port, "http://127.0.0.1:9", op.issuer).replace("  mode: both\n", "")
-    gateway = Gateway(load_config_text(text, "fa.yaml"), clock=clock)
-    await gateway.start()
-    runner = web.ServerRunner(make_server(gateway), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with serving(Gateway(load_config_text(text, "fa.yaml"), clock=clock), port):
         described = {"X_Original_Method": "GET", "X_Original_URL": f"{url}/public/a"}
         assert (await ask(url, **described))[0] == 404
         assert (await ask(url, "/_gateway/start?rd=/app/x"))[0] == 404
-    finally:
-        await runner.cleanup()
-        await gateway.close()

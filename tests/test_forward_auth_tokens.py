@@ -22,10 +22,9 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
-from aiohttp import web
 from structlog.testing import capture_logs
 
-from gateway.app import Gateway, make_server
+from gateway.app import Gateway
 from gateway.config import load_config_text
 from tests.conftest import CLIENT_SECRET, LEVELS_YAML, SESSION_SECRET, free_port
 from tests.support.authz import (
@@ -40,6 +39,7 @@ from tests.support.authz import (
     sign,
     start_authorization_server,
 )
+from tests.support.serving import serving
 from tests.support.upstream import SEEN, header_values
 from tests.test_forward_auth import front_proxy
 from tests.test_stepup_client import load_example
@@ -113,16 +113,11 @@ async def deployment(
     text = config_text(url, gateway_port, app_url, issuer, api)
     # The authorization server's clock is the real one: so is the gateway's.
     gateway = Gateway(load_config_text(text, "fa.yaml"), clock=time.time)
-    await gateway.start()
-    runner = web.ServerRunner(make_server(gateway), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", gateway_port).start()
-    try:
-        async with front_proxy(kind, tmp_path, port, gateway_port, upstream.port):
-            yield Front(url, f"http://127.0.0.1:{gateway_port}", upstream, kind)
-    finally:
-        await runner.cleanup()
-        await gateway.close()
+    async with (
+        serving(gateway, gateway_port),
+        front_proxy(kind, tmp_path, port, gateway_port, upstream.port),
+    ):
+        yield Front(url, f"http://127.0.0.1:{gateway_port}", upstream, kind)
 
 
 def api_section(**keys: str) -> str:

@@ -20,10 +20,9 @@ from urllib.parse import urlencode
 import aiohttp
 import jwt
 import pytest
-from aiohttp import web
 from yarl import URL
 
-from gateway.app import Gateway, make_server
+from gateway.app import Gateway
 from gateway.config import ConfigError, load_config_text
 from gateway.session.model import Login, Proof, Session
 from tests.conftest import (
@@ -37,6 +36,7 @@ from tests.conftest import (
 )
 from tests.support.authz import AuthorizationServer, start_authorization_server
 from tests.support.op import OpBehaviour, OpClient, OpenIdProvider, OpUser, start_op
+from tests.support.serving import serving
 from tests.support.upstream import SEEN, make_echo_app
 from tests.test_operations import logout_token, post_logout_token
 
@@ -150,15 +150,10 @@ async def two(request: Any, aiohttp_server: Any, clock: Clock) -> AsyncIterator[
             f"  redis_prefix: 'several-{os.getpid()}-{port}:'\n",
         )
     gateway = Gateway(load_config_text(text, "several.yaml"), clock=clock)
-    await gateway.start()
-    runner = web.ServerRunner(make_server(gateway), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        yield Two(url, workforce, customers, upstream, gateway)
+        async with serving(gateway, port):
+            yield Two(url, workforce, customers, upstream, gateway)
     finally:
-        await runner.cleanup()
-        await gateway.close()
         customers.stop()
 
 
