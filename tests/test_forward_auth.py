@@ -121,13 +121,21 @@ class Front:
         return list(self.upstream.app[SEEN])
 
 
-def gateway_config(public_url: str, gateway_port: int, app_url: str, issuer: str) -> str:
+def gateway_config(
+    public_url: str,
+    gateway_port: int,
+    app_url: str,
+    issuer: str,
+    *,
+    mode: str = "both",
+    rules: str = RULES,
+) -> str:
     return (
         textwrap.dedent(f"""\
         server:
           listen: 127.0.0.1:{gateway_port}
           public_url: {public_url}
-          mode: both
+          mode: {mode}
           trusted_proxies: [127.0.0.1/32]
         upstreams:
           app: {app_url}
@@ -140,7 +148,7 @@ def gateway_config(public_url: str, gateway_port: int, app_url: str, issuer: str
           cookie_secure: false
         """)
         + LEVELS_YAML
-        + RULES
+        + rules
     )
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import textwrap
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,9 +25,8 @@ from structlog.testing import capture_logs
 
 from gateway.app import Gateway
 from gateway.config import load_config_text
-from tests.conftest import CLIENT_SECRET, LEVELS_YAML, SESSION_SECRET, free_port
+from tests.conftest import free_port
 from tests.support.authz import (
-    JWT_AUDIENCE,
     OPAQUE_AUDIENCE,
     AuthorizationServer,
     DpopKey,
@@ -41,28 +39,13 @@ from tests.support.authz import (
 )
 from tests.support.serving import serving
 from tests.support.upstream import SEEN, header_values
-from tests.test_forward_auth import front_proxy
+from tests.test_access_tokens import RULES, api_section
+from tests.test_access_tokens_dpop import refused_reasons
+from tests.test_forward_auth import front_proxy, gateway_config
 from tests.test_stepup_client import load_example
 
 __all__ = ["authz"]  # the fixture, imported for pytest
 
-RULES = """\
-rules:
-  - name: transfers
-    match: {path: /api/transfers/**, methods: [POST]}
-    require: {level: phishing-resistant, max_age: 5m}
-  - name: accounts
-    match: {path: /api/**}
-    require: {level: password}
-    credentials: token
-  - name: web
-    match: {path: /app/**}
-    require: {level: password}
-    credentials: session
-  - name: public
-    match: {path: /public/**}
-    require: none
-"""
 ALGS = 'DPoP algs="ES256 ES384 EdDSA PS256 RS256"'
 
 
@@ -78,30 +61,6 @@ class Front:
         return list(self.upstream.app[SEEN])
 
 
-def config_text(url: str, port: int, app_url: str, issuer: str, api: str) -> str:
-    return (
-        textwrap.dedent(f"""\
-        server:
-          listen: 127.0.0.1:{port}
-          public_url: {url}
-          mode: forward_auth
-          trusted_proxies: [127.0.0.1/32]
-        upstreams:
-          app: {app_url}
-        oidc:
-          issuer: {issuer}
-          client_id: gateway
-          client_secret: {CLIENT_SECRET}
-        session:
-          secret: {SESSION_SECRET}
-          cookie_secure: false
-        """)
-        + LEVELS_YAML
-        + RULES
-        + api
-    )
-
-
 @contextlib.asynccontextmanager
 async def deployment(
     kind: str, issuer: str, upstream: Any, tmp_path: Path, api: str
@@ -110,7 +69,8 @@ async def deployment(
     port, gateway_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     app_url = str(upstream.make_url("")).rstrip("/")
-    text = config_text(url, gateway_port, app_url, issuer, api)
+    text = gateway_config(url, gateway_port, app_url, issuer, mode="forward_auth", rules=RULES)
+    text += api
     # The authorization server's clock is the real one: so is the gateway's.
     gateway = Gateway(load_config_text(text, "fa.yaml"), clock=time.time)
     async with (
@@ -118,11 +78,6 @@ async def deployment(
         front_proxy(kind, tmp_path, port, gateway_port, upstream.port),
     ):
         yield Front(url, f"http://127.0.0.1:{gateway_port}", upstream, kind)
-
-
-def api_section(**keys: str) -> str:
-    lines = [f"  audience: {JWT_AUDIENCE}"] + [f"  {k}: {v}" for k, v in keys.items()]
-    return "api:\n" + "\n".join(lines) + "\n"
 
 
 @pytest.fixture(params=["nginx", "caddy"])
@@ -155,10 +110,6 @@ async def call(
         text = await resp.text()
         body = await resp.json() if resp.status == 200 else text
         return resp.status, dict(resp.headers), body
-
-
-def refused_reasons(logs: list[dict[str, Any]]) -> list[str]:
-    return [e["reason"] for e in logs if e["event"] == "access_token_refused"]
 
 
 # --- the RFC 9470 conversation through the proxy ----------------------------------------
