@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 import pytest
 from structlog.testing import capture_logs
 
@@ -42,7 +41,7 @@ from tests.support.upstream import SEEN, header_values
 from tests.test_access_tokens import RULES, api_section
 from tests.test_access_tokens_dpop import refused_reasons
 from tests.test_forward_auth import front_proxy, gateway_config
-from tests.test_stepup_client import load_example
+from tests.test_stepup_client import dpop_transfer
 
 __all__ = ["authz"]  # the fixture, imported for pytest
 
@@ -334,22 +333,7 @@ async def test_introspection_outage_fails_closed(upstream: Any, tmp_path: Path) 
 async def test_the_example_client_steps_up_through_nginx(
     front: Front, authz: AuthorizationServer
 ) -> None:
-    client_module = load_example()
-    key = DpopKey.generate()
-
-    async def reauthorize(step_up: Any) -> str:
-        tokens = await authorize(
-            authz.issuer, acr_values=" ".join(step_up.acr_values), max_age=step_up.max_age, dpop=key
-        )
-        return tokens.access_token
-
-    def proof(method: str, url: str, token: str) -> str:
-        return key.proof(method, url, access_token=token)
-
-    weak = (await authorize(authz.issuer, dpop=key)).access_token
-    auth = client_module.StepUpAuth(weak, reauthorize, proof=proof)
-    async with httpx.AsyncClient(auth=auth, base_url=front.url) as client:
-        response = await client.post("/api/transfers/1?x=1", content=b"{}")
+    response = await dpop_transfer(authz, front.url)
     assert response.status_code == 200
     assert dict(response.json()["headers"])["X-Auth-Level"] == "phishing-resistant"
     assert [record["method"] for record in front.seen] == ["POST"]
