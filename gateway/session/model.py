@@ -31,8 +31,8 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import TypedDict
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 SESSION_FORMAT_VERSION = 1
 SESSION_FORMAT_PROVIDERS = 2  # with oidc.providers: the sign-in of a named provider, or several
@@ -65,8 +65,27 @@ class Proof:
         return self.acr == other.acr and frozenset(self.amr) == frozenset(other.amr)
 
 
-@dataclass(frozen=True, slots=True)
-class Session:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SignIn:
+    """Who signed in at a provider and what they proved: a :class:`Login`, and the
+    sign-in a :class:`Session` is a view of."""
+
+    sub: str
+    email: str | None
+    name: str | None
+    provider_sid: str | None
+    id_token: str | None
+    acr: str | None
+    amr: tuple[str, ...]
+    auth_time: float
+    proofs: tuple[Proof, ...]
+    ip: str | None = None  # client address of the last authentication (risk conditions)
+    # (digest of bound request fields, auth_time of the proof that approved them)
+    bindings: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Session(SignIn):
     """A signed-in user.
 
     ``id`` is a random, public identifier for logs and correlation. It is *not*
@@ -79,21 +98,9 @@ class Session:
     """
 
     id: str
-    sub: str
-    email: str | None
-    name: str | None
-    provider_sid: str | None
-    id_token: str | None
-    acr: str | None
-    amr: tuple[str, ...]
-    auth_time: float
-    proofs: tuple[Proof, ...]
     created_at: float
     last_seen: float
-    ip: str | None = None  # client address of the last authentication (risk conditions)
-    # (digest of bound request fields, auth_time of the proof that approved them)
-    bindings: tuple[tuple[str, float], ...] = ()
-    # oidc.providers: whose sign-in the fields above are, since when (None: created_at),
+    # oidc.providers: whose sign-in the fields of SignIn are, since when (None: created_at),
     # and the other providers' sign-ins in this browser session, kept apart.
     provider: str = DEFAULT_PROVIDER
     since: float | None = None
@@ -281,8 +288,8 @@ class Session:
         return session
 
 
-@dataclass(frozen=True, slots=True)
-class Login:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Login(SignIn):
     """One provider's sign-in within a session (``oidc.providers``): who, and what was proven.
 
     ``since`` is when the gateway first recorded it (its clock): a back-channel
@@ -291,17 +298,6 @@ class Login:
 
     provider: str
     since: float
-    sub: str
-    email: str | None
-    name: str | None
-    provider_sid: str | None
-    id_token: str | None
-    acr: str | None
-    amr: tuple[str, ...]
-    auth_time: float
-    proofs: tuple[Proof, ...]
-    ip: str | None = None
-    bindings: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def first(
@@ -361,39 +357,15 @@ class Login:
         )
 
 
-class _SignIn(TypedDict):
-    """The fields of one provider's sign-in: a :class:`Login`'s, and a :class:`Session`'s view."""
-
-    sub: str
-    email: str | None
-    name: str | None
-    provider_sid: str | None
-    id_token: str | None
-    acr: str | None
-    amr: tuple[str, ...]
-    auth_time: float
-    proofs: tuple[Proof, ...]
-    ip: str | None
-    bindings: tuple[tuple[str, float], ...]
+_SIGN_IN_FIELDS = tuple(field.name for field in fields(SignIn))
 
 
-def _sign_in(holder: Session | Login) -> _SignIn:
-    return _SignIn(
-        sub=holder.sub,
-        email=holder.email,
-        name=holder.name,
-        provider_sid=holder.provider_sid,
-        id_token=holder.id_token,
-        acr=holder.acr,
-        amr=holder.amr,
-        auth_time=holder.auth_time,
-        proofs=holder.proofs,
-        ip=holder.ip,
-        bindings=holder.bindings,
-    )
+def _sign_in(holder: SignIn) -> dict[str, Any]:
+    """The fields of :class:`SignIn` in ``holder``, as keyword arguments."""
+    return {name: getattr(holder, name) for name in _SIGN_IN_FIELDS}
 
 
-def _proven_keys(holder: Session | Login) -> dict[str, object]:
+def _proven_keys(holder: SignIn) -> dict[str, object]:
     """s e n p t a m at pr, in this order; optional ones left out when None."""
     data: dict[str, object] = {"s": holder.sub}
     for key, optional in (
@@ -411,7 +383,7 @@ def _proven_keys(holder: Session | Login) -> dict[str, object]:
     return data
 
 
-def _client_keys(holder: Session | Login) -> dict[str, object]:
+def _client_keys(holder: SignIn) -> dict[str, object]:
     """ip b, when there is one: the last authentication's client address, the bound approvals."""
     data: dict[str, object] = {}
     if holder.ip is not None:
@@ -421,21 +393,21 @@ def _client_keys(holder: Session | Login) -> dict[str, object]:
     return data
 
 
-def _read_sign_in(data: Mapping[str, object]) -> _SignIn:
-    """Raises :class:`Malformed`."""
-    return _SignIn(
-        sub=required_str(data.get("s")),
-        email=optional_str(data.get("e")),
-        name=optional_str(data.get("n")),
-        provider_sid=optional_str(data.get("p")),
-        id_token=optional_str(data.get("t")),
-        acr=optional_str(data.get("a")),
-        amr=_str_tuple(data.get("m")),
-        auth_time=finite_time(data.get("at")),
-        proofs=_proofs(data.get("pr")),
-        ip=optional_str(data.get("ip")),
-        bindings=_bindings(data.get("b")),
-    )
+def _read_sign_in(data: Mapping[str, object]) -> dict[str, Any]:
+    """The fields of :class:`SignIn` in ``data``, as keyword arguments (or :class:`Malformed`)."""
+    return {
+        "sub": required_str(data.get("s")),
+        "email": optional_str(data.get("e")),
+        "name": optional_str(data.get("n")),
+        "provider_sid": optional_str(data.get("p")),
+        "id_token": optional_str(data.get("t")),
+        "acr": optional_str(data.get("a")),
+        "amr": _str_tuple(data.get("m")),
+        "auth_time": finite_time(data.get("at")),
+        "proofs": _proofs(data.get("pr")),
+        "ip": optional_str(data.get("ip")),
+        "bindings": _bindings(data.get("b")),
+    }
 
 
 # One sign-in per provider a config can name; a bound on what a cookie may carry.
