@@ -233,10 +233,7 @@ def _read_claims(payload: Mapping[str, object]) -> IdTokenClaims:
     sub = string("sub", required=True)
     if not sub:
         raise IdTokenError("sub")
-    for name, max_bytes in MAX_CLAIM_BYTES.items():
-        value = payload.get(name)
-        if isinstance(value, str):
-            check_header_claim(name, value, max_bytes)
+    check_string_claims(payload)
     return IdTokenClaims(
         iss=string("iss", required=True) or "",
         sub=sub,
@@ -280,6 +277,15 @@ def check_header_claim(name: str, value: str, max_bytes: int) -> None:
     too_long = len(value) > max_bytes or len(value.encode("utf-8", "surrogatepass")) > max_bytes
     if too_long or _UNSAFE_CLAIM_CHARS.search(value) or (name == "amr" and not value):
         raise IdTokenError("claim_value", claim=name)
+
+
+def check_string_claims(payload: Mapping[str, object]) -> None:
+    """:func:`check_header_claim` on each claim of :data:`MAX_CLAIM_BYTES` that is a string
+    (one of another type is left to the reader that expects it)."""
+    for name, max_bytes in MAX_CLAIM_BYTES.items():
+        value = payload.get(name)
+        if isinstance(value, str):
+            check_header_claim(name, value, max_bytes)
 
 
 def string_list_claim(

@@ -14,13 +14,8 @@ from dataclasses import dataclass, replace
 from gateway import assurance
 from gateway.model import Level
 from gateway.oidc import profiles
-from gateway.oidc.flow import (
-    MAX_CLAIM_BYTES,
-    IdTokenError,
-    check_header_claim,
-    numeric_date,
-)
-from gateway.oidc.tokens import string_list_claim
+from gateway.oidc.flow import IdTokenError, numeric_date
+from gateway.oidc.tokens import check_string_claims, string_list_claim
 from gateway.session.model import Proof, Session
 
 # RFC 7638 thumbprints are 43 characters; the bound keeps odd values out of logs and keys.
@@ -97,10 +92,7 @@ def read_claims(payload: Mapping[str, object]) -> AccessClaims:
     sub = string("sub")
     if not sub:
         raise TokenError("sub")
-    for name, max_bytes in MAX_CLAIM_BYTES.items():
-        value = payload.get(name)
-        if isinstance(value, str):
-            check_header_claim(name, value, max_bytes)
+    check_string_claims(payload)
     return AccessClaims(
         sub=sub,
         aud=aud,
