@@ -5,7 +5,6 @@ forward_auth) and a real echo upstream; the test OpenID Provider signs users in.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import re
@@ -34,7 +33,7 @@ from tests.conftest import (
     query_of,
 )
 from tests.support.op import OpenIdProvider, OpUser
-from tests.support.serving import serving
+from tests.support.serving import serving, wait_for_port
 from tests.support.upstream import SEEN, header_values
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "forward-auth"
@@ -91,20 +90,6 @@ def render_caddy(port: int, gateway_port: int, app_port: int) -> str:
         .replace("127.0.0.1:9000", f"127.0.0.1:{app_port}")
         .replace("http://app.example.com:8080", f"http://127.0.0.1:{port}")
     )
-
-
-async def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(200):
-        if proc.poll() is not None:
-            raise AssertionError(f"the proxy exited with {proc.returncode}")
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return
-    raise AssertionError("the proxy did not start listening")
 
 
 @dataclass
@@ -192,7 +177,7 @@ async def front_proxy(
     stderr = (tmp_path / "proxy.err").open("wb")
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     try:
-        await wait_listening(port, proc)
+        await wait_for_port(port, proc)
         yield
     finally:
         proc.terminate()

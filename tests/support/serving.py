@@ -1,8 +1,12 @@
-"""The gateway answering on a loopback port for as long as a block runs."""
+"""On loopback ports: the gateway answering for as long as a block runs; waiting
+for a process to listen."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import subprocess
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -23,3 +27,19 @@ async def serving(gateway: Gateway, port: int, host: str = "127.0.0.1") -> Async
     finally:
         await runner.cleanup()
         await gateway.close()
+
+
+async def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    """Until something accepts on 127.0.0.1:``port`` (a busy machine starts slowly)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the process for port {port} exited ({proc.returncode})")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
+    raise AssertionError(f"nothing listens on port {port} after {timeout_s} s")
