@@ -43,7 +43,7 @@ from stepup_demo.idp import BROWSER_COOKIE, IdentityProvider
 from stepup_demo.oauth import DemoClient
 from stepup_demo.provider_session import ProviderSession
 from tests.conftest import Browser, Clock, Hop, free_port
-from tests.support.serving import serving
+from tests.support.serving import serving_demo
 from tests.test_demo_idp import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -384,14 +384,8 @@ class Demo:
 @pytest.fixture
 async def demo() -> AsyncIterator[Demo]:
     clock = Clock(time.time())  # one clock for the provider and the gateway
-    stack = await start_demo_stack(clock=clock)
-    gateway = Gateway(stack.config, clock=clock)
-    server = stack.config.server
-    try:
-        async with serving(gateway, server.listen_port, server.listen_host):
-            yield Demo(stack, gateway)
-    finally:
-        await stack.close()
+    async with serving_demo(clock) as (stack, gateway):
+        yield Demo(stack, gateway)
 
 
 @dataclass

@@ -40,11 +40,10 @@ from playwright.async_api import (
     expect,
 )
 
-from gateway.app import Gateway
-from stepup_demo import DemoStack, start_demo_stack
+from stepup_demo import DemoStack
 from stepup_demo.bank import Customer
 from tests.conftest import Clock
-from tests.support.serving import serving
+from tests.support.serving import serving_demo
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -114,15 +113,8 @@ class Demo:
 async def demo() -> AsyncIterator[Demo]:
     # Now, not a fixed date: the browser expires cookies by its own (real) clock.
     clock = Clock(time.time())
-    stack = await start_demo_stack(clock=clock)
-    server = stack.config.server
-    try:
-        async with serving(
-            Gateway(stack.config, clock=clock), server.listen_port, server.listen_host
-        ):
-            yield Demo(stack, clock)
-    finally:
-        await stack.close()
+    async with serving_demo(clock) as (stack, _):
+        yield Demo(stack, clock)
 
 
 @pytest.fixture

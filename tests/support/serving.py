@@ -1,5 +1,5 @@
-"""On loopback ports: the gateway answering for as long as a block runs; waiting
-for a process to listen."""
+"""On loopback ports: the gateway (alone, or with the demo around it) answering for as
+long as a block runs; waiting for a process to listen."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import asyncio
 import contextlib
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from gateway.app import Gateway, make_server
+from stepup_demo import DemoStack, start_demo_stack
 
 
 @contextlib.asynccontextmanager
@@ -27,6 +28,19 @@ async def serving(gateway: Gateway, port: int, host: str = "127.0.0.1") -> Async
     finally:
         await runner.cleanup()
         await gateway.close()
+
+
+@contextlib.asynccontextmanager
+async def serving_demo(clock: Callable[[], float]) -> AsyncIterator[tuple[DemoStack, Gateway]]:
+    """The demo (provider, Demo Bank, risk service) and its gateway, on ``clock``."""
+    stack = await start_demo_stack(clock=clock)
+    server = stack.config.server
+    try:
+        gateway = Gateway(stack.config, clock=clock)
+        async with serving(gateway, server.listen_port, server.listen_host):
+            yield stack, gateway
+    finally:
+        await stack.close()
 
 
 async def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
