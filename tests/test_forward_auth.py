@@ -188,12 +188,6 @@ async def front_proxy(
         stderr.close()
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
-        yield http
-
-
 def saw(record: dict[str, Any], name: str) -> list[str]:
     return header_values(record, name)
 
@@ -244,14 +238,14 @@ async def test_the_idle_timeout_slides_through_nginx(front: Front, browser: Brow
 
 
 async def test_api_challenge_reaches_the_client(
-    front: Front, browser: Browser, client: aiohttp.ClientSession
+    front: Front, browser: Browser, api: aiohttp.ClientSession
 ) -> None:
-    async with client.get(f"{front.url}/app/data", headers={"Accept": "application/json"}) as r:
+    async with api.get(f"{front.url}/app/data", headers={"Accept": "application/json"}) as r:
         assert r.status == 401
         assert r.headers["WWW-Authenticate"].startswith("Bearer")
     assert (await browser.follow(f"{front.url}/app/home")).status == 200
     cookies = {m.key: m.value for m in browser.http.cookie_jar}
-    async with client.get(
+    async with api.get(
         f"{front.url}/transfers/list",
         headers={"Accept": "application/json"},
         cookies=cookies,
@@ -264,7 +258,7 @@ async def test_api_challenge_reaches_the_client(
 
 
 async def test_spoofed_headers_from_clients_never_reach_the_app(
-    front: Front, client: aiohttp.ClientSession
+    front: Front, api: aiohttp.ClientSession
 ) -> None:
     spoofed = {
         "X-Auth-Subject": "admin",
@@ -277,10 +271,10 @@ async def test_spoofed_headers_from_clients_never_reach_the_app(
         "Accept": "application/json",
     }
     # Claiming to be a public page does not open a protected one ...
-    async with client.get(f"{front.url}/app/secret", headers=spoofed) as r:
+    async with api.get(f"{front.url}/app/secret", headers=spoofed) as r:
         assert r.status == 401
     # ... and on a public page the app sees none of the forged headers.
-    async with client.get(f"{front.url}/public/page", headers=spoofed) as r:
+    async with api.get(f"{front.url}/public/page", headers=spoofed) as r:
         assert r.status == 200
         record = await r.json()
     # Not sent (nginx), or sent empty (Caddy 2.6 copies the gateway's empty value).
@@ -292,26 +286,26 @@ async def test_spoofed_headers_from_clients_never_reach_the_app(
 
 
 async def test_clients_cannot_ask_auth_through_the_proxy(
-    front: Front, client: aiohttp.ClientSession
+    front: Front, api: aiohttp.ClientSession
 ) -> None:
     for path in ("/_gateway/auth", "/_gateway/auth/envoy/public/x"):
         headers = {"X-Original-URL": f"{front.url}/public/x", "X-Original-Method": "GET"}
-        async with client.get(f"{front.url}{path}", headers=headers) as r:
+        async with api.get(f"{front.url}{path}", headers=headers) as r:
             assert r.status == 404, path
             assert not any(name.lower().startswith("x-auth-") for name in r.headers)
 
 
-async def test_off_site_rd_is_refused(front: Front, client: aiohttp.ClientSession) -> None:
+async def test_off_site_rd_is_refused(front: Front, api: aiohttp.ClientSession) -> None:
     for rd in ("https://evil.example/", "//evil.example/x", "http%3A%2F%2Fevil.example%2F"):
-        async with client.get(f"{front.url}/_gateway/start?rd={rd}", allow_redirects=False) as r:
+        async with api.get(f"{front.url}/_gateway/start?rd={rd}", allow_redirects=False) as r:
             assert r.status == 400, rd
             assert (await r.json())["error"] == "off_site_rd"
 
 
 async def test_start_takes_the_level_from_the_rule(
-    front: Front, client: aiohttp.ClientSession
+    front: Front, api: aiohttp.ClientSession
 ) -> None:
-    async with client.get(
+    async with api.get(
         f"{front.url}/_gateway/start?rd=/transfers/x?level=password&acr_values=x",
         allow_redirects=False,
     ) as r:
@@ -320,10 +314,10 @@ async def test_start_takes_the_level_from_the_rule(
 
 
 async def test_a_rule_reading_the_body_fails_closed(
-    front: Front, browser: Browser, client: aiohttp.ClientSession
+    front: Front, browser: Browser, api: aiohttp.ClientSession
 ) -> None:
     with capture_logs() as logs:
-        async with client.post(
+        async with api.post(
             f"{front.url}/pay/now", data={"amount": "5"}, headers={"Accept": "application/json"}
         ) as r:
             assert r.status in (403, 500)  # nginx turns an auth answer it can't pass into 500

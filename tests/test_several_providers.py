@@ -157,12 +157,6 @@ async def two(request: Any, aiohttp_server: Any, clock: Clock) -> AsyncIterator[
         customers.stop()
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
-        yield Browser(http)
-
-
 def assertion_claims(headers: dict[str, str]) -> dict[str, Any]:
     claims: dict[str, Any] = jwt.decode(
         headers["x-auth-assertion"], options={"verify_signature": False}
