@@ -478,6 +478,45 @@ def test_a_default_provider_session_is_written_as_before() -> None:
     assert Session.from_dict(data) == session
 
 
+def test_a_session_of_several_providers_is_written_as_pinned() -> None:
+    # Format 2 as the cookie store writes it (compact JSON, keys in this order): a change
+    # here is a change of format, which sessions already written must survive.
+    workforce = Session.start(
+        Proof("urn:example:loa:2", ("pwd",), 1_700_000_000.0, "p1"),
+        sub="alice",
+        email=None,
+        name=None,
+        provider_sid="sid-1",
+        id_token=None,
+        now=1_700_000_000.0,
+        session_id="session-id",
+        ip="192.0.2.1",
+    )
+    login = Login.first(
+        Proof("urn:example:loa:1", ("pwd",), 1_700_000_100.0, "p2"),
+        provider="customers",
+        sub="alice",
+        email="alice@example.com",
+        name=None,
+        provider_sid="other-sid",
+        id_token=None,
+        now=1_700_000_100.0,
+        ip="192.0.2.2",
+        binding="digest-1",
+    )
+    both = workforce.joined(login)
+    assert json.dumps(both.to_dict(), separators=(",", ":")) == (
+        '{"v":2,"i":"session-id","s":"alice","e":"alice@example.com","p":"other-sid",'
+        '"a":"urn:example:loa:1","m":["pwd"],"at":1700000100,'
+        '"pr":[["urn:example:loa:1",["pwd"],1700000100,"p2"]],"c":1700000000,"l":1700000000,'
+        '"ip":"192.0.2.2","b":[["digest-1",1700000100]],"pv":"customers","ps":1700000100,'
+        '"o":[{"pv":"default","c":1700000000,"s":"alice","p":"sid-1","a":"urn:example:loa:2",'
+        '"m":["pwd"],"at":1700000000,"pr":[["urn:example:loa:2",["pwd"],1700000000,"p1"]],'
+        '"ip":"192.0.2.1"}]}'
+    )
+    assert Session.from_dict(both.to_dict()) == both
+
+
 def test_an_old_session_reads_as_the_default_provider_sign_in_only() -> None:
     old = {
         "v": 1,
