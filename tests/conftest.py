@@ -4,6 +4,7 @@ one hop at a time so tests can assert on every hop."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,9 +16,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.app import Gateway, make_server
+from gateway.app import Gateway
 from gateway.config import load_config_text
 from tests.support.op import OpBehaviour, OpClient, OpenIdProvider, start_op
+from tests.support.serving import serving
 from tests.support.upstream import SEEN, make_echo_app
 
 SESSION_SECRET = "test-session-secret-0123456789abcdef"  # a fixture, not a real secret
@@ -193,8 +195,7 @@ async def upstream(aiohttp_server: Any) -> Any:
 async def make_stack(
     op: OpenIdProvider, upstream: Any, clock: Clock
 ) -> AsyncIterator[StackFactory]:
-    gateways: list[Gateway] = []
-    runners: list[web.ServerRunner] = []
+    running = contextlib.AsyncExitStack()
 
     async def factory(
         *,
@@ -242,19 +243,11 @@ async def make_stack(
         op.clients["gateway"].redirect_uris.append(f"{url}/_gateway/callback")
         op.clients["gateway"].post_logout_redirect_uris.append(f"{url}/_gateway/logged-out")
         gateway = Gateway(config, clock=clock, tracer=tracer)
-        await gateway.start()
-        gateways.append(gateway)
-        runner = web.ServerRunner(make_server(gateway), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runners.append(runner)
+        await running.enter_async_context(serving(gateway, port))
         return Stack(gateway, url, op, upstream, clock, text)
 
-    yield factory
-    for runner in runners:
-        await runner.cleanup()
-    for gateway in gateways:
-        await gateway.close()
+    async with running:
+        yield factory
 
 
 @pytest.fixture

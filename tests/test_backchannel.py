@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 from structlog.testing import capture_logs
 from yarl import URL
 
-from gateway.app import Gateway, make_server
+from gateway.app import Gateway
 from gateway.config.defaults import DEFAULT_DECISION_MEMO_S
 from gateway.oidc.flow import verify_logout_token
 from stepup_demo import DemoStack, start_demo_stack
@@ -44,6 +44,7 @@ from stepup_demo.idp import BROWSER_COOKIE, IdentityProvider
 from stepup_demo.oauth import DemoClient
 from stepup_demo.provider_session import ProviderSession
 from tests.conftest import Browser, Clock, Hop, free_port
+from tests.support.serving import serving_demo
 from tests.test_demo_idp import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -384,19 +385,8 @@ class Demo:
 @pytest.fixture
 async def demo() -> AsyncIterator[Demo]:
     clock = Clock(time.time())  # one clock for the provider and the gateway
-    stack = await start_demo_stack(clock=clock)
-    gateway = Gateway(stack.config, clock=clock)
-    runner = web.ServerRunner(make_server(gateway), access_log=None)
-    try:
-        await gateway.start()
-        await runner.setup()
-        server = stack.config.server
-        await web.TCPSite(runner, server.listen_host, server.listen_port).start()
+    async with serving_demo(clock) as (stack, gateway):
         yield Demo(stack, gateway)
-    finally:
-        await runner.cleanup()
-        await gateway.close()
-        await stack.close()
 
 
 @dataclass

@@ -8,6 +8,7 @@ callback registered for."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import textwrap
@@ -19,15 +20,15 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import pytest
-from aiohttp import web
 from structlog.testing import capture_logs
 
-from gateway.app import Gateway, make_server
+from gateway.app import Gateway
 from gateway.cli import main as gateway_cli
 from gateway.config import load_config_text
 from gateway.oidc import fapi
 from tests.conftest import DEFAULT_RULES, LEVELS_YAML, SESSION_SECRET, Browser, Clock, query_of
 from tests.support.authz import FapiAuthorizationServer, fapi_authz, pkce_pair, public_jwk
+from tests.support.serving import serving
 from tests.support.upstream import SEEN
 
 __all__ = ["fapi_authz"]  # the fixture, imported for pytest
@@ -90,7 +91,7 @@ async def fapi_stack(
 ) -> AsyncIterator[Callable[[], Awaitable[FapiStack]]]:
     """Starts the gateway (``profile: fapi2``, the server's first client key) on the
     port the FAPI server expects; one per test, stopped after it."""
-    started: list[tuple[web.AppRunner | web.ServerRunner, Gateway]] = []
+    running = contextlib.AsyncExitStack()
 
     async def factory() -> FapiStack:
         key_file = tmp_path / "client-key.pem"
@@ -101,17 +102,11 @@ async def fapi_stack(
         )
         config = load_config_text(config_file.read_text(), str(config_file))
         gateway = Gateway(config, clock=clock)
-        await gateway.start()
-        runner = web.ServerRunner(make_server(gateway), access_log=None)
-        await runner.setup()
-        started.append((runner, gateway))
-        await web.TCPSite(runner, "127.0.0.1", fapi_authz.gateway_port).start()
+        await running.enter_async_context(serving(gateway, fapi_authz.gateway_port))
         return FapiStack(gateway, fapi_authz.gateway_url, config_file, key_file, upstream)
 
-    yield factory
-    for runner, gateway in started:
-        await runner.cleanup()
-        await gateway.close()
+    async with running:
+        yield factory
 
 
 def kid_of(pem: bytes) -> str:

@@ -5,7 +5,6 @@ forward_auth) and a real echo upstream; the test OpenID Provider signs users in.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import re
@@ -20,10 +19,9 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
-from aiohttp import web
 from structlog.testing import capture_logs
 
-from gateway.app import Gateway, make_server
+from gateway.app import Gateway
 from gateway.config import ConfigError, load_config_text
 from tests.conftest import (
     CLIENT_SECRET,
@@ -35,6 +33,7 @@ from tests.conftest import (
     query_of,
 )
 from tests.support.op import OpenIdProvider, OpUser
+from tests.support.serving import serving, wait_for_port
 from tests.support.upstream import SEEN, header_values
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "forward-auth"
@@ -93,20 +92,6 @@ def render_caddy(port: int, gateway_port: int, app_port: int) -> str:
     )
 
 
-async def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(200):
-        if proc.poll() is not None:
-            raise AssertionError(f"the proxy exited with {proc.returncode}")
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return
-    raise AssertionError("the proxy did not start listening")
-
-
 @dataclass
 class Front:
     url: str  # the proxy's, which is also the gateway's public_url
@@ -121,13 +106,21 @@ class Front:
         return list(self.upstream.app[SEEN])
 
 
-def gateway_config(public_url: str, gateway_port: int, app_url: str, issuer: str) -> str:
+def gateway_config(
+    public_url: str,
+    gateway_port: int,
+    app_url: str,
+    issuer: str,
+    *,
+    mode: str = "both",
+    rules: str = RULES,
+) -> str:
     return (
         textwrap.dedent(f"""\
         server:
           listen: 127.0.0.1:{gateway_port}
           public_url: {public_url}
-          mode: both
+          mode: {mode}
           trusted_proxies: [127.0.0.1/32]
         upstreams:
           app: {app_url}
@@ -140,7 +133,7 @@ def gateway_config(public_url: str, gateway_port: int, app_url: str, issuer: str
           cookie_secure: false
         """)
         + LEVELS_YAML
-        + RULES
+        + rules
     )
 
 
@@ -158,17 +151,11 @@ async def front(
     app_url = str(upstream.make_url("")).rstrip("/")
     config = load_config_text(gateway_config(url, gateway_port, app_url, op.issuer), "fa.yaml")
     op.clients["gateway"].redirect_uris.append(f"{url}/_gateway/callback")
-    gateway = Gateway(config, clock=clock)
-    await gateway.start()
-    runner = web.ServerRunner(make_server(gateway), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", gateway_port).start()
-    try:
-        async with front_proxy(kind, tmp_path, port, gateway_port, upstream.port):
-            yield Front(url, gateway, op, upstream, clock, kind)
-    finally:
-        await runner.cleanup()
-        await gateway.close()
+    async with (
+        serving(Gateway(config, clock=clock), gateway_port) as gateway,
+        front_proxy(kind, tmp_path, port, gateway_port, upstream.port),
+    ):
+        yield Front(url, gateway, op, upstream, clock, kind)
 
 
 @contextlib.asynccontextmanager
@@ -190,7 +177,7 @@ async def front_proxy(
     stderr = (tmp_path / "proxy.err").open("wb")
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     try:
-        await wait_listening(port, proc)
+        await wait_for_port(port, proc)
         yield
     finally:
         proc.terminate()
@@ -199,12 +186,6 @@ async def front_proxy(
         except subprocess.TimeoutExpired:
             proc.kill()
         stderr.close()
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
-        yield http
 
 
 def saw(record: dict[str, Any], name: str) -> list[str]:
@@ -257,14 +238,14 @@ async def test_the_idle_timeout_slides_through_nginx(front: Front, browser: Brow
 
 
 async def test_api_challenge_reaches_the_client(
-    front: Front, browser: Browser, client: aiohttp.ClientSession
+    front: Front, browser: Browser, api: aiohttp.ClientSession
 ) -> None:
-    async with client.get(f"{front.url}/app/data", headers={"Accept": "application/json"}) as r:
+    async with api.get(f"{front.url}/app/data", headers={"Accept": "application/json"}) as r:
         assert r.status == 401
         assert r.headers["WWW-Authenticate"].startswith("Bearer")
     assert (await browser.follow(f"{front.url}/app/home")).status == 200
     cookies = {m.key: m.value for m in browser.http.cookie_jar}
-    async with client.get(
+    async with api.get(
         f"{front.url}/transfers/list",
         headers={"Accept": "application/json"},
         cookies=cookies,
@@ -277,7 +258,7 @@ async def test_api_challenge_reaches_the_client(
 
 
 async def test_spoofed_headers_from_clients_never_reach_the_app(
-    front: Front, client: aiohttp.ClientSession
+    front: Front, api: aiohttp.ClientSession
 ) -> None:
     spoofed = {
         "X-Auth-Subject": "admin",
@@ -290,10 +271,10 @@ async def test_spoofed_headers_from_clients_never_reach_the_app(
         "Accept": "application/json",
     }
     # Claiming to be a public page does not open a protected one ...
-    async with client.get(f"{front.url}/app/secret", headers=spoofed) as r:
+    async with api.get(f"{front.url}/app/secret", headers=spoofed) as r:
         assert r.status == 401
     # ... and on a public page the app sees none of the forged headers.
-    async with client.get(f"{front.url}/public/page", headers=spoofed) as r:
+    async with api.get(f"{front.url}/public/page", headers=spoofed) as r:
         assert r.status == 200
         record = await r.json()
     # Not sent (nginx), or sent empty (Caddy 2.6 copies the gateway's empty value).
@@ -305,26 +286,26 @@ async def test_spoofed_headers_from_clients_never_reach_the_app(
 
 
 async def test_clients_cannot_ask_auth_through_the_proxy(
-    front: Front, client: aiohttp.ClientSession
+    front: Front, api: aiohttp.ClientSession
 ) -> None:
     for path in ("/_gateway/auth", "/_gateway/auth/envoy/public/x"):
         headers = {"X-Original-URL": f"{front.url}/public/x", "X-Original-Method": "GET"}
-        async with client.get(f"{front.url}{path}", headers=headers) as r:
+        async with api.get(f"{front.url}{path}", headers=headers) as r:
             assert r.status == 404, path
             assert not any(name.lower().startswith("x-auth-") for name in r.headers)
 
 
-async def test_off_site_rd_is_refused(front: Front, client: aiohttp.ClientSession) -> None:
+async def test_off_site_rd_is_refused(front: Front, api: aiohttp.ClientSession) -> None:
     for rd in ("https://evil.example/", "//evil.example/x", "http%3A%2F%2Fevil.example%2F"):
-        async with client.get(f"{front.url}/_gateway/start?rd={rd}", allow_redirects=False) as r:
+        async with api.get(f"{front.url}/_gateway/start?rd={rd}", allow_redirects=False) as r:
             assert r.status == 400, rd
             assert (await r.json())["error"] == "off_site_rd"
 
 
 async def test_start_takes_the_level_from_the_rule(
-    front: Front, client: aiohttp.ClientSession
+    front: Front, api: aiohttp.ClientSession
 ) -> None:
-    async with client.get(
+    async with api.get(
         f"{front.url}/_gateway/start?rd=/transfers/x?level=password&acr_values=x",
         allow_redirects=False,
     ) as r:
@@ -333,10 +314,10 @@ async def test_start_takes_the_level_from_the_rule(
 
 
 async def test_a_rule_reading_the_body_fails_closed(
-    front: Front, browser: Browser, client: aiohttp.ClientSession
+    front: Front, browser: Browser, api: aiohttp.ClientSession
 ) -> None:
     with capture_logs() as logs:
-        async with client.post(
+        async with api.post(
             f"{front.url}/pay/now", data={"amount": "5"}, headers={"Accept": "application/json"}
         ) as r:
             assert r.status in (403, 500)  # nginx turns an auth answer it can't pass into 500
@@ -365,21 +346,13 @@ async def test_auth_refuses_an_untrusted_peer(
     text = gateway_config(url, port, "http://127.0.0.1:9", op.issuer).replace(
         "  trusted_proxies: [127.0.0.1/32]\n", "  trusted_proxies: [10.0.0.0/8]\n"
     )
-    gateway = Gateway(load_config_text(text, "fa.yaml"), clock=clock)
-    await gateway.start()
-    runner = web.ServerRunner(make_server(gateway), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with serving(Gateway(load_config_text(text, "fa.yaml"), clock=clock), port):
         with capture_logs() as logs:
             async with aiohttp.ClientSession() as http:
                 headers = {"X-Original-URL": f"{url}/public/x", "X-Original-Method": "GET"}
                 async with http.get(f"{url}/_gateway/auth", headers=headers) as r:
                     assert r.status == 403
         assert any(e["event"] == "forward_auth_untrusted_peer" for e in logs)
-    finally:
-        await runner.cleanup()
-        await gateway.close()
 
 
 def test_check_refuses_a_body_rule_in_forward_auth_only_mode() -> None:
@@ -403,16 +376,8 @@ async def direct(op: OpenIdProvider, clock: Clock) -> AsyncIterator[str]:
         "    match: {path: /**, host: admin.example.com}\n"
         "    require: {level: mfa}\n"
     )
-    gateway = Gateway(load_config_text(text, "fa.yaml"), clock=clock)
-    await gateway.start()
-    runner = web.ServerRunner(make_server(gateway), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with serving(Gateway(load_config_text(text, "fa.yaml"), clock=clock), port):
         yield url
-    finally:
-        await runner.cleanup()
-        await gateway.close()
 
 
 async def ask(url: str, path: str = "/_gateway/auth", **headers: str) -> tuple[int, Any]:
@@ -484,15 +449,7 @@ async def test_forward_auth_is_off_in_proxy_mode(op: OpenIdProvider, clock: Cloc
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     text = gateway_config(url, port, "http://127.0.0.1:9", op.issuer).replace("  mode: both\n", "")
-    gateway = Gateway(load_config_text(text, "fa.yaml"), clock=clock)
-    await gateway.start()
-    runner = web.ServerRunner(make_server(gateway), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with serving(Gateway(load_config_text(text, "fa.yaml"), clock=clock), port):
         described = {"X_Original_Method": "GET", "X_Original_URL": f"{url}/public/a"}
         assert (await ask(url, **described))[0] == 404
         assert (await ask(url, "/_gateway/start?rd=/app/x"))[0] == 404
-    finally:
-        await runner.cleanup()
-        await gateway.close()

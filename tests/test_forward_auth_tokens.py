@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import textwrap
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,16 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 import pytest
-from aiohttp import web
 from structlog.testing import capture_logs
 
-from gateway.app import Gateway, make_server
+from gateway.app import Gateway
 from gateway.config import load_config_text
-from tests.conftest import CLIENT_SECRET, LEVELS_YAML, SESSION_SECRET, free_port
+from tests.conftest import free_port
 from tests.support.authz import (
-    JWT_AUDIENCE,
     OPAQUE_AUDIENCE,
     AuthorizationServer,
     DpopKey,
@@ -40,29 +36,15 @@ from tests.support.authz import (
     sign,
     start_authorization_server,
 )
+from tests.support.serving import serving
 from tests.support.upstream import SEEN, header_values
-from tests.test_forward_auth import front_proxy
-from tests.test_stepup_client import load_example
+from tests.test_access_tokens import RULES, api_section
+from tests.test_access_tokens_dpop import refused_reasons
+from tests.test_forward_auth import front_proxy, gateway_config
+from tests.test_stepup_client import dpop_transfer
 
 __all__ = ["authz"]  # the fixture, imported for pytest
 
-RULES = """\
-rules:
-  - name: transfers
-    match: {path: /api/transfers/**, methods: [POST]}
-    require: {level: phishing-resistant, max_age: 5m}
-  - name: accounts
-    match: {path: /api/**}
-    require: {level: password}
-    credentials: token
-  - name: web
-    match: {path: /app/**}
-    require: {level: password}
-    credentials: session
-  - name: public
-    match: {path: /public/**}
-    require: none
-"""
 ALGS = 'DPoP algs="ES256 ES384 EdDSA PS256 RS256"'
 
 
@@ -78,30 +60,6 @@ class Front:
         return list(self.upstream.app[SEEN])
 
 
-def config_text(url: str, port: int, app_url: str, issuer: str, api: str) -> str:
-    return (
-        textwrap.dedent(f"""\
-        server:
-          listen: 127.0.0.1:{port}
-          public_url: {url}
-          mode: forward_auth
-          trusted_proxies: [127.0.0.1/32]
-        upstreams:
-          app: {app_url}
-        oidc:
-          issuer: {issuer}
-          client_id: gateway
-          client_secret: {CLIENT_SECRET}
-        session:
-          secret: {SESSION_SECRET}
-          cookie_secure: false
-        """)
-        + LEVELS_YAML
-        + RULES
-        + api
-    )
-
-
 @contextlib.asynccontextmanager
 async def deployment(
     kind: str, issuer: str, upstream: Any, tmp_path: Path, api: str
@@ -110,24 +68,15 @@ async def deployment(
     port, gateway_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     app_url = str(upstream.make_url("")).rstrip("/")
-    text = config_text(url, gateway_port, app_url, issuer, api)
+    text = gateway_config(url, gateway_port, app_url, issuer, mode="forward_auth", rules=RULES)
+    text += api
     # The authorization server's clock is the real one: so is the gateway's.
     gateway = Gateway(load_config_text(text, "fa.yaml"), clock=time.time)
-    await gateway.start()
-    runner = web.ServerRunner(make_server(gateway), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", gateway_port).start()
-    try:
-        async with front_proxy(kind, tmp_path, port, gateway_port, upstream.port):
-            yield Front(url, f"http://127.0.0.1:{gateway_port}", upstream, kind)
-    finally:
-        await runner.cleanup()
-        await gateway.close()
-
-
-def api_section(**keys: str) -> str:
-    lines = [f"  audience: {JWT_AUDIENCE}"] + [f"  {k}: {v}" for k, v in keys.items()]
-    return "api:\n" + "\n".join(lines) + "\n"
+    async with (
+        serving(gateway, gateway_port),
+        front_proxy(kind, tmp_path, port, gateway_port, upstream.port),
+    ):
+        yield Front(url, f"http://127.0.0.1:{gateway_port}", upstream, kind)
 
 
 @pytest.fixture(params=["nginx", "caddy"])
@@ -160,10 +109,6 @@ async def call(
         text = await resp.text()
         body = await resp.json() if resp.status == 200 else text
         return resp.status, dict(resp.headers), body
-
-
-def refused_reasons(logs: list[dict[str, Any]]) -> list[str]:
-    return [e["reason"] for e in logs if e["event"] == "access_token_refused"]
 
 
 # --- the RFC 9470 conversation through the proxy ----------------------------------------
@@ -388,22 +333,7 @@ async def test_introspection_outage_fails_closed(upstream: Any, tmp_path: Path) 
 async def test_the_example_client_steps_up_through_nginx(
     front: Front, authz: AuthorizationServer
 ) -> None:
-    client_module = load_example()
-    key = DpopKey.generate()
-
-    async def reauthorize(step_up: Any) -> str:
-        tokens = await authorize(
-            authz.issuer, acr_values=" ".join(step_up.acr_values), max_age=step_up.max_age, dpop=key
-        )
-        return tokens.access_token
-
-    def proof(method: str, url: str, token: str) -> str:
-        return key.proof(method, url, access_token=token)
-
-    weak = (await authorize(authz.issuer, dpop=key)).access_token
-    auth = client_module.StepUpAuth(weak, reauthorize, proof=proof)
-    async with httpx.AsyncClient(auth=auth, base_url=front.url) as client:
-        response = await client.post("/api/transfers/1?x=1", content=b"{}")
+    response = await dpop_transfer(authz, front.url)
     assert response.status_code == 200
     assert dict(response.json()["headers"])["X-Auth-Level"] == "phishing-resistant"
     assert [record["method"] for record in front.seen] == ["POST"]

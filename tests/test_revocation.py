@@ -3,38 +3,22 @@
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 
 from gateway.config.defaults import DEFAULT_DECISION_MEMO_S
 from tests.conftest import Browser, StackFactory
 from tests.support.op import OpUser
 from tests.test_gateway import COOKIE, PHR_USER, sign_in
 from tests.test_operations import logout_token, post_logout_token
+from tests.test_redis_gateway import prefix, redis_session
 from tests.test_transactional import RULES, finish_round_trip, posts
 
-REDIS_URL = "redis://127.0.0.1:6379/13"
+__all__ = ["prefix"]  # the fixture, imported for pytest
+
 MODES = ["cookie", "memory", "redis", "cookie+redis"]
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    client = aioredis.from_url(REDIS_URL)
-    try:
-        await client.ping()
-    except Exception as exc:
-        pytest.fail(f"Redis must run on 127.0.0.1:6379 for these tests ({exc})")
-    prefix = f"test-{secrets.token_hex(4)}:"
-    yield prefix
-    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 async def stack_for(make_stack: StackFactory, mode: str, prefix: str, **kwargs: Any) -> Any:
@@ -42,7 +26,7 @@ async def stack_for(make_stack: StackFactory, mode: str, prefix: str, **kwargs: 
         return await make_stack(store=mode, **kwargs)
     return await make_stack(
         store=mode.split("+")[0],
-        session_extra=f"redis_url: {REDIS_URL}\nredis_prefix: '{prefix}'\n",
+        session_extra=redis_session(prefix),
         **kwargs,
     )
 
@@ -59,8 +43,8 @@ async def with_cookie(url: str, value: str) -> int:
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_a_saved_cookie_is_dead_after_logout(make_stack, browser, redis_prefix, mode):
-    stack = await stack_for(make_stack, mode, redis_prefix)
+async def test_a_saved_cookie_is_dead_after_logout(make_stack, browser, prefix, mode):
+    stack = await stack_for(make_stack, mode, prefix)
     await sign_in(stack, browser)
     saved = browser.cookie(COOKIE)
     assert saved and await with_cookie(f"{stack.url}/app/x", saved) == 200
@@ -77,8 +61,8 @@ async def test_a_saved_cookie_is_dead_after_logout(make_stack, browser, redis_pr
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_backchannel_logout_ends_every_copy(make_stack, browser, api, redis_prefix, mode):
-    stack = await stack_for(make_stack, mode, redis_prefix)
+async def test_backchannel_logout_ends_every_copy(make_stack, browser, api, prefix, mode):
+    stack = await stack_for(make_stack, mode, prefix)
     await sign_in(stack, browser)
     saved = browser.cookie(COOKIE) or ""
     other = Browser(aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)))
@@ -104,10 +88,8 @@ async def test_backchannel_logout_ends_every_copy(make_stack, browser, api, redi
 
 
 @pytest.mark.parametrize("mode", ["cookie", "cookie+redis"])
-async def test_back_channel_logout_by_provider_session(
-    make_stack, browser, api, redis_prefix, mode
-):
-    stack = await stack_for(make_stack, mode, redis_prefix)
+async def test_back_channel_logout_by_provider_session(make_stack, browser, api, prefix, mode):
+    stack = await stack_for(make_stack, mode, prefix)
     stack.op.behaviour.extra_claims = {"sid": "provider-session-1"}
     await sign_in(stack, browser)
     saved = browser.cookie(COOKIE) or ""
@@ -120,11 +102,11 @@ async def test_back_channel_logout_by_provider_session(
     assert await with_cookie(f"{stack.url}/app/x", saved) == 401
 
 
-async def test_a_logout_on_one_worker_holds_on_the_others(make_stack, browser, redis_prefix):
+async def test_a_logout_on_one_worker_holds_on_the_others(make_stack, browser, prefix):
     """Cookie sessions with session.redis_url: two gateways (two workers, or two
     replicas) share the revocations through Redis."""
-    first = await stack_for(make_stack, "cookie+redis", redis_prefix)
-    second = await stack_for(make_stack, "cookie+redis", redis_prefix)
+    first = await stack_for(make_stack, "cookie+redis", prefix)
+    second = await stack_for(make_stack, "cookie+redis", prefix)
     await sign_in(first, browser)
     saved = browser.cookie(COOKIE) or ""
     assert await with_cookie(f"{second.url}/app/x", saved) == 200
@@ -142,10 +124,8 @@ async def test_a_logout_on_one_worker_holds_on_the_others(make_stack, browser, r
 
 
 @pytest.mark.parametrize("mode", ["cookie", "memory", "cookie+redis"])
-async def test_two_step_ups_in_the_same_second_are_two_proofs(
-    make_stack, browser, redis_prefix, mode
-):
-    stack = await stack_for(make_stack, mode, redis_prefix, rules=RULES)
+async def test_two_step_ups_in_the_same_second_are_two_proofs(make_stack, browser, prefix, mode):
+    stack = await stack_for(make_stack, mode, prefix, rules=RULES)
     await sign_in(stack, browser)
     stack.op.behaviour.user = PHR_USER
     for _ in range(2):  # the test clock stands still: both proofs have one auth_time
@@ -158,9 +138,9 @@ async def test_two_step_ups_in_the_same_second_are_two_proofs(
     assert len(posts(stack, "/api/delete-tenant")) == 2
 
 
-async def test_a_used_proof_stays_used_across_workers(make_stack, browser, redis_prefix):
-    first = await stack_for(make_stack, "cookie+redis", redis_prefix, rules=RULES)
-    second = await stack_for(make_stack, "cookie+redis", redis_prefix, rules=RULES)
+async def test_a_used_proof_stays_used_across_workers(make_stack, browser, prefix):
+    first = await stack_for(make_stack, "cookie+redis", prefix, rules=RULES)
+    second = await stack_for(make_stack, "cookie+redis", prefix, rules=RULES)
     await sign_in(first, browser)
     first.op.behaviour.user = PHR_USER
     hop = await browser.get(f"{first.url}/_gateway/step-up?level=phishing-resistant&rd=/")

@@ -489,6 +489,45 @@ async def test_cookie_store_round_trip() -> None:
     assert await store.ping()
 
 
+async def test_cookie_store_writes_format_1_byte_for_byte() -> None:
+    # The plaintext inside the cookie, pinned: a session of the default provider is
+    # written exactly as gateways before several providers wrote (and read) it.
+    session = Session.start(
+        Proof(acr="urn:example:loa:1", amr=("pwd",), auth_time=NOW - 5),
+        sub="user-1",
+        email="ada@example.com",
+        name="Ada Lovelace",
+        provider_sid="op-sid-1",
+        id_token="header.payload.signature",
+        now=NOW,
+        session_id="sess-1",
+        ip="192.0.2.7",
+        binding="digest-1",
+    ).with_proof(
+        Proof(acr="urn:example:loa:2", amr=("pwd", "otp"), auth_time=NOW + 100.5, id="proof-2"),
+        sub="user-1",
+        email="ada@example.com",
+        name="Ada Lovelace",
+        provider_sid="op-sid-1",
+        id_token="header.payload.signature",
+        now=NOW + 101,
+        ip="192.0.2.8",
+        binding="digest-2",
+    )
+    raw = unb64(await cookie_store().save(session, NOW + 101))
+    purpose = SESSION_PURPOSE.encode()
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose).derive(OLD)
+    plaintext = AESGCM(key).decrypt(raw[1:13], raw[13:], b"\x01" + purpose)
+    assert plaintext == (
+        b'{"v":1,"i":"sess-1","s":"user-1","e":"ada@example.com","n":"Ada Lovelace",'
+        b'"p":"op-sid-1","t":"header.payload.signature","a":"urn:example:loa:2",'
+        b'"m":["pwd","otp"],"at":1700000100.5,'
+        b'"pr":[["urn:example:loa:2",["pwd","otp"],1700000100.5,"proof-2"],'
+        b'["urn:example:loa:1",["pwd"],1699999995]],"c":1700000000,"l":1700000101,'
+        b'"ip":"192.0.2.8","b":[["digest-2",1700000100.5],["digest-1",1699999995]]}'
+    )
+
+
 async def test_cookie_store_rejects_tampered_and_foreign_values() -> None:
     store = cookie_store()
     value = await store.save(make_session(), NOW)

@@ -20,10 +20,9 @@ from urllib.parse import urlencode
 import aiohttp
 import jwt
 import pytest
-from aiohttp import web
 from yarl import URL
 
-from gateway.app import Gateway, make_server
+from gateway.app import Gateway
 from gateway.config import ConfigError, load_config_text
 from gateway.session.model import Login, Proof, Session
 from tests.conftest import (
@@ -37,6 +36,7 @@ from tests.conftest import (
 )
 from tests.support.authz import AuthorizationServer, start_authorization_server
 from tests.support.op import OpBehaviour, OpClient, OpenIdProvider, OpUser, start_op
+from tests.support.serving import serving
 from tests.support.upstream import SEEN, make_echo_app
 from tests.test_operations import logout_token, post_logout_token
 
@@ -150,22 +150,11 @@ async def two(request: Any, aiohttp_server: Any, clock: Clock) -> AsyncIterator[
             f"  redis_prefix: 'several-{os.getpid()}-{port}:'\n",
         )
     gateway = Gateway(load_config_text(text, "several.yaml"), clock=clock)
-    await gateway.start()
-    runner = web.ServerRunner(make_server(gateway), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        yield Two(url, workforce, customers, upstream, gateway)
+        async with serving(gateway, port):
+            yield Two(url, workforce, customers, upstream, gateway)
     finally:
-        await runner.cleanup()
-        await gateway.close()
         customers.stop()
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
-        yield Browser(http)
 
 
 def assertion_claims(headers: dict[str, str]) -> dict[str, Any]:
@@ -487,6 +476,45 @@ def test_a_default_provider_session_is_written_as_before() -> None:
     assert data["v"] == 1
     assert set(data) == {"v", "i", "s", "p", "a", "m", "at", "pr", "c", "l"}
     assert Session.from_dict(data) == session
+
+
+def test_a_session_of_several_providers_is_written_as_pinned() -> None:
+    # Format 2 as the cookie store writes it (compact JSON, keys in this order): a change
+    # here is a change of format, which sessions already written must survive.
+    workforce = Session.start(
+        Proof("urn:example:loa:2", ("pwd",), 1_700_000_000.0, "p1"),
+        sub="alice",
+        email=None,
+        name=None,
+        provider_sid="sid-1",
+        id_token=None,
+        now=1_700_000_000.0,
+        session_id="session-id",
+        ip="192.0.2.1",
+    )
+    login = Login.first(
+        Proof("urn:example:loa:1", ("pwd",), 1_700_000_100.0, "p2"),
+        provider="customers",
+        sub="alice",
+        email="alice@example.com",
+        name=None,
+        provider_sid="other-sid",
+        id_token=None,
+        now=1_700_000_100.0,
+        ip="192.0.2.2",
+        binding="digest-1",
+    )
+    both = workforce.joined(login)
+    assert json.dumps(both.to_dict(), separators=(",", ":")) == (
+        '{"v":2,"i":"session-id","s":"alice","e":"alice@example.com","p":"other-sid",'
+        '"a":"urn:example:loa:1","m":["pwd"],"at":1700000100,'
+        '"pr":[["urn:example:loa:1",["pwd"],1700000100,"p2"]],"c":1700000000,"l":1700000000,'
+        '"ip":"192.0.2.2","b":[["digest-1",1700000100]],"pv":"customers","ps":1700000100,'
+        '"o":[{"pv":"default","c":1700000000,"s":"alice","p":"sid-1","a":"urn:example:loa:2",'
+        '"m":["pwd"],"at":1700000000,"pr":[["urn:example:loa:2",["pwd"],1700000000,"p1"]],'
+        '"ip":"192.0.2.1"}]}'
+    )
+    assert Session.from_dict(both.to_dict()) == both
 
 
 def test_an_old_session_reads_as_the_default_provider_sign_in_only() -> None:

@@ -60,9 +60,10 @@ async def test_client_steps_up_and_retries(
     assert [record["method"] for record in stack.seen] == ["GET", "POST"]
 
 
-async def test_client_with_dpop(make_stack: StackFactory, authz: AuthorizationServer) -> None:
+async def dpop_transfer(authz: AuthorizationServer, base_url: str) -> httpx.Response:
+    """The example client, with a DPoP key and a password-level token, posts a transfer
+    (which needs a step-up) to ``base_url``; its answer."""
     client_module = load_example()
-    stack = await gateway_for(make_stack, authz)
     key = DpopKey.generate()
 
     async def reauthorize(step_up: object) -> str:
@@ -79,8 +80,13 @@ async def test_client_with_dpop(make_stack: StackFactory, authz: AuthorizationSe
 
     weak = (await authorize(authz.issuer, dpop=key)).access_token
     auth = client_module.StepUpAuth(weak, reauthorize, proof=proof)
-    async with httpx.AsyncClient(auth=auth, base_url=stack.url) as client:
-        response = await client.post("/api/transfers/1?x=1", content=b"{}")
+    async with httpx.AsyncClient(auth=auth, base_url=base_url) as client:
+        return await client.post("/api/transfers/1?x=1", content=b"{}")
+
+
+async def test_client_with_dpop(make_stack: StackFactory, authz: AuthorizationServer) -> None:
+    stack = await gateway_for(make_stack, authz)
+    response = await dpop_transfer(authz, stack.url)
     assert response.status_code == 200
     assert dict(response.json()["headers"])["X-Auth-Level"] == "phishing-resistant"
 

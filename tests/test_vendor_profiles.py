@@ -3,19 +3,20 @@ stand-in that answers as that vendor documents (tests/support/vendors.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp import web
 
-from gateway.app import Gateway, make_server
+from gateway.app import Gateway
 from gateway.config import load_config_text
 from gateway.oidc.profiles import SIGNED_IN_ACR
 from tests.conftest import CLIENT_SECRET, SESSION_SECRET, Browser, Clock, free_port
 from tests.support.op import OpBehaviour, OpenIdProvider
+from tests.support.serving import serving
 from tests.support.upstream import SEEN
 from tests.support.vendors import AUTH0_MFA, STAND_INS
 
@@ -36,8 +37,7 @@ Start = Callable[..., Awaitable[tuple[str, OpenIdProvider, list[dict[str, Any]]]
 async def start(aiohttp_server: Any, upstream: Any, clock: Clock) -> AsyncIterator[Start]:
     """A stand-in for ``profile``'s vendor and a gateway with ``oidc.profile`` set and
     no assurance section: the profile's own levels."""
-    runners: list[web.ServerRunner] = []
-    gateways: list[Gateway] = []
+    running = contextlib.AsyncExitStack()
 
     async def factory(
         profile: str, *, base: str = "password", trailing_slash: bool = False
@@ -64,19 +64,11 @@ async def start(aiohttp_server: Any, upstream: Any, clock: Clock) -> AsyncIterat
             """) + RULES.replace("BASE", base)
         op.clients["gateway"].redirect_uris.append(f"{url}/_gateway/callback")
         gateway = Gateway(load_config_text(text, "test.yaml"), clock=clock)
-        await gateway.start()
-        gateways.append(gateway)
-        runner = web.ServerRunner(make_server(gateway), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runners.append(runner)
+        await running.enter_async_context(serving(gateway, port))
         return url, op, upstream.app[SEEN]
 
-    yield factory
-    for runner in runners:
-        await runner.cleanup()
-    for gateway in gateways:
-        await gateway.close()
+    async with running:
+        yield factory
 
 
 def _headers(seen: dict[str, Any]) -> dict[str, str]:

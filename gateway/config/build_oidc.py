@@ -4,7 +4,6 @@ rest of :mod:`gateway.config`, but for reading the client key file once to check
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 from yaml.nodes import Node
@@ -29,16 +28,6 @@ from gateway.config.loader import (
     _Reader,
 )
 from gateway.oidc import fapi, profiles
-
-
-def _is_loopback(host: str) -> bool:
-    host = host.lower().rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761 6.3
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _OidcBuilders(_Reader):

@@ -59,12 +59,7 @@ class _SectionBuilders(_Reader):
 
     def keep_budget(self, node: Node, path: str) -> int:
         scalar = self.scalar(node, path, "a size")
-        value = scalar.value
-        size: int | None = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            size = value
-        elif isinstance(value, str):
-            size = _parse_size(value)
+        size = _size(scalar.value)
         if size is None or not 1 <= size <= MAX_KEEP_BUDGET_BYTES:
             raise self.fail(
                 path,
@@ -87,12 +82,7 @@ class _SectionBuilders(_Reader):
     def size_bytes(self, node: Node, path: str) -> int:
         """Bytes as an integer, or a number with a unit: 512KiB, 1MiB, 2MB."""
         scalar = self.scalar(node, path, "a size")
-        value = scalar.value
-        size: int | None = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            size = value
-        elif isinstance(value, str):
-            size = _parse_size(value)
+        size = _size(scalar.value)
         if size is None:
             raise self.fail(
                 path,
@@ -164,3 +154,12 @@ class _SectionBuilders(_Reader):
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
             raise self.fail(path, f"expected {RATIO_HINT}", node)
         return float(value)
+
+
+def _size(value: object) -> int | None:
+    """Bytes from a YAML integer or a number with a unit (512KiB); None from anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return _parse_size(value)
+    return None

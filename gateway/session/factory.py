@@ -29,15 +29,7 @@ def make_store(cfg: model.SessionConfig) -> SessionStore:
     if cfg.store == "memory":
         return MemoryStore(idle_timeout_s=cfg.idle_timeout_s, lifetime_s=cfg.lifetime_s)
     if cfg.store == "redis" and cfg.redis_url is not None:
-        return RedisStore.from_url(
-            cfg.redis_url,
-            cfg.secrets,
-            idle_timeout_s=cfg.idle_timeout_s,
-            lifetime_s=cfg.lifetime_s,
-            prefix=cfg.redis_prefix,
-            pool_size=cfg.redis_pool_size,
-            pool_timeout_s=cfg.redis_pool_timeout_s,
-        )
+        return _redis_store(cfg, cfg.redis_url)
     raise errors.ConfigError(
         [errors.ConfigProblem("session.store", f"store {cfg.store!r} is not available")]
     )
@@ -52,17 +44,21 @@ def make_aux(
     if isinstance(store, RedisStore):
         return store, None
     if cfg.redis_url is not None:
-        redis = RedisStore.from_url(
-            cfg.redis_url,
-            cfg.secrets,
-            idle_timeout_s=cfg.idle_timeout_s,
-            lifetime_s=cfg.lifetime_s,
-            prefix=cfg.redis_prefix,
-            pool_size=cfg.redis_pool_size,
-            pool_timeout_s=cfg.redis_pool_timeout_s,
-        )
+        redis = _redis_store(cfg, cfg.redis_url)
         return redis, redis
     return LocalAux(clock=clock), None
+
+
+def _redis_store(cfg: model.SessionConfig, url: str) -> RedisStore:
+    return RedisStore.from_url(
+        url,
+        cfg.secrets,
+        idle_timeout_s=cfg.idle_timeout_s,
+        lifetime_s=cfg.lifetime_s,
+        prefix=cfg.redis_prefix,
+        pool_size=cfg.redis_pool_size,
+        pool_timeout_s=cfg.redis_pool_timeout_s,
+    )
 
 
 async def check_redis_eviction(redis: RedisStore | None, source: str) -> None:

@@ -31,7 +31,8 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 SESSION_FORMAT_VERSION = 1
 SESSION_FORMAT_PROVIDERS = 2  # with oidc.providers: the sign-in of a named provider, or several
@@ -64,8 +65,27 @@ class Proof:
         return self.acr == other.acr and frozenset(self.amr) == frozenset(other.amr)
 
 
-@dataclass(frozen=True, slots=True)
-class Session:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SignIn:
+    """Who signed in at a provider and what they proved: a :class:`Login`, and the
+    sign-in a :class:`Session` is a view of."""
+
+    sub: str
+    email: str | None
+    name: str | None
+    provider_sid: str | None
+    id_token: str | None
+    acr: str | None
+    amr: tuple[str, ...]
+    auth_time: float
+    proofs: tuple[Proof, ...]
+    ip: str | None = None  # client address of the last authentication (risk conditions)
+    # (digest of bound request fields, auth_time of the proof that approved them)
+    bindings: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Session(SignIn):
     """A signed-in user.
 
     ``id`` is a random, public identifier for logs and correlation. It is *not*
@@ -78,21 +98,9 @@ class Session:
     """
 
     id: str
-    sub: str
-    email: str | None
-    name: str | None
-    provider_sid: str | None
-    id_token: str | None
-    acr: str | None
-    amr: tuple[str, ...]
-    auth_time: float
-    proofs: tuple[Proof, ...]
     created_at: float
     last_seen: float
-    ip: str | None = None  # client address of the last authentication (risk conditions)
-    # (digest of bound request fields, auth_time of the proof that approved them)
-    bindings: tuple[tuple[str, float], ...] = ()
-    # oidc.providers: whose sign-in the fields above are, since when (None: created_at),
+    # oidc.providers: whose sign-in the fields of SignIn are, since when (None: created_at),
     # and the other providers' sign-ins in this browser session, kept apart.
     provider: str = DEFAULT_PROVIDER
     since: float | None = None
@@ -115,21 +123,23 @@ class Session:
         provider: str = DEFAULT_PROVIDER,
     ) -> Session:
         """A new session from a first login (at ``provider``)."""
-        return cls(
-            id=session_id if session_id is not None else new_session_id(),
+        first = Login.first(
+            proof,
+            provider=provider,
             sub=sub,
             email=email,
             name=name,
             provider_sid=provider_sid,
             id_token=id_token,
-            acr=proof.acr,
-            amr=proof.amr,
-            auth_time=proof.auth_time,
-            proofs=(proof,),
+            now=now,
+            ip=ip,
+            binding=binding,
+        )
+        return cls(
+            id=session_id if session_id is not None else new_session_id(),
+            **_sign_in(first),
             created_at=now,
             last_seen=now,
-            ip=ip,
-            bindings=merge_bindings((), binding, proof.auth_time),
             provider=provider,
         )
 
@@ -193,17 +203,7 @@ class Session:
         return Login(
             provider=self.provider,
             since=self.created_at if self.since is None else self.since,
-            sub=self.sub,
-            email=self.email,
-            name=self.name,
-            provider_sid=self.provider_sid,
-            id_token=self.id_token,
-            acr=self.acr,
-            amr=self.amr,
-            auth_time=self.auth_time,
-            proofs=self.proofs,
-            ip=self.ip,
-            bindings=self.bindings,
+            **_sign_in(self),
         )
 
     def logins(self) -> tuple[Login, ...]:
@@ -248,31 +248,15 @@ class Session:
         return data
 
     def _top_dict(self) -> dict[str, object]:
-        data: dict[str, object] = {
+        # Format 1, key for key in this order (the cookie store writes it as it stands).
+        return {
             "v": SESSION_FORMAT_VERSION,
             "i": self.id,
-            "s": self.sub,
+            **_proven_keys(self),
+            "c": _compact_time(self.created_at),
+            "l": _compact_time(self.last_seen),
+            **_client_keys(self),
         }
-        for key, optional in (
-            ("e", self.email),
-            ("n", self.name),
-            ("p", self.provider_sid),
-            ("t", self.id_token),
-        ):
-            if optional is not None:
-                data[key] = optional
-        if self.acr is not None:
-            data["a"] = self.acr
-        data["m"] = list(self.amr)
-        data["at"] = _compact_time(self.auth_time)
-        data["pr"] = [_proof_item(p) for p in self.proofs]
-        data["c"] = _compact_time(self.created_at)
-        data["l"] = _compact_time(self.last_seen)
-        if self.ip is not None:
-            data["ip"] = self.ip
-        if self.bindings:
-            data["b"] = [[digest, _compact_time(at)] for digest, at in self.bindings]
-        return data
 
     @classmethod
     def from_dict(cls, data: object) -> Session | None:
@@ -290,19 +274,9 @@ class Session:
         try:
             session = cls(
                 id=required_str(data.get("i")),
-                sub=required_str(data.get("s")),
-                email=optional_str(data.get("e")),
-                name=optional_str(data.get("n")),
-                provider_sid=optional_str(data.get("p")),
-                id_token=optional_str(data.get("t")),
-                acr=optional_str(data.get("a")),
-                amr=_str_tuple(data.get("m")),
-                auth_time=finite_time(data.get("at")),
-                proofs=_proofs(data.get("pr")),
+                **_read_sign_in(data),
                 created_at=finite_time(data.get("c")),
                 last_seen=finite_time(data.get("l")),
-                ip=optional_str(data.get("ip")),
-                bindings=_bindings(data.get("b")),
                 provider=_provider(data.get("pv")) if several else DEFAULT_PROVIDER,
                 since=finite_time(data["ps"]) if several and "ps" in data else None,
                 others=_logins(data.get("o")) if several else (),
@@ -314,8 +288,8 @@ class Session:
         return session
 
 
-@dataclass(frozen=True, slots=True)
-class Login:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Login(SignIn):
     """One provider's sign-in within a session (``oidc.providers``): who, and what was proven.
 
     ``since`` is when the gateway first recorded it (its clock): a back-channel
@@ -324,17 +298,6 @@ class Login:
 
     provider: str
     since: float
-    sub: str
-    email: str | None
-    name: str | None
-    provider_sid: str | None
-    id_token: str | None
-    acr: str | None
-    amr: tuple[str, ...]
-    auth_time: float
-    proofs: tuple[Proof, ...]
-    ip: str | None = None
-    bindings: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def first(
@@ -371,42 +334,16 @@ class Login:
     def over(self, session: Session, others: tuple[Login, ...]) -> Session:
         """``session`` (its id and times) viewed as this sign-in, with ``others`` beside it."""
         return replace(
-            session,
-            provider=self.provider,
-            since=self.since,
-            sub=self.sub,
-            email=self.email,
-            name=self.name,
-            provider_sid=self.provider_sid,
-            id_token=self.id_token,
-            acr=self.acr,
-            amr=self.amr,
-            auth_time=self.auth_time,
-            proofs=self.proofs,
-            ip=self.ip,
-            bindings=self.bindings,
-            others=others,
+            session, provider=self.provider, since=self.since, others=others, **_sign_in(self)
         )
 
     def to_dict(self) -> dict[str, object]:
-        data: dict[str, object] = {"pv": self.provider, "c": _compact_time(self.since)}
-        data["s"] = self.sub
-        for key, optional in (
-            ("e", self.email),
-            ("n", self.name),
-            ("p", self.provider_sid),
-            ("t", self.id_token),
-            ("a", self.acr),
-            ("ip", self.ip),
-        ):
-            if optional is not None:
-                data[key] = optional
-        data["m"] = list(self.amr)
-        data["at"] = _compact_time(self.auth_time)
-        data["pr"] = [_proof_item(p) for p in self.proofs]
-        if self.bindings:
-            data["b"] = [[digest, _compact_time(at)] for digest, at in self.bindings]
-        return data
+        return {
+            "pv": self.provider,
+            "c": _compact_time(self.since),
+            **_proven_keys(self),
+            **_client_keys(self),
+        }
 
     @classmethod
     def from_dict(cls, data: object) -> Login:
@@ -416,18 +353,61 @@ class Login:
         return cls(
             provider=_provider(data.get("pv")),
             since=finite_time(data.get("c")),
-            sub=required_str(data.get("s")),
-            email=optional_str(data.get("e")),
-            name=optional_str(data.get("n")),
-            provider_sid=optional_str(data.get("p")),
-            id_token=optional_str(data.get("t")),
-            acr=optional_str(data.get("a")),
-            amr=_str_tuple(data.get("m")),
-            auth_time=finite_time(data.get("at")),
-            proofs=_proofs(data.get("pr")),
-            ip=optional_str(data.get("ip")),
-            bindings=_bindings(data.get("b")),
+            **_read_sign_in(data),
         )
+
+
+_SIGN_IN_FIELDS = tuple(field.name for field in fields(SignIn))
+
+
+def _sign_in(holder: SignIn) -> dict[str, Any]:
+    """The fields of :class:`SignIn` in ``holder``, as keyword arguments."""
+    return {name: getattr(holder, name) for name in _SIGN_IN_FIELDS}
+
+
+def _proven_keys(holder: SignIn) -> dict[str, object]:
+    """s e n p t a m at pr, in this order; optional ones left out when None."""
+    data: dict[str, object] = {"s": holder.sub}
+    for key, optional in (
+        ("e", holder.email),
+        ("n", holder.name),
+        ("p", holder.provider_sid),
+        ("t", holder.id_token),
+        ("a", holder.acr),
+    ):
+        if optional is not None:
+            data[key] = optional
+    data["m"] = list(holder.amr)
+    data["at"] = _compact_time(holder.auth_time)
+    data["pr"] = [_proof_item(p) for p in holder.proofs]
+    return data
+
+
+def _client_keys(holder: SignIn) -> dict[str, object]:
+    """ip b, when there is one: the last authentication's client address, the bound approvals."""
+    data: dict[str, object] = {}
+    if holder.ip is not None:
+        data["ip"] = holder.ip
+    if holder.bindings:
+        data["b"] = [[digest, _compact_time(at)] for digest, at in holder.bindings]
+    return data
+
+
+def _read_sign_in(data: Mapping[str, object]) -> dict[str, Any]:
+    """The fields of :class:`SignIn` in ``data``, as keyword arguments (or :class:`Malformed`)."""
+    return {
+        "sub": required_str(data.get("s")),
+        "email": optional_str(data.get("e")),
+        "name": optional_str(data.get("n")),
+        "provider_sid": optional_str(data.get("p")),
+        "id_token": optional_str(data.get("t")),
+        "acr": optional_str(data.get("a")),
+        "amr": _str_tuple(data.get("m")),
+        "auth_time": finite_time(data.get("at")),
+        "proofs": _proofs(data.get("pr")),
+        "ip": optional_str(data.get("ip")),
+        "bindings": _bindings(data.get("b")),
+    }
 
 
 # One sign-in per provider a config can name; a bound on what a cookie may carry.

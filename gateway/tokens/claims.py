@@ -14,14 +14,8 @@ from dataclasses import dataclass, replace
 from gateway import assurance
 from gateway.model import DEFAULT_PROVIDER, Level
 from gateway.oidc import profiles
-from gateway.oidc.flow import (
-    MAX_AMR_VALUE_BYTES,
-    MAX_AMR_VALUES,
-    MAX_CLAIM_BYTES,
-    IdTokenError,
-    check_header_claim,
-    numeric_date,
-)
+from gateway.oidc.flow import IdTokenError, numeric_date
+from gateway.oidc.tokens import check_string_claims, string_list_claim
 from gateway.session.model import Proof, Session
 
 # RFC 7638 thumbprints are 43 characters; the bound keeps odd values out of logs and keys.
@@ -84,20 +78,8 @@ def read_claims(payload: Mapping[str, object]) -> AccessClaims:
     else:
         raise TokenError("malformed", claim="aud")
 
-    def strings(name: str) -> tuple[str, ...]:
-        value = payload.get(name)
-        if value is None:
-            return ()
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            raise TokenError("malformed", claim=name)
-        if len(value) > MAX_AMR_VALUES:
-            raise TokenError("claim_value", claim=name)
-        for item in value:
-            check_header_claim(name, item, MAX_AMR_VALUE_BYTES)
-        return tuple(value)
-
-    amr = strings("amr")
-    acrs = strings("acrs")
+    amr = string_list_claim(payload, "amr", error=TokenError)
+    acrs = string_list_claim(payload, "acrs", error=TokenError)
     cnf = payload.get("cnf")
     jkt: str | None = None
     if cnf is not None:
@@ -110,10 +92,7 @@ def read_claims(payload: Mapping[str, object]) -> AccessClaims:
     sub = string("sub")
     if not sub:
         raise TokenError("sub")
-    for name, max_bytes in MAX_CLAIM_BYTES.items():
-        value = payload.get(name)
-        if isinstance(value, str):
-            check_header_claim(name, value, max_bytes)
+    check_string_claims(payload)
     return AccessClaims(
         sub=sub,
         aud=aud,

@@ -29,7 +29,6 @@ from typing import Any
 
 import pytest
 import yaml
-from aiohttp import web
 from cryptography.hazmat.primitives.hashes import SHA1
 from cryptography.hazmat.primitives.twofactor.totp import TOTP
 from playwright.async_api import (
@@ -41,10 +40,10 @@ from playwright.async_api import (
     expect,
 )
 
-from gateway.app import Gateway, make_server
-from stepup_demo import DemoStack, start_demo_stack
+from stepup_demo import DemoStack
 from stepup_demo.bank import Customer
 from tests.conftest import Clock
+from tests.support.serving import serving_demo
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -114,19 +113,8 @@ class Demo:
 async def demo() -> AsyncIterator[Demo]:
     # Now, not a fixed date: the browser expires cookies by its own (real) clock.
     clock = Clock(time.time())
-    stack = await start_demo_stack(clock=clock)
-    gateway = Gateway(stack.config, clock=clock)
-    runner = web.ServerRunner(make_server(gateway), access_log=None)
-    try:
-        await gateway.start()
-        await runner.setup()
-        server = stack.config.server
-        await web.TCPSite(runner, server.listen_host, server.listen_port).start()
+    async with serving_demo(clock) as (stack, _):
         yield Demo(stack, clock)
-    finally:
-        await runner.cleanup()
-        await gateway.close()
-        await stack.close()
 
 
 @pytest.fixture

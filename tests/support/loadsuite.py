@@ -31,6 +31,7 @@ import aiohttp
 
 from tests.conftest import CLIENT_SECRET, Browser, free_port
 from tests.support.rawhttp import read_response, request_bytes
+from tests.support.serving import wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent.parent
 LOST = 0
@@ -107,22 +108,6 @@ class Load:
                 writer = None
         if writer is not None:
             writer.close()
-
-
-async def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    """Until something accepts on 127.0.0.1:``port`` (a busy machine starts slowly)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the process for port {port} exited ({proc.returncode})")
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return
-    raise AssertionError(f"nothing listens on port {port} after {timeout_s} s")
 
 
 class GatewayUnderLoad:

@@ -524,10 +524,7 @@ class OpenIdProvider:
         form = dict(await request.post())
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
         client, method, problem = self._authenticate_client(request, fields)
-        recorded = {
-            k: v for k, v in fields.items() if k not in ("client_secret", "client_assertion")
-        }
-        recorded["auth_method"] = method or "none"
+        recorded = _recorded(fields, method)
         recorded["dpop"] = "yes" if "DPoP" in request.headers else "no"
         self.token_requests.append(recorded)
         if client is None:
@@ -584,10 +581,7 @@ class OpenIdProvider:
         form = dict(await request.post())
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
         client, method, problem = self._authenticate_client(request, fields)
-        recorded = {
-            k: v for k, v in fields.items() if k not in ("client_secret", "client_assertion")
-        }
-        recorded["auth_method"] = method or "none"
+        recorded = _recorded(fields, method)
         self.pushed_requests.append(recorded)
         if client is None:
             return _oauth_error(problem or "invalid_client", status=401)
@@ -786,6 +780,13 @@ def _add_query(url: str, params: Mapping[str, str]) -> str:
 
 def _redirect(location: str) -> web.Response:
     return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
+
+
+def _recorded(fields: Mapping[str, str], method: str | None) -> dict[str, str]:
+    """A client's request as the tests see it: without its secret or assertion."""
+    recorded = {k: v for k, v in fields.items() if k not in ("client_secret", "client_assertion")}
+    recorded["auth_method"] = method or "none"
+    return recorded
 
 
 def _oauth_error(
