@@ -6,6 +6,9 @@ Every request writes an access-log line, so the chain that renders one is kept
 short: one processor adds the request id, the pid, the level and the time, and
 renders JSON with an encoder built once; :func:`access` writes the access line
 itself without structlog's logger machinery, in exactly the form it would take.
+The access lines of one turn of the event loop go out in one write when the turn
+ends (before the loop waits again): stdout is unbuffered in the image, so a write
+per line was a system call per request. Any other line writes them first.
 
 The request id lives in one context variable (:func:`bind_request_id`): each
 request runs in its own task, so each has its own.
@@ -13,6 +16,7 @@ request runs in its own task, so each has its own.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
@@ -71,6 +75,13 @@ class _Access:
     write: Any = None
     flush: Any = None
     lock: Any = None
+    # Access lines not yet written, and the loop whose turn ends by writing them.
+    pending: list[str] = []
+    due: asyncio.AbstractEventLoop | None = None
+
+
+# At most this many access lines wait for the end of a turn (a long one writes on).
+ACCESS_BATCH_LINES = 256
 
 
 # An inbound X-Request-Id the gateway keeps (else it makes one: new_request_id).
@@ -117,8 +128,39 @@ def access(method: str, path: str, status: int, rule: str | None, duration_ms: f
         + ("" if request_id is None else f'"request_id": {_str(request_id)}, ')
         + f'"pid": {_Access.pid}, "level": "info", "timestamp": "{_timestamp()}"}}\n'
     )
+    pending = _Access.pending
+    pending.append(line)
+    due = _Access.due
+    if due is None or not due.is_running() or len(pending) >= ACCESS_BATCH_LINES:
+        _write_soon(pending)
+
+
+def _write_soon(pending: list[str]) -> None:
+    """Have the pending access lines written when this turn of the event loop ends.
+
+    One write for every line of a turn (under load a turn answers many requests),
+    in order, before the loop next waits for anything. Written at once: outside a
+    running loop, and when a turn has piled up ``ACCESS_BATCH_LINES``.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    if loop is None or len(pending) >= ACCESS_BATCH_LINES:
+        write_pending()
+    elif _Access.due is not loop:
+        _Access.due = loop
+        loop.call_soon(write_pending)
+
+
+def write_pending() -> None:
+    """Write the access lines not yet written (every other line does this first)."""
+    _Access.due = None
+    if not _Access.pending:
+        return
     with _Access.lock:  # what structlog.WriteLogger.msg does, without its calls
-        _Access.write(line)
+        lines, _Access.pending = _Access.pending, []
+        _Access.write("".join(lines))
         _Access.flush()
 
 
@@ -154,6 +196,8 @@ def configure(level: str = "info", stream: Any = None) -> None:
         # The same keys, in the same order, as merge_contextvars (with the request id
         # bound), a pid, add_log_level, TimeStamper(fmt="iso", utc=True),
         # format_exc_info and JSONRenderer would add.
+        if _Access.pending:
+            write_pending()  # the lines stay in the order they were logged
         request_id = _REQUEST_ID.get()
         if request_id is not None:
             event.setdefault("request_id", request_id)
@@ -168,6 +212,7 @@ def configure(level: str = "info", stream: Any = None) -> None:
     file = stream or sys.stdout
     _Access.logger = structlog.WriteLogger(file=file) if threshold <= logging.INFO else None
     _Access.pid = pid
+    write_pending()  # to the stream they were meant for
     if _Access.logger is not None:
         _Access.write, _Access.flush = file.write, file.flush
         _Access.lock = _Access.logger._lock

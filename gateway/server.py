@@ -245,3 +245,5 @@ def run_one(
         return uvloop.run(_main(config, config_path, assertion_key))
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
         return asyncio.run(_main(config, config_path, assertion_key))
+    finally:
+        logs.write_pending()  # access lines of the loop's last turn

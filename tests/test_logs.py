@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -143,3 +144,90 @@ def test_the_access_line_is_what_log_info_writes(
         assert list(fast) == list(slow)
         assert {**fast, "timestamp": ""} == {**slow, "timestamp": ""}
         assert fast.get("request_id") == request and fast["duration_ms"] == took
+
+
+class CountedWrites(io.StringIO):
+    """A stream that counts its writes (each one a system call on an unbuffered stdout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def events(stream: io.StringIO) -> list[str]:
+    return [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+
+
+def test_the_access_lines_of_one_turn_go_out_in_one_write(restore_structlog: None) -> None:
+    stream = CountedWrites()
+    logs.configure("info", stream)
+
+    async def serve() -> None:
+        for path in ("/a", "/b", "/c"):
+            logs.access("GET", path, 200, None, 1.0)
+        assert stream.getvalue() == ""  # held for the end of the turn
+        await asyncio.sleep(0)  # the turn ends: written before the loop waits on
+        assert stream.writes == 1
+        assert [json.loads(line)["path"] for line in stream.getvalue().splitlines()] == [
+            "/a",
+            "/b",
+            "/c",
+        ]
+        logs.access("GET", "/d", 200, None, 1.0)  # the next turn: written at its end
+        await asyncio.sleep(0)
+        assert stream.writes == 2
+
+    asyncio.run(serve())
+
+
+def test_a_turn_writes_on_after_a_batch_of_access_lines(restore_structlog: None) -> None:
+    stream = CountedWrites()
+    logs.configure("info", stream)
+
+    async def serve() -> None:
+        for _ in range(logs.ACCESS_BATCH_LINES):
+            logs.access("GET", "/", 200, None, 1.0)
+        assert stream.writes == 1  # not held for however long the turn takes
+        assert len(stream.getvalue().splitlines()) == logs.ACCESS_BATCH_LINES
+
+    asyncio.run(serve())
+
+
+def test_every_other_line_comes_after_the_access_lines_before_it(
+    restore_structlog: None,
+) -> None:
+    stream = io.StringIO()
+    logs.configure("info", stream)
+    log = structlog.get_logger("gateway.test")
+
+    async def serve() -> None:
+        log.info("first")
+        logs.access("GET", "/", 200, None, 1.0)
+        log.warning("after_the_request")
+        await asyncio.sleep(0)
+
+    asyncio.run(serve())
+    assert events(stream) == ["first", "request", "after_the_request"]
+
+
+def test_an_access_line_outside_a_loop_is_written_at_once(restore_structlog: None) -> None:
+    stream = io.StringIO()
+    logs.configure("info", stream)
+    logs.access("GET", "/", 200, None, 1.0)
+    assert events(stream) == ["request"]
+    # A line left by a loop that stopped before its turn ended is not held either.
+    loop = asyncio.new_event_loop()
+    loop.call_soon(logs.access, "GET", "/held", 200, None, 1.0)
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    logs.access("GET", "/later", 200, None, 1.0)
+    loop.close()
+    assert [json.loads(line)["path"] for line in stream.getvalue().splitlines()] == [
+        "/",
+        "/held",
+        "/later",
+    ]
