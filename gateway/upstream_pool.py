@@ -127,7 +127,6 @@ class UpstreamPool:
         breaks the exchange.
         """
         retry = method in IDEMPOTENT_METHODS
-        loop = asyncio.get_running_loop()
         while True:
             # An idle connection is the common case: taken without a coroutine.
             protocol = self._take_idle()
@@ -142,7 +141,9 @@ class UpstreamPool:
                     read_timeout=self._read_timeout_s,
                     read_bufsize=self._read_bufsize,
                 )
-                writer = StreamWriter(protocol, loop)
+                # The loop it was opened in (asking for the running one costs a
+                # getpid() system call per request, on Python 3.11).
+                writer = StreamWriter(protocol, protocol._loop)
                 await writer.write_headers(f"{method} {target} HTTP/1.1", headers)
                 protocol.start_timeout()
                 writer.set_eof()
