@@ -71,7 +71,7 @@ class Forwarder:
         self._assurance_headers: Memo[
             tuple[object, ...], tuple[float, tuple[tuple[str, str], ...]]
         ] = Memo(max_entries=ASSURANCE_MEMO_ENTRIES, max_bytes=ASSURANCE_MEMO_BYTES)
-        self._request_headers: Memo[tuple[object, ...], CIMultiDict[str]] = Memo(
+        self._request_headers: Memo[tuple[object, ...], tuple[CIMultiDict[str], bool]] = Memo(
             max_entries=HEADER_MEMO_ENTRIES, max_bytes=HEADER_MEMO_BYTES
         )
 
@@ -93,8 +93,7 @@ class Forwarder:
         """
         ctx = self._ctx
         rule = decision.rule
-        websocket = is_websocket(request)
-        upstream_headers = self.upstream_request_headers(request, rule, request_id, websocket)
+        upstream_headers, websocket = self.upstream_request_headers(request, rule, request_id)
         if session is not None:
             # update() replaces: none of these came from the client (prefix stripped).
             upstream_headers.update(self.assurance_headers(session, decision.level, rule))
@@ -178,9 +177,10 @@ class Forwarder:
             return await upstream_step_up(self._ctx, request, rule, session, path_qs, body, asked)
 
     def upstream_request_headers(
-        self, request: web.BaseRequest, rule: Rule, request_id: str, websocket: bool
-    ) -> CIMultiDict[str]:
-        """:func:`gateway.headers.upstream_request_headers` for ``request``, remembered.
+        self, request: web.BaseRequest, rule: Rule, request_id: str
+    ) -> tuple[CIMultiDict[str], bool]:
+        """:func:`gateway.headers.upstream_request_headers` for ``request``, remembered,
+        and whether the request is a WebSocket upgrade (read from the same headers).
 
         The result depends on the client's headers, its address and the rule's
         upstream and method-override setting (the rest is this configuration's),
@@ -192,7 +192,8 @@ class Forwarder:
         key = (raw, peer, rule.allow_method_override, rule.upstream)
         built = self._request_headers.get(key)
         if built is None:
-            built = headers.upstream_request_headers(
+            websocket = is_websocket(request)
+            filtered = headers.upstream_request_headers(
                 request.headers.items(),
                 prefix=self.header_prefix,
                 allow_method_override=rule.allow_method_override,
@@ -208,10 +209,11 @@ class Forwarder:
                 upstream_host=ctx.upstreams.host_of(rule.upstream),
                 websocket=websocket,  # from the same headers: covered by the key
             )
+            built = (filtered, websocket)
             self._request_headers.put(key, built, header_set_size(raw) + len(peer))
-        out = built.copy()
+        out = built[0].copy()
         out["X-Request-Id"] = request_id
-        return out
+        return out, built[1]
 
     def upstream_asks_step_up(self, response: aiohttp.ClientResponse) -> str | None:
         """The upstream's RFC 9470 challenge, when its answer is one (the first, of several)."""
