@@ -15,7 +15,7 @@ reason is logged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from types import TracebackType
 
 import aiohttp
@@ -229,7 +229,7 @@ class Upstreams:
         *,
         path_qs: str,
         headers: CIMultiDict[str],
-        extra_response_headers: Iterable[tuple[str, str]] = (),
+        extra_response_headers: Sequence[tuple[str, str]] = (),
         on_headers: Callable[[], None] | None = None,
         method: str | None = None,
         body: bytes | None = None,
@@ -310,7 +310,7 @@ class Upstreams:
         request: web.BaseRequest,
         upstream: str,
         upstream_response: aiohttp.ClientResponse,
-        extra_response_headers: Iterable[tuple[str, str]],
+        extra_response_headers: Sequence[tuple[str, str]],
     ) -> web.StreamResponse:
         response_headers = self._head(
             upstream,
@@ -343,7 +343,7 @@ class Upstreams:
         *,
         path_qs: str,
         headers: CIMultiDict[str],
-        extra_response_headers: Iterable[tuple[str, str]],
+        extra_response_headers: Sequence[tuple[str, str]],
         on_headers: Callable[[], None] | None,
     ) -> web.StreamResponse:
         """:meth:`forward` for a request without a body, over the upstream's pool."""
@@ -366,7 +366,7 @@ class Upstreams:
         request: web.BaseRequest,
         upstream: str,
         pooled: PooledResponse,
-        extra_response_headers: Iterable[tuple[str, str]],
+        extra_response_headers: Sequence[tuple[str, str]],
     ) -> web.StreamResponse:
         message = pooled.message
         response_headers = self._head(
@@ -431,7 +431,7 @@ class Upstreams:
         *,
         path_qs: str,
         headers: CIMultiDict[str],
-        extra_response_headers: Iterable[tuple[str, str]] = (),
+        extra_response_headers: Sequence[tuple[str, str]] = (),
     ) -> web.StreamResponse:
         """Relay a WebSocket: open it upstream first, then accept the client's.
 
@@ -494,26 +494,32 @@ class Upstreams:
         status: int,
         raw: tuple[tuple[bytes, bytes], ...],
         parsed: Mapping[str, str],
-        extra: Iterable[tuple[str, str]],
+        extra: Sequence[tuple[str, str]],
         *,
         abort: Callable[[], None],
     ) -> CIMultiDict[str]:
         """The headers to answer the client with, for either relay; ``abort`` drops
-        the upstream connection when the answer cannot be relayed at all."""
+        the upstream connection when the answer cannot be relayed at all.
+
+        Read-only: without ``extra`` it is the remembered set itself, which the
+        response's constructor copies (aiohttp's StreamResponse and Response do).
+        """
         if status == 101:
             # RFC 9110 15.2.2: no protocol switch unless the request asked for one
             # (WebSockets go through forward_websocket, never here).
             abort()
             raise _bad_response(upstream, "unrequested_101")
         response_headers = self._relayed(raw, parsed)
-        for name, value in extra:
-            response_headers.add(name, value)
+        if extra:
+            response_headers = response_headers.copy()
+            for name, value in extra:
+                response_headers.add(name, value)
         return response_headers
 
     def _relayed(
         self, raw: tuple[tuple[bytes, bytes], ...], parsed: Mapping[str, str]
     ) -> CIMultiDict[str]:
-        """The upstream's response headers to relay (a copy the caller may change).
+        """The upstream's response headers to relay (remembered: never to be changed).
 
         ``parsed`` is ``raw`` as aiohttp decoded it; the result depends on nothing
         else but this gateway's cookie names.
@@ -522,7 +528,7 @@ class Upstreams:
         if filtered is None:
             filtered = self._response_headers(parsed.items())
             self._relayed_headers.put(raw, filtered, header_set_size(raw))
-        return filtered.copy()
+        return filtered
 
     def _response_headers(self, items: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
         return upstream_response_headers(
