@@ -5,6 +5,7 @@ limit, SIGTERM's drain, and a busy Redis pool."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,7 +19,7 @@ from structlog.testing import capture_logs
 from gateway.app import Gateway
 from gateway.config import load_config_text
 from gateway.connections import ConnectionPolicy, body_deadline, close_reason
-from gateway.server import run_gateway
+from gateway.server import GC_GEN0_THRESHOLD, run_gateway
 from tests.conftest import CLIENT_SECRET, LEVELS_YAML, SESSION_SECRET, free_port
 from tests.support.rawhttp import RawResponse, read_response, request_bytes
 from tests.support.upstream import SEEN
@@ -153,6 +154,16 @@ def test_body_deadline(now: float, received: int, deadline: float) -> None:
     assert body_deadline(started=0.0, now=now, received_bytes=received, timeout_s=20.0) == (
         deadline
     )
+
+
+async def test_serving_collects_garbage_less_often_than_the_default(serve):
+    saved = gc.get_threshold()
+    gc.set_threshold(700, *saved[1:])  # CPython's default
+    try:
+        await serve()
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, *saved[1:])
+    finally:
+        gc.set_threshold(*saved)
 
 
 # -- slow clients -------------------------------------------------------------------------
