@@ -192,6 +192,8 @@ class Gateway(ConnectionHooks):
         )
         self.risk = RiskClient(self._http)
         self.aux, self._aux_redis = factory.make_aux(self.config.session, self.store, self.clock)
+        if self.tracing is not None:
+            self.tracing.instrument_aux(self._aux_redis)  # the store's own: traced already
         redis = self.store if isinstance(self.store, RedisStore) else self._aux_redis
         await factory.check_redis_eviction(redis, self.config.source)
         factory.warn_if_revocation_per_process(self.config)

@@ -10,6 +10,8 @@ optional ``otel`` extra. Spans, all in one trace with the client's (a well-forme
       oidc.token | oidc.par | oidc.jwks | oidc.discovery | introspection
                             client spans to the provider, each sending a traceparent
       session.load | session.save | session.delete      (Redis store)
+      store.get_records | store.put_record | store.claim_once | store.put_blob |
+      store.take_blob       Redis calls for revocations, one-time proofs, kept requests
       upstream              client span; the upstream gets a traceparent naming it
 
 Never recorded: a token, a cookie, a header's value, a query string, a session id
@@ -60,6 +62,9 @@ KNOWN_METHODS = frozenset(
     "MOVE LOCK UNLOCK".split()
 )
 STORE_METHODS = ("load", "save", "delete")
+# gateway.session.aux.AuxStore: revocation marks (asked on every cookie-session request
+# with session.redis_url), one-time claims and kept requests.
+AUX_METHODS = ("get_records", "put_record", "claim_once", "put_blob", "take_blob")
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -257,6 +262,15 @@ class Tracing:
             return
         for method in STORE_METHODS:
             setattr(store, method, self._traced_call(f"session.{method}", getattr(store, method)))
+        self.instrument_aux(store)
+
+    def instrument_aux(self, aux: object) -> None:
+        """Spans around a Redis aux store's calls (:data:`AUX_METHODS`, no argument
+        recorded); the in-process one does no I/O."""
+        if not isinstance(aux, RedisStore):
+            return
+        for method in AUX_METHODS:
+            setattr(aux, method, self._traced_call(f"store.{method}", getattr(aux, method)))
 
     def _traced_call(
         self, name: str, call: Callable[..., Awaitable[Any]]

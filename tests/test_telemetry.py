@@ -299,6 +299,24 @@ async def test_session_store_calls_have_spans_with_redis(make_stack, browser, pr
     assert_no_secret(spans, [browser.cookie("stepup_session") or "", prefix])
 
 
+async def test_revocation_lookups_in_redis_have_spans(make_stack, browser, prefix) -> None:  # noqa: F811
+    """Cookie sessions with session.redis_url: each request asks Redis whether the
+    session was signed out, and that call is a span of the request (no argument)."""
+    tracer, exporter = in_memory()
+    stack = await make_stack(tracer=tracer, session_extra=redis_session(prefix))
+    assert (await browser.follow(f"{stack.url}/app/home")).status == 200
+    exporter.clear()
+    async with browser.http.get(f"{stack.url}/app/x", headers={"Accept": "text/html"}) as resp:
+        assert resp.status == 200
+    spans = list(exporter.get_finished_spans())
+    (server,) = named(spans, "HTTP GET")
+    (lookup,) = named(spans, "store.get_records")
+    assert parent_of(lookup) == server.get_span_context().span_id
+    assert lookup.attributes == {"db.system.name": "redis"}
+    assert named(spans, "session.load") == []  # the cookie store does no I/O
+    assert_no_secret(spans, [browser.cookie("stepup_session") or "", prefix])
+
+
 async def test_forward_auth_requests_are_traced(make_stack, api) -> None:
     tracer, exporter = in_memory()
     stack = await make_stack(
