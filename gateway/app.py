@@ -27,8 +27,8 @@ from gateway.assertion import AssertionKeyError, AssertionSigner, load_or_genera
 from gateway.body import LiveReader, RequestBody, cookie_value
 from gateway.challenge import ProviderProbe, challenge
 from gateway.connections import GuardedHandler, GuardedServer
+from gateway.context import decided
 from gateway.decision import (
-    DECISION_LABEL,
     SITE_PATH_METHODS,
     Allow,
     Challenge,
@@ -344,7 +344,7 @@ class Gateway(ConnectionHooks):
             except StoreUnavailable as exc:
                 session, store_down = None, exc  # decided below: fatal only if one is needed
         by_token = presented is not None
-        now = self.clock()
+        now = self.clock()  # after the session is loaded: a proof's age is never understated
         body = RequestBody(
             request, config.step_up.max_body_bytes, query, config.server.body_timeout_s
         )
@@ -356,7 +356,7 @@ class Gateway(ConnectionHooks):
             decision = decide_plain(
                 rule, session, config.assurance, now, session_error=store_down, by_token=by_token
             )
-            memo.remember(key, decision, session, now)
+            memo.remember(key, decision, session, now, by_token=by_token)
         if decision is None:
             reader = LiveReader(self.client_ip, request, body)
             facts = RequestFacts(request.method, host, path, session, reader, by_token)
@@ -369,13 +369,9 @@ class Gateway(ConnectionHooks):
                 claim_once=self.claim_once,
                 session_error=store_down,
             )
-        if self.tracing is not None:
-            self.tracing.decision(started_ns, decision)
+        decided(self, decision, started_ns, presented)
         rule_name = decision.rule.name if decision.rule is not None else None
         session = judged_session(session, decision.rule)  # the rule's provider's sign-in
-        self.metrics.requests.labels(rule_name or "", DECISION_LABEL[type(decision)]).inc()
-        if tokens is not None and (refused := tokens.refusal(decision, presented)) is not None:
-            raise refused  # an API client's 401 (RFC 6750, 9449, 9470): never a redirect
         path_qs = path if query is None else f"{path}?{query}"
         if isinstance(decision, Allow):
             return rule_name, await self.forwarder.forward(

@@ -20,7 +20,7 @@ from aiohttp import web
 from gateway import assurance, logs, responses
 from gateway.body import RequestBody
 from gateway.context import Context
-from gateway.decision import Challenge
+from gateway.decision import Challenge, log_step_up_needed
 from gateway.errors import BadRequest, Busy, Forbidden, ProviderError, ProviderUnavailable
 from gateway.fields import binding_digest, binding_values
 from gateway.metrics import Metrics
@@ -106,14 +106,7 @@ async def challenge(
 ) -> web.StreamResponse:
     rule = decision.rule
     acr_values = assurance.acr_values_for(decision.required)
-    log.info(
-        "step_up_needed",
-        rule=rule.name,
-        need=decision.required.name,
-        have=decision.held.name if decision.held else None,
-        reason=decision.reason,
-        max_age_s=decision.max_age_s,
-    )
+    log_step_up_needed(decision, decision.max_age_s)
     navigation = responses.is_navigation(request.method, request.headers)
     form = is_form_post(request.method, request.headers)
     if form:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 
 from gateway.assertion import AssertionSigner
-from gateway.decision import Allow
+from gateway.decision import DECISION_LABEL, Allow, Decision
 from gateway.decision_memo import RememberedDecisions
 from gateway.metrics import Metrics
 from gateway.model import Config, Level, Rule
@@ -28,7 +28,7 @@ from gateway.session.cookies import SetCookieKwargs
 from gateway.session.model import Session
 from gateway.session.stores import SessionStore
 from gateway.session.transaction import TransactionCodec
-from gateway.tokens.gate import TokenGate
+from gateway.tokens.gate import Presented, TokenGate
 from gateway.transactional import KeptLedger, KeptRequest
 
 if TYPE_CHECKING:
@@ -143,3 +143,16 @@ class Context(Protocol):
         raw_html: str = "",
         force_html: bool = False,
     ) -> web.Response: ...
+
+
+def decided(ctx: Context, decision: Decision, started_ns: int, presented: Presented | None) -> None:
+    """What follows every decision, in proxy mode and at ``/auth`` alike: it is traced
+    and counted, and an API client's refusal (RFC 6750, 9449, 9470: never a redirect)
+    is raised."""
+    if ctx.tracing is not None:
+        ctx.tracing.decision(started_ns, decision)
+    rule_name = decision.rule.name if decision.rule is not None else ""
+    ctx.metrics.requests.labels(rule_name, DECISION_LABEL[type(decision)]).inc()
+    tokens = ctx.tokens
+    if tokens is not None and (refused := tokens.refusal(decision, presented)) is not None:
+        raise refused

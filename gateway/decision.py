@@ -145,6 +145,19 @@ def credential_refused(rule: Rule | None, by_token: bool) -> Deny | None:
     return None
 
 
+def log_step_up_needed(decision: Challenge, max_age_s: int | None, **extra: object) -> None:
+    """The ``step_up_needed`` line, alike wherever a challenge is answered."""
+    log.info(
+        "step_up_needed",
+        rule=decision.rule.name,
+        need=decision.required.name,
+        have=decision.held.name if decision.held else None,
+        reason=decision.reason,
+        max_age_s=max_age_s,
+        **extra,
+    )
+
+
 def judged_session(session: Session | None, rule: Rule | None) -> Session | None:
     """``session`` as its sign-in at ``rule``'s provider (``rules[].provider``); None when
     it holds none there: another provider's proof never counts, whatever its level."""

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from gateway.metrics import Counter, Metrics
-from gateway.model import Rule, ServerConfig, SessionConfig
+from gateway.model import ServerConfig, SessionConfig
 from gateway.policy import Allow, Decision
 from gateway.session.model import TOUCH_INTERVAL_S, Session
 
@@ -56,8 +56,13 @@ class _Entry(Generic[V]):
     size: int  # bytes, as the caller estimates them
 
 
-def plain(rule: Rule) -> bool:
-    """Whether ``rule``'s decision reads nothing but the session and the clock."""
+def rememberable(decision: Decision | None, *, by_token: bool) -> bool:
+    """Whether ``decision`` may be reused: an ``Allow`` for a cookie's session (never an
+    access token's: a DPoP proof is single-use) by a rule that reads nothing but the
+    session and the clock."""
+    if by_token or not isinstance(decision, Allow):
+        return False
+    rule = decision.rule
     require = rule.require
     return (
         rule.when is None
@@ -195,14 +200,20 @@ class RememberedDecisions:
         return key, self.proxied.get(key, now)
 
     def remember(
-        self, key: ProxiedKey | None, decision: Decision | None, session: Session | None, now: float
+        self,
+        key: ProxiedKey | None,
+        decision: Decision | None,
+        session: Session | None,
+        now: float,
+        *,
+        by_token: bool,
     ) -> None:
         """Remember the proxy's ``decision`` when it is an Allow that may be remembered."""
         if (
             key is not None
             and session is not None
             and isinstance(decision, Allow)
-            and plain(decision.rule)
+            and rememberable(decision, by_token=by_token)
         ):
             until = allow_until(decision, session, self.session_settings)
             size = PROXIED_ENTRY_BYTES + len(key[0]) + len(key[3])

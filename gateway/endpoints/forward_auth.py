@@ -43,7 +43,7 @@ from aiohttp.http_parser import RawRequestMessage
 
 from gateway import assurance, logs, responses
 from gateway.challenge import start_round_trip
-from gateway.context import Context
+from gateway.context import Context, decided
 from gateway.decision import (
     DECISION_LABEL,
     Allow,
@@ -53,8 +53,9 @@ from gateway.decision import (
     decide_plain,
     decide_request,
     judged_session,
+    log_step_up_needed,
 )
-from gateway.decision_memo import Answer, allow_until, plain
+from gateway.decision_memo import Answer, allow_until, rememberable
 from gateway.endpoints.forward_tokens import TokenFacts, token_facts
 from gateway.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, StoreUnavailable
 from gateway.memo import header_set_size
@@ -227,6 +228,8 @@ def remember(
     out: web.Response,
     now: float,
     reuse_until: float,
+    *,
+    by_token: bool,
 ) -> None:
     """Remember ``out`` for the very same request (gateway.decision_memo).
 
@@ -235,7 +238,7 @@ def remember(
     read. Answered again by :func:`answer_early` before aiohttp sees the request.
     """
     memo = ctx.decisions.auth
-    if not memo.enabled or not plain(decision.rule):
+    if not memo.enabled or not rememberable(decision, by_token=by_token):
         return
     until = min(allow_until(decision, session, ctx.config.session), reuse_until)
     pairs = out.headers.items()
@@ -328,14 +331,7 @@ async def judge(
             claim_once=ctx.claim_once,
             session_error=store_down,
         )
-    name = decision.rule.name if decision.rule is not None else ""
-    ctx.metrics.requests.labels(name, DECISION_LABEL[type(decision)]).inc()
-    if ctx.tracing is not None:
-        ctx.tracing.decision(started_ns, decision)
-    tokens = ctx.tokens
-    presented = token.presented if token is not None else None
-    if tokens is not None and (refused := tokens.refusal(decision, presented)) is not None:
-        raise refused  # an API client's 401 (RFC 6750, 9449, 9470): never a redirect
+    decided(ctx, decision, started_ns, token.presented if token is not None else None)
     return decision, judged_session(session, decision.rule)  # the rule's provider's
 
 
@@ -369,19 +365,20 @@ async def auth(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
                     session.touched(now), now, previous=ctx.session_cookie_value(request)
                 )
                 out.headers["Set-Cookie"] = ctx.session_set_cookie(refreshed)
-            elif token is None:  # a token (a DPoP proof: single-use) is judged every time
-                remember(ctx, request, decision, session, out, now, reuse_until)
+            else:
+                remember(
+                    ctx,
+                    request,
+                    decision,
+                    session,
+                    out,
+                    now,
+                    reuse_until,
+                    by_token=token is not None,
+                )
         return out
     if isinstance(decision, Challenge):
-        rule = decision.rule
-        log.info(
-            "step_up_needed",
-            rule=rule.name,
-            need=decision.required.name,
-            have=decision.held.name if decision.held else None,
-            reason=decision.reason,
-            max_age_s=decision.max_age_s,
-        )
+        log_step_up_needed(decision, decision.max_age_s)
         if described.redirects and responses.is_navigation(described.method, request.headers):
             return await _round_trip(ctx, request, decision, described.path_qs)
         return _unauthorized(decision)

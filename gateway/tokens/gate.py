@@ -30,7 +30,7 @@ import structlog
 from multidict import CIMultiDictProxy, MultiMapping
 
 from gateway import errors, model, responses
-from gateway.decision import TOKEN_NOT_ACCEPTED
+from gateway.decision import TOKEN_NOT_ACCEPTED, log_step_up_needed
 from gateway.memo import Memo
 from gateway.oidc import profiles
 from gateway.oidc.flow import IdTokenError
@@ -391,15 +391,7 @@ class TokenGate:
                 challenge=self.accepted,
             )
         value, max_age_s = challenges.step_up(self.api, decision, presented.scheme)
-        log.info(
-            "step_up_needed",
-            rule=rule.name,
-            need=decision.required.name,
-            have=decision.held.name if decision.held else None,
-            reason=decision.reason,
-            max_age_s=max_age_s,
-            credential="access_token",
-        )
+        log_step_up_needed(decision, max_age_s, credential="access_token")
         return errors.Unauthorized(
             responses.describe_need(decision.required, max_age_s),
             reason=decision.reason,
