@@ -135,6 +135,7 @@ class Gateway(ConnectionHooks):
         self.scheme = urlsplit(config.server.public_url).scheme
         self.tokens = token_gate(config, self.rules)  # API clients' tokens (None: cookies only)
         self.prefix = config.server.internal_prefix
+        self.auth_target = f"{self.prefix}/auth".encode()
         self.redirect_uri = f"{config.server.public_url}{self.prefix}/callback"
         self.signer = AssertionSigner(
             self._assertion_key, config.server.public_url, config.assertion.ttl_s

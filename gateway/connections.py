@@ -13,9 +13,10 @@ request head and closes keep-alive connections only when idle. Here:
   ``server.keepalive_timeout``, and ends keep-alive (``Connection: close`` on the
   last response) after ``server.keepalive_requests`` requests or
   ``server.keepalive_max_age``, so load spreads again over workers and replicas.
-- :attr:`GuardedServer.early` answers a request from memory before aiohttp builds
-  anything for it (a remembered ``/auth`` answer: :mod:`gateway.decision_memo`),
-  only on an idle connection, for a complete HTTP/1.1 request without a body.
+- :attr:`GuardedServer.early` answers a request from memory before aiohttp parses
+  it (a remembered ``/auth`` answer: :mod:`gateway.decision_memo`), by its exact
+  bytes: only a whole HTTP/1.1 head without a body, alone in what was read, on an
+  idle connection whose parser is between requests.
 - :meth:`GuardedServer.drain` (SIGTERM) answers what is in flight or already
   received with ``Connection: close`` and closes idle connections only between
   requests.
@@ -36,13 +37,13 @@ from typing import Any
 import structlog
 from aiohttp import web
 from aiohttp.http import HttpVersion11
-from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
-from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_protocol import RequestHandler
 
-# The whole answer to a request, from memory, or None: (the request, the peer's address).
-EarlyAnswer = Callable[[RawRequestMessage, str | None], bytes | None]
+# The whole answer to a request, from memory, or None: (the request's exact bytes, a
+# whole head without a body; the peer's address).
+EarlyAnswer = Callable[[bytes, str | None], bytes | None]
 
 log = structlog.get_logger("gateway.connections")
 
@@ -103,6 +104,11 @@ def close_reason(
     if age_s >= policy.keepalive_max_age_s:
         return "max_age"
     return None
+
+
+def _one_head(data: bytes) -> bool:
+    """``data`` is one request head and nothing else: its first blank line ends it."""
+    return data.find(b"\r\n\r\n") == len(data) - 4
 
 
 def body_deadline(*, started: float, now: float, received_bytes: int, timeout_s: float) -> float:
@@ -237,6 +243,9 @@ class GuardedHandler(RequestHandler):
         self._drain_timer: asyncio.TimerHandle | None = None
         self.closed_for_room = False
         self.answered_close = False  # the last answer said Connection: close
+        # aiohttp's parser is between requests, with nothing buffered (_note_boundary).
+        self._at_boundary = True
+        self._exact: tuple[object, bytes] | None = None  # (raw headers, bytes): exact_head
 
     # -- the request head -------------------------------------------------------
 
@@ -250,17 +259,11 @@ class GuardedHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         waiting = self._waiter is not None and not self._waiter.done()
         before = self._request_count
-        if (
-            self.server.early is not None
-            and not self._request_in_progress  # every answer so far is sent
-            and not self._messages
-            and not self.answered_close
-            and self._payload_parser is None
-            and not (self._upgraded or self._force_close or self._close or self._buffer_paused)
-        ):
-            self._parse_early(data, self.server.early)
-        else:
+        early = self.server.early
+        if early is None or not self._answered_early(data, early):
             super().data_received(data)
+            if data:
+                self._note_boundary(data, before)
         if self._request_count != before:  # a complete head (the common case: no timer)
             if self._head_timer is not None:
                 self._head_timer.cancel()
@@ -272,39 +275,51 @@ class GuardedHandler(RequestHandler):
             self._arm_head_timer()
             self._head_bytes = len(data)
 
-    def _parse_early(self, data: bytes, early: EarlyAnswer) -> None:
-        """aiohttp's ``data_received`` (web_protocol.py, 3.14), answering from memory the
-        requests :attr:`GuardedServer.early` knows until one it does not; that one and
-        every one after it are queued for aiohttp in order, as it would have."""
-        assert self._parser is not None
-        try:
-            messages, upgraded, tail = self._parser.feed_data(data)
-        except HttpProcessingError as exc:
-            messages = [(_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)]
-            upgraded, tail = False, b""
-        queued = False
-        for message, payload in messages:
-            self._request_count += 1
-            if queued or upgraded or not self._answered_early(message, payload, early):
-                queued = True
-                self._messages.append((message, payload))
-        # start() finds them when it next looks, or now if it is waiting.
-        if queued and self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-        if not self._buffer_paused and len(self._messages) >= self._max_msg_queue_size:
-            self._pause_reading_for_buffer()
-        self._upgraded = upgraded
-        if upgraded and tail:
-            self._message_tail = tail
-
-    def _answered_early(self, message: object, payload: object, early: EarlyAnswer) -> bool:
+    def _note_boundary(self, data: bytes, before: int) -> None:
+        """After aiohttp parsed ``data``: is its parser now between requests, with
+        nothing of a next one buffered? Yes when ``data`` ended with the head of a
+        request without a body (then nothing follows it in the parser). That request,
+        alone in ``data`` and one :attr:`GuardedServer.early` may answer next time, is
+        kept with its bytes (:meth:`exact_head`)."""
+        self._exact = None
+        received = self._request_count - before
+        message, payload = self._messages[-1] if received and self._messages else (None, None)
+        self._at_boundary = (
+            isinstance(message, RawRequestMessage)
+            and payload is EMPTY_PAYLOAD
+            and data.endswith(b"\r\n\r\n")
+            and not (self._upgraded or self._buffer_paused or self._payload_parser)
+        )
         if (
-            payload is not EMPTY_PAYLOAD
-            or not isinstance(message, RawRequestMessage)
-            or message.should_close
-            or message.version != HttpVersion11
-            or self.transport is None
-            or self.writing_paused
+            self._at_boundary
+            and isinstance(message, RawRequestMessage)
+            and received == 1
+            and _one_head(data)
+            and not message.should_close
+            and message.version == HttpVersion11
+        ):
+            self._exact = (message.raw_headers, data)
+
+    def exact_head(self, raw_headers: object) -> bytes | None:
+        """The bytes of the request with these ``raw_headers`` (the very object), when it
+        came alone, whole and without a body on a connection between requests (so the
+        same bytes there are the same request)."""
+        exact = self._exact
+        return exact[1] if exact is not None and exact[0] is raw_headers else None
+
+    def _answered_early(self, data: bytes, early: EarlyAnswer) -> bool:
+        """Answer ``data`` from memory: only a whole request head, alone, arriving on an
+        idle HTTP/1.1 connection whose parser is between requests, and only while the
+        connection may stay open after the answer."""
+        if not (
+            self._at_boundary
+            and _one_head(data)
+            and not self._request_in_progress  # every answer so far is sent
+            and not self._messages
+            and not self.answered_close
+            and self.transport is not None
+            and not self.writing_paused
+            and not (self._upgraded or self._force_close or self._close or self._buffer_paused)
         ):
             return False
         reason = close_reason(
@@ -315,12 +330,11 @@ class GuardedHandler(RequestHandler):
         )
         if reason is not None:
             return False  # aiohttp answers it, with Connection: close
-        answer = early(message, self._peer())
+        answer = early(data, self.peer_address())
         if answer is None:
             return False
+        self._request_count += 1
         self.served += 1
-        assert self._parser is not None
-        self._parser.message_consumed()
         self.transport.write(answer)
         # As aiohttp's start() after an answer: the idle timer counts from now.
         self._keepalive = True
@@ -345,7 +359,7 @@ class GuardedHandler(RequestHandler):
         if self._force_close or self.transport is None:
             return
         started = self._head_bytes > 0
-        log.info("client_timeout", phase="head" if started else "silent", peer=self._peer())
+        log.info("client_timeout", phase="head" if started else "silent", peer=self.peer_address())
         self.server.on_timeout("head")
         if started:
             self.transport.write(_REQUEST_TIMEOUT)
@@ -358,7 +372,7 @@ class GuardedHandler(RequestHandler):
         self._head_timer = self._drain_timer = None
         super().connection_lost(exc)
 
-    def _peer(self) -> str | None:
+    def peer_address(self) -> str | None:
         peer = self.peername
         return str(peer[0]) if isinstance(peer, tuple) and peer else None
 

@@ -54,6 +54,7 @@ class Context(Protocol):
     session_cookie: str
     secure: bool  # cookies are Secure (and __Host-)
     prefix: str  # server.internal_prefix
+    auth_target: bytes  # prefix + "/auth", as a request line has it
     redirect_uri: str
     upstreams: Upstreams
     tracing: Tracing | None  # None: tracing is off

@@ -158,8 +158,10 @@ class Answer:
     """A remembered ``/auth`` answer: its status line and headers, up to X-Request-Id."""
 
     head: bytes
+    method: str  # for the access log
     path: str  # normalised, for the access log
     requests: Counter  # stepup_requests_total{rule, decision="allow"}
+    request_id: str | None  # the request's own X-Request-Id, when it is well-formed
 
 
 class RememberedDecisions:

@@ -5,6 +5,7 @@ remembered (one-time proofs), and the bound on their number."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from typing import Any
 
@@ -218,3 +219,95 @@ async def test_pipelined_requests_are_answered_in_order(make_stack, browser) -> 
     finally:
         writer.close()
     assert seen == [(b"200", "one"), (b"200", "two"), (b"200", "three")]
+
+
+def auth_head(stack: Stack, cookie: str, target: str = "/app/x") -> bytes:
+    """``/auth`` as nginx asks it, as bytes on the wire."""
+    host = stack.url.split("//")[1]
+    return (
+        f"GET /_gateway/auth HTTP/1.1\r\nHost: {host}\r\nCookie: {COOKIE}={cookie}\r\n"
+        f"X-Original-Method: GET\r\nX-Original-URL: {stack.url}{target}\r\n\r\n"
+    ).encode()
+
+
+async def read_answers(reader: asyncio.StreamReader) -> list[tuple[bytes, bytes]]:
+    """Every answer on the connection until it is quiet: (status, head)."""
+    answers = []
+    while True:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)
+        except (TimeoutError, asyncio.IncompleteReadError):
+            return answers
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        if length:
+            await reader.readexactly(int(length.group(1)))
+        answers.append((head.split(b" ")[1], head))
+
+
+async def send_in_parts(stack: Stack, *parts: bytes) -> list[tuple[bytes, bytes]]:
+    """``parts`` written one by one on one connection, each read by the gateway alone."""
+    host, port = stack.url.split("//")[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        return await read_answers(reader)
+    finally:
+        writer.close()
+
+
+async def test_only_the_same_bytes_alone_are_answered_from_memory(make_stack, browser) -> None:
+    """A remembered answer is found by the request's exact bytes, read alone; the same
+    request split over two reads, or two of them in one read, is parsed and decided."""
+    stack, cookie = await memo_stack(make_stack, browser)
+    head = auth_head(stack, cookie)
+    assert [status for status, _ in await send_in_parts(stack, head)] == [b"200"]
+    assert memo_counts(stack).get("hit", 0) == 0
+    assert [status for status, _ in await send_in_parts(stack, head)] == [b"200"]
+    assert memo_counts(stack)["hit"] == 1
+    split = await send_in_parts(stack, head[:40], head[40:])
+    pipelined = await send_in_parts(stack, head + head)
+    assert [status for status, _ in split + pipelined] == [b"200"] * 3
+    assert memo_counts(stack)["hit"] == 1  # each decided again, and the same
+    names = [re.findall(rb"\r\n([\w-]+):", h) for _, h in split + pipelined]
+    assert names[0] == names[1] == names[2]
+
+
+async def test_a_body_spelling_a_remembered_request_is_a_body(make_stack, browser) -> None:
+    """A request whose body is the bytes of a remembered ``/auth`` request, sent after
+    its head: the body goes to the app with the request; no second answer comes."""
+    stack, cookie = await memo_stack(make_stack, browser)
+    head = auth_head(stack, cookie)
+    for _ in range(2):
+        await send_in_parts(stack, head)
+    hits = memo_counts(stack)["hit"]
+    host = stack.url.split("//")[1]
+    post = (
+        f"POST /public/form HTTP/1.1\r\nHost: {host}\r\nCookie: {COOKIE}={cookie}\r\n"
+        f"Content-Type: text/plain\r\nContent-Length: {len(head)}\r\n\r\n"
+    ).encode()
+    answers = await send_in_parts(stack, post, head)
+    assert [status for status, _ in answers] == [b"200"]  # the app's, and only one
+    assert b"X-Auth-Rule" not in answers[0][1]
+    assert stack.seen[-1]["body_sha256"] == hashlib.sha256(head).hexdigest()
+    assert memo_counts(stack)["hit"] == hits
+
+
+async def test_a_body_left_unread_is_not_taken_for_a_request(make_stack, browser) -> None:
+    """The same when the gateway answers before reading the body (an unknown path of
+    its own): the rest of that body, read after the answer, is still that body."""
+    stack, cookie = await memo_stack(make_stack, browser)
+    head = auth_head(stack, cookie)
+    for _ in range(2):
+        await send_in_parts(stack, head)
+    hits = memo_counts(stack)["hit"]
+    host = stack.url.split("//")[1]
+    post = (
+        f"POST /_gateway/no-such-endpoint HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Length: {len(head) + 2}\r\n\r\n"
+    ).encode()
+    answers = await send_in_parts(stack, post + b"ab", head)
+    assert [status for status, _ in answers] == [b"404"]
+    assert memo_counts(stack)["hit"] == hits

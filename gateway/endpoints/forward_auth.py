@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -39,10 +39,10 @@ import structlog
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
-from aiohttp.http_parser import RawRequestMessage
 
 from gateway import assurance, logs, responses
 from gateway.challenge import start_round_trip
+from gateway.connections import GuardedHandler
 from gateway.context import Context, decided
 from gateway.decision import (
     DECISION_LABEL,
@@ -58,7 +58,6 @@ from gateway.decision import (
 from gateway.decision_memo import Answer, allow_until, rememberable
 from gateway.endpoints.forward_tokens import TokenFacts, token_facts
 from gateway.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, StoreUnavailable
-from gateway.memo import header_set_size
 from gateway.paths import (
     canonical_host,
     canonical_rule_host,
@@ -215,11 +214,6 @@ def _canonical(
     return Described(method, scheme, ctx.checked_host(canonical), path, query, redirects)
 
 
-def early_key(peer: str | None, method: str, target: str, version: object, raw: object) -> Hashable:
-    """A remembered answer's key: the exact request that asked, and who asked."""
-    return (peer, method, target, version, raw)
-
-
 def remember(
     ctx: Context,
     request: web.BaseRequest,
@@ -233,13 +227,22 @@ def remember(
 ) -> None:
     """Remember ``out`` for the very same request (gateway.decision_memo).
 
-    Keyed by the request's every byte but the body (none) and the peer: the
-    described request, the cookie and every header a rule or the framing checks
-    read. Answered again by :func:`answer_early` before aiohttp sees the request.
+    Keyed by the request's exact bytes (a whole head without a body, which came
+    alone: :meth:`GuardedHandler.exact_head`) and the peer that sent them, so
+    every header a rule or the framing checks read is in the key. Answered again
+    by :func:`answer_early` before aiohttp parses the same bytes again.
     """
     memo = ctx.decisions.auth
-    if not memo.enabled or not rememberable(decision, by_token=by_token):
+    protocol = request.protocol
+    if (
+        not memo.enabled
+        or not rememberable(decision, by_token=by_token)
+        or not isinstance(protocol, GuardedHandler)
+    ):
         return
+    head = protocol.exact_head(request.raw_headers)
+    if head is None:
+        return  # not the bytes alone (pipelined, split, ...): decided every time
     until = min(allow_until(decision, session, ctx.config.session), reuse_until)
     pairs = out.headers.items()
     if any(_CONTROL.search(name) or _CONTROL.search(value) for name, value in pairs):
@@ -248,33 +251,33 @@ def remember(
         encoded = "".join(f"{name}: {value}\r\n" for name, value in pairs).encode()
     except UnicodeEncodeError:
         return
-    path = normalize_path(split_request_target(request.raw_path)[0])
-    key = early_key(
-        request.remote, request.method, request.raw_path, request.version, request.raw_headers
+    inbound = request.headers.get("X-Request-Id")
+    answer = Answer(
+        b"HTTP/1.1 200 OK\r\n" + encoded,
+        request.method,
+        normalize_path(split_request_target(request.raw_path)[0]),
+        ctx.metrics.requests.labels(decision.rule.name, DECISION_LABEL[Allow]),
+        inbound if inbound is not None and logs.REQUEST_ID_RE.fullmatch(inbound) else None,
     )
-    requests = ctx.metrics.requests.labels(decision.rule.name, DECISION_LABEL[Allow])
-    answer = Answer(b"HTTP/1.1 200 OK\r\n" + encoded, path, requests)
-    size = header_set_size(request.raw_headers) + 2 * len(request.raw_path) + len(answer.head)
-    memo.put(key, answer, until=until, now=now, size=size)
+    size = 2 * len(head) + len(answer.head) + len(answer.path)
+    memo.put((protocol.peer_address(), head), answer, until=until, now=now, size=size)
 
 
-def answer_early(ctx: Context, message: RawRequestMessage, peer: str | None) -> bytes | None:
-    """The remembered answer to ``message``, whole, or None (then aiohttp handles it)."""
-    if not message.path.startswith(ctx.prefix + "/auth"):
+def answer_early(ctx: Context, head: bytes, peer: str | None) -> bytes | None:
+    """The remembered answer to the request ``head`` (its exact bytes), whole, or None
+    (then aiohttp parses it and it is handled as usual)."""
+    if not head.startswith(ctx.auth_target, head.find(b" ") + 1):
         return None  # not /auth (nor /auth/envoy/...) as remembered: judged as usual
     started = time.perf_counter()
-    answer = ctx.decisions.auth.get(
-        early_key(peer, message.method, message.path, message.version, message.raw_headers),
-        ctx.clock(),
-    )
+    answer = ctx.decisions.auth.get((peer, head), ctx.clock())
     if answer is None:
         return None  # counted as a miss; aiohttp hands it to auth(), which may remember it
-    request_id = logs.request_id_for(message.headers.get("X-Request-Id"))
+    request_id = answer.request_id or logs.new_request_id()
     logs.bind_request_id(request_id)
     answer.requests.inc()
     if ctx.config.server.access_log:
         duration_ms = round((time.perf_counter() - started) * 1000, 2)
-        logs.access(message.method, answer.path, 200, None, duration_ms)
+        logs.access(answer.method, answer.path, 200, None, duration_ms)
     return b"".join(
         (
             answer.head,
