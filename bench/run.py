@@ -17,7 +17,8 @@ Rows (each measured with wrk after a warm-up, all on loopback):
                        after they are encoded and sent: the gateway does all its work)
     apache-openidc     the peer: Apache httpd + mod_auth_openidc doing the gateway's job
     nginx-forward-auth nginx in front of the upstream asking the gateway's /_gateway/auth
-                       (the shipped docs/forward-auth/nginx.conf), a valid session
+                       (the shipped docs/forward-auth/nginx.conf: over the gateway's unix
+                       socket), a valid session
 
 The load generator runs on CPU 0 and every server on CPU 1, so one gateway process
 gets one core, as nginx does with ``worker_processes 1``.
@@ -216,8 +217,9 @@ class Row:
 class Processes:
     """Every process the benchmark starts; :meth:`stop_all` ends each one by its pid."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, socket_dir: Path) -> None:
         self.tmp = tmp
+        self.socket_dir = socket_dir
         self._running: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._logs: list[IO[bytes]] = []
 
@@ -704,6 +706,10 @@ def start_token_server(processes: Processes, env: dict[str, str]) -> tuple[str, 
     return issuer, asyncio.run(authorize(issuer)).access_token
 
 
+# How the shipped nginx.conf reaches the gateway: its unix socket (server.unix_socket).
+SHIPPED_GATEWAY = "server unix:/run/stepup-gateway/gateway.sock;"
+
+
 def measure_forward_auth(
     processes: Processes,
     args: argparse.Namespace,
@@ -717,6 +723,9 @@ def measure_forward_auth(
     """nginx (the shipped server block) asking the gateway, both on the server core."""
     tmp = processes.tmp
     url = f"http://127.0.0.1:{port}"
+    # The shipped config asks over the gateway's unix socket; nginx's workers run as
+    # another user: the socket is open to all, in a directory they may enter.
+    socket_path = processes.socket_dir / "gateway.sock"
     config = tmp / "forward-auth.yaml"
     config.write_text(
         gateway_yaml(
@@ -726,7 +735,10 @@ def measure_forward_auth(
             key_file=tmp / "assertion-key.pem",
             rules=GATEWAY_ROWS["gateway"],
             public_url=url,
-            server_extra="  mode: forward_auth\n  trusted_proxies: [127.0.0.1/32]\n",
+            server_extra=(
+                "  mode: forward_auth\n  trusted_proxies: [unix]\n"
+                f"  unix_socket: {socket_path}\n  unix_socket_mode: '0666'\n"
+            ),
         )
     )
     gateway = processes.start(
@@ -738,7 +750,7 @@ def measure_forward_auth(
     )
     site = (
         SHIPPED_NGINX.read_text()
-        .replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{gateway_port};")
+        .replace(SHIPPED_GATEWAY, f"server unix:{socket_path};")
         .replace("server 127.0.0.1:9000;", f"server 127.0.0.1:{upstream_port};")
         .replace("listen 8080;", f"listen 127.0.0.1:{port};")
     )
@@ -1035,9 +1047,15 @@ def run(args: argparse.Namespace) -> list[Row]:
     ensure_tools(apache=PEER_ROW in rows_wanted)
     check_cpus()
     results: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="stepup-bench-") as tmp_name:
+    with (
+        tempfile.TemporaryDirectory(prefix="stepup-bench-") as tmp_name,
+        tempfile.TemporaryDirectory(prefix="stepup-bench-socket-") as socket_dir,
+    ):
         tmp = Path(tmp_name)
-        processes = Processes(tmp)
+        # The gateway's unix socket, alone in a directory nginx's workers (another
+        # user) may enter but not list; the rest of tmp stays the runner's own.
+        os.chmod(socket_dir, 0o711)
+        processes = Processes(tmp, Path(socket_dir))
         try:
             upstream_port = free_port()
             start_nginx(processes, "upstream", NGINX_UPSTREAM_CONF, upstream_port)

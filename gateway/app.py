@@ -156,7 +156,9 @@ class Gateway(ConnectionHooks):
             scheme=self.scheme,
         )
         self.site_routes = site_routes(config.rules)
-        self.peer_trusted = TrustedPeers(config.server.trusted_proxies)
+        self.peer_trusted = TrustedPeers(
+            config.server.trusted_proxies, unix=config.server.trust_unix_socket
+        )
         self.decisions = RememberedDecisions(config.server, config.session, self.metrics)
         # Probes hit these every few seconds; an access-log line each would drown the rest.
         self.quiet_paths: frozenset[str] = frozenset(
@@ -439,7 +441,7 @@ class Gateway(ConnectionHooks):
             request.headers.items(),
             peer=peer,
             peer_trusted=self.peer_trusted(peer),
-            is_trusted=self.peer_trusted,
+            is_trusted=self.peer_trusted.hop,
         )
 
     def session_cookie_value(self, request: web.BaseRequest) -> str | None:

@@ -13,7 +13,7 @@ request head and closes keep-alive connections only when idle. Here:
   ``server.keepalive_timeout``, and ends keep-alive (``Connection: close`` on the
   last response) after ``server.keepalive_requests`` requests or
   ``server.keepalive_max_age``, so load spreads again over workers and replicas.
-- :attr:`GuardedServer.early` answers a request from memory before aiohttp parses
+- :meth:`GuardedServer.early` answers a request from memory before aiohttp parses
   it (a remembered ``/auth`` answer: :mod:`gateway.decision_memo`), by its exact
   bytes: only a whole HTTP/1.1 head without a body, alone in what was read, on an
   idle connection whose parser is between requests.
@@ -27,8 +27,11 @@ The decisions are the pure functions at the top; the rest is asyncio plumbing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import os
 import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +49,11 @@ from aiohttp.web_protocol import RequestHandler
 EarlyAnswer = Callable[[bytes, str | None], bytes | None]
 
 log = structlog.get_logger("gateway.connections")
+
+# The peer address of a connection on ``server.unix_socket`` (never what the socket's
+# own peer name says: a local client may bind its end to any name, "10.0.0.1" too).
+# An RFC 7239 obfuscated node, so ``Forwarded: for=_unix`` is well-formed.
+UNIX_PEER = "_unix"
 
 # Apache mod_reqtimeout's default (body=20,MinRate=500): past the first seconds, a
 # body must keep arriving at 500 bytes/s on average. A trickle of a byte every few
@@ -160,7 +168,6 @@ class GuardedServer(web.Server):
         self.open_connections = 0
         self.closing_idle = 0  # closed for room, connection_lost still to come
         self.listener: Listener | None = None
-        self.early: EarlyAnswer | None = None
 
     def _guarded_request(
         self,
@@ -173,6 +180,11 @@ class GuardedServer(web.Server):
         if isinstance(protocol, GuardedHandler):
             protocol.served += 1
         return GuardedRequest(message, payload, protocol, writer, task, self._loop)
+
+    def early(self) -> EarlyAnswer | None:
+        """What answers requests from memory, when anything does now (None: aiohttp
+        parses every request, and nothing is spent looking)."""
+        return None
 
     def handler_kwargs(self) -> dict[str, Any]:
         """Constructor arguments for a new connection's handler."""
@@ -242,6 +254,7 @@ class GuardedHandler(RequestHandler):
         self._head_bytes = 0
         self._drain_timer: asyncio.TimerHandle | None = None
         self.closed_for_room = False
+        self.over_unix = False  # on server.unix_socket: the peer is UNIX_PEER
         self.answered_close = False  # the last answer said Connection: close
         # aiohttp's parser is between requests, with nothing buffered (_note_boundary).
         self._at_boundary = True
@@ -251,6 +264,8 @@ class GuardedHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.connected_at = self._loop.time()
+        sock = transport.get_extra_info("socket")
+        self.over_unix = sock is not None and sock.family == socket.AF_UNIX
         super().connection_made(transport)
         self._arm_head_timer()  # a connection that never sends anything is closed too
         if self.server.draining:
@@ -259,8 +274,11 @@ class GuardedHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         waiting = self._waiter is not None and not self._waiter.done()
         before = self._request_count
-        early = self.server.early
-        if early is None or not self._answered_early(data, early):
+        early = self.server.early()
+        if early is None:
+            super().data_received(data)
+            self._at_boundary = False  # not followed: never answered from memory
+        elif not self._answered_early(data, early):
             super().data_received(data)
             if data:
                 self._note_boundary(data, before)
@@ -279,7 +297,7 @@ class GuardedHandler(RequestHandler):
         """After aiohttp parsed ``data``: is its parser now between requests, with
         nothing of a next one buffered? Yes when ``data`` ended with the head of a
         request without a body (then nothing follows it in the parser). That request,
-        alone in ``data`` and one :attr:`GuardedServer.early` may answer next time, is
+        alone in ``data`` and one :meth:`GuardedServer.early` may answer next time, is
         kept with its bytes (:meth:`exact_head`)."""
         self._exact = None
         received = self._request_count - before
@@ -372,9 +390,15 @@ class GuardedHandler(RequestHandler):
         self._head_timer = self._drain_timer = None
         super().connection_lost(exc)
 
+    @property
+    def peername(self) -> Any:  # aiohttp's, which request.remote reads
+        return UNIX_PEER if self.over_unix else super().peername
+
     def peer_address(self) -> str | None:
         peer = self.peername
-        return str(peer[0]) if isinstance(peer, tuple) and peer else None
+        if isinstance(peer, tuple) and peer:
+            return str(peer[0])
+        return peer if isinstance(peer, str) and peer else None
 
     def linger_briefly(self) -> None:
         """The body will not be read on: close soon after the answer (see LINGER_...)."""
@@ -562,3 +586,46 @@ def listening_sockets(
             sock.close()
         raise
     return sockets
+
+
+def unix_listening_socket(path: str, mode: int, *, backlog: int) -> socket.socket:
+    """A bound, listening, non-blocking unix socket at ``path`` with permissions ``mode``.
+
+    A socket file already there is replaced when nothing listens on it (left by a
+    gateway that did not stop cleanly); one something answers on, or a file of
+    another kind, is an error (OSError), never removed.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EEXIST, "exists and is not a socket", path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: nobody listens
+        else:
+            raise OSError(errno.EADDRINUSE, "another process listens on it", path)
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Created as 0600 and then given ``mode``: never, even briefly, more open.
+        umask = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(umask)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def remove_unix_socket(path: str, inode: int) -> None:
+    """Remove the socket file this process made (``inode``), unless another took its place."""
+    with contextlib.suppress(OSError):
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)

@@ -47,6 +47,11 @@ class ServerConfig:
     # gateway.decision_memo: an Allow reused for at most this long (0: never), this many.
     decision_memo_s: int = 1
     decision_memo_entries: int = 10_000
+    # Also listen on this unix socket (a front proxy on the same host), with this mode;
+    # its connections are trusted proxies only with "unix" in trusted_proxies.
+    unix_socket: str | None = None
+    unix_socket_mode: int = 0o660
+    trust_unix_socket: bool = False
 
 
 @dataclass(frozen=True, slots=True)

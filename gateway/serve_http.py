@@ -18,7 +18,7 @@ from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from gateway import logs
-from gateway.connections import ConnectionPolicy, GuardedHandler, GuardedServer
+from gateway.connections import ConnectionPolicy, EarlyAnswer, GuardedHandler, GuardedServer
 from gateway.endpoints import forward_auth
 from gateway.errors import BadRequest, GatewayError, MethodNotAllowed
 from gateway.metrics import Metrics
@@ -153,7 +153,14 @@ class _Server(GuardedServer):
         )
         self._gateway = gateway
         gateway.server = self
-        self.early = partial(forward_auth.answer_early, gateway)
+        self._answer_early = partial(forward_auth.answer_early, gateway)
+
+    def early(self) -> EarlyAnswer | None:
+        """Remembered ``/auth`` answers, while forward-auth is on and remembers them."""
+        gateway = self._gateway
+        if gateway.config.server.mode == "proxy" or not gateway.decisions.auth.enabled:
+            return None
+        return self._answer_early
 
     def __call__(self) -> RequestHandler:
         handler = _RequestHandler(self, loop=self._loop, **self.handler_kwargs())

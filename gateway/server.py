@@ -19,7 +19,12 @@ from gateway.app import Gateway, ReloadRefused, make_server
 from gateway.assertion import AssertionKeyError
 from gateway.cel import old_syntax_rewrites
 from gateway.config import load_config
-from gateway.connections import Listener, listening_sockets
+from gateway.connections import (
+    Listener,
+    listening_sockets,
+    remove_unix_socket,
+    unix_listening_socket,
+)
 from gateway.errors import ConfigError
 from gateway.model import Config
 
@@ -116,6 +121,7 @@ async def run_gateway(
     server = config.server
     web_server = make_server(gateway)
     listener: Listener | None = None
+    unix_file: tuple[str, int] | None = None  # the socket file made here: (path, inode)
     metrics_runner: web.AppRunner | None = None
     watcher: asyncio.Task[None] | None = None
     try:
@@ -125,6 +131,17 @@ async def run_gateway(
             reuse_port=server.workers > 1,
             backlog=LISTEN_BACKLOG,
         )
+        if server.unix_socket is not None:
+            try:
+                unix = unix_listening_socket(
+                    server.unix_socket, server.unix_socket_mode, backlog=LISTEN_BACKLOG
+                )
+            except OSError:
+                for sock in sockets:
+                    sock.close()
+                raise
+            sockets.append(unix)
+            unix_file = (server.unix_socket, os.lstat(server.unix_socket).st_ino)
         listener = Listener(web_server, sockets)
         listener.start()
         check_file_limit(server.max_connections)
@@ -136,6 +153,7 @@ async def run_gateway(
         log.info(
             "listening",
             listen=f"{server.listen_host}:{server.listen_port}",
+            unix_socket=server.unix_socket,
             public_url=server.public_url,
             rules=len(config.rules),
             store=config.session.store,
@@ -161,6 +179,8 @@ async def run_gateway(
         web_server.draining = True
         if listener is not None:
             await listener.close()
+        if unix_file is not None:
+            remove_unix_socket(*unix_file)
         forced = await web_server.drain(shutdown_timeout_s)
         if forced:
             log.warning("drain_timeout", connections_closed=forced)

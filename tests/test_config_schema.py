@@ -209,7 +209,7 @@ SCHEMA_BAD = [
      "metrics_listen, shutdown_timeout, trusted_proxies, workers, upstream_connect_timeout, "
      "upstream_timeout, access_log, log_level, hosts, case_insensitive_paths, max_connections, "
      "header_timeout, body_timeout, keepalive_timeout, keepalive_requests, keepalive_max_age, "
-     "mode, decision_memo, decision_memo_entries, got a list"),
+     "mode, decision_memo, decision_memo_entries, unix_socket, unix_socket_mode, got a list"),
     ("top-level-list", [(BASE, "- server\n")],
      "config.yaml:1 (top level): expected a mapping with keys server, upstreams, oidc, "
      "session, assurance, rules, assertion, step_up, api, telemetry, got a list"),
@@ -323,8 +323,10 @@ server:
   internal_prefix: /auth
   metrics_listen: 127.0.0.1:9090
   shutdown_timeout: 1m
-  trusted_proxies: [10.0.0.0/8]
+  trusted_proxies: [10.0.0.0/8, unix]
   workers: 1
+  unix_socket: /run/stepup-gateway/gateway.sock
+  unix_socket_mode: '0600'
   upstream_connect_timeout: 2s
   upstream_timeout: 2.5
   access_log: false

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
+import tempfile
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,11 +59,15 @@ rules:
 """
 
 
-def render_nginx(tmp: Path, port: int, gateway_port: int, app_port: int) -> str:
-    """The shipped server block with this run's ports, inside a minimal main config."""
+# The shipped nginx.conf asks the gateway over its unix socket (server.unix_socket).
+SHIPPED_SOCKET = "server unix:/run/stepup-gateway/gateway.sock;"
+
+
+def render_nginx(tmp: Path, port: int, gateway_socket: str, app_port: int) -> str:
+    """The shipped server block with this run's socket and ports, in a minimal main config."""
     shipped = (DOCS / "nginx.conf").read_text()
     block = (
-        shipped.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{gateway_port};")
+        shipped.replace(SHIPPED_SOCKET, f"server unix:{gateway_socket};")
         .replace("server 127.0.0.1:9000;", f"server 127.0.0.1:{app_port};")
         .replace("listen 8080;", f"listen 127.0.0.1:{port};")
     )
@@ -114,14 +120,21 @@ def gateway_config(
     *,
     mode: str = "both",
     rules: str = RULES,
+    unix_socket: str | None = None,
 ) -> str:
-    return (
-        textwrap.dedent(f"""\
+    trusted = "[127.0.0.1/32]" if unix_socket is None else "[127.0.0.1/32, unix]"
+    server = textwrap.dedent(f"""\
         server:
           listen: 127.0.0.1:{gateway_port}
           public_url: {public_url}
           mode: {mode}
-          trusted_proxies: [127.0.0.1/32]
+          trusted_proxies: {trusted}
+        """)
+    if unix_socket is not None:  # nginx's workers (another user) connect: open to all
+        server += f"  unix_socket: {unix_socket}\n  unix_socket_mode: '0666'\n"
+    return (
+        server
+        + textwrap.dedent(f"""\
         upstreams:
           app: {app_url}
         oidc:
@@ -149,29 +162,47 @@ async def front(
     port, gateway_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     app_url = str(upstream.make_url("")).rstrip("/")
-    config = load_config_text(gateway_config(url, gateway_port, app_url, op.issuer), "fa.yaml")
-    op.clients["gateway"].redirect_uris.append(f"{url}/_gateway/callback")
-    async with (
-        serving(Gateway(config, clock=clock), gateway_port) as gateway,
-        front_proxy(kind, tmp_path, port, gateway_port, upstream.port),
-    ):
-        yield Front(url, gateway, op, upstream, clock, kind)
+    with socket_dir() as directory:
+        unix = f"{directory}/gateway.sock" if kind == "nginx" else None
+        text = gateway_config(url, gateway_port, app_url, op.issuer, unix_socket=unix)
+        config = load_config_text(text, "fa.yaml")
+        op.clients["gateway"].redirect_uris.append(f"{url}/_gateway/callback")
+        async with (
+            serving(Gateway(config, clock=clock), gateway_port) as gateway,
+            front_proxy(kind, tmp_path, port, unix or gateway_port, upstream.port),
+        ):
+            yield Front(url, gateway, op, upstream, clock, kind)
+
+
+@contextlib.contextmanager
+def socket_dir() -> Iterator[str]:
+    """A directory for the gateway's unix socket that nginx's workers (another user)
+    may enter; short, as a socket path must be."""
+    directory = tempfile.mkdtemp(prefix="stepup-", dir="/tmp")
+    try:
+        os.chmod(directory, 0o711)
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager
 async def front_proxy(
-    kind: str, tmp_path: Path, port: int, gateway_port: int, app_port: int
+    kind: str, tmp_path: Path, port: int, gateway: int | str, app_port: int
 ) -> AsyncIterator[None]:
-    """nginx or Caddy with its shipped config, on ``port``, until the block ends."""
+    """nginx or Caddy with its shipped config, on ``port``, until the block ends;
+    ``gateway``: its unix socket (nginx) or its port (Caddy)."""
     binary = shutil.which(kind) or (f"/usr/sbin/{kind}" if kind == "nginx" else None)
     assert binary and Path(binary).exists(), f"{kind} is not installed (scripts/test installs it)"
     if kind == "nginx":
         conf = tmp_path / "nginx.conf"
-        conf.write_text(render_nginx(tmp_path, port, gateway_port, app_port))
+        assert isinstance(gateway, str), "the shipped nginx.conf asks over the unix socket"
+        conf.write_text(render_nginx(tmp_path, port, gateway, app_port))
         argv = [binary, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"]
     else:
         conf = tmp_path / "Caddyfile"
-        conf.write_text(render_caddy(port, gateway_port, app_port))
+        assert isinstance(gateway, int)
+        conf.write_text(render_caddy(port, gateway, app_port))
         argv = [binary, "run", "--config", str(conf), "--adapter", "caddyfile"]
     env = {"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     stderr = (tmp_path / "proxy.err").open("wb")
@@ -327,7 +358,7 @@ async def test_a_rule_reading_the_body_fails_closed(
 
 async def test_the_shipped_configs_are_what_the_suite_runs() -> None:
     shipped = (DOCS / "nginx.conf").read_text()
-    for needle in ("server 127.0.0.1:8000;", "server 127.0.0.1:9000;", "listen 8080;"):
+    for needle in (SHIPPED_SOCKET, "server 127.0.0.1:9000;", "listen 8080;"):
         assert shipped.count(needle) == 1, needle
     assert re.search(r"keepalive \d+;", shipped)
     caddy = (DOCS / "Caddyfile").read_text()

@@ -40,7 +40,7 @@ from tests.support.serving import serving
 from tests.support.upstream import SEEN, header_values
 from tests.test_access_tokens import RULES, api_section
 from tests.test_access_tokens_dpop import refused_reasons
-from tests.test_forward_auth import front_proxy, gateway_config
+from tests.test_forward_auth import front_proxy, gateway_config, socket_dir
 from tests.test_stepup_client import dpop_transfer
 
 __all__ = ["authz"]  # the fixture, imported for pytest
@@ -68,15 +68,19 @@ async def deployment(
     port, gateway_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     app_url = str(upstream.make_url("")).rstrip("/")
-    text = gateway_config(url, gateway_port, app_url, issuer, mode="forward_auth", rules=RULES)
-    text += api
-    # The authorization server's clock is the real one: so is the gateway's.
-    gateway = Gateway(load_config_text(text, "fa.yaml"), clock=time.time)
-    async with (
-        serving(gateway, gateway_port),
-        front_proxy(kind, tmp_path, port, gateway_port, upstream.port),
-    ):
-        yield Front(url, f"http://127.0.0.1:{gateway_port}", upstream, kind)
+    with socket_dir() as directory:
+        unix = f"{directory}/gateway.sock" if kind == "nginx" else None
+        text = gateway_config(
+            url, gateway_port, app_url, issuer, mode="forward_auth", rules=RULES, unix_socket=unix
+        )
+        text += api
+        # The authorization server's clock is the real one: so is the gateway's.
+        gateway = Gateway(load_config_text(text, "fa.yaml"), clock=time.time)
+        async with (
+            serving(gateway, gateway_port),
+            front_proxy(kind, tmp_path, port, unix or gateway_port, upstream.port),
+        ):
+            yield Front(url, f"http://127.0.0.1:{gateway_port}", upstream, kind)
 
 
 @pytest.fixture(params=["nginx", "caddy"])

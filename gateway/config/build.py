@@ -49,6 +49,7 @@ from gateway.config.defaults import (
     DEFAULT_STORE,
     DEFAULT_TRANSACTION_TTL_S,
     DEFAULT_TRUSTED_PROXIES,
+    DEFAULT_UNIX_SOCKET_MODE,
     DEFAULT_UPSTREAM_CONNECT_TIMEOUT_S,
     DEFAULT_UPSTREAM_TIMEOUT_S,
     DEFAULT_WORKERS,
@@ -177,6 +178,12 @@ class _Validator(_ProviderBuilders, _SectionBuilders, _ApiBuilders):
                     "store: cookie or redis, or workers: 1",
                     self.node_at(top, "server", "workers"),
                 )
+        if server is not None:
+            self.check_unix_socket(
+                server,
+                self.node_at(top, "server", "trusted_proxies"),
+                self.node_at(top, "server", "unix_socket"),
+            )
         if server is not None and rules is not None and server.mode == "forward_auth":
             self.check_forward_auth(rules, self.node_at(top, "server", "mode"))
         if (
@@ -230,10 +237,15 @@ class _Validator(_ProviderBuilders, _SectionBuilders, _ApiBuilders):
                 "mode",
                 "decision_memo",
                 "decision_memo_entries",
+                "unix_socket",
+                "unix_socket_mode",
             ),
         )
         listen_host, listen_port = self.required(m, "listen", self.host_port, ("", 0))
         metrics_listen = self.optional(m, "metrics_listen", self.host_port, None)
+        trusted = self.optional(
+            m, "trusted_proxies", self.trusted_proxies, (DEFAULT_TRUSTED_PROXIES, False)
+        )
         return model.ServerConfig(
             listen_host=listen_host,
             listen_port=listen_port,
@@ -245,9 +257,8 @@ class _Validator(_ProviderBuilders, _SectionBuilders, _ApiBuilders):
             shutdown_timeout_s=self.optional(
                 m, "shutdown_timeout", self.timeout_s, DEFAULT_SHUTDOWN_TIMEOUT_S
             ),
-            trusted_proxies=self.optional(
-                m, "trusted_proxies", self.networks, DEFAULT_TRUSTED_PROXIES
-            ),
+            trusted_proxies=trusted[0],
+            trust_unix_socket=trusted[1],
             workers=self.optional(m, "workers", self.workers, DEFAULT_WORKERS),
             upstream_connect_timeout_s=self.optional(
                 m, "upstream_connect_timeout", self.timeout_s, DEFAULT_UPSTREAM_CONNECT_TIMEOUT_S
@@ -295,6 +306,10 @@ class _Validator(_ProviderBuilders, _SectionBuilders, _ApiBuilders):
                 lambda n, p: self.bounded_integer(n, p, 1, MAX_DECISION_MEMO_ENTRIES),
                 DEFAULT_DECISION_MEMO_ENTRIES,
             ),
+            unix_socket=self.optional(m, "unix_socket", self.unix_socket, None),
+            unix_socket_mode=self.optional(
+                m, "unix_socket_mode", self.unix_socket_mode, DEFAULT_UNIX_SOCKET_MODE
+            ),
         )
 
     def hosts(self, node: Node, path: str) -> tuple[str, ...]:
@@ -337,27 +352,6 @@ class _Validator(_ProviderBuilders, _SectionBuilders, _ApiBuilders):
                 node,
             )
         return prefix
-
-    def networks(self, node: Node, path: str) -> tuple[model.IPNetwork, ...]:
-        # An empty list is explicit and means the same as the default: trust no proxy.
-        result: list[model.IPNetwork] = []
-        for item_path, item in self.items(node, path, allow_empty=True):
-            try:
-                text = self.text(item, item_path).strip()
-            except _Invalid:
-                continue
-            try:
-                result.append(ipaddress.ip_network(text, strict=True))
-            except ValueError:
-                try:
-                    loose = ipaddress.ip_network(text, strict=False)
-                except ValueError:
-                    self.note(
-                        item_path, f"not an IP network (CIDR like 10.0.0.0/8): {text!r}", item
-                    )
-                else:
-                    self.note(item_path, f"{text!r} has host bits set; did you mean {loose}?", item)
-        return tuple(result)
 
     def workers(self, node: Node, path: str) -> int:
         if isinstance(node, ScalarNode) and node.value == "auto":

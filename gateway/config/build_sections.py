@@ -1,7 +1,11 @@
-"""Builders of the ``step_up`` and ``assertion`` sections: what a kept request may hold
-and cost, and how the signed assertion is made. Pure, like the rest of :mod:`gateway.config`."""
+"""Builders of the ``step_up`` and ``assertion`` sections (what a kept request may hold
+and cost, and how the signed assertion is made) and of who may reach the gateway as a
+proxy (``trusted_proxies``, ``unix_socket``). Pure, like the rest of :mod:`gateway.config`."""
 
 from __future__ import annotations
+
+import ipaddress
+import re
 
 from yaml.nodes import Node
 
@@ -17,17 +21,88 @@ from gateway.config.defaults import (
     MAX_DETAILS_TYPE_CHARS,
     MAX_KEEP_BUDGET_BYTES,
     MAX_KEEP_PER_CLIENT,
+    MAX_UNIX_SOCKET_PATH_BYTES,
     _parse_size,
 )
 from gateway.config.loader import (
     _TOKEN,
+    _Invalid,
     _Reader,
 )
 from gateway.config.schema import RATIO_HINT
 from gateway.model import MAX_ASSERTION_TTL_S
 
+# In trusted_proxies: the connections on server.unix_socket.
+UNIX_TRUST = "unix"
+
 
 class _SectionBuilders(_Reader):
+    def trusted_proxies(self, node: Node, path: str) -> tuple[tuple[model.IPNetwork, ...], bool]:
+        """The networks, and whether ``unix`` (the unix socket's connections) is listed."""
+        # An empty list is explicit and means the same as the default: trust no proxy.
+        result: list[model.IPNetwork] = []
+        unix = False
+        for item_path, item in self.items(node, path, allow_empty=True):
+            try:
+                text = self.text(item, item_path).strip()
+            except _Invalid:
+                continue
+            if text == UNIX_TRUST:
+                unix = True
+                continue
+            try:
+                result.append(ipaddress.ip_network(text, strict=True))
+            except ValueError:
+                try:
+                    loose = ipaddress.ip_network(text, strict=False)
+                except ValueError:
+                    self.note(
+                        item_path,
+                        f"not an IP network (CIDR like 10.0.0.0/8) nor {UNIX_TRUST}: {text!r}",
+                        item,
+                    )
+                else:
+                    self.note(item_path, f"{text!r} has host bits set; did you mean {loose}?", item)
+        return tuple(result), unix
+
+    def unix_socket(self, node: Node, path: str) -> str:
+        socket_path = self.text(node, path)
+        if not socket_path.startswith("/") or "\0" in socket_path:
+            self.note(path, f"must be an absolute path (/run/...), got {socket_path!r}", node)
+        elif len(socket_path.encode()) > MAX_UNIX_SOCKET_PATH_BYTES:
+            self.note(
+                path,
+                f"is longer than a unix socket path may be ({MAX_UNIX_SOCKET_PATH_BYTES} bytes)",
+                node,
+            )
+        return socket_path
+
+    def unix_socket_mode(self, node: Node, path: str) -> int:
+        text = self.text(node, path)
+        if not re.fullmatch(r"0?[0-7]{3}", text):
+            self.note(path, f"must be octal permissions like '0660', got {text!r}", node)
+            return 0
+        return int(text, 8)
+
+    def check_unix_socket(
+        self, server: model.ServerConfig, trusted: Node | None, socket_node: Node | None
+    ) -> None:
+        """``unix`` trusted without a socket, or a socket several workers would share."""
+        if server.trust_unix_socket and server.unix_socket is None:
+            self.note(
+                "server.trusted_proxies",
+                f"lists {UNIX_TRUST} (the connections on server.unix_socket) but "
+                "server.unix_socket is not set",
+                trusted,
+            )
+        if server.unix_socket is not None and server.workers > 1:
+            self.note(
+                "server.unix_socket",
+                f"needs workers: 1 (is {server.workers}): workers cannot share one socket "
+                "path. Run one gateway per socket (replicas), or listen on TCP",
+                socket_node,
+            )
+
     def step_up(self, node: Node, path: str) -> model.StepUpConfig:
         m = self.mapping(
             node,

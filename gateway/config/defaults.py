@@ -65,6 +65,10 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = float(_default_s("server.shutdown_timeout"))
 DEFAULT_TRUSTED_PROXIES: tuple[model.IPNetwork, ...] = tuple(
     ipaddress.ip_network(cidr) for cidr in default("server.trusted_proxies")
 )
+# Owner and group (php-fpm's listen.mode): put the front proxy's user in the group.
+DEFAULT_UNIX_SOCKET_MODE: int = int(default("server.unix_socket_mode"), 8)
+# sun_path is 108 bytes on Linux, with the terminating NUL.
+MAX_UNIX_SOCKET_PATH_BYTES = 107
 # One event loop per process; scale out with replicas, or raise this on big hosts.
 DEFAULT_WORKERS: int = default("server.workers")
 # A healthy upstream on the same network accepts a connection in milliseconds.

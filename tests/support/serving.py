@@ -12,18 +12,25 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from gateway.app import Gateway, make_server
+from gateway.connections import unix_listening_socket
 from stepup_demo import DemoStack, start_demo_stack
 
 
 @contextlib.asynccontextmanager
 async def serving(gateway: Gateway, port: int, host: str = "127.0.0.1") -> AsyncIterator[Gateway]:
-    """``gateway`` started and listening on ``host``:``port`` (the server ``run`` uses)
-    until the block ends; then the listener is closed, and the gateway."""
+    """``gateway`` started and listening on ``host``:``port`` (and its
+    ``server.unix_socket``) with the server ``run`` uses, until the block ends; then
+    the listener is closed, and the gateway."""
     runner = web.ServerRunner(make_server(gateway), access_log=None)
+    unix_socket = gateway.config.server.unix_socket
     try:
         await gateway.start()
         await runner.setup()
         await web.TCPSite(runner, host, port).start()
+        if unix_socket is not None:  # made as `run` makes it
+            mode = gateway.config.server.unix_socket_mode
+            sock = unix_listening_socket(unix_socket, mode, backlog=128)
+            await web.SockSite(runner, sock).start()
         yield gateway
     finally:
         await runner.cleanup()
