@@ -77,6 +77,8 @@ MIN_IDLE_TO_CLOSE_S = 1.0
 # accept() failing for lack of file descriptors or memory: retry after this long
 # (asyncio's ACCEPT_RETRY_DELAY) rather than spin on a socket that stays readable.
 ACCEPT_RETRY_S = 1.0
+# Asking whether something still listens on an existing socket file at start-up.
+UNIX_PROBE_TIMEOUT_S = 1.0
 _ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 
 # A minimal answer to a client that never finished its request head (RFC 9110
@@ -599,10 +601,13 @@ def unix_listening_socket(path: str, mode: int, *, backlog: int) -> socket.socke
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise OSError(errno.EEXIST, "exists and is not a socket", path)
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(UNIX_PROBE_TIMEOUT_S)  # a listener with a full backlog
         try:
             probe.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
             os.unlink(path)  # stale: nobody listens
+        except TimeoutError:
+            raise OSError(errno.EADDRINUSE, "another process listens on it", path) from None
         else:
             raise OSError(errno.EADDRINUSE, "another process listens on it", path)
         finally:
