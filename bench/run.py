@@ -71,6 +71,9 @@ BAR_RULES_COST_PCT = 10.0
 # ... and against the peer users would pick instead: Apache httpd + mod_auth_openidc.
 BAR_PEER_RATIO = 1.5
 BAR_PEER_P99_MS = 10.0
+# ... and nginx asking the gateway's /auth for every request, against nginx alone.
+BAR_FORWARD_AUTH_RATIO = 0.35
+BAR_FORWARD_AUTH_P99_MS = 10.0
 
 GATEWAY_ROWS = {
     "gateway": 10,
@@ -1259,7 +1262,8 @@ def bar(results: Sequence[Row]) -> Iterator[str]:
 
     The scale-out row (two workers sharing one core and Redis) is for reading
     what Redis and a second process cost; the bar is for one process. Against the
-    peer (Apache + mod_auth_openidc) the target is for the ``gateway`` row.
+    peer (Apache + mod_auth_openidc) the target is for the ``gateway`` row; nginx +
+    forward-auth has its own, against nginx alone.
     """
     for r in results:
         if not r.row.startswith("gateway") or r.row in SCALE_OUT:
@@ -1274,6 +1278,15 @@ def bar(results: Sequence[Row]) -> Iterator[str]:
     if cost is not None:
         ok = cost < BAR_RULES_COST_PCT
         yield f"{'ok  ' if ok else 'MISS'} 10k rules cost {cost:.1f}% < {BAR_RULES_COST_PCT:g}%"
+    forward_auth = next((r for r in results if r.row == FORWARD_AUTH_ROW), None)
+    if forward_auth is not None and forward_auth.ratio_to_nginx_proxy is not None:
+        ratio = forward_auth.ratio_to_nginx_proxy
+        ok = ratio >= BAR_FORWARD_AUTH_RATIO and forward_auth.p99_ms <= BAR_FORWARD_AUTH_P99_MS
+        yield (
+            f"{'ok  ' if ok else 'MISS'} {FORWARD_AUTH_ROW}: {ratio:.3f}x >= "
+            f"{BAR_FORWARD_AUTH_RATIO}x nginx-proxy with p99 {forward_auth.p99_ms:.2f} ms "
+            f"<= {BAR_FORWARD_AUTH_P99_MS:g} ms"
+        )
     ratio = peer_ratio(results)
     if ratio is not None:
         gateway = next(r for r in results if r.row == "gateway")
