@@ -44,6 +44,8 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
 
+from gateway.model import ServerConfig
+
 # The whole answer to a request, from memory, or None: (the request's exact bytes, a
 # whole head without a body; the peer's address).
 EarlyAnswer = Callable[[bytes, str | None], bytes | None]
@@ -77,6 +79,9 @@ MIN_IDLE_TO_CLOSE_S = 1.0
 # accept() failing for lack of file descriptors or memory: retry after this long
 # (asyncio's ACCEPT_RETRY_DELAY) rather than spin on a socket that stays readable.
 ACCEPT_RETRY_S = 1.0
+# Connections the kernel completes while the process is at server.max_connections wait
+# here (Linux caps it at net.core.somaxconn, 4096 by default since 5.4).
+LISTEN_BACKLOG = 1024
 # Asking whether something still listens on an existing socket file at start-up.
 UNIX_PROBE_TIMEOUT_S = 1.0
 _ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
@@ -627,6 +632,15 @@ def unix_listening_socket(path: str, mode: int, *, backlog: int) -> socket.socke
         sock.close()
         raise
     return sock
+
+
+def bind_unix_socket(
+    server: ServerConfig, *, backlog: int = LISTEN_BACKLOG
+) -> tuple[socket.socket, tuple[str, int]]:
+    """``server.unix_socket``, listening, and (its path, its inode) to remove it by."""
+    assert server.unix_socket is not None
+    sock = unix_listening_socket(server.unix_socket, server.unix_socket_mode, backlog=backlog)
+    return sock, (server.unix_socket, os.lstat(server.unix_socket).st_ino)
 
 
 def remove_unix_socket(path: str, inode: int) -> None:

@@ -8,6 +8,7 @@ import gc
 import os
 import resource
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -20,10 +21,11 @@ from gateway.assertion import AssertionKeyError
 from gateway.cel import old_syntax_rewrites
 from gateway.config import load_config
 from gateway.connections import (
+    LISTEN_BACKLOG,
     Listener,
+    bind_unix_socket,
     listening_sockets,
     remove_unix_socket,
-    unix_listening_socket,
 )
 from gateway.errors import ConfigError
 from gateway.model import Config
@@ -34,9 +36,6 @@ log = structlog.get_logger("gateway.server")
 # pod as a symlink swap within about a minute; two seconds more does not matter,
 # and a stat() every two seconds costs nothing.
 CONFIG_POLL_S = 2.0
-# Connections the kernel completes while the process is at server.max_connections wait
-# here (Linux caps it at net.core.somaxconn, 4096 by default since 5.4).
-LISTEN_BACKLOG = 1024
 # The collector's first-generation threshold while serving (CPython's default: 700).
 # A forwarded request allocates many tracked objects, nearly all freed by reference
 # counting when it ends; at 700 the collections cost about 5% of a forwarded
@@ -105,8 +104,12 @@ async def run_gateway(
     reload_now: asyncio.Event | None = None,
     clock: Callable[[], float] | None = None,
     assertion_key: ec.EllipticCurvePrivateKey | None = None,
+    unix_socket: socket.socket | None = None,
 ) -> None:
     """Serve ``config`` until ``stop`` is set, then drain in-flight requests.
+
+    ``unix_socket``: ``server.unix_socket``, already listening (the supervisor's, shared
+    by its workers; it removes the file); without it this process makes the socket.
 
     With ``config_path``, the file is watched and reloaded (also whenever
     ``reload_now`` is set, e.g. by SIGHUP).
@@ -131,17 +134,16 @@ async def run_gateway(
             reuse_port=server.workers > 1,
             backlog=LISTEN_BACKLOG,
         )
-        if server.unix_socket is not None:
+        if unix_socket is not None:
+            sockets.append(unix_socket)
+        elif server.unix_socket is not None:
             try:
-                unix = unix_listening_socket(
-                    server.unix_socket, server.unix_socket_mode, backlog=LISTEN_BACKLOG
-                )
+                unix_socket, unix_file = bind_unix_socket(server)
             except OSError:
                 for sock in sockets:
                     sock.close()
                 raise
-            sockets.append(unix)
-            unix_file = (server.unix_socket, os.lstat(server.unix_socket).st_ino)
+            sockets.append(unix_socket)
         listener = Listener(web_server, sockets)
         listener.start()
         check_file_limit(server.max_connections)
@@ -230,6 +232,7 @@ async def _main(
     config: Config,
     config_path: str | None,
     assertion_key: ec.EllipticCurvePrivateKey | None = None,
+    unix_socket: socket.socket | None = None,
 ) -> int:
     stop = asyncio.Event()
     reload_now = asyncio.Event()
@@ -244,6 +247,7 @@ async def _main(
             config_path=config_path,
             reload_now=reload_now,
             assertion_key=assertion_key,
+            unix_socket=unix_socket,
         )
     except AssertionKeyError as exc:
         log.error("assertion_key_error", error=str(exc))
@@ -261,16 +265,18 @@ def run_one(
     config: Config,
     config_path: str | None,
     assertion_key: ec.EllipticCurvePrivateKey | None = None,
+    unix_socket: socket.socket | None = None,
 ) -> int:
-    """One serving process (the whole gateway, or one worker of several)."""
+    """One serving process (the whole gateway, or one worker of several, then with the
+    supervisor's ``unix_socket``)."""
     logs.configure(config.server.log_level)
     for path, rewrite in old_syntax_rewrites(config.rules):
         log.warning("when_old_syntax", path=path, cel=rewrite)
     try:
         import uvloop
 
-        return uvloop.run(_main(config, config_path, assertion_key))
+        return uvloop.run(_main(config, config_path, assertion_key, unix_socket))
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        return asyncio.run(_main(config, config_path, assertion_key))
+        return asyncio.run(_main(config, config_path, assertion_key, unix_socket))
     finally:
         logs.write_pending()  # access lines of the loop's last turn

@@ -1,9 +1,12 @@
 """``server.workers: N``: N serving processes sharing one port, supervised.
 
 One Python process uses one core. Each worker binds the listening port with
-``SO_REUSEPORT``, so the kernel spreads connections over them. The supervisor
-restarts a worker that dies (with a back-off, so a worker that cannot start does
-not spin), forwards SIGHUP (config reload) and drains them all on SIGTERM.
+``SO_REUSEPORT``, so the kernel spreads connections over them. A unix socket
+(``server.unix_socket``) cannot be bound twice: the supervisor binds it and hands
+each worker the listening socket (they all accept on it), and removes the file at
+exit. The supervisor restarts a worker that dies (with a back-off, so a worker that
+cannot start does not spin), forwards SIGHUP (config reload) and drains them all on
+SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import socket
 import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -21,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway import logs
 from gateway.assertion import AssertionKeyError, load_or_generate_key
+from gateway.connections import bind_unix_socket, remove_unix_socket
 from gateway.model import Config
 
 log = structlog.get_logger("gateway.workers")
@@ -34,8 +39,11 @@ BACKOFF_MAX_S = 30.0
 POLL_S = 0.2
 
 
-def _worker(config_path: str, key_pem: bytes, index: int) -> None:
-    """Entry point of one worker process (spawned: a fresh interpreter)."""
+def _worker(
+    config_path: str, key_pem: bytes, index: int, unix_socket: socket.socket | None = None
+) -> None:
+    """Entry point of one worker process (spawned: a fresh interpreter; ``unix_socket``
+    arrives as a copy of the supervisor's descriptor)."""
     from gateway.config import load_config
     from gateway.errors import ConfigError
     from gateway.server import run_one
@@ -47,7 +55,7 @@ def _worker(config_path: str, key_pem: bytes, index: int) -> None:
         log.error("worker_config_invalid", worker=index, problems=[str(p) for p in exc.problems])
         raise SystemExit(CONFIG_ERROR_EXIT) from None
     key = serialization.load_pem_private_key(key_pem, password=None)
-    raise SystemExit(run_one(config, config_path, key))  # type: ignore[arg-type]
+    raise SystemExit(run_one(config, config_path, key, unix_socket))  # type: ignore[arg-type]
 
 
 class Supervisor:
@@ -62,11 +70,12 @@ class Supervisor:
         self.failures = [0] * count
         self.restart_at = [0.0] * count
         self.stopping = False
+        self.unix_socket: socket.socket | None = None  # server.unix_socket, for every worker
 
     def start(self, index: int) -> None:
         proc = self.context.Process(
             target=_worker,
-            args=(self.config_path, self.key_pem, index),
+            args=(self.config_path, self.key_pem, index, self.unix_socket),
             name=f"stepup-gateway-worker-{index}",
         )
         proc.start()
@@ -130,14 +139,27 @@ class Supervisor:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+        unix_file: tuple[str, int] | None = None
+        if self.config.server.unix_socket is not None:
+            try:
+                self.unix_socket, unix_file = bind_unix_socket(self.config.server)
+            except OSError as exc:
+                log.error("listen_failed", error=str(exc))
+                return 1
         log.info("supervisor_started", workers=len(self.procs), pid=os.getpid())
-        for index in range(len(self.procs)):
-            self.start(index)
-        while not self.stopping:
-            time.sleep(POLL_S)
-            if not self.stopping:
-                self.check()
-        self.drain()
+        try:
+            for index in range(len(self.procs)):
+                self.start(index)
+            while not self.stopping:
+                time.sleep(POLL_S)
+                if not self.stopping:
+                    self.check()
+            self.drain()
+        finally:
+            if self.unix_socket is not None:
+                self.unix_socket.close()
+            if unix_file is not None:
+                remove_unix_socket(*unix_file)
         log.info("supervisor_stopped")
         return 0
 

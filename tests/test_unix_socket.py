@@ -71,6 +71,32 @@ async def test_run_listens_on_the_socket_with_its_mode_and_removes_it(
     assert not os.path.lexists(path)
 
 
+async def test_every_worker_accepts_on_the_supervisors_socket(
+    gateway_process, sock_dir: str
+) -> None:
+    """With several workers the supervisor makes the socket once and hands it to each,
+    also to a worker that replaces one that died; it removes the file at exit."""
+    path = f"{sock_dir}/gateway.sock"
+    process, _, _ = await gateway_process(extra=f"workers: 2\nunix_socket: {path}\n")
+    listening = process.events("listening")
+    assert [e["unix_socket"] for e in listening] == [path, path]
+    for count, victim in enumerate(sorted(e["pid"] for e in listening), start=1):
+        assert (await unix_get(path, "/public/x"))[0] == 200
+        os.kill(victim, signal.SIGKILL)
+        await process.wait_for("worker_died", count=count)
+        await process.wait_for("listening", count=2 + count)
+    # Neither first worker is left: the two that replaced them answer on the socket.
+    for _ in range(4):
+        assert (await unix_get(path, "/public/x"))[0] == 200
+    originals = {e["pid"] for e in listening}
+    served = {e["pid"] for e in process.events("request")} - originals
+    assert served and served <= {e["pid"] for e in process.events("listening")[2:]}
+    process.signal(signal.SIGTERM)
+    await asyncio.to_thread(process.proc.wait, 20)
+    assert process.proc.returncode == 0
+    assert not os.path.lexists(path)
+
+
 async def test_a_stale_socket_is_replaced(gateway_process, sock_dir: str) -> None:
     path = f"{sock_dir}/gateway.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -176,10 +202,6 @@ def test_the_keys_are_read() -> None:
             "  trusted_proxies: [unix]\n",
             "server.trusted_proxies: lists unix (the connections on server.unix_socket) but "
             "server.unix_socket is not set",
-        ),
-        (
-            "  unix_socket: /run/g.sock\n  workers: 2\n",
-            "server.unix_socket: needs workers: 1 (is 2)",
         ),
         ("  trusted_proxies: [unix-socket]\n", "nor unix: 'unix-socket'"),
     ],

@@ -179,11 +179,7 @@ class _Validator(_ProviderBuilders, _SectionBuilders, _ApiBuilders):
                     self.node_at(top, "server", "workers"),
                 )
         if server is not None:
-            self.check_unix_socket(
-                server,
-                self.node_at(top, "server", "trusted_proxies"),
-                self.node_at(top, "server", "unix_socket"),
-            )
+            self.check_unix_socket(server, self.node_at(top, "server", "trusted_proxies"))
         if server is not None and rules is not None and server.mode == "forward_auth":
             self.check_forward_auth(rules, self.node_at(top, "server", "mode"))
         if (

@@ -84,23 +84,14 @@ class _SectionBuilders(_Reader):
             return 0
         return int(text, 8)
 
-    def check_unix_socket(
-        self, server: model.ServerConfig, trusted: Node | None, socket_node: Node | None
-    ) -> None:
-        """``unix`` trusted without a socket, or a socket several workers would share."""
+    def check_unix_socket(self, server: model.ServerConfig, trusted: Node | None) -> None:
+        """``unix`` trusted without a socket."""
         if server.trust_unix_socket and server.unix_socket is None:
             self.note(
                 "server.trusted_proxies",
                 f"lists {UNIX_TRUST} (the connections on server.unix_socket) but "
                 "server.unix_socket is not set",
                 trusted,
-            )
-        if server.unix_socket is not None and server.workers > 1:
-            self.note(
-                "server.unix_socket",
-                f"needs workers: 1 (is {server.workers}): workers cannot share one socket "
-                "path. Run one gateway per socket (replicas), or listen on TCP",
-                socket_node,
             )
 
     def step_up(self, node: Node, path: str) -> model.StepUpConfig:
