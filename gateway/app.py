@@ -57,7 +57,7 @@ from gateway.errors import (
 from gateway.forward import Forwarder
 from gateway.memo import HEADER_MEMO_BYTES, HEADER_MEMO_ENTRIES, Memo, header_set_size
 from gateway.metrics import Metrics
-from gateway.model import Config, Level, Rule
+from gateway.model import Config, Rule
 from gateway.oidc.provider import ProviderClient
 from gateway.oidc.providers import ProviderSet
 from gateway.paths import canonical_host, normalize_path, split_request_target
@@ -76,7 +76,7 @@ from gateway.session.redis_store import RedisStore
 from gateway.session.stores import CookieStore, SessionStore
 from gateway.session.transaction import TransactionCodec
 from gateway.tokens.gate import presented_token, token_gate
-from gateway.transactional import KeptLedger, KeptRequest
+from gateway.transactional import KeptLedger
 
 log = structlog.get_logger("gateway")
 audit = structlog.get_logger("gateway.audit")
@@ -286,16 +286,22 @@ class Gateway(ConnectionHooks):
         started = time.perf_counter()
         rule_name: str | None = None
         path = "-"
+        # The same bytes from the same peer, decided and forwarded a moment ago?
+        prepared = self.decisions.prepared_for(request, self.clock())
         try:
-            self.check_framing(request)
-            raw_path, query = split_request_target(request.raw_path)
-            path = normalize_path(raw_path)
-            if path == self.prefix or path.startswith(self.prefix + "/"):
-                response = await self.internal(request, path[len(self.prefix) :] or "/")
-            elif path in self.site_routes and request.method in SITE_PATH_METHODS:
-                response = await self.site_routes[path](self, request)
+            if prepared is not None:
+                rule_name, path = prepared.rule_name, prepared.path
+                response = await self.forwarder.forward_prepared(request, prepared, request_id)
             else:
-                rule_name, response = await self.proxied(request, path, query, request_id)
+                self.check_framing(request)
+                raw_path, query = split_request_target(request.raw_path)
+                path = normalize_path(raw_path)
+                if path == self.prefix or path.startswith(self.prefix + "/"):
+                    response = await self.internal(request, path[len(self.prefix) :] or "/")
+                elif path in self.site_routes and request.method in SITE_PATH_METHODS:
+                    response = await self.site_routes[path](self, request)
+                else:
+                    rule_name, response = await self.proxied(request, path, query, request_id)
         except GatewayError as exc:
             if isinstance(exc, BadRequest | MethodNotAllowed):
                 self.metrics.rejected.labels(exc.reason).inc()
@@ -479,27 +485,6 @@ class Gateway(ConnectionHooks):
             sub=sub,
             provider_sid=provider_sid,
         )
-
-    async def forward(
-        self,
-        request: web.BaseRequest,
-        decision: Allow,
-        session: Session | None,
-        path_qs: str,
-        request_id: str,
-        *,
-        kept: KeptRequest | None = None,
-    ) -> web.StreamResponse:
-        """:meth:`gateway.forward.Forwarder.forward` (for a kept request, replayed)."""
-        return await self.forwarder.forward(
-            request, decision, session, path_qs, request_id, kept=kept
-        )
-
-    def assurance_headers_until(
-        self, session: Session, level: Level | None, rule: Rule
-    ) -> tuple[float, tuple[tuple[str, str], ...]]:
-        """:meth:`gateway.forward.Forwarder.assurance_headers_until`."""
-        return self.forwarder.assurance_headers_until(session, level, rule)
 
     def check_framing(self, request: web.BaseRequest) -> None:
         """:func:`gateway.headers.check_framing`, remembering header sets that passed."""

@@ -188,9 +188,14 @@ class GuardedServer(web.Server):
             protocol.served += 1
         return GuardedRequest(message, payload, protocol, writer, task, self._loop)
 
+    def follows_heads(self) -> bool:
+        """Whether connections keep the exact bytes of requests that come alone
+        (:meth:`GuardedHandler.exact_head`), for answers remembered by them."""
+        return False
+
     def early(self) -> EarlyAnswer | None:
-        """What answers requests from memory, when anything does now (None: aiohttp
-        parses every request, and nothing is spent looking)."""
+        """What answers requests from memory before aiohttp parses them, when anything
+        does now (only while :meth:`follows_heads`)."""
         return None
 
     def handler_kwargs(self) -> dict[str, Any]:
@@ -281,14 +286,16 @@ class GuardedHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         waiting = self._waiter is not None and not self._waiter.done()
         before = self._request_count
-        early = self.server.early()
-        if early is None:
+        if not self.server.follows_heads():
             super().data_received(data)
             self._at_boundary = False  # not followed: never answered from memory
-        elif not self._answered_early(data, early):
-            super().data_received(data)
-            if data:
-                self._note_boundary(data, before)
+            self._exact = None
+        else:
+            early = self.server.early()
+            if early is None or not self._answered_early(data, early):
+                super().data_received(data)
+                if data:
+                    self._note_boundary(data, before)
         if self._request_count != before:  # a complete head (the common case: no timer)
             if self._head_timer is not None:
                 self._head_timer.cancel()

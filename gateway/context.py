@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 
 from gateway.assertion import AssertionSigner
-from gateway.decision import DECISION_LABEL, Allow, Decision
+from gateway.decision import DECISION_LABEL, Decision
 from gateway.decision_memo import RememberedDecisions
 from gateway.metrics import Metrics
-from gateway.model import Config, Level, Rule
+from gateway.model import Config, Rule
 from gateway.oidc.provider import ProviderClient
 from gateway.oidc.providers import ProviderSet
 from gateway.proxy import Upstreams
@@ -29,9 +29,10 @@ from gateway.session.model import Session
 from gateway.session.stores import SessionStore
 from gateway.session.transaction import TransactionCodec
 from gateway.tokens.gate import Presented, TokenGate
-from gateway.transactional import KeptLedger, KeptRequest
+from gateway.transactional import KeptLedger
 
 if TYPE_CHECKING:
+    from gateway.forward import Forwarder
     from gateway.telemetry import Tracing
 
 
@@ -57,6 +58,7 @@ class Context(Protocol):
     auth_target: bytes  # prefix + "/auth", as a request line has it
     redirect_uri: str
     upstreams: Upstreams
+    forwarder: Forwarder  # decided requests to the upstreams, with the assurance headers
     tracing: Tracing | None  # None: tracing is off
     tokens: TokenGate | None  # the api section: API clients' access tokens
     decisions: RememberedDecisions  # forgotten at a sign-out (gateway.decision_memo)
@@ -88,10 +90,6 @@ class Context(Protocol):
         self, rule: Rule, facts: RiskFacts, session_id: str | None, now: float
     ) -> RiskOutcome: ...
 
-    def assurance_headers_until(
-        self, session: Session, level: Level | None, rule: Rule
-    ) -> tuple[float, tuple[tuple[str, str], ...]]: ...
-
     def session_cookie_value(self, request: web.BaseRequest) -> str | None: ...
 
     async def load_session(self, request: web.BaseRequest) -> Session | None: ...
@@ -105,17 +103,6 @@ class Context(Protocol):
         sub: str | None = None,
         provider_sid: str | None = None,
     ) -> None: ...
-
-    async def forward(
-        self,
-        request: web.BaseRequest,
-        decision: Allow,
-        session: Session | None,
-        path_qs: str,
-        request_id: str,
-        *,
-        kept: KeptRequest | None = None,
-    ) -> web.StreamResponse: ...
 
     async def provider_reachable(self, name: str = "default") -> bool: ...
 

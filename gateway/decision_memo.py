@@ -16,6 +16,14 @@ them could change:
   worker or replica (a revocation or a deleted session in Redis) is seen here
   only when a remembered answer expires, so this bounds how long that takes.
 
+The same request arrives again byte for byte (a browser's or an API client's
+repeated GET, nginx asking ``/auth``): for a whole request head without a body that
+came alone (:meth:`gateway.connections.GuardedHandler.exact_head`), the proxy's
+forward and ``/auth``'s answer are remembered by those bytes and the peer, so the
+request is not parsed (``/auth``) or not judged again (proxy: the framing checks,
+path, host, cookie and decision); the bytes are the request, so nothing it carries
+can differ. A request traced (``telemetry``) is decided every time.
+
 Only ``Allow`` answers for a session (a cookie's, never an access token's) are
 remembered, and only for rules that read nothing but the session: a rule with
 ``when``, ``risk``, ``bind`` or ``once`` is decided every time (a one-time proof
@@ -32,7 +40,12 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from gateway.metrics import Counter, Metrics
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.connections import GuardedHandler
+from gateway.memo import HEADER_OVERHEAD_BYTES
+from gateway.metrics import Counter, Histogram, Metrics
 from gateway.model import ServerConfig, SessionConfig
 from gateway.policy import Allow, Decision
 from gateway.session.model import TOUCH_INTERVAL_S, Session
@@ -164,13 +177,28 @@ class Answer:
     request_id: str | None  # the request's own X-Request-Id, when it is well-formed
 
 
-class RememberedDecisions:
-    """The gateway's two memos, for one configuration: made anew when it is (re)loaded,
-    so nothing decided under the old rules is reused.
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A remembered forward: everything the proxy did for a request up to the upstream
+    call, for the very same bytes (:meth:`RememberedDecisions.prepared_for`)."""
 
-    ``proxied``: the proxy's ``(Allow, Session)`` by :meth:`find`'s key; ``auth``:
-    ``/auth``'s whole answer by the exact request that asked
-    (:mod:`gateway.endpoints.forward_auth`).
+    rule_name: str
+    path: str  # normalised, for the access log
+    path_qs: str  # as sent upstream
+    upstream: str
+    headers: CIMultiDict[str]  # the upstream request's, but X-Request-Id; never changed
+    requests: Counter  # stepup_requests_total{rule, decision="allow"}
+    latency: Histogram  # stepup_upstream_latency_seconds{upstream}
+
+
+class RememberedDecisions:
+    """The gateway's memos, for one configuration: made anew when it is (re)loaded, so
+    nothing decided under the old rules is reused.
+
+    ``proxied``: the proxy's ``(Allow, Session)`` by :meth:`find`'s key; ``exact``: the
+    proxy's whole forward (:class:`Prepared`) by the exact bytes of the request and its
+    peer, so the same request is sent on without being read again; ``auth``: ``/auth``'s
+    whole answer by the exact request that asked (:mod:`gateway.endpoints.forward_auth`).
     """
 
     def __init__(self, server: ServerConfig, session: SessionConfig, metrics: Metrics) -> None:
@@ -190,6 +218,13 @@ class RememberedDecisions:
 
         self.proxied: DecisionMemo[tuple[Allow, Session]] = memo()
         self.auth: DecisionMemo[Answer] = memo()
+        # Found before the proxy's own key is read: a miss there is no miss yet.
+        self.exact: DecisionMemo[Prepared] = DecisionMemo(
+            cap_s=server.decision_memo_s,
+            max_entries=server.decision_memo_entries,
+            max_bytes=MEMO_BYTES,
+            on_lookup=lambda hit: count(True) if hit else None,
+        )
 
     def find(
         self, cookie: str | None, method: str, host: str | None, path: str, now: float
@@ -221,7 +256,40 @@ class RememberedDecisions:
             size = PROXIED_ENTRY_BYTES + len(key[0]) + len(key[3])
             self.proxied.put(key, (decision, session), until=until, now=now, size=size)
 
+    def prepared_for(self, request: web.BaseRequest, now: float) -> Prepared | None:
+        """The forward remembered for ``request``'s exact bytes and peer, if any."""
+        protocol = request.protocol
+        if not self.exact.enabled or not isinstance(protocol, GuardedHandler):
+            return None
+        head = protocol.exact_head(request.raw_headers)
+        if head is None:
+            return None
+        return self.exact.get((protocol.peer_address(), head), now)
+
+    def remember_prepared(
+        self, request: web.BaseRequest, prepared: Prepared, until: float, now: float
+    ) -> None:
+        """Remember the forward ``prepared`` for ``request``'s exact bytes, when they are
+        known (a whole head without a body, read alone: :meth:`GuardedHandler.exact_head`)."""
+        protocol = request.protocol
+        if not self.exact.enabled or not isinstance(protocol, GuardedHandler):
+            return
+        head = protocol.exact_head(request.raw_headers)
+        if head is None:
+            return
+        size = (
+            PROXIED_ENTRY_BYTES
+            + 2 * len(head)
+            + sum(
+                HEADER_OVERHEAD_BYTES + len(name) + len(value)
+                for name, value in prepared.headers.items()
+            )
+        )
+        key = (protocol.peer_address(), head)
+        self.exact.put(key, prepared, until=until, now=now, size=size)
+
     def forget_all(self) -> None:
         """A sign-out in this process: nothing remembered may outlive it."""
         self.proxied.forget_all()
         self.auth.forget_all()
+        self.exact.forget_all()

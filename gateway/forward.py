@@ -23,7 +23,8 @@ from gateway.assertion import AssertionSigner
 from gateway.body import RequestBody
 from gateway.challenge import upstream_step_up
 from gateway.context import Context
-from gateway.decision import Allow
+from gateway.decision import DECISION_LABEL, Allow
+from gateway.decision_memo import Prepared, allow_until, rememberable
 from gateway.errors import PayloadTooLarge
 from gateway.memo import (
     HEADER_MEMO_BYTES,
@@ -94,9 +95,11 @@ class Forwarder:
         ctx = self._ctx
         rule = decision.rule
         upstream_headers, websocket = self.upstream_request_headers(request, rule, request_id)
+        reuse_until = 0.0
         if session is not None:
             # update() replaces: none of these came from the client (prefix stripped).
-            upstream_headers.update(self.assurance_headers(session, decision.level, rule))
+            reuse_until, assurance = self.assurance_headers_until(session, decision.level, rule)
+            upstream_headers.update(assurance)
         if by_token and not ctx.config.upstreams[rule.upstream].pass_authorization:
             # The token's audience is the gateway (README: upstreams pass_authorization).
             upstream_headers.popall("Authorization", None)
@@ -157,6 +160,18 @@ class Forwarder:
             ):
                 intercept = self.upstream_asks_step_up
         latency = ctx.metrics.upstream_latency.labels(rule.upstream)
+        if (
+            session is not None
+            and ctx.tracing is None  # a traced request is decided (and traced) every time
+            and refreshed is None
+            and kept is None
+            and intercept is None
+            and data is None
+            and not request.body_exists
+            and not websocket
+            and rememberable(decision, by_token=by_token)
+        ):
+            self._remember(request, decision, session, path_qs, upstream_headers, reuse_until)
         started = time.perf_counter()
         call = ctx.upstreams.forward(
             request,
@@ -175,6 +190,51 @@ class Forwarder:
             return await call
         except UpstreamIntercepted as asked:
             return await upstream_step_up(self._ctx, request, rule, session, path_qs, body, asked)
+
+    def _remember(
+        self,
+        request: web.BaseRequest,
+        decision: Allow,
+        session: Session,
+        path_qs: str,
+        upstream_headers: CIMultiDict[str],
+        reuse_until: float,
+    ) -> None:
+        """Remember this forward for the request's exact bytes (gateway.decision_memo),
+        as long as the decision and the assertion sent with it may be reused."""
+        ctx = self._ctx
+        rule = decision.rule
+        sent = upstream_headers.copy()
+        del sent["X-Request-Id"]
+        prepared = Prepared(
+            rule.name,
+            path_qs.partition("?")[0],
+            path_qs,
+            rule.upstream,
+            sent,
+            ctx.metrics.requests.labels(rule.name, DECISION_LABEL[Allow]),
+            ctx.metrics.upstream_latency.labels(rule.upstream),
+        )
+        now = ctx.clock()
+        until = min(allow_until(decision, session, ctx.config.session), reuse_until)
+        ctx.decisions.remember_prepared(request, prepared, until, now)
+
+    async def forward_prepared(
+        self, request: web.BaseRequest, prepared: Prepared, request_id: str
+    ) -> web.StreamResponse:
+        """Send ``request`` upstream as a remembered forward prepared it (the same bytes
+        from the same peer were decided, allowed and forwarded so, and may still be)."""
+        prepared.requests.inc()
+        sent = prepared.headers.copy()
+        sent["X-Request-Id"] = request_id
+        latency, started = prepared.latency, time.perf_counter()
+        return await self._ctx.upstreams.forward(
+            request,
+            prepared.upstream,
+            path_qs=prepared.path_qs,
+            headers=sent,
+            on_headers=lambda: latency.observe(time.perf_counter() - started),
+        )
 
     def upstream_request_headers(
         self, request: web.BaseRequest, rule: Rule, request_id: str
@@ -228,17 +288,12 @@ class Forwarder:
             None,
         )
 
-    def assurance_headers(
-        self, session: Session, level: Level | None, rule: Rule
-    ) -> tuple[tuple[str, str], ...]:
-        """The contract's assurance headers for ``session`` on ``rule``, as (name, value)."""
-        return self.assurance_headers_until(session, level, rule)[1]
-
     def assurance_headers_until(
         self, session: Session, level: Level | None, rule: Rule
     ) -> tuple[float, tuple[tuple[str, str], ...]]:
-        """:meth:`assurance_headers`, and until when they may be sent again (the
-        assertion's reuse: :meth:`gateway.assertion.AssertionSigner.sign_reusable`)."""
+        """The contract's assurance headers for ``session`` on ``rule``, as (name, value),
+        and until when they may be sent again (the assertion's reuse:
+        :meth:`gateway.assertion.AssertionSigner.sign_reusable`)."""
         ctx = self._ctx
         now = ctx.clock()
         key = (

@@ -155,10 +155,14 @@ class _Server(GuardedServer):
         gateway.server = self
         self._answer_early = partial(forward_auth.answer_early, gateway)
 
+    def follows_heads(self) -> bool:
+        """While decisions are remembered (gateway.decision_memo): remembered forwards
+        and ``/auth`` answers are found by a request's exact bytes."""
+        return self._gateway.decisions.exact.enabled
+
     def early(self) -> EarlyAnswer | None:
-        """Remembered ``/auth`` answers, while forward-auth is on and remembers them."""
-        gateway = self._gateway
-        if gateway.config.server.mode == "proxy" or not gateway.decisions.auth.enabled:
+        """Remembered ``/auth`` answers, while forward-auth is on."""
+        if self._gateway.config.server.mode == "proxy":
             return None
         return self._answer_early
 

@@ -240,3 +240,25 @@ async def test_introspection_inactive_token(
     with capture_logs() as logs:
         assert (await call(stack, "GET", "/api/accounts", token=jwt_token))[0] == 401
     assert refused_reasons(logs) == ["aud"]
+
+
+async def test_the_same_bytes_with_a_proof_are_never_forwarded_again(
+    make_stack: StackFactory, authz: AuthorizationServer
+) -> None:
+    """A request carrying a token is never remembered: its exact bytes sent again (a
+    replayed DPoP proof), even to a rule that needs nothing, are judged and refused."""
+    from tests.test_decision_memo import send_in_parts
+
+    stack = await gateway_for(make_stack, authz)
+    key = DpopKey.generate()
+    token = (await authorize(authz.issuer, dpop=key)).access_token
+    proof = key.proof("GET", stack.url + "/public/x", access_token=token)
+    head = (
+        f"GET /public/x HTTP/1.1\r\nHost: {stack.url.split('//')[1]}\r\n"
+        f"Authorization: DPoP {token}\r\nDPoP: {proof}\r\n\r\n"
+    ).encode()
+    first = await send_in_parts(stack, head)
+    again = await send_in_parts(stack, head)
+    assert [status for status, _ in first + again] == [b"200", b"401"]
+    assert b'error="invalid_token"' in again[0][1]
+    assert len(stack.gateway.decisions.exact) == 0

@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 import aiohttp
+import jwt
 from multidict import CIMultiDict
 
 from gateway import decision_memo
@@ -20,7 +21,7 @@ from tests.test_gateway import COOKIE, PHR_USER, sign_in
 from tests.test_transactional import RULES as ONCE_RULES
 from tests.test_transactional import finish_round_trip
 
-FORWARD_AUTH = "mode: both\ntrusted_proxies: [127.0.0.1/32]\n"
+FORWARD_AUTH = "mode: both\ntrusted_proxies: {trusted}\n"
 FRESH_RULES = """\
 rules:
   - name: fresh
@@ -38,8 +39,14 @@ def memo_counts(stack: Stack) -> dict[str, float]:
     return {result: float(value) for result, value in found}
 
 
-async def memo_stack(make_stack: StackFactory, browser: Browser, extra: str = "", **kw: Any):
-    stack = await make_stack(server_extra=FORWARD_AUTH + extra, **kw)
+async def memo_stack(
+    make_stack: StackFactory,
+    browser: Browser,
+    extra: str = "",
+    trusted: str = "[127.0.0.1/32]",
+    **kw: Any,
+):
+    stack = await make_stack(server_extra=FORWARD_AUTH.format(trusted=trusted) + extra, **kw)
     await sign_in(stack, browser)
     return stack, browser.cookie(COOKIE) or ""
 
@@ -115,6 +122,7 @@ async def test_a_sign_out_here_forgets_at_once(make_stack, browser) -> None:
     async with aiohttp.ClientSession() as http:
         assert (await with_cookie(http, stack, cookie)) == 200
         assert (await with_cookie(http, stack, cookie)) == 200
+    assert len(stack.gateway.decisions.exact) >= 1  # forwarded as prepared the second time
     async with browser.http.post(
         f"{stack.url}/_gateway/logout", headers={"Origin": stack.url}, allow_redirects=False
     ) as resp:
@@ -311,3 +319,115 @@ async def test_a_body_left_unread_is_not_taken_for_a_request(make_stack, browser
     answers = await send_in_parts(stack, post + b"ab", head)
     assert [status for status, _ in answers] == [b"404"]
     assert memo_counts(stack)["hit"] == hits
+
+
+# -- the proxy's remembered forwards: the same bytes, forwarded as prepared ----------------
+
+
+def page_head(stack: Stack, cookie: str, path: str = "/app/page", **headers: str) -> bytes:
+    """A browser's GET through the proxy, as bytes on the wire."""
+    host = stack.url.split("//")[1]
+    extra = "".join(f"{name.replace('_', '-')}: {value}\r\n" for name, value in headers.items())
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nCookie: {COOKIE}={cookie}\r\n"
+        f"Accept: text/html\r\n{extra}\r\n"
+    ).encode()
+
+
+def without_request_id(record: dict[str, Any]) -> list[list[str]]:
+    return [pair for pair in record["headers"] if pair[0].lower() != "x-request-id"]
+
+
+async def test_the_same_bytes_are_forwarded_as_they_were_decided(make_stack, browser) -> None:
+    """A request whose exact bytes were decided and forwarded a moment ago is sent
+    upstream as prepared then: the same headers (assurance, assertion, forwarding), a
+    request id of its own, counted and logged as allowed."""
+    stack, cookie = await memo_stack(make_stack, browser)
+    head = page_head(stack, cookie, X_Forwarded_For="203.0.113.9")
+    before, entries = memo_counts(stack).get("hit", 0), len(stack.gateway.decisions.exact)
+    for _ in range(3):
+        assert [status for status, _ in await send_in_parts(stack, head)] == [b"200"]
+    assert len(stack.gateway.decisions.exact) == entries + 1
+    assert memo_counts(stack)["hit"] == before + 2  # the second and third
+    first, second, third = stack.seen[-3:]
+    assert without_request_id(first) == without_request_id(second) == without_request_id(third)
+    ids = {header_values(record, "X-Request-Id")[0] for record in (first, second, third)}
+    assert len(ids) == 3
+    assert header_values(third, "X-Auth-Rule") == ["signed-in"]
+    assert header_values(third, "X-Auth-Assertion")
+    text = stack.gateway.metrics.render().decode()
+    assert 'stepup_requests_total{decision="allow",rule="signed-in"}' in text
+
+
+async def test_a_prepared_forward_is_the_peers_own(make_stack, browser) -> None:
+    """The same bytes from another peer (here the unix socket, a trusted proxy, after
+    TCP loopback, which is not) are decided for that peer: X-Forwarded-For differs."""
+    from tests.test_forward_auth import socket_dir
+
+    with socket_dir() as directory:
+        path = f"{directory}/gateway.sock"
+        stack, cookie = await memo_stack(
+            make_stack, browser, f"unix_socket: {path}\n", trusted="[unix]"
+        )
+        head = page_head(stack, cookie, "/app/peer", X_Forwarded_For="203.0.113.9")
+        for _ in range(2):
+            assert [status for status, _ in await send_in_parts(stack, head)] == [b"200"]
+            assert header_values(stack.seen[-1], "X-Forwarded-For") == ["127.0.0.1"]
+        for _ in range(2):
+            reader, writer = await asyncio.open_unix_connection(path)
+            try:
+                writer.write(head)
+                assert [status for status, _ in await read_answers(reader)] == [b"200"]
+            finally:
+                writer.close()
+            assert header_values(stack.seen[-1], "X-Forwarded-For") == ["203.0.113.9, _unix"]
+
+
+async def test_max_age_ends_a_prepared_forward(make_stack, browser, clock) -> None:
+    rules = FRESH_RULES.replace("max_age: 30s", "max_age: 45s")
+    stack, cookie = await memo_stack(make_stack, browser, "decision_memo: 1m\n", rules=rules)
+    head = page_head(stack, cookie, "/fresh/page")
+    signed_in = int((await auth(stack, cookie, "/fresh/a")).headers["X-Auth-Time"])
+    # Past the first assertion's reuse (30 s of its 60), within max_age (45 s): the
+    # assertion signed now may be reused beyond the end of max_age.
+    clock.now = signed_in + 32
+    entries = len(stack.gateway.decisions.exact)
+    for _ in range(2):  # decided, then forwarded as prepared
+        assert [status for status, _ in await send_in_parts(stack, head)] == [b"200"]
+    assert len(stack.gateway.decisions.exact) == entries + 1
+    clock.now = signed_in + 46  # past max_age: within the cap and the assertion's reuse
+    assert [status for status, _ in await send_in_parts(stack, head)] == [b"302"]
+
+
+async def test_a_prepared_forward_ends_when_the_session_must_be_saved(
+    make_stack, browser, clock
+) -> None:
+    """The idle timer is written back (a Set-Cookie) by a request decided as usual."""
+    stack, cookie = await memo_stack(make_stack, browser, "decision_memo: 1h\n")
+    head = page_head(stack, cookie)
+    entries = len(stack.gateway.decisions.exact)
+    for _ in range(2):
+        [(status, answer)] = await send_in_parts(stack, head)
+        assert status == b"200" and b"Set-Cookie" not in answer
+    assert len(stack.gateway.decisions.exact) == entries + 1
+    clock.now += decision_memo.TOUCH_INTERVAL_S + 1
+    [(status, answer)] = await send_in_parts(stack, head)
+    assert status == b"200" and b"\r\nSet-Cookie: " in answer
+
+
+async def test_a_prepared_forward_is_signed_again_when_its_assertion_is_due(
+    make_stack, browser, clock
+) -> None:
+    """The assertion is sent as long as the signer would reuse it (half its 60 s), then
+    the request is decided again and the app gets a new one."""
+    stack, cookie = await memo_stack(make_stack, browser, "decision_memo: 1m\n")
+    head = page_head(stack, cookie, "/app/signed")
+    for _ in range(2):
+        assert [status for status, _ in await send_in_parts(stack, head)] == [b"200"]
+    first, second = (header_values(r, "X-Auth-Assertion")[0] for r in stack.seen[-2:])
+    assert first == second
+    clock.now += 31
+    assert [status for status, _ in await send_in_parts(stack, head)] == [b"200"]
+    third = header_values(stack.seen[-1], "X-Auth-Assertion")[0]
+    assert third != first
+    assert jwt.decode(third, options={"verify_signature": False})["iat"] >= int(clock.now)

@@ -225,7 +225,9 @@ async def test_assurance_headers_stay_bounded_at_the_claim_limits(stack, char, l
     )
     config = stack.gateway.config
     rule = max(stack.gateway.rules.rules, key=lambda r: len(r.name))
-    _, pairs = stack.gateway.assurance_headers_until(session, config.assurance.levels[-1], rule)
+    _, pairs = stack.gateway.forwarder.assurance_headers_until(
+        session, config.assurance.levels[-1], rule
+    )
     size = sum(len(name) + len(value) + 4 for name, value in pairs)  # ": " and CRLF
     assert size <= limit_bytes
     assert all(value.isascii() and value.isprintable() for _, value in pairs)

@@ -342,6 +342,24 @@ async def test_forward_auth_requests_are_traced(make_stack, api) -> None:
     assert_no_secret(spans, ["secret-code-123", "secret-state-456"])
 
 
+async def test_every_repeated_request_is_traced(make_stack, browser) -> None:
+    """With tracing on, the same bytes sent again are decided and traced again (never
+    forwarded as remembered, which would skip the decision and the upstream spans)."""
+    from tests.test_decision_memo import page_head, send_in_parts
+    from tests.test_gateway import COOKIE
+
+    tracer, exporter = in_memory()
+    stack = await make_stack(tracer=tracer)
+    assert (await browser.follow(f"{stack.url}/app/home")).status == 200
+    head = page_head(stack, browser.cookie(COOKIE) or "", "/app/again")
+    exporter.clear()
+    for _ in range(3):
+        assert [status for status, _ in await send_in_parts(stack, head)] == [b"200"]
+    spans = list(exporter.get_finished_spans())
+    assert len(named(spans, "decision")) == len(named(spans, "upstream")) == 3
+    assert len(stack.gateway.decisions.exact) == 0
+
+
 # -- the CLI, the real exporter, and the gateway without the extra --------------------
 
 

@@ -70,7 +70,7 @@ from gateway.session.model import Session
 log = structlog.get_logger("gateway")
 audit = structlog.get_logger("gateway.audit")
 
-# The assurance headers' names after the prefix (gateway.forward.Forwarder.assurance_headers).
+# The assurance headers' names after the prefix (gateway.forward.Forwarder.assurance_headers_until).
 ASSURANCE_NAMES = ("Subject", "Email", "Acr", "Amr", "Time", "Level", "Rule", "Assertion")
 # Envoy ext_authz (HTTP) appends the original path to its path_prefix.
 ENVOY_PREFIX = "/auth/envoy"
@@ -357,7 +357,9 @@ async def auth(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
         for name in ASSURANCE_NAMES:
             out.headers[prefix + name] = ""
         if session is not None:
-            reuse_until, pairs = ctx.assurance_headers_until(session, decision.level, decision.rule)
+            reuse_until, pairs = ctx.forwarder.assurance_headers_until(
+                session, decision.level, decision.rule
+            )
             for name, value in pairs:
                 out.headers[name] = value
             now = ctx.clock()

@@ -119,4 +119,6 @@ async def resume(ctx: Context, request: web.BaseRequest) -> web.StreamResponse:
         )
     audit.info("kept_request_replayed", rule=decision.rule.name, method=kept.method)
     judged = judged_session(session, decision.rule)  # the rule's provider's sign-in
-    return await ctx.forward(request, decision, judged, kept.path_qs, logs.request_id(), kept=kept)
+    return await ctx.forwarder.forward(
+        request, decision, judged, kept.path_qs, logs.request_id(), kept=kept
+    )
