@@ -283,14 +283,22 @@ async def test_only_the_same_bytes_alone_are_answered_from_memory(make_stack, br
     assert names[0] == names[1] == names[2]
 
 
-async def test_a_body_spelling_a_remembered_request_is_a_body(make_stack, browser) -> None:
-    """A request whose body is the bytes of a remembered ``/auth`` request, sent after
-    its head: the body goes to the app with the request; no second answer comes."""
+async def remembered_auth(
+    make_stack: StackFactory, browser: Browser
+) -> tuple[Stack, str, bytes, float]:
+    """A signed-in stack whose ``/auth`` answer to ``head`` is remembered: (stack, the
+    session cookie, head, the memo's hits so far)."""
     stack, cookie = await memo_stack(make_stack, browser)
     head = auth_head(stack, cookie)
     for _ in range(2):
         await send_in_parts(stack, head)
-    hits = memo_counts(stack)["hit"]
+    return stack, cookie, head, memo_counts(stack)["hit"]
+
+
+async def test_a_body_spelling_a_remembered_request_is_a_body(make_stack, browser) -> None:
+    """A request whose body is the bytes of a remembered ``/auth`` request, sent after
+    its head: the body goes to the app with the request; no second answer comes."""
+    stack, cookie, head, hits = await remembered_auth(make_stack, browser)
     host = stack.url.split("//")[1]
     post = (
         f"POST /public/form HTTP/1.1\r\nHost: {host}\r\nCookie: {COOKIE}={cookie}\r\n"
@@ -306,11 +314,7 @@ async def test_a_body_spelling_a_remembered_request_is_a_body(make_stack, browse
 async def test_a_body_left_unread_is_not_taken_for_a_request(make_stack, browser) -> None:
     """The same when the gateway answers before reading the body (an unknown path of
     its own): the rest of that body, read after the answer, is still that body."""
-    stack, cookie = await memo_stack(make_stack, browser)
-    head = auth_head(stack, cookie)
-    for _ in range(2):
-        await send_in_parts(stack, head)
-    hits = memo_counts(stack)["hit"]
+    stack, _, head, hits = await remembered_auth(make_stack, browser)
     host = stack.url.split("//")[1]
     post = (
         f"POST /_gateway/no-such-endpoint HTTP/1.1\r\nHost: {host}\r\n"

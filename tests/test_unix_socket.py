@@ -20,6 +20,7 @@ import pytest
 from gateway.config import ConfigError, load_config_text
 from tests.conftest import StackFactory, free_port
 from tests.support.upstream import header_values
+from tests.test_config import BASE
 from tests.test_forward_auth import socket_dir
 from tests.test_operations import (
     PUBLIC_RULES,
@@ -148,43 +149,27 @@ async def test_what_is_not_a_stale_socket_is_left_alone(op: Any, sock_dir: str, 
 
 # -- the configuration ----------------------------------------------------------------
 
-BASE = """\
-server:
-  listen: 127.0.0.1:8080
-  public_url: https://gw.example.com
-{server}upstreams:
-  app: http://127.0.0.1:9000
-oidc:
-  issuer: https://op.example.com
-  client_id: gateway
-  client_secret: s3cret
-session:
-  secret: 0123456789abcdef0123456789abcdef
-assurance:
-  levels:
-    - name: password
-      acr: [loa1]
-rules:
-  - name: all
-    match: {{path: /**}}
-    require: {{level: password}}
-"""
+
+def with_server(server: str) -> str:
+    """The configuration the config tests start from, with ``server`` keys added."""
+    anchor = "  public_url: https://gw.example.com\n"
+    return BASE.replace(anchor, anchor + server)
 
 
 def problems(server: str) -> str:
     with pytest.raises(ConfigError) as caught:
-        load_config_text(BASE.format(server=server), "config.yaml")
+        load_config_text(with_server(server), "config.yaml")
     return str(caught.value)
 
 
 def test_the_keys_are_read() -> None:
     server = "  unix_socket: /run/g/gateway.sock\n  unix_socket_mode: '0600'\n"
     server += "  trusted_proxies: [10.0.0.0/8, unix]\n"
-    config = load_config_text(BASE.format(server=server), "config.yaml").server
+    config = load_config_text(with_server(server), "config.yaml").server
     assert config.unix_socket == "/run/g/gateway.sock"
     assert config.unix_socket_mode == 0o600
     assert config.trust_unix_socket and len(config.trusted_proxies) == 1
-    plain = load_config_text(BASE.format(server=""), "config.yaml").server
+    plain = load_config_text(with_server(""), "config.yaml").server
     assert plain.unix_socket is None and not plain.trust_unix_socket
     assert plain.unix_socket_mode == 0o660
 
