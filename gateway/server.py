@@ -20,15 +20,15 @@ from gateway.app import Gateway, ReloadRefused, make_server
 from gateway.assertion import AssertionKeyError
 from gateway.cel import old_syntax_rewrites
 from gateway.config import load_config
-from gateway.connections import (
+from gateway.connections import Listener
+from gateway.errors import ConfigError
+from gateway.model import Config
+from gateway.sockets import (
     LISTEN_BACKLOG,
-    Listener,
     bind_unix_socket,
     listening_sockets,
     remove_unix_socket,
 )
-from gateway.errors import ConfigError
-from gateway.model import Config
 
 log = structlog.get_logger("gateway.server")
 

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway import logs
 from gateway.assertion import AssertionKeyError, load_or_generate_key
-from gateway.connections import bind_unix_socket, remove_unix_socket
 from gateway.model import Config
+from gateway.sockets import bind_unix_socket, remove_unix_socket
 
 log = structlog.get_logger("gateway.workers")
 

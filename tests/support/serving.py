@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from gateway.app import Gateway, make_server
-from gateway.connections import unix_listening_socket
+from gateway.sockets import unix_listening_socket
 from stepup_demo import DemoStack, start_demo_stack
 
 
