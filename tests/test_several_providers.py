@@ -271,7 +271,8 @@ async def test_backchannel_logout_from_one_provider_ends_only_its_sign_in(
     async with aiohttp.ClientSession() as api:
         # The workforce provider ends alice's sessions there (a sub the customer
         # provider also has): the customer sign-in stays.
-        token = logout_token(two.workforce, sub="alice")
+        jti = os.urandom(8).hex()
+        token = logout_token(two.workforce, sub="alice", jti=jti)
         assert await post_logout_token(api, two.url, token) == 200
         ended = await browser.get(f"{two.url}/admin/console")
         assert ended.status == 302
@@ -286,13 +287,14 @@ async def test_backchannel_logout_from_one_provider_ends_only_its_sign_in(
         hop = await browser.follow(f"{two.url}/admin/console")
         assert hop.status == 200, hop.body
 
-        # A customer-provider logout token (its own key, its audience) ends that one only.
+        # A customer-provider logout token (its own key, its audience) ends that one only;
+        # its jti is the workforce token's: unique per issuer, not across them.
         now = int(time.time()) + 5
         claims = {
             "iss": two.customers.issuer,
             "aud": "gateway-rp",
             "iat": now,
-            "jti": os.urandom(8).hex(),
+            "jti": jti,
             "sub": "alice",
             "events": {"http://schemas.openid.net/event/backchannel-logout": {}},
         }

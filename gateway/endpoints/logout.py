@@ -133,8 +133,10 @@ async def backchannel_logout(ctx: Context, request: web.BaseRequest) -> web.Stre
     now = ctx.clock()
     try:
         provider, claims = await _verified_logout(ctx, token, now)
+        # A jti is unique at its issuer: another provider may use the same value.
         first_use = await ctx.aux.claim_once(
-            f"jti:{claims.jti}", LOGOUT_TOKEN_MAX_AGE_S + 2 * ctx.config.oidc.clock_skew_s
+            f"jti:{ctx.config.oidc_for(provider).issuer}:{claims.jti}",
+            LOGOUT_TOKEN_MAX_AGE_S + 2 * ctx.config.oidc.clock_skew_s,
         )
     except IdTokenError as exc:
         audit.info("backchannel_logout_refused", reason=exc.reason)
