@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -90,6 +91,42 @@ async def call(
 # --- the RFC 9470 conversation ----------------------------------------------------------
 
 
+def assert_password_token_forwarded(echoed: dict[str, Any]) -> None:
+    """The app got the password login's assurance, and not the client's token."""
+    assert header_values(echoed, "X-Auth-Subject") == ["alice"]
+    assert header_values(echoed, "X-Auth-Level") == ["password"]
+    assert header_values(echoed, "X-Auth-Acr") == ["urn:example:loa:1"]
+    assert header_values(echoed, "Authorization") == []  # not passed on by default
+
+
+def transfer_challenge(headers: Mapping[str, str]) -> dict[str, str]:
+    """The RFC 9470 challenge for a transfer (its parameters): phr, within 5 minutes."""
+    challenge = headers["WWW-Authenticate"]
+    assert challenge.startswith('Bearer error="insufficient_user_authentication"')
+    params = challenge_params(challenge)
+    assert params["acr_values"] == "phr phrh" and params["max_age"] == "300"
+    return params
+
+
+async def stronger_token(issuer: str, params: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
+    """What the client does with the challenge: a token for exactly that, and its claims."""
+    stronger = await authorize(
+        issuer, acr_values=params["acr_values"], max_age=int(params["max_age"])
+    )
+    claims = parts(stronger.access_token)[1]
+    assert claims["acr"] == "phr" and claims["amr"] == ["hwk"]
+    return stronger.access_token, claims
+
+
+def assert_phr_forwarded(echoed: dict[str, Any], claims: Mapping[str, Any]) -> None:
+    """The app got the stronger token's assurance, and an assertion that says so."""
+    assert header_values(echoed, "X-Auth-Level") == ["phishing-resistant"]
+    assert header_values(echoed, "X-Auth-Rule") == ["transfers"]
+    assert header_values(echoed, "X-Auth-Time") == [str(claims["auth_time"])]
+    assertion = parts(header_values(echoed, "X-Auth-Assertion")[0])[1]
+    assert assertion["acr"] == "phr" and assertion["aud"] == "app"
+
+
 async def test_bearer_step_up_round_trip(
     make_stack: StackFactory, authz: AuthorizationServer
 ) -> None:
@@ -100,35 +137,21 @@ async def test_bearer_step_up_round_trip(
 
     status, _, echoed = await call(stack, "GET", "/api/accounts", token=first.access_token)
     assert status == 200
-    assert header_values(echoed, "X-Auth-Subject") == ["alice"]
-    assert header_values(echoed, "X-Auth-Level") == ["password"]
-    assert header_values(echoed, "X-Auth-Acr") == ["urn:example:loa:1"]
+    assert_password_token_forwarded(echoed)
     assert header_values(echoed, "X-Auth-Amr") == ["pwd"]
-    assert header_values(echoed, "Authorization") == []  # not passed on by default
 
     # The transfer needs more: RFC 9470's challenge, never a redirect.
     status, headers, body = await call(stack, "POST", "/api/transfers/1", token=first.access_token)
     assert status == 401
-    challenge = headers["WWW-Authenticate"]
-    assert challenge.startswith('Bearer error="insufficient_user_authentication"')
-    params = challenge_params(challenge)
-    assert params["acr_values"] == "phr phrh" and params["max_age"] == "300"
+    params = transfer_challenge(headers)
     assert body["error"] == "insufficient_user_authentication"
     assert len(stack.seen) == 1  # nothing forwarded
 
     # The client asks its authorization server for exactly that, and retries.
-    stronger = await authorize(
-        authz.issuer, acr_values=params["acr_values"], max_age=int(params["max_age"])
-    )
-    claims = parts(stronger.access_token)[1]
-    assert claims["acr"] == "phr" and claims["amr"] == ["hwk"]
-    status, _, echoed = await call(stack, "POST", "/api/transfers/1", token=stronger.access_token)
+    token, claims = await stronger_token(authz.issuer, params)
+    status, _, echoed = await call(stack, "POST", "/api/transfers/1", token=token)
     assert status == 200
-    assert header_values(echoed, "X-Auth-Level") == ["phishing-resistant"]
-    assert header_values(echoed, "X-Auth-Rule") == ["transfers"]
-    assert header_values(echoed, "X-Auth-Time") == [str(claims["auth_time"])]
-    assertion = header_values(echoed, "X-Auth-Assertion")[0]
-    assert parts(assertion)[1]["acr"] == "phr"
+    assert_phr_forwarded(echoed, claims)
 
 
 async def test_weaker_login_than_asked_is_challenged_again(

@@ -224,18 +224,29 @@ async def test_an_unknown_or_unlisted_issuer_is_invalid_token(
 # --- opaque tokens: introspected at the rule's provider only ------------------------------
 
 
-async def test_an_opaque_token_is_introspected_at_the_rules_provider_only(
+async def introspecting_gateway(
     make_stack: StackFactory, workforce: AuthorizationServer, customers: AuthorizationServer
-) -> None:
-    stack = await gateway_for(
+) -> Stack:
+    """Both providers, opaque tokens only: each introspected at its provider."""
+    return await gateway_for(
         make_stack,
         workforce,
         customers,
         api="  tokens: [introspection]\n",
         audience=OPAQUE_AUDIENCE,
     )
-    customer = (await authorize(customers.issuer, resource=OPAQUE_AUDIENCE)).access_token
-    employee = (await authorize(workforce.issuer, resource=OPAQUE_AUDIENCE)).access_token
+
+
+async def opaque_token(provider: AuthorizationServer) -> str:
+    return (await authorize(provider.issuer, resource=OPAQUE_AUDIENCE)).access_token
+
+
+async def test_an_opaque_token_is_introspected_at_the_rules_provider_only(
+    make_stack: StackFactory, workforce: AuthorizationServer, customers: AuthorizationServer
+) -> None:
+    stack = await introspecting_gateway(make_stack, workforce, customers)
+    customer = await opaque_token(customers)
+    employee = await opaque_token(workforce)
     assert customer.count(".") == 0 and employee.count(".") == 0  # opaque
 
     status, _, echoed = await call(stack, "GET", "/customer-api/orders", token=customer)
@@ -253,14 +264,8 @@ async def test_an_opaque_token_is_introspected_at_the_rules_provider_only(
 async def test_cached_answers_are_kept_per_provider(
     make_stack: StackFactory, workforce: AuthorizationServer, customers: AuthorizationServer
 ) -> None:
-    stack = await gateway_for(
-        make_stack,
-        workforce,
-        customers,
-        api="  tokens: [introspection]\n",
-        audience=OPAQUE_AUDIENCE,
-    )
-    customer = (await authorize(customers.issuer, resource=OPAQUE_AUDIENCE)).access_token
+    stack = await introspecting_gateway(make_stack, workforce, customers)
+    customer = await opaque_token(customers)
     # Sent to a workforce rule, the customer token is asked of the workforce provider
     # (the client sent it there), which does not know it: inactive, and remembered so ...
     for _ in range(2):

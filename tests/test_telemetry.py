@@ -284,37 +284,45 @@ async def test_spans_of_a_sign_in_and_a_step_up(make_stack, browser) -> None:
     assert_no_secret(spans, secrets)
 
 
-async def test_session_store_calls_have_spans_with_redis(make_stack, browser, prefix) -> None:  # noqa: F811
+async def spans_of_a_signed_in_request(
+    make_stack, browser, key_prefix: str, **stack_options: Any
+) -> list[ReadableSpan]:
+    """The spans of one request after a sign-in, none of them carrying a secret."""
     tracer, exporter = in_memory()
-    stack = await make_stack(tracer=tracer, store="redis", session_extra=redis_session(prefix))
+    stack = await make_stack(tracer=tracer, **stack_options)
     assert (await browser.follow(f"{stack.url}/app/home")).status == 200
     exporter.clear()
     async with browser.http.get(f"{stack.url}/app/x", headers={"Accept": "text/html"}) as resp:
         assert resp.status == 200
     spans = list(exporter.get_finished_spans())
+    assert_no_secret(spans, [browser.cookie("stepup_session") or "", key_prefix])
+    return spans
+
+
+def redis_span_of_the_request(spans: list[ReadableSpan], name: str) -> ReadableSpan:
+    """The one span ``name``, a Redis call made for the request, with no argument."""
     (server,) = named(spans, "HTTP GET")
-    (load,) = named(spans, "session.load")
-    assert parent_of(load) == server.get_span_context().span_id
-    assert load.attributes == {"db.system.name": "redis"}
-    assert_no_secret(spans, [browser.cookie("stepup_session") or "", prefix])
+    (call,) = named(spans, name)
+    assert parent_of(call) == server.get_span_context().span_id
+    assert call.attributes == {"db.system.name": "redis"}
+    return call
+
+
+async def test_session_store_calls_have_spans_with_redis(make_stack, browser, prefix) -> None:  # noqa: F811
+    spans = await spans_of_a_signed_in_request(
+        make_stack, browser, prefix, store="redis", session_extra=redis_session(prefix)
+    )
+    assert redis_span_of_the_request(spans, "session.load")
 
 
 async def test_revocation_lookups_in_redis_have_spans(make_stack, browser, prefix) -> None:  # noqa: F811
     """Cookie sessions with session.redis_url: each request asks Redis whether the
     session was signed out, and that call is a span of the request (no argument)."""
-    tracer, exporter = in_memory()
-    stack = await make_stack(tracer=tracer, session_extra=redis_session(prefix))
-    assert (await browser.follow(f"{stack.url}/app/home")).status == 200
-    exporter.clear()
-    async with browser.http.get(f"{stack.url}/app/x", headers={"Accept": "text/html"}) as resp:
-        assert resp.status == 200
-    spans = list(exporter.get_finished_spans())
-    (server,) = named(spans, "HTTP GET")
-    (lookup,) = named(spans, "store.get_records")
-    assert parent_of(lookup) == server.get_span_context().span_id
-    assert lookup.attributes == {"db.system.name": "redis"}
+    spans = await spans_of_a_signed_in_request(
+        make_stack, browser, prefix, session_extra=redis_session(prefix)
+    )
+    assert redis_span_of_the_request(spans, "store.get_records")
     assert named(spans, "session.load") == []  # the cookie store does no I/O
-    assert_no_secret(spans, [browser.cookie("stepup_session") or "", prefix])
 
 
 async def test_forward_auth_requests_are_traced(make_stack, api) -> None:
