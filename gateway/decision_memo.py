@@ -53,6 +53,8 @@ from gateway.session.model import TOUCH_INTERVAL_S, Session
 V = TypeVar("V")
 # The proxy's key: the session cookie's exact value, the method, canonical host, path.
 ProxiedKey = tuple[str, str, str | None, str]
+# A whole answer's key: the peer's address and the request's exact bytes.
+ExactKey = tuple[str | None, bytes]
 
 # Each memo's entries take at most about this much memory: 10,000 answers to requests
 # with the headers a browser sends behind nginx (about 6 KB each, as estimated) fit.
@@ -67,6 +69,17 @@ class _Entry(Generic[V]):
     value: V
     until: float  # remembered while now < until
     size: int  # bytes, as the caller estimates them
+
+
+def exact_key(request: web.BaseRequest) -> ExactKey | None:
+    """(the peer, the request's exact bytes) when they are known: a whole head without a
+    body that came alone (:meth:`GuardedHandler.exact_head`); the key of the memos of
+    whole answers (the proxy's forwards, ``/auth``'s answers)."""
+    protocol = request.protocol
+    if not isinstance(protocol, GuardedHandler):
+        return None
+    head = protocol.exact_head(request.raw_headers)
+    return None if head is None else (protocol.peer_address(), head)
 
 
 def rememberable(decision: Decision | None, *, by_token: bool) -> bool:
@@ -208,23 +221,18 @@ class RememberedDecisions:
         def count(found: bool) -> None:
             counts["hit" if found else "miss"] += 1
 
-        def memo() -> DecisionMemo[Any]:
+        def memo(on_lookup: Callable[[bool], None] = count) -> DecisionMemo[Any]:
             return DecisionMemo(
                 cap_s=server.decision_memo_s,
                 max_entries=server.decision_memo_entries,
                 max_bytes=MEMO_BYTES,
-                on_lookup=count,
+                on_lookup=on_lookup,
             )
 
         self.proxied: DecisionMemo[tuple[Allow, Session]] = memo()
         self.auth: DecisionMemo[Answer] = memo()
-        # Found before the proxy's own key is read: a miss there is no miss yet.
-        self.exact: DecisionMemo[Prepared] = DecisionMemo(
-            cap_s=server.decision_memo_s,
-            max_entries=server.decision_memo_entries,
-            max_bytes=MEMO_BYTES,
-            on_lookup=lambda hit: count(True) if hit else None,
-        )
+        # Looked up before the proxy's own key: a miss there is no miss yet.
+        self.exact: DecisionMemo[Prepared] = memo(lambda hit: count(True) if hit else None)
 
     def find(
         self, cookie: str | None, method: str, host: str | None, path: str, now: float
@@ -258,34 +266,19 @@ class RememberedDecisions:
 
     def prepared_for(self, request: web.BaseRequest, now: float) -> Prepared | None:
         """The forward remembered for ``request``'s exact bytes and peer, if any."""
-        protocol = request.protocol
-        if not self.exact.enabled or not isinstance(protocol, GuardedHandler):
-            return None
-        head = protocol.exact_head(request.raw_headers)
-        if head is None:
-            return None
-        return self.exact.get((protocol.peer_address(), head), now)
+        key = exact_key(request) if self.exact.enabled else None
+        return None if key is None else self.exact.get(key, now)
 
     def remember_prepared(
         self, request: web.BaseRequest, prepared: Prepared, until: float, now: float
     ) -> None:
-        """Remember the forward ``prepared`` for ``request``'s exact bytes, when they are
-        known (a whole head without a body, read alone: :meth:`GuardedHandler.exact_head`)."""
-        protocol = request.protocol
-        if not self.exact.enabled or not isinstance(protocol, GuardedHandler):
+        """Remember the forward ``prepared`` for ``request``'s exact bytes, when known."""
+        key = exact_key(request) if self.exact.enabled else None
+        if key is None:
             return
-        head = protocol.exact_head(request.raw_headers)
-        if head is None:
-            return
-        size = (
-            PROXIED_ENTRY_BYTES
-            + 2 * len(head)
-            + sum(
-                HEADER_OVERHEAD_BYTES + len(name) + len(value)
-                for name, value in prepared.headers.items()
-            )
-        )
-        key = (protocol.peer_address(), head)
+        headers = prepared.headers.items()
+        size = PROXIED_ENTRY_BYTES + 2 * len(key[1])
+        size += sum(HEADER_OVERHEAD_BYTES + len(name) + len(value) for name, value in headers)
         self.exact.put(key, prepared, until=until, now=now, size=size)
 
     def forget_all(self) -> None:

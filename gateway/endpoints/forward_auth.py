@@ -42,7 +42,6 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from gateway import assurance, logs, responses
 from gateway.challenge import start_round_trip
-from gateway.connections import GuardedHandler
 from gateway.context import Context, decided
 from gateway.decision import (
     DECISION_LABEL,
@@ -55,7 +54,7 @@ from gateway.decision import (
     judged_session,
     log_step_up_needed,
 )
-from gateway.decision_memo import Answer, allow_until, rememberable
+from gateway.decision_memo import Answer, allow_until, exact_key, rememberable
 from gateway.endpoints.forward_tokens import TokenFacts, token_facts
 from gateway.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, StoreUnavailable
 from gateway.paths import (
@@ -233,15 +232,10 @@ def remember(
     by :func:`answer_early` before aiohttp parses the same bytes again.
     """
     memo = ctx.decisions.auth
-    protocol = request.protocol
-    if (
-        not memo.enabled
-        or not rememberable(decision, by_token=by_token)
-        or not isinstance(protocol, GuardedHandler)
-    ):
+    if not memo.enabled or not rememberable(decision, by_token=by_token):
         return
-    head = protocol.exact_head(request.raw_headers)
-    if head is None:
+    key = exact_key(request)
+    if key is None:
         return  # not the bytes alone (pipelined, split, ...): decided every time
     until = min(allow_until(decision, session, ctx.config.session), reuse_until)
     pairs = out.headers.items()
@@ -259,8 +253,8 @@ def remember(
         ctx.metrics.requests.labels(decision.rule.name, DECISION_LABEL[Allow]),
         inbound if inbound is not None and logs.REQUEST_ID_RE.fullmatch(inbound) else None,
     )
-    size = 2 * len(head) + len(answer.head) + len(answer.path)
-    memo.put((protocol.peer_address(), head), answer, until=until, now=now, size=size)
+    size = 2 * len(key[1]) + len(answer.head) + len(answer.path)
+    memo.put(key, answer, until=until, now=now, size=size)
 
 
 def answer_early(ctx: Context, head: bytes, peer: str | None) -> bytes | None:
