@@ -8,7 +8,7 @@ from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
 import pytest
-from hypothesis import assume, example, given
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from gateway import paths as paths_module
@@ -201,6 +201,12 @@ def test_normalize_raises_only_bad_request(raw: str) -> None:
         assert exc.reason
 
 
+# Most tricky paths are refused (BadRequest) and filtered out of the tests that need an
+# accepted one; how many depends on the draw, so Hypothesis's check on the share of
+# filtered inputs fails now and then. The explicit examples always run.
+FILTERED_OFTEN = settings(suppress_health_check=[HealthCheck.filter_too_much])
+
+
 def _accepted(raw: str) -> str:
     try:
         return normalize_path(raw)
@@ -209,6 +215,7 @@ def _accepted(raw: str) -> str:
         raise
 
 
+@FILTERED_OFTEN
 @given(st.one_of(tricky_paths, any_text.map(lambda text: "/" + text)))
 @example("/a/./b/../c/")
 @example("//..//a")
@@ -217,6 +224,7 @@ def test_normalize_is_idempotent(raw: str) -> None:
     assert normalize_path(once) == once
 
 
+@FILTERED_OFTEN
 @given(st.one_of(tricky_paths, any_text.map(lambda text: "/" + text)))
 @example("/a/b/..")
 @example("/a/.")
