@@ -26,13 +26,11 @@ from yarl import URL
 
 from gateway import errors
 from gateway.headers import (
-    WEBSOCKET_HANDSHAKE_HEADERS,
     upstream_response_headers,
-    websocket_protocols,
 )
 from gateway.memo import HEADER_MEMO_BYTES, HEADER_MEMO_ENTRIES, Memo, header_set_size
 from gateway.model import UpstreamConfig
-from gateway.proxy_websocket import WS_CLOSE_TIMEOUT_S, WS_MAX_MESSAGE_BYTES, relay_websocket
+from gateway.proxy_websocket import forward_websocket
 from gateway.request_stream import BODY_IDLE_TIMEOUT_S, RequestBodyStream, translate_send_error
 from gateway.upstream_pool import PooledResponse, UpstreamPool
 
@@ -433,60 +431,22 @@ class Upstreams:
         headers: CIMultiDict[str],
         extra_response_headers: Sequence[tuple[str, str]] = (),
     ) -> web.StreamResponse:
-        """Relay a WebSocket: open it upstream first, then accept the client's.
+        """Relay a WebSocket (:func:`gateway.proxy_websocket.forward_websocket`).
 
         ``headers`` must come from ``upstream_request_headers(..., websocket=True)``;
         ``extra_response_headers`` go on the client's handshake answer (the gateway's
         own Set-Cookie).
-        Text, binary and close frames (with their codes) pass both ways. When the
-        upstream refuses the upgrade, its status goes back as a plain response.
         """
-        protocols = websocket_protocols(request.headers.items())
-        # Check the client's handshake before opening anything upstream.
-        if not web.WebSocketResponse(protocols=protocols).can_prepare(request).ok:
-            raise errors.BadRequest("Invalid WebSocket handshake.", reason="bad_ws_handshake")
-
         target, session = self._session(upstream)
-        url = URL(target.ws_base + path_qs, encoded=True)
-        try:
-            upstream_ws = await session.ws_connect(
-                url,
-                headers=headers,
-                protocols=protocols,
-                autoclose=False,
-                autoping=True,
-                max_msg_size=WS_MAX_MESSAGE_BYTES,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=WS_CLOSE_TIMEOUT_S),
-            )
-        except aiohttp.WSServerHandshakeError as exc:
-            if exc.status == 101:
-                raise errors.UpstreamError(
-                    "The upstream's WebSocket handshake was invalid.", reason="ws_bad_handshake"
-                ) from exc
-            log.info("upstream_ws_refused", upstream=upstream, status=exc.status)
-            return web.Response(status=exc.status, headers=self._refusal_headers(exc))
-        except Exception as exc:
-            error = translate_send_error(exc, request, upstream, None)
-            if error is None:
-                raise
-            raise error from exc
-
-        client_ws = web.WebSocketResponse(
-            protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
-            autoclose=False,
-            autoping=True,
-            max_msg_size=WS_MAX_MESSAGE_BYTES,
-            timeout=WS_CLOSE_TIMEOUT_S,
+        return await forward_websocket(
+            request,
+            session,
+            URL(target.ws_base + path_qs, encoded=True),
+            upstream,
+            headers,
+            extra_response_headers,
+            self._response_headers,
         )
-        for name, value in extra_response_headers:
-            client_ws.headers.add(name, value)
-        try:
-            await client_ws.prepare(request)
-        except BaseException:
-            await upstream_ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
-            raise
-        await relay_websocket(client_ws, upstream_ws, upstream)
-        return client_ws
 
     def _head(
         self,
@@ -536,15 +496,6 @@ class Upstreams:
             strip_set_cookies=self._gateway_cookies,
             strip_set_cookie_prefixes=self._gateway_cookie_prefixes,
         )
-
-    def _refusal_headers(self, exc: aiohttp.WSServerHandshakeError) -> CIMultiDict[str]:
-        if exc.headers is None:
-            return CIMultiDict()
-        filtered = self._response_headers(exc.headers.items())
-        # The refusal's body is not relayed, so its length and the handshake go.
-        for name in ("Content-Length", *WEBSOCKET_HANDSHAKE_HEADERS):
-            filtered.popall(name, None)
-        return filtered
 
 
 async def _stream(

@@ -1,7 +1,7 @@
 """Relaying a WebSocket: frames both ways once both handshakes are done, and the close.
 
-:meth:`gateway.proxy.Upstreams.forward_websocket` does the two handshakes; from
-then on this module copies messages until either side closes, relaying the
+:func:`forward_websocket` does the two handshakes, upstream first; from then on
+:func:`relay_websocket` copies messages until either side closes, relaying the
 close code (RFC 6455 7.4) so both sides see the same one.
 """
 
@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Iterable, Sequence
 
 import aiohttp
 import structlog
 from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway import errors
+from gateway.headers import WEBSOCKET_HANDSHAKE_HEADERS, websocket_protocols
+from gateway.request_stream import translate_send_error
 
 log = structlog.get_logger("gateway.proxy")  # the name these lines had in proxy.py
 
@@ -33,6 +40,72 @@ def sendable_close_code(code: object) -> int:
     if isinstance(code, int) and code in _SENDABLE_CLOSE_CODES:
         return code
     return aiohttp.WSCloseCode.OK
+
+
+async def forward_websocket(
+    request: web.BaseRequest,
+    session: aiohttp.ClientSession,
+    url: URL,
+    upstream: str,
+    headers: CIMultiDict[str],
+    extra_response_headers: Sequence[tuple[str, str]],
+    response_headers: Callable[[Iterable[tuple[str, str]]], CIMultiDict[str]],
+) -> web.StreamResponse:
+    """Relay a WebSocket: open it upstream first (at ``url``), then accept the client's.
+
+    Text, binary and close frames (with their codes) pass both ways. When the
+    upstream refuses the upgrade, its status goes back as a plain response with its
+    headers as ``response_headers`` filters them.
+    """
+    protocols = websocket_protocols(request.headers.items())
+    # Check the client's handshake before opening anything upstream.
+    if not web.WebSocketResponse(protocols=protocols).can_prepare(request).ok:
+        raise errors.BadRequest("Invalid WebSocket handshake.", reason="bad_ws_handshake")
+    try:
+        upstream_ws = await session.ws_connect(
+            url,
+            headers=headers,
+            protocols=protocols,
+            autoclose=False,
+            autoping=True,
+            max_msg_size=WS_MAX_MESSAGE_BYTES,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=WS_CLOSE_TIMEOUT_S),
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        if exc.status == 101:
+            raise errors.UpstreamError(
+                "The upstream's WebSocket handshake was invalid.", reason="ws_bad_handshake"
+            ) from exc
+        log.info("upstream_ws_refused", upstream=upstream, status=exc.status)
+        refused: CIMultiDict[str] = CIMultiDict()
+        if exc.headers is not None:
+            refused = response_headers(exc.headers.items())
+            # The refusal's body is not relayed, so its length and the handshake go.
+            for name in ("Content-Length", *WEBSOCKET_HANDSHAKE_HEADERS):
+                refused.popall(name, None)
+        return web.Response(status=exc.status, headers=refused)
+    except Exception as exc:
+        error = translate_send_error(exc, request, upstream, None)
+        if error is None:
+            raise
+        raise error from exc
+
+    client_ws = web.WebSocketResponse(
+        protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
+        autoclose=False,
+        autoping=True,
+        max_msg_size=WS_MAX_MESSAGE_BYTES,
+        timeout=WS_CLOSE_TIMEOUT_S,
+    )
+    for name, value in extra_response_headers:
+        client_ws.headers.add(name, value)
+    try:
+        await client_ws.prepare(request)
+    except BaseException:
+        await upstream_ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+        raise
+    await relay_websocket(client_ws, upstream_ws, upstream)
+    return client_ws
 
 
 async def relay_websocket(
