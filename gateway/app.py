@@ -39,7 +39,8 @@ from gateway.decision import (
     decide_request,
     judged_session,
 )
-from gateway.decision_memo import RememberedDecisions
+from gateway.decision_memo import Prepared, RememberedDecisions
+from gateway.early_forward import handover_for
 from gateway.endpoints import route, site_routes
 from gateway.errors import (
     BadRequest,
@@ -281,17 +282,25 @@ class Gateway(ConnectionHooks):
     # -- the request -------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        request_id = logs.request_id_for(request.headers.get("X-Request-Id"))
+        # The same bytes from the same peer, decided and forwarded a moment ago? Perhaps
+        # sent upstream already, before aiohttp parsed them (gateway.early_forward).
+        handover = handover_for(request)
+        prepared: Prepared | None
+        if handover is not None:
+            prepared, request_id, started = handover.prepared, handover.request_id, handover.started
+        else:
+            prepared = self.decisions.prepared_for(request, self.clock())
+            request_id = logs.request_id_for(request.headers.get("X-Request-Id"))
+            started = time.perf_counter()
         logs.bind_request_id(request_id)
-        started = time.perf_counter()
         rule_name: str | None = None
         path = "-"
-        # The same bytes from the same peer, decided and forwarded a moment ago?
-        prepared = self.decisions.prepared_for(request, self.clock())
         try:
             if prepared is not None:
                 rule_name, path = prepared.rule_name, prepared.path
-                response = await self.forwarder.forward_prepared(request, prepared, request_id)
+                response = await self.forwarder.forward_prepared(
+                    request, prepared, request_id, handover
+                )
             else:
                 self.check_framing(request)
                 raw_path, query = split_request_target(request.raw_path)

@@ -13,10 +13,8 @@ request head and closes keep-alive connections only when idle. Here:
   ``server.keepalive_timeout``, and ends keep-alive (``Connection: close`` on the
   last response) after ``server.keepalive_requests`` requests or
   ``server.keepalive_max_age``, so load spreads again over workers and replicas.
-- :meth:`GuardedServer.early` answers a request from memory before aiohttp parses
-  it (a remembered ``/auth`` answer: :mod:`gateway.decision_memo`), by its exact
-  bytes: only a whole HTTP/1.1 head without a body, alone in what was read, on an
-  idle connection whose parser is between requests.
+- :meth:`GuardedHandler.receive` hands what arrives to aiohttp's parser;
+  :class:`gateway.early.EarlyHandler` answers some requests from memory first.
 - :meth:`GuardedServer.drain` (SIGTERM) answers what is in flight or already
   received with ``Connection: close`` and closes idle connections only between
   requests.
@@ -36,14 +34,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from aiohttp.http import HttpVersion11
-from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
-
-# The whole answer to a request, from memory, or None: (the request's exact bytes, a
-# whole head without a body; the peer's address).
-EarlyAnswer = Callable[[bytes, str | None], bytes | None]
 
 log = structlog.get_logger("gateway.connections")
 
@@ -111,11 +102,6 @@ def close_reason(
     return None
 
 
-def _one_head(data: bytes) -> bool:
-    """``data`` is one request head and nothing else: its first blank line ends it."""
-    return data.find(b"\r\n\r\n") == len(data) - 4
-
-
 def body_deadline(*, started: float, now: float, received_bytes: int, timeout_s: float) -> float:
     """When the next chunk of a request body must have arrived by.
 
@@ -177,16 +163,6 @@ class GuardedServer(web.Server):
         if isinstance(protocol, GuardedHandler):
             protocol.served += 1
         return GuardedRequest(message, payload, protocol, writer, task, self._loop)
-
-    def follows_heads(self) -> bool:
-        """Whether connections keep the exact bytes of requests that come alone
-        (:meth:`GuardedHandler.exact_head`), for answers remembered by them."""
-        return False
-
-    def early(self) -> EarlyAnswer | None:
-        """What answers requests from memory before aiohttp parses them, when anything
-        does now (only while :meth:`follows_heads`)."""
-        return None
 
     def handler_kwargs(self) -> dict[str, Any]:
         """Constructor arguments for a new connection's handler."""
@@ -258,9 +234,6 @@ class GuardedHandler(RequestHandler):
         self.closed_for_room = False
         self.over_unix = False  # on server.unix_socket: the peer is UNIX_PEER
         self.answered_close = False  # the last answer said Connection: close
-        # aiohttp's parser is between requests, with nothing buffered (_note_boundary).
-        self._at_boundary = True
-        self._exact: tuple[object, bytes] | None = None  # (raw headers, bytes): exact_head
 
     # -- the request head -------------------------------------------------------
 
@@ -276,16 +249,7 @@ class GuardedHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         waiting = self._waiter is not None and not self._waiter.done()
         before = self._request_count
-        if not self.server.follows_heads():
-            super().data_received(data)
-            self._at_boundary = False  # not followed: never answered from memory
-            self._exact = None
-        else:
-            early = self.server.early()
-            if early is None or not self._answered_early(data, early):
-                super().data_received(data)
-                if data:
-                    self._note_boundary(data, before)
+        self.receive(data)
         if self._request_count != before:  # a complete head (the common case: no timer)
             if self._head_timer is not None:
                 self._head_timer.cancel()
@@ -297,75 +261,11 @@ class GuardedHandler(RequestHandler):
             self._arm_head_timer()
             self._head_bytes = len(data)
 
-    def _note_boundary(self, data: bytes, before: int) -> None:
-        """After aiohttp parsed ``data``: is its parser now between requests, with
-        nothing of a next one buffered? Yes when ``data`` ended with the head of a
-        request without a body (then nothing follows it in the parser). That request,
-        alone in ``data`` and one :meth:`GuardedServer.early` may answer next time, is
-        kept with its bytes (:meth:`exact_head`)."""
-        self._exact = None
-        received = self._request_count - before
-        message, payload = self._messages[-1] if received and self._messages else (None, None)
-        self._at_boundary = (
-            isinstance(message, RawRequestMessage)
-            and payload is EMPTY_PAYLOAD
-            and data.endswith(b"\r\n\r\n")
-            and not (self._upgraded or self._buffer_paused or self._payload_parser)
-        )
-        if (
-            self._at_boundary
-            and isinstance(message, RawRequestMessage)
-            and received == 1
-            and _one_head(data)
-            and not message.should_close
-            and message.version == HttpVersion11
-        ):
-            self._exact = (message.raw_headers, data)
-
-    def exact_head(self, raw_headers: object) -> bytes | None:
-        """The bytes of the request with these ``raw_headers`` (the very object), when it
-        came alone, whole and without a body on a connection between requests (so the
-        same bytes there are the same request)."""
-        exact = self._exact
-        return exact[1] if exact is not None and exact[0] is raw_headers else None
-
-    def _answered_early(self, data: bytes, early: EarlyAnswer) -> bool:
-        """Answer ``data`` from memory: only a whole request head, alone, arriving on an
-        idle HTTP/1.1 connection whose parser is between requests, and only while the
-        connection may stay open after the answer."""
-        if not (
-            self._at_boundary
-            and _one_head(data)
-            and not self._request_in_progress  # every answer so far is sent
-            and not self._messages
-            and not self.answered_close
-            and self.transport is not None
-            and not self.writing_paused
-            and not (self._upgraded or self._force_close or self._close or self._buffer_paused)
-        ):
-            return False
-        reason = close_reason(
-            self.server.policy(),
-            served=self.served + 1,
-            age_s=self._loop.time() - self.connected_at,
-            draining=self.draining or self.server.draining,
-        )
-        if reason is not None:
-            return False  # aiohttp answers it, with Connection: close
-        answer = early(data, self.peer_address())
-        if answer is None:
-            return False
-        self._request_count += 1
-        self.served += 1
-        self.transport.write(answer)
-        # As aiohttp's start() after an answer: the idle timer counts from now.
-        self._keepalive = True
-        self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
-        if self._keepalive_handle is None:
-            self._keepalive_handle = self._loop.call_at(
-                self._next_keepalive_close_time, self._process_keepalive
-            )
-        return True
+    def receive(self, data: bytes) -> None:
+        """Parse ``data`` (aiohttp's parser); a subclass may answer from memory
+        instead (:class:`gateway.early.EarlyHandler`). A request it takes counts in
+        ``_request_count``, as aiohttp's parser counts the heads it completes."""
+        super().data_received(data)
 
     def _arm_head_timer(self) -> None:
         timeout_s = self.server.policy().header_timeout_s
@@ -409,6 +309,16 @@ class GuardedHandler(RequestHandler):
         self._lingering_time = min(self._lingering_time, LINGER_AFTER_ERROR_S)
 
     # -- keep-alive ---------------------------------------------------------------
+
+    def close_reason_next(self) -> str | None:
+        """:func:`close_reason` for a request answered without aiohttp (not yet counted
+        in ``served``, as aiohttp's requests are when their answer is prepared)."""
+        return close_reason(
+            self.server.policy(),
+            served=self.served + 1,
+            age_s=self._loop.time() - self.connected_at,
+            draining=self.draining or self.server.draining,
+        )
 
     def may_keep_alive(self) -> bool:
         """For the response being prepared: may the connection stay open after it?"""

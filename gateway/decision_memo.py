@@ -18,11 +18,11 @@ them could change:
 
 The same request arrives again byte for byte (a browser's or an API client's
 repeated GET, nginx asking ``/auth``): for a whole request head without a body that
-came alone (:meth:`gateway.connections.GuardedHandler.exact_head`), the proxy's
-forward and ``/auth``'s answer are remembered by those bytes and the peer, so the
-request is not parsed (``/auth``) or not judged again (proxy: the framing checks,
-path, host, cookie and decision); the bytes are the request, so nothing it carries
-can differ. A request traced (``telemetry``) is decided every time.
+came alone (:meth:`gateway.early.EarlyHandler.exact_head`), the proxy's forward and
+``/auth``'s answer are remembered by those bytes and the peer, so the request is not
+parsed or judged again (:mod:`gateway.early`: the framing checks, path, host, cookie
+and decision); the bytes are the request, so nothing it carries can differ. A request
+traced (``telemetry``) is decided every time.
 
 Only ``Allow`` answers for a session (a cookie's, never an access token's) are
 remembered, and only for rules that read nothing but the session: a rule with
@@ -43,7 +43,7 @@ from typing import Any, Generic, TypeVar
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.connections import GuardedHandler
+from gateway.early import EarlyHandler
 from gateway.memo import HEADER_OVERHEAD_BYTES
 from gateway.metrics import Counter, Histogram, Metrics
 from gateway.model import ServerConfig, SessionConfig
@@ -73,10 +73,10 @@ class _Entry(Generic[V]):
 
 def exact_key(request: web.BaseRequest) -> ExactKey | None:
     """(the peer, the request's exact bytes) when they are known: a whole head without a
-    body that came alone (:meth:`GuardedHandler.exact_head`); the key of the memos of
+    body that came alone (:meth:`EarlyHandler.exact_head`); the key of the memos of
     whole answers (the proxy's forwards, ``/auth``'s answers)."""
     protocol = request.protocol
-    if not isinstance(protocol, GuardedHandler):
+    if not isinstance(protocol, EarlyHandler):
         return None
     head = protocol.exact_head(request.raw_headers)
     return None if head is None else (protocol.peer_address(), head)
@@ -196,12 +196,14 @@ class Prepared:
     call, for the very same bytes (:meth:`RememberedDecisions.prepared_for`)."""
 
     rule_name: str
+    method: str
     path: str  # normalised, for the access log
     path_qs: str  # as sent upstream
     upstream: str
     headers: CIMultiDict[str]  # the upstream request's, but X-Request-Id; never changed
     requests: Counter  # stepup_requests_total{rule, decision="allow"}
     latency: Histogram  # stepup_upstream_latency_seconds{upstream}
+    request_id: str | None  # the request's own X-Request-Id, when it is well-formed
 
 
 class RememberedDecisions:

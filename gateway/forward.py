@@ -18,14 +18,15 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway import headers, responses
+from gateway import headers, logs, responses
 from gateway.assertion import AssertionSigner
 from gateway.body import RequestBody
 from gateway.challenge import upstream_step_up
 from gateway.context import Context
 from gateway.decision import DECISION_LABEL, Allow
 from gateway.decision_memo import Prepared, allow_until, rememberable
-from gateway.errors import PayloadTooLarge
+from gateway.early_forward import Handover
+from gateway.errors import GatewayError, PayloadTooLarge
 from gateway.memo import (
     HEADER_MEMO_BYTES,
     HEADER_MEMO_ENTRIES,
@@ -208,22 +209,35 @@ class Forwarder:
         del sent["X-Request-Id"]
         prepared = Prepared(
             rule.name,
+            request.method,
             path_qs.partition("?")[0],
             path_qs,
             rule.upstream,
             sent,
             ctx.metrics.requests.labels(rule.name, DECISION_LABEL[Allow]),
             ctx.metrics.upstream_latency.labels(rule.upstream),
+            logs.own_request_id(request.headers.get("X-Request-Id")),
         )
         now = ctx.clock()
         until = min(allow_until(decision, session, ctx.config.session), reuse_until)
         ctx.decisions.remember_prepared(request, prepared, until, now)
 
     async def forward_prepared(
-        self, request: web.BaseRequest, prepared: Prepared, request_id: str
+        self,
+        request: web.BaseRequest,
+        prepared: Prepared,
+        request_id: str,
+        handover: Handover | None = None,
     ) -> web.StreamResponse:
         """Send ``request`` upstream as a remembered forward prepared it (the same bytes
-        from the same peer were decided, allowed and forwarded so, and may still be)."""
+        from the same peer were decided, allowed and forwarded so, and may still be),
+        or answer with what a relay sent before aiohttp parsed it got (``handover``)."""
+        if handover is not None:
+            if isinstance(handover.outcome, GatewayError):
+                raise handover.outcome
+            return await self._ctx.upstreams.relay_pooled(
+                request, prepared.upstream, handover.outcome
+            )
         prepared.requests.inc()
         sent = prepared.headers.copy()
         sent["X-Request-Id"] = request_id

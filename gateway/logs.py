@@ -90,9 +90,12 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 def request_id_for(inbound: str | None) -> str:
     """The request's id: the one it brought when it is well-formed, else a new one."""
-    if inbound is not None and REQUEST_ID_RE.fullmatch(inbound):
-        return inbound
-    return new_request_id()
+    return own_request_id(inbound) or new_request_id()
+
+
+def own_request_id(inbound: str | None) -> str | None:
+    """The id a request brought (its X-Request-Id), when it is well-formed."""
+    return inbound if inbound is not None and REQUEST_ID_RE.fullmatch(inbound) else None
 
 
 def new_request_id() -> str:

@@ -176,6 +176,15 @@ class Metrics:
             ("hit", "miss"),
             self.registry,
         )
+        self.answered_early = Tally(
+            "stepup_answered_early",
+            "Requests found by their exact bytes before they were parsed (gateway.early): "
+            "a remembered /auth answer (auth), a remembered forward whose answer was "
+            "written (relayed) or left to the usual handling (handed_over).",
+            "how",
+            ("auth", "relayed", "handed_over"),
+            self.registry,
+        )
         self.store_busy = Counter(
             "stepup_store_busy_total",
             "Requests answered 503 because every Redis connection stayed busy too long.",

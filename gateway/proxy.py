@@ -333,6 +333,26 @@ class Upstreams:
         )
         return response
 
+    def pool_of(self, upstream: str) -> tuple[UpstreamPool, str] | None:
+        """``upstream``'s pool and base path, when requests without a body go over one."""
+        target = self._upstreams.get(upstream)
+        if target is None or target.pool is None or self._closed:
+            return None
+        return target.pool, target.base_path
+
+    async def relay_pooled(
+        self,
+        request: web.BaseRequest,
+        upstream: str,
+        pooled: PooledResponse,
+        extra_response_headers: Sequence[tuple[str, str]] = (),
+    ) -> web.StreamResponse:
+        """Answer ``request`` with ``upstream``'s answer in ``pooled``, then release it."""
+        try:
+            return await self._relay_pooled(request, upstream, pooled, extra_response_headers)
+        finally:
+            pooled.release()
+
     async def _forward_pooled(
         self,
         request: web.BaseRequest,
@@ -352,12 +372,9 @@ class Upstreams:
             if error is None:
                 raise
             raise error from exc
-        try:
-            if on_headers is not None:
-                on_headers()
-            return await self._relay_pooled(request, target.name, pooled, extra_response_headers)
-        finally:
-            pooled.release()
+        if on_headers is not None:
+            on_headers()
+        return await self.relay_pooled(request, target.name, pooled, extra_response_headers)
 
     async def _relay_pooled(
         self,
@@ -469,14 +486,14 @@ class Upstreams:
             # (WebSockets go through forward_websocket, never here).
             abort()
             raise _bad_response(upstream, "unrequested_101")
-        response_headers = self._relayed(raw, parsed)
+        response_headers = self.relayed(raw, parsed)
         if extra:
             response_headers = response_headers.copy()
             for name, value in extra:
                 response_headers.add(name, value)
         return response_headers
 
-    def _relayed(
+    def relayed(
         self, raw: tuple[tuple[bytes, bytes], ...], parsed: Mapping[str, str]
     ) -> CIMultiDict[str]:
         """The upstream's response headers to relay (remembered: never to be changed).

@@ -110,6 +110,12 @@ def translate_send_error(
     if payload_error is not None:
         log.info("request_body_aborted", upstream=upstream, error=type(payload_error).__name__)
         return FramingError("The request body was incomplete.", reason="request_body_aborted")
+    return translate_upstream_error(exc, upstream)
+
+
+def translate_upstream_error(exc: Exception, upstream: str) -> errors.GatewayError | None:
+    """:func:`translate_send_error` for a request without a body: only the upstream
+    can have failed."""
     if isinstance(exc, TimeoutError):
         log.warning("upstream_timeout", upstream=upstream, error=type(exc).__name__)
         return errors.UpstreamTimeout(

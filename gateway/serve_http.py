@@ -17,8 +17,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from gateway import logs
-from gateway.connections import ConnectionPolicy, EarlyAnswer, GuardedHandler, GuardedServer
+from gateway import early_forward, logs
+from gateway.connections import ConnectionPolicy, GuardedServer
+from gateway.early import EarlyAnswer, EarlyHandler, EarlyRelay, EarlyServer
 from gateway.endpoints import forward_auth
 from gateway.errors import BadRequest, GatewayError, MethodNotAllowed
 from gateway.metrics import Metrics
@@ -90,7 +91,7 @@ class ConnectionHooks:
         return self._aux_redis
 
 
-class _RequestHandler(GuardedHandler):
+class _RequestHandler(EarlyHandler):
     """The connection handler (limits and timeouts: :mod:`gateway.connections`), with
     aiohttp's error answers replaced by ours.
 
@@ -138,7 +139,7 @@ class HeadersTooLarge(GatewayError):
     title = "Request headers too large"
 
 
-class _Server(GuardedServer):
+class _Server(EarlyServer):
     def __init__(self, gateway: Gateway) -> None:
         tracing = gateway.tracing
         super().__init__(
@@ -154,6 +155,7 @@ class _Server(GuardedServer):
         self._gateway = gateway
         gateway.server = self
         self._answer_early = partial(forward_auth.answer_early, gateway)
+        self._relay_early = partial(early_forward.relay_for, gateway)
 
     def follows_heads(self) -> bool:
         """While decisions are remembered (gateway.decision_memo): remembered forwards
@@ -165,6 +167,11 @@ class _Server(GuardedServer):
         if self._gateway.config.server.mode == "proxy":
             return None
         return self._answer_early
+
+    def early_relay(self) -> EarlyRelay | None:
+        """Remembered forwards (only the proxy's: none are remembered in forward-auth
+        mode, or while requests are traced)."""
+        return self._relay_early
 
     def __call__(self) -> RequestHandler:
         handler = _RequestHandler(self, loop=self._loop, **self.handler_kwargs())

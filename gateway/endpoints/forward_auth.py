@@ -227,7 +227,7 @@ def remember(
     """Remember ``out`` for the very same request (gateway.decision_memo).
 
     Keyed by the request's exact bytes (a whole head without a body, which came
-    alone: :meth:`GuardedHandler.exact_head`) and the peer that sent them, so
+    alone: :meth:`gateway.early.EarlyHandler.exact_head`) and the peer that sent them, so
     every header a rule or the framing checks read is in the key. Answered again
     by :func:`answer_early` before aiohttp parses the same bytes again.
     """
@@ -245,13 +245,12 @@ def remember(
         encoded = "".join(f"{name}: {value}\r\n" for name, value in pairs).encode()
     except UnicodeEncodeError:
         return
-    inbound = request.headers.get("X-Request-Id")
     answer = Answer(
         b"HTTP/1.1 200 OK\r\n" + encoded,
         request.method,
         normalize_path(split_request_target(request.raw_path)[0]),
         ctx.metrics.requests.labels(decision.rule.name, DECISION_LABEL[Allow]),
-        inbound if inbound is not None and logs.REQUEST_ID_RE.fullmatch(inbound) else None,
+        logs.own_request_id(request.headers.get("X-Request-Id")),
     )
     size = 2 * len(key[1]) + len(answer.head) + len(answer.path)
     memo.put(key, answer, until=until, now=now, size=size)
@@ -269,6 +268,7 @@ def answer_early(ctx: Context, head: bytes, peer: str | None) -> bytes | None:
     request_id = answer.request_id or logs.new_request_id()
     logs.bind_request_id(request_id)
     answer.requests.inc()
+    ctx.metrics.answered_early.counts["auth"] += 1
     if ctx.config.server.access_log:
         duration_ms = round((time.perf_counter() - started) * 1000, 2)
         logs.access(answer.method, answer.path, 200, None, duration_ms)
