@@ -204,6 +204,8 @@ class Prepared:
     requests: Counter  # stepup_requests_total{rule, decision="allow"}
     latency: Histogram  # stepup_upstream_latency_seconds{upstream}
     request_id: str | None  # the request's own X-Request-Id, when it is well-formed
+    # Over the upstream's pool: the request head as sent, up to X-Request-Id (last).
+    head: bytes | None
 
 
 class RememberedDecisions:
@@ -279,7 +281,7 @@ class RememberedDecisions:
         if key is None:
             return
         headers = prepared.headers.items()
-        size = PROXIED_ENTRY_BYTES + 2 * len(key[1])
+        size = PROXIED_ENTRY_BYTES + 2 * len(key[1]) + len(prepared.head or b"")
         size += sum(HEADER_OVERHEAD_BYTES + len(name) + len(value) for name, value in headers)
         self.exact.put(key, prepared, until=until, now=now, size=size)
 

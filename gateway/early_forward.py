@@ -70,19 +70,18 @@ def relay_for(ctx: Context, head: bytes, peer: str | None) -> Relay | None:
     """The relay of the forward remembered for ``head`` (a request's exact bytes) from
     ``peer``, or None (then aiohttp parses it and it is handled as usual)."""
     prepared = ctx.decisions.exact.get((peer, head), ctx.clock())
-    if prepared is None:
-        return None
-    pool = ctx.upstreams.pool_of(prepared.upstream)
-    if pool is None:
+    if prepared is None or prepared.head is None:
         return None  # not over a pool (TLS): forward_prepared sends it
-    return partial(_relay, ctx, prepared, *pool)
+    pooled = ctx.upstreams.pool_of(prepared.upstream)
+    if pooled is None:
+        return None
+    return partial(_relay, ctx, prepared, pooled[0])
 
 
 async def _relay(
     ctx: Context,
     prepared: Prepared,
     pool: UpstreamPool,
-    base_path: str,
     write: Callable[[bytes, bool], None],
     keeps_alive: Callable[[], bool],
 ) -> Handover | None:
@@ -90,10 +89,10 @@ async def _relay(
     request_id = prepared.request_id or logs.new_request_id()
     logs.bind_request_id(request_id)
     prepared.requests.inc()
-    headers = prepared.headers.copy()
-    headers["X-Request-Id"] = request_id
+    assert prepared.head is not None  # relay_for
+    head = b"%sX-Request-Id: %s\r\n\r\n" % (prepared.head, request_id.encode())
     try:
-        pooled = await pool.request(prepared.method, base_path + prepared.path_qs, headers)
+        pooled = await pool.send(prepared.method, head)
     except Exception as exc:
         error = translate_upstream_error(exc, prepared.upstream)
         if error is None:

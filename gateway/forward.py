@@ -39,6 +39,7 @@ from gateway.paths import canonical_host
 from gateway.proxy import UpstreamIntercepted
 from gateway.session.model import Session
 from gateway.transactional import KeptRequest, is_form_post, parse_bearer_challenge
+from gateway.upstream_pool import request_head
 
 log = structlog.get_logger("gateway")
 
@@ -207,6 +208,13 @@ class Forwarder:
         rule = decision.rule
         sent = upstream_headers.copy()
         del sent["X-Request-Id"]
+        pooled = ctx.upstreams.pool_of(rule.upstream)
+        head = None
+        if pooled is not None:
+            try:  # without its blank line: X-Request-Id comes last, a new one each time
+                head = request_head(request.method, pooled[1] + path_qs, sent)[:-2]
+            except ValueError:
+                return  # refused when sent (a control character): never remembered
         prepared = Prepared(
             rule.name,
             request.method,
@@ -217,6 +225,7 @@ class Forwarder:
             ctx.metrics.requests.labels(rule.name, DECISION_LABEL[Allow]),
             ctx.metrics.upstream_latency.labels(rule.upstream),
             logs.own_request_id(request.headers.get("X-Request-Id")),
+            head,
         )
         now = ctx.clock()
         until = min(allow_until(decision, session, ctx.config.session), reuse_until)

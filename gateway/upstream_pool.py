@@ -10,8 +10,10 @@ forwarded request. This pool keeps what decides correctness and drops the rest:
   response is parsed by the same llhttp parser with the same limits, the same
   read timeout (``sock_read``) and the same handling of a connection that
   breaks, as with ``ClientSession``;
-* the request head is written by aiohttp's :class:`StreamWriter`, which refuses
-  CR or LF in the request line and in every header, as ``ClientSession`` does;
+* the request head is serialised by aiohttp's own function (its ``StreamWriter``'s),
+  which refuses CR, LF and other control characters in the request line and in
+  every header, as ``ClientSession`` does; a head may be serialised once and sent
+  many times (:meth:`UpstreamPool.send`: a remembered forward);
 * a connection goes back to the pool only when its response was read to the
   end and nothing says it must close (``ResponseHandler.should_close``: a
   ``Connection: close``, an unread or broken body, stray bytes, an upgrade);
@@ -28,9 +30,10 @@ import asyncio
 import collections
 import time
 
-from aiohttp import ClientConnectionError, ServerDisconnectedError
+from aiohttp import ClientConnectionError, ClientConnectionResetError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.http import RawResponseMessage, StreamWriter
+from aiohttp.http import RawResponseMessage
+from aiohttp.http_writer import _serialize_headers
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
@@ -75,6 +78,13 @@ class PooledResponse:
         protocol, self._protocol = self._protocol, None
         if protocol is not None:
             self._pool.release(protocol, reusable=False)
+
+
+def request_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
+    """A request head as aiohttp's StreamWriter writes it: ``ValueError`` for a CR, LF or
+    other control character in the request line or a header."""
+    head: bytes = _serialize_headers(f"{method} {target} HTTP/1.1", headers)
+    return head
 
 
 class UpstreamPool:
@@ -126,6 +136,10 @@ class UpstreamPool:
         ``ClientResponseError``-like ``HttpProcessingError``) when the upstream
         breaks the exchange.
         """
+        return await self.send(method, request_head(method, target, headers))
+
+    async def send(self, method: str, head: bytes) -> PooledResponse:
+        """:meth:`request` with its head written already (:func:`request_head`)."""
         retry = method in IDEMPOTENT_METHODS
         while True:
             # An idle connection is the common case: taken without a coroutine.
@@ -141,12 +155,11 @@ class UpstreamPool:
                     read_timeout=self._read_timeout_s,
                     read_bufsize=self._read_bufsize,
                 )
-                # The loop it was opened in (asking for the running one costs a
-                # getpid() system call per request, on Python 3.11).
-                writer = StreamWriter(protocol, protocol._loop)
-                await writer.write_headers(f"{method} {target} HTTP/1.1", headers)
+                transport = protocol.transport
+                if transport is None or transport.is_closing():  # as aiohttp's StreamWriter
+                    raise ClientConnectionResetError("Cannot write to closing transport")
+                transport.write(head)
                 protocol.start_timeout()
-                writer.set_eof()
                 while True:
                     message, payload = await protocol.read()
                     # 1xx interim answers (100 Continue, 103 Early Hints) precede the real one.
