@@ -90,10 +90,15 @@ class EarlyHandler(GuardedHandler):
         self._held_paused = False  # reading paused: _held is full
         self._handover: tuple[object, Unfinished] | None = None  # (raw headers, ...)
 
-    def receive(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:
         if self._relay is not None:
+            # Held, not yet read: no head timer runs on what waits behind an answer
+            # (aiohttp would have parsed a pipelined request already).
             self._hold(data)
             return
+        super().data_received(data)
+
+    def receive(self, data: bytes) -> None:
         server = self.server
         if not server.follows_heads():
             super().receive(data)

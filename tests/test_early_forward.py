@@ -353,3 +353,25 @@ async def test_a_drain_lets_a_relay_finish_and_closes_after_it(make_stack, brows
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nslow")
     assert b"\r\nConnection: close\r\n" in answer
     assert await drained == 0  # none had to be forced
+
+
+async def test_a_request_held_behind_a_slow_relay_is_not_a_slow_head(
+    make_stack, browser, canned
+) -> None:
+    """``header_timeout`` bounds how long a head takes to arrive, not how long it
+    waits, whole, behind an answer the upstream is slow to give."""
+    canned.answers["/app/slow"] = [1.5, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow"]
+    stack, cookie = await canned_stack(make_stack, browser, canned, "header_timeout: 0.5\n")
+    slow = page_head(stack, cookie, "/app/slow")
+    await exchange(stack, slow)  # decided and remembered
+    reader, writer = await connect(stack)
+    try:
+        writer.write(slow)  # relayed early
+        await asyncio.sleep(0.1)
+        writer.write(page_head(stack, cookie, "/app/x"))  # whole, held behind it
+        answers = await read_until_quiet(reader, 2.5)
+    finally:
+        writer.close()
+    assert early_counts(stack)["relayed"] == 1
+    assert re.findall(rb"HTTP/1.1 (\d+)", answers) == [b"200", b"200"]
+    assert answers.endswith(b"\r\n\r\n" + JSON)
