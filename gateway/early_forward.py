@@ -144,12 +144,12 @@ async def _whole_answer(
     if "Date" not in headers:
         headers["Date"] = rfc822_formatted_time()
     headers.setdefault("Server", SERVER_SOFTWARE)
-    keep_alive = keeps_alive()  # asked last, as aiohttp asks when the head is written
-    if not keep_alive:
-        headers["Connection"] = "close"
     reason = message.reason or REASON_PHRASES.get(status, "")
     try:
         head: bytes = _serialize_headers(f"HTTP/1.1 {status} {reason}", headers)
     except ValueError:
         return None  # a control character: the usual relay refuses it (502)
+    keep_alive = keeps_alive()  # asked last, as aiohttp asks when the head is written
+    if not keep_alive:  # last, as aiohttp adds it
+        head = head[:-2] + b"Connection: close\r\n\r\n"
     return head + body, keep_alive
