@@ -6,8 +6,8 @@ A request the gateway has just decided arrives again byte for byte (nginx asking
 the connection finds it before aiohttp builds a request object, which is most of the
 cost of such a request:
 
-- a remembered ``/auth`` answer (:meth:`GuardedServer.early`) is written at once;
-- a remembered forward (:meth:`GuardedServer.early_relay`) is sent upstream and its
+- a remembered ``/auth`` answer (:meth:`EarlyServer.early`) is written at once;
+- a remembered forward (:meth:`EarlyServer.early_relay`) is sent upstream and its
   answer written when it is a whole one (a length, a small body); otherwise, or when
   the upstream fails, the request is handed to aiohttp after all, with what the relay
   got (:meth:`EarlyHandler.take_handover`), and answered as usual.
@@ -15,7 +15,8 @@ cost of such a request:
 Only a whole HTTP/1.1 head without a body, alone in one read, on an idle connection
 whose parser is between requests, and only while the connection may stay open after
 the answer. While a relay runs, what arrives is held (reading pauses past
-``read_bufsize``) and parsed after its answer, so pipelined requests keep their order.
+``read_bufsize``; no head timer runs on it) and parsed after its answer, so pipelined
+requests keep their order.
 """
 
 from __future__ import annotations
