@@ -178,9 +178,10 @@ class EarlyHandler(GuardedHandler):
         relay = early_relay(data, peer) if early_relay is not None else None
         if relay is None:
             return False
+        # Counted as aiohttp counts a request it parsed, until it is handed back; as
+        # while aiohttp handles it, shutdown() waits for it, and the idle timer is off.
         self._request_count += 1
-        # As while aiohttp handles a request: shutdown() waits for it, and the idle
-        # timer is off until the answer is out.
+        self.served += 1
         self._request_in_progress = True
         if self._keepalive_handle is not None:
             self._keepalive_handle.cancel()
@@ -200,12 +201,7 @@ class EarlyHandler(GuardedHandler):
 
     def _keeps_alive(self) -> bool:
         """For a relayed answer about to be written: may the connection stay open?"""
-        if self._force_close or self._close:
-            return False
-        reason = self.close_reason_next()
-        if reason is not None:
-            self.server.on_close(reason)  # counted as may_keep_alive() counts it
-        return reason is None
+        return not (self._force_close or self._close) and self.may_keep_alive()
 
     def _idle_from_now(self) -> None:
         """As aiohttp's start() after an answer: the idle timer counts from now."""
@@ -231,11 +227,11 @@ class EarlyHandler(GuardedHandler):
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)  # shutdown() waits for this
         if unfinished is None:
-            self.served += 1
             if not self.answered_close:
                 self._idle_from_now()
         else:
             self._request_count -= 1  # counted again as aiohttp parses it
+            self.served -= 1
             before = len(self._messages)
             self._parse(data)
             message = self._messages[-1][0] if len(self._messages) > before else None

@@ -169,9 +169,9 @@ class _Server(EarlyServer):
         return self._answer_early
 
     def early_relay(self) -> EarlyRelay | None:
-        """Remembered forwards (only the proxy's: none are remembered in forward-auth
-        mode, or while requests are traced)."""
-        return self._relay_early
+        """Remembered forwards, unless requests are traced (then none are remembered:
+        gateway.forward; tracing is set at start-up, never by a reload)."""
+        return None if self._gateway.tracing is not None else self._relay_early
 
     def __call__(self) -> RequestHandler:
         handler = _RequestHandler(self, loop=self._loop, **self.handler_kwargs())

@@ -214,7 +214,7 @@ async def test_pipelined_requests_are_answered_in_order(make_stack, browser) -> 
             f"X-Original-URL: {stack.url}{target}\r\nX-Request-Id: {request_id}\r\n\r\n"
         ).encode()
 
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await connect(stack)
     try:
         writer.write(head("/app/x", "one") + head("/public/y", "two") + head("/app/x", "three"))
         await writer.drain()
@@ -252,10 +252,15 @@ async def read_answers(reader: asyncio.StreamReader) -> list[tuple[bytes, bytes]
         answers.append((head.split(b" ")[1], head))
 
 
+async def connect(stack: Stack) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A new connection to the gateway."""
+    host, port = stack.url.split("//")[1].split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
 async def send_in_parts(stack: Stack, *parts: bytes) -> list[tuple[bytes, bytes]]:
     """``parts`` written one by one on one connection, each read by the gateway alone."""
-    host, port = stack.url.split("//")[1].split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await connect(stack)
     try:
         for part in parts:
             writer.write(part)
@@ -295,15 +300,27 @@ async def remembered_auth(
     return stack, cookie, head, memo_counts(stack)["hit"]
 
 
+def header_lines(headers: dict[str, str]) -> str:
+    """Header lines from keyword arguments: ``Content_Type`` is ``Content-Type``."""
+    return "".join(f"{name.replace('_', '-')}: {value}\r\n" for name, value in headers.items())
+
+
+def post_head(stack: Stack, path: str, length: int, **headers: str) -> bytes:
+    """The head of a POST of ``length`` bytes, as bytes on the wire."""
+    host = stack.url.split("//")[1]
+    extra = header_lines(headers)
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Length: {length}\r\n\r\n".encode()
+    )
+
+
 async def test_a_body_spelling_a_remembered_request_is_a_body(make_stack, browser) -> None:
     """A request whose body is the bytes of a remembered ``/auth`` request, sent after
     its head: the body goes to the app with the request; no second answer comes."""
     stack, cookie, head, hits = await remembered_auth(make_stack, browser)
-    host = stack.url.split("//")[1]
-    post = (
-        f"POST /public/form HTTP/1.1\r\nHost: {host}\r\nCookie: {COOKIE}={cookie}\r\n"
-        f"Content-Type: text/plain\r\nContent-Length: {len(head)}\r\n\r\n"
-    ).encode()
+    post = post_head(
+        stack, "/public/form", len(head), Cookie=f"{COOKIE}={cookie}", Content_Type="text/plain"
+    )
     answers = await send_in_parts(stack, post, head)
     assert [status for status, _ in answers] == [b"200"]  # the app's, and only one
     assert b"X-Auth-Rule" not in answers[0][1]
@@ -315,11 +332,7 @@ async def test_a_body_left_unread_is_not_taken_for_a_request(make_stack, browser
     """The same when the gateway answers before reading the body (an unknown path of
     its own): the rest of that body, read after the answer, is still that body."""
     stack, _, head, hits = await remembered_auth(make_stack, browser)
-    host = stack.url.split("//")[1]
-    post = (
-        f"POST /_gateway/no-such-endpoint HTTP/1.1\r\nHost: {host}\r\n"
-        f"Content-Length: {len(head) + 2}\r\n\r\n"
-    ).encode()
+    post = post_head(stack, "/_gateway/no-such-endpoint", len(head) + 2)
     answers = await send_in_parts(stack, post + b"ab", head)
     assert [status for status, _ in answers] == [b"404"]
     assert memo_counts(stack)["hit"] == hits
@@ -331,7 +344,7 @@ async def test_a_body_left_unread_is_not_taken_for_a_request(make_stack, browser
 def page_head(stack: Stack, cookie: str, path: str = "/app/page", **headers: str) -> bytes:
     """A browser's GET through the proxy, as bytes on the wire."""
     host = stack.url.split("//")[1]
-    extra = "".join(f"{name.replace('_', '-')}: {value}\r\n" for name, value in headers.items())
+    extra = header_lines(headers)
     return (
         f"GET {path} HTTP/1.1\r\nHost: {host}\r\nCookie: {COOKIE}={cookie}\r\n"
         f"Accept: text/html\r\n{extra}\r\n"

@@ -19,9 +19,12 @@ import pytest
 
 from gateway import logs
 from tests.conftest import Browser, Stack, StackFactory
-from tests.test_decision_memo import memo_stack, page_head
+from tests.test_decision_memo import connect, memo_stack, page_head
 from tests.test_gateway import COOKIE
 from tests.test_logs import restore_structlog  # noqa: F401 (a fixture)
+from tests.test_metrics import sample
+
+EARLY_HOW = ("auth", "relayed", "handed_over")
 
 JSON = b'{"ok":true}'
 OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
@@ -79,14 +82,9 @@ async def canned_stack(
 
 
 def early_counts(stack: Stack) -> dict[str, float]:
-    text = stack.gateway.metrics.render().decode()
-    found = re.findall(r'stepup_answered_early_total\{how="(\w+)"\} ([0-9.e+]+)', text)
-    return {how: float(value) for how, value in found}
-
-
-async def connect(stack: Stack) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    host, port = stack.url.split("//")[1].split(":")
-    return await asyncio.open_connection(host, int(port))
+    """stepup_answered_early_total, by how."""
+    name = "stepup_answered_early_total"
+    return {how: sample(stack.gateway.metrics, name, how=how) or 0.0 for how in EARLY_HOW}
 
 
 async def read_until_quiet(reader: asyncio.StreamReader, quiet_s: float = 0.5) -> bytes:
@@ -328,9 +326,7 @@ async def test_a_connection_that_must_close_during_a_relay_closes_after_its_answ
 
 
 def closes_for_max_age(stack: Stack) -> float:
-    text = stack.gateway.metrics.render().decode()
-    found = re.search(r'stepup_connections_closed_total\{reason="max_age"\} ([0-9.e+]+)', text)
-    return float(found.group(1)) if found else 0.0
+    return sample(stack.gateway.metrics, "stepup_connections_closed_total", reason="max_age") or 0.0
 
 
 async def test_a_drain_lets_a_relay_finish_and_closes_after_it(make_stack, browser, canned) -> None:
